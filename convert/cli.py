@@ -1,0 +1,46 @@
+"""`gqa-convert`: the command line over `convert_checkpoint`.
+
+    gqa-convert --method mean --groups 8 path/to/model
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from .errors import ConversionError
+from .methods import METHODS
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.argument("model_dir")
+@click.option("--groups", "-g", type=int, required=True, help="KV heads (G) in the output; must divide the source's.")
+@click.option("--method", "-m", default="mean", help=f"K/V initialiser: {', '.join(sorted(METHODS))}.")
+@click.option("--output", "-o", default=None, help="Output directory. [default: MODEL_DIR-gqa{G}-{method}]")
+@click.option("--seed", type=int, default=0, help="Seed for the random method.")
+@click.option("--dtype", default=None, help="Output dtype of floating tensors (float32, float16, bfloat16). "
+                                            "[default: keep the source's]")
+@click.option("--max-shard-size", default=None, help="Largest output shard in bytes or with a unit, e.g. 5GB. "
+                                                     "[default: the source's largest weight file]")
+@click.option("--force", is_flag=True, help="Replace the output directory if it exists.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def main(model_dir, groups, method, output, seed, dtype, max_shard_size, force, quiet):
+    """Convert the Hugging Face checkpoint MODEL_DIR (a local directory, or a hub id when online) to
+    grouped-query attention with G key/value heads."""
+    from .api import convert_checkpoint
+
+    try:
+        out = convert_checkpoint(model_dir, output, method=method, groups=groups, seed=seed, dtype=dtype,
+                                 max_shard_size=max_shard_size, force=force, progress=not quiet)
+    except ConversionError as exc:
+        click.echo(f"gqa-convert: error: {exc}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        click.echo("gqa-convert: interrupted; nothing was written", err=True)
+        sys.exit(130)
+    click.echo(str(out))
+
+
+if __name__ == "__main__":
+    main()

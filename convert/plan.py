@@ -1,0 +1,188 @@
+"""The conversion plan: every output tensor's name, dtype and shape, known before any data is read.
+
+Planning matches on-disk names against the family's spec, checks every K/V shape against the config, and gives
+each output tensor a `produce()` that reads its source tensor(s) and applies the method. Because shapes are known
+up front, the writer can lay out shard headers before streaming data, and a 70B-shaped plan can be checked on
+the meta device with no memory.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+import torch
+
+from .architectures.spec import ArchitectureSpec, KVTensor
+from .errors import ConversionError
+from .geometry import Geometry
+from .layouts import Heads, fused_layout
+from .methods import Method, MethodContext
+
+
+@dataclass(frozen=True)
+class SourceTensor:
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    produce: Callable[[], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Match:
+    entry: KVTensor
+    layer: int
+    head: int | None
+    prefix: str
+
+
+def _template_regex(template: str) -> re.Pattern[str]:
+    body = re.escape(template).replace(r"\{layer\}", r"(?P<layer>\d+)").replace(r"\{head\}", r"(?P<head>\d+)")
+    return re.compile(rf"^(?P<prefix>(?:.+\.)?){body}$")
+
+
+def match_names(names: list[str], spec: ArchitectureSpec) -> dict[str, Match]:
+    patterns = [(entry, _template_regex(entry.key)) for entry in spec.tensors]
+    matches = {}
+    for name in names:
+        for entry, pattern in patterns:
+            if m := pattern.match(name):
+                head = int(m["head"]) if "head" in pattern.groupindex else None
+                matches[name] = Match(entry, int(m["layer"]), head, m["prefix"])
+                break
+    return matches
+
+
+@dataclass(frozen=True)
+class ConversionSettings:
+    method: Method
+    groups: int
+    seed: int = 0
+    dtype: torch.dtype | None = None  # None keeps each tensor's dtype
+
+
+def _out_dtype(dtype: torch.dtype, settings: ConversionSettings) -> torch.dtype:
+    return settings.dtype if settings.dtype is not None and dtype.is_floating_point else dtype
+
+
+def _expected_rows(entry: KVTensor, geo: Geometry, kv_heads: int, output: bool) -> int | None:
+    if entry.layout == "rows":
+        return kv_heads * geo.head_dim
+    if entry.layout == "heads":
+        return kv_heads
+    if entry.layout == "fused":
+        name = entry.fused_output_layout if output and entry.fused_output_layout else entry.fused_layout
+        return fused_layout(name).rows(geo.heads, kv_heads, geo.head_dim)
+    return None  # stacked: one tensor per head
+
+
+def validate(sources: Mapping[str, SourceTensor], matches: dict[str, Match], spec: ArchitectureSpec,
+             geo: Geometry) -> None:
+    """Every required K/V tensor present for every layer, and every K/V shape consistent with the config."""
+    for entry in spec.tensors:
+        layers = {m.layer for m in matches.values() if m.entry is entry}
+        if entry.required and layers != set(range(geo.num_layers)):
+            missing = sorted(set(range(geo.num_layers)) - layers)[:5]
+            raise ConversionError(f"the weights have no {entry.key!r} for layers {missing} of the config's "
+                                  f"{geo.num_layers}; the weight files do not match config.json")
+    for name, m in matches.items():
+        shape = sources[name].shape
+        rows = _expected_rows(m.entry, geo, geo.kv_heads, output=False)
+        bad_rows = rows is not None and (not shape or shape[0] != rows)
+        bad_head = m.head is not None and m.head >= geo.kv_heads
+        if bad_rows or bad_head:
+            expected = f"{rows} rows" if rows is not None else f"a head index below {geo.kv_heads}"
+            raise ConversionError(f"{name} has shape {list(shape)} but config.json ({geo.heads} heads, "
+                                  f"{geo.kv_heads} KV heads, head_dim {geo.head_dim}) implies {expected}; the weights "
+                                  f"and config.json disagree")
+
+
+def _convert_heads(heads: torch.Tensor, entry: KVTensor, name: str, geo: Geometry,
+                   settings: ConversionSettings) -> torch.Tensor:
+    ctx = MethodContext(name=name, init=entry.init, init_std=geo.init_std, seed=settings.seed)
+    return settings.method(heads.float(), settings.groups, ctx)
+
+
+def _rows_producer(name: str, entry: KVTensor, read, geo: Geometry, settings, dtype) -> Callable[[], torch.Tensor]:
+    def produce() -> torch.Tensor:
+        t = read(name)
+        heads = t.reshape(geo.kv_heads, -1, *t.shape[1:])  # (G0, hd or 1, *rest)
+        out = _convert_heads(heads, entry, name, geo, settings)  # (G, hd or 1, *rest)
+        return out.flatten(0, 1).to(dtype)
+
+    return produce
+
+
+def _fused_producer(name: str, entry: KVTensor, read, geo: Geometry, settings, dtype) -> Callable[[], torch.Tensor]:
+    source_layout = fused_layout(entry.fused_layout)
+    output_layout = fused_layout(entry.fused_output_layout or entry.fused_layout)
+
+    def produce() -> torch.Tensor:
+        q, k, v = source_layout.split(read(name).float(), geo.heads, geo.kv_heads, geo.head_dim)
+        k = _convert_heads(k, entry, f"{name}:k", geo, settings)  # (G, hd, *rest)
+        v = _convert_heads(v, entry, f"{name}:v", geo, settings)
+        return output_layout.fuse(Heads(q, k, v)).to(dtype)
+
+    return produce
+
+
+class _StackedGroup:
+    """The G0 per-head tensors of one stacked entry in one layer, converted once and handed out head by head."""
+
+    def __init__(self, names_by_head: dict[int, str], entry: KVTensor, read, geo: Geometry, settings):
+        self.names_by_head, self.entry, self.read, self.geo, self.settings = names_by_head, entry, read, geo, settings
+        self.converted: torch.Tensor | None = None
+        self.pending = set(range(settings.groups))  # heads not yet handed out; the stack is freed after the last
+
+    def producer(self, head: int, dtype: torch.dtype) -> Callable[[], torch.Tensor]:
+        def produce() -> torch.Tensor:
+            if self.converted is None:
+                stack = torch.stack([self.read(self.names_by_head[h]) for h in range(self.geo.kv_heads)])
+                key = self.names_by_head[0]
+                self.converted = _convert_heads(stack, self.entry, key, self.geo, self.settings)  # (G, *shape)
+            out = self.converted[head].to(dtype)
+            self.pending.discard(head)
+            if not self.pending:
+                self.converted = None
+            return out
+
+        return produce
+
+
+def plan_conversion(sources: Mapping[str, SourceTensor], read: Callable[[str], torch.Tensor],
+                    spec: ArchitectureSpec, geo: Geometry, settings: ConversionSettings) -> list[PlannedTensor]:
+    matches = match_names(list(sources), spec)
+    validate(sources, matches, spec, geo)
+    stacked: dict[tuple[str, int, str], _StackedGroup] = {}
+    planned = []
+    for name, source in sources.items():
+        dtype = _out_dtype(source.dtype, settings)
+        m = matches.get(name)
+        if m is None:
+            planned.append(PlannedTensor(name, dtype, source.shape, lambda n=name, d=dtype: read(n).to(d)))
+            continue
+        if m.entry.layout == "stacked":
+            if m.head >= settings.groups:
+                continue
+            key = (m.prefix, m.layer, m.entry.key)
+            if key not in stacked:
+                names = {mm.head: n for n, mm in matches.items()
+                         if (mm.prefix, mm.layer, mm.entry.key) == key}
+                if sorted(names) != list(range(geo.kv_heads)):
+                    raise ConversionError(f"{name}: expected one {m.entry.key!r} per KV head "
+                                          f"(0..{geo.kv_heads - 1}), found heads {sorted(names)}")
+                stacked[key] = _StackedGroup(names, m.entry, read, geo, settings)
+            planned.append(PlannedTensor(name, dtype, source.shape, stacked[key].producer(m.head, dtype)))
+            continue
+        rows = _expected_rows(m.entry, geo, settings.groups, output=True)
+        make = _fused_producer if m.entry.layout == "fused" else _rows_producer
+        planned.append(PlannedTensor(name, dtype, (rows, *source.shape[1:]),
+                                     make(name, m.entry, read, geo, settings, dtype)))
+    return planned

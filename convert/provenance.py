@@ -1,0 +1,90 @@
+"""What the output directory records about how it was made: config.json, a model card, the source's other files."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import gqa_toolkit
+
+from .architectures.spec import ArchitectureSpec
+
+CONVERSION_KEY = "gqa_conversion"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
+NOT_COPIED = {"config.json", "README.md", "model.safetensors.index.json", "pytorch_model.bin.index.json"}
+
+
+def conversion_record(*, method: str, groups: int, source: str, geometry, seed: int,
+                      dtype: torch.dtype | None) -> dict[str, Any]:
+    return {
+        "method": method,
+        "groups": groups,
+        "source": source,
+        "source_kv_heads": geometry.kv_heads,
+        "num_attention_heads": geometry.heads,
+        "seed": seed,
+        "dtype": str(dtype).removeprefix("torch.") if dtype is not None else None,
+        "toolkit_version": gqa_toolkit.__version__,
+    }
+
+
+def converted_config(raw: dict[str, Any], spec: ArchitectureSpec, record: dict[str, Any]) -> dict[str, Any]:
+    config = dict(raw)
+    if spec.kv_heads_attr is not None:
+        config[spec.kv_heads_attr] = record["groups"]
+    config.update(spec.set_config)
+    if record["dtype"] is not None:
+        config["dtype"] = record["dtype"]
+        config.pop("torch_dtype", None)
+    config[CONVERSION_KEY] = record
+    return config
+
+
+def copy_non_weight_files(src: Path, dst: Path) -> list[str]:
+    copied = []
+    for path in sorted(src.iterdir()):
+        if path.name.startswith(".") or not path.is_file() or path.name in NOT_COPIED:
+            continue
+        if path.name.endswith(WEIGHT_SUFFIXES) or path.name == "training_args.bin":
+            continue
+        shutil.copy2(path, dst / path.name)
+        copied.append(path.name)
+    return copied
+
+
+def model_card(record: dict[str, Any], model_type: str) -> str:
+    H, G0, G = record["num_attention_heads"], record["source_kv_heads"], record["groups"]
+    return f"""---
+tags:
+- gqa
+- gqa-toolkit
+---
+# {model_type} with grouped-query attention ({G} KV heads)
+
+Converted from `{record['source']}` by gqa-toolkit {record['toolkit_version']}:
+
+| | |
+|---|---|
+| method | `{record['method']}` |
+| query heads | {H} |
+| KV heads | {G0} -> {G} (each shared by {H // G} query heads) |
+| KV cache per token | {G / G0:.3g}x the source's |
+| seed | {record['seed']} |
+| dtype | {record['dtype'] or 'as the source'} |
+
+Query head `h` uses KV head `h // {H // G}`. The `{record['method']}` method initialised each group's key/value
+projections from the source's heads in that group; the model has not been uptrained since, so expect a quality
+drop until it is (`gqa-uptrain`). The full record is under `{CONVERSION_KEY}` in config.json.
+"""
+
+
+def write_metadata(src: Path, dst: Path, raw_config: dict[str, Any], spec: ArchitectureSpec,
+                   record: dict[str, Any]) -> None:
+    copy_non_weight_files(src, dst)
+    config = converted_config(raw_config, spec, record)
+    (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (dst / "README.md").write_text(model_card(record, raw_config["model_type"]))

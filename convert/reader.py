@@ -1,0 +1,157 @@
+"""Lazy checkpoint reading: tensor names, dtypes and shapes from file headers, tensor data one tensor at a time.
+
+Safetensors files are read with positioned reads from the header's offsets instead of a memory map, so reading
+a whole checkpoint never keeps more than the current tensor resident. PyTorch `.bin` files go through
+`torch.load(weights_only=True, mmap=True)`, one file open at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import ConversionError
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offsets: tuple[int, int] | None = None  # absolute byte range in a safetensors file
+
+    @property
+    def nbytes(self) -> int:
+        numel = 1
+        for size in self.shape:
+            numel *= size
+        return numel * self.dtype.itemsize
+
+
+def read_safetensors_header(path: Path) -> list[TensorInfo]:
+    """Parse and check a safetensors header; a truncated or corrupt file is a ConversionError."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise ConversionError(f"{path} is truncated or not a safetensors file (only {size} bytes); re-download it")
+        (header_len,) = struct.unpack("<Q", prefix)
+        if header_len > min(MAX_HEADER_BYTES, size - 8):
+            raise ConversionError(f"{path} is truncated or corrupt (header length {header_len} past the file's "
+                                  f"{size} bytes); re-download it")
+        try:
+            header = json.loads(f.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ConversionError(f"{path} has a corrupt safetensors header ({exc}); re-download it") from None
+    data_start = 8 + header_len
+    infos = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+            begin, end = entry["data_offsets"]
+            info = TensorInfo(name, path, dtype, tuple(entry["shape"]), (data_start + begin, data_start + end))
+        except (KeyError, TypeError, ValueError):
+            raise ConversionError(f"{path} has a corrupt or unsupported header entry for {name!r}; "
+                                  f"re-download it") from None
+        if info.offsets[1] > size or info.offsets[1] - info.offsets[0] != info.nbytes:
+            raise ConversionError(f"{path} is truncated or corrupt: tensor {name!r} ends past the file or has a "
+                                  f"size that disagrees with its shape; re-download it")
+        infos.append(info)
+    return infos
+
+
+def _load_bin(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as exc:
+        first_line = str(exc).strip().splitlines()[0]
+        raise ConversionError(f"{path} needs unsafe unpickling to load ({first_line}); convert it to safetensors "
+                              f"from a trusted environment, or use the source's .safetensors files") from None
+    except (RuntimeError, EOFError, OSError) as exc:
+        raise ConversionError(f"{path} is not a readable PyTorch checkpoint ({exc}); re-download it") from None
+    if not isinstance(state, dict):
+        raise ConversionError(f"{path} holds a {type(state).__name__}, not a state dict of tensors")
+    return state
+
+
+def weight_files(model_dir: Path) -> list[Path]:
+    """The checkpoint's weight files, in shard order; safetensors preferred over .bin when both exist."""
+    for index_name in WEIGHT_INDEXES:
+        index = model_dir / index_name
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+            missing = [f for f in files if not (model_dir / f).is_file()]
+            if missing:
+                raise ConversionError(f"{index} names shard files that are missing: {', '.join(missing)}; "
+                                      f"download the complete checkpoint")
+            return [model_dir / f for f in files]
+    for pattern in ("*.safetensors", "*.bin"):
+        files = sorted(p for p in model_dir.glob(pattern) if p.is_file() and p.name != "training_args.bin")
+        if files:
+            return files
+    raise ConversionError(f"no weight files (*.safetensors or *.bin) in {model_dir}; point at a complete "
+                          f"Hugging Face model directory")
+
+
+class CheckpointReader:
+    """Names, dtypes and shapes of every tensor up front; data read lazily, one tensor (or .bin file) at a time."""
+
+    def __init__(self, model_dir: Path):
+        self.files = weight_files(model_dir)
+        self.infos: dict[str, TensorInfo] = {}
+        self._bin_path: Path | None = None
+        self._bin_state: dict[str, torch.Tensor] = {}
+        for path in self.files:
+            for info in self._file_infos(path):
+                self.infos[info.name] = info
+
+    def _file_infos(self, path: Path) -> list[TensorInfo]:
+        if path.suffix == ".safetensors":
+            return read_safetensors_header(path)
+        state = self._open_bin(path)
+        return [TensorInfo(n, path, t.dtype, tuple(t.shape)) for n, t in state.items()]
+
+    def _open_bin(self, path: Path) -> dict[str, torch.Tensor]:
+        if self._bin_path != path:
+            self._bin_state = {}  # release the previous file's map before opening the next
+            self._bin_state = _load_bin(path)
+            self._bin_path = path
+        return self._bin_state
+
+    def names(self) -> list[str]:
+        return list(self.infos)
+
+    def read(self, name: str) -> torch.Tensor:
+        info = self.infos[name]
+        if info.offsets is None:
+            return self._open_bin(info.file)[name].clone()
+        begin, end = info.offsets
+        buffer = bytearray(end - begin)
+        with open(info.file, "rb", buffering=0) as f:
+            view, done = memoryview(buffer), 0
+            while done < len(buffer):
+                n = os.preadv(f.fileno(), [view[done:]], begin + done)
+                if n == 0:
+                    raise ConversionError(f"{info.file} ended early while reading {name!r}; re-download it")
+                done += n
+        if not buffer:
+            return torch.empty(info.shape, dtype=info.dtype)
+        return torch.frombuffer(buffer, dtype=info.dtype).reshape(info.shape)

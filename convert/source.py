@@ -1,0 +1,49 @@
+"""Finding the source checkpoint: a local model directory, or a hub id fetched when the machine has network."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from .errors import ConversionError
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def resolve_model_dir(model: str | Path) -> Path:
+    path = Path(model).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ConversionError(f"{path} is a file; pass the model directory that holds config.json")
+        return path.resolve()
+    if HUB_ID.match(str(model)):
+        return _download(str(model))
+    raise ConversionError(f"no such model directory: {path}; pass a local Hugging Face model directory "
+                          f"(or a hub id like org/name on a machine with network)")
+
+
+def _download(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt",
+                                                               "*.py", "*.md", "*.tiktoken"]))
+    except Exception as exc:  # network, auth, missing repo: all reported the same way
+        raise ConversionError(f"could not fetch {repo_id!r} from the hub ({type(exc).__name__}); download it "
+                              f"and pass the local directory") from None
+
+
+def read_raw_config(model_dir: Path) -> dict[str, Any]:
+    path = model_dir / "config.json"
+    if not path.is_file():
+        raise ConversionError(f"{model_dir} has no config.json; point at a Hugging Face model directory "
+                              f"(the one save_pretrained wrote)")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConversionError(f"{path} is not valid JSON ({exc}); fix or re-download it") from None
+    if "model_type" not in config:
+        raise ConversionError(f"{path} has no model_type; it is not a transformers model config")
+    return config

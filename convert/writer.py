@@ -1,0 +1,84 @@
+"""Streaming safetensors writer: shard headers laid out from the plan, tensor data written as it is produced.
+
+Since every output tensor's dtype and shape is planned before any data is read, each shard's header (with all
+offsets) is written first and tensors are then streamed into place one at a time: memory holds one tensor, not a
+shard. Shards get their final `model-0000k-of-0000N.safetensors` names and an index with `total_size`; a checkpoint
+that fits one shard is written as `model.safetensors` with no index.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .plan import PlannedTensor
+from .reader import SAFETENSORS_DTYPES
+
+DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def _nbytes(t: PlannedTensor) -> int:
+    numel = 1
+    for size in t.shape:
+        numel *= size
+    return numel * t.dtype.itemsize
+
+
+def split_into_shards(planned: list[PlannedTensor], max_shard_bytes: int) -> list[list[PlannedTensor]]:
+    """Greedy, in plan order; a tensor larger than the cap gets a shard of its own."""
+    shards: list[list[PlannedTensor]] = [[]]
+    size = 0
+    for t in planned:
+        if shards[-1] and size + _nbytes(t) > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += _nbytes(t)
+    return shards
+
+
+def _header(tensors: list[PlannedTensor]) -> bytes:
+    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for t in tensors:
+        header[t.name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape),
+                          "data_offsets": [offset, offset + _nbytes(t)]}
+        offset += _nbytes(t)
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # data starts 8-byte aligned
+    return struct.pack("<Q", len(encoded)) + encoded
+
+
+def _write_shard(path: Path, tensors: list[PlannedTensor], on_bytes: Callable[[int], None]) -> None:
+    with open(path, "wb") as f:
+        f.write(_header(tensors))
+        for t in tensors:
+            data = t.produce()
+            if data.dtype != t.dtype or tuple(data.shape) != t.shape:
+                raise RuntimeError(f"{t.name}: produced {data.dtype} {list(data.shape)}, planned {t.dtype} "
+                                   f"{list(t.shape)}")
+            f.write(data.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+            on_bytes(_nbytes(t))
+
+
+def write_checkpoint(out_dir: Path, planned: list[PlannedTensor], max_shard_bytes: int,
+                     on_bytes: Callable[[int], None] = lambda n: None) -> list[str]:
+    """Write the planned tensors into out_dir; returns the weight file names written."""
+    shards = split_into_shards(planned, max_shard_bytes)
+    if len(shards) == 1:
+        _write_shard(out_dir / SINGLE_FILE, shards[0], on_bytes)
+        return [SINGLE_FILE]
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map = {}
+    for name, tensors in zip(names, shards):
+        _write_shard(out_dir / name, tensors, on_bytes)
+        weight_map.update({t.name: name for t in tensors})
+    index = {"metadata": {"total_size": sum(_nbytes(t) for t in planned)}, "weight_map": weight_map}
+    (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    return [*names, INDEX_FILE]

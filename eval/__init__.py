@@ -1,0 +1,1 @@
+"""Evaluation: perplexity, fidelity to the source model, KV-cache and speed figures, and the ablation runner."""

@@ -1,0 +1,60 @@
+"""Shared fixtures: tiny random models saved to disk with stock transformers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from families import FAMILIES, Family, family_config
+
+
+
+def build_tiny_model(model_type: str, config: dict, seed: int = 0, dtype: torch.dtype = torch.float32):
+    torch.manual_seed(seed)
+    cfg = AutoConfig.for_model(model_type, **config)
+    model = AutoModelForCausalLM.from_config(cfg).to(dtype).eval()
+    with torch.no_grad():  # some families initialise norms to exactly 1 and biases to 0: make every weight count
+        for name, param in model.named_parameters():
+            if "norm" in name or name.endswith("bias") or "ln" in name:
+                param.add_(torch.randn_like(param) * 0.1)
+    return model
+
+
+def save_tiny_model(path: Path, model_type: str, config: dict, seed: int = 0, dtype=torch.float32,
+                    **save_kwargs) -> Path:
+    build_tiny_model(model_type, config, seed, dtype).save_pretrained(path, **save_kwargs)
+    return path
+
+
+@pytest.fixture(scope="session")
+def family_dirs(tmp_path_factory) -> dict[str, Path]:
+    """One saved tiny model per supported family, built once per session."""
+    root = tmp_path_factory.mktemp("families")
+    return {f.model_type: save_tiny_model(root / f.model_type, f.model_type, family_config(f)) for f in FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def llama_dir(family_dirs) -> Path:
+    return family_dirs["llama"]
+
+
+def read_config(model_dir: Path) -> dict:
+    return json.loads((model_dir / "config.json").read_text())
+
+
+def load_model(model_dir: Path):
+    model, info = AutoModelForCausalLM.from_pretrained(model_dir, output_loading_info=True)
+    problems = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    assert not problems, f"stock transformers reports {problems} loading {model_dir}"
+    return model.eval()
+
+
+def logits(model, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=g)
+    with torch.no_grad():
+        return model(input_ids=ids).logits

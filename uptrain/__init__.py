@@ -1,1 +1,18 @@
-"""Uptraining: a plain PyTorch loop on Accelerate that trains a converted checkpoint for a fraction of its original steps."""
+"""Uptraining: a plain PyTorch loop on Accelerate that trains a converted checkpoint for a fraction of its original steps.
+
+    from gqa_toolkit.uptrain import load_recipe, train
+    train(load_recipe("recipes/tiny-uptrain.yaml", ["train.max_steps=20"]))
+"""
+
+from .errors import UptrainError
+from .recipe import Recipe, load_recipe, validate_recipe
+
+
+def train(recipe, **kwargs):
+    """Run the uptraining loop (see `loop.train`); imported lazily so that recipe checks stay light."""
+    from .loop import train as _train
+
+    return _train(recipe, **kwargs)
+
+
+__all__ = ["Recipe", "UptrainError", "load_recipe", "train", "validate_recipe"]

@@ -1,0 +1,78 @@
+"""Shared fixtures for the uptrain tests: a local tokenizer, a tiny MHA llama (the teacher), its GQA conversion,
+and a helper that writes recipes for them. Everything is built once per session, on CPU, with no network."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from gqa_toolkit.uptrain import corpus
+from gqa_toolkit.uptrain.tokenizer import train_tokenizer
+
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=256)
+
+
+def mean_pool_kv(mha: LlamaForCausalLM, groups: int) -> dict[str, torch.Tensor]:
+    """K/V projections of `mha` averaged within contiguous groups of heads (query head h -> group h // (H/G))."""
+    cfg = mha.config
+    hd = cfg.hidden_size // cfg.num_attention_heads
+    state = {}
+    for name, w in mha.state_dict().items():
+        if name.endswith(("k_proj.weight", "v_proj.weight")):
+            heads = w.view(groups, cfg.num_key_value_heads // groups, hd, -1)  # (G, H/G, hd, d)
+            w = heads.mean(dim=1).reshape(groups * hd, -1)  # (G*hd, d)
+        state[name] = w
+    return state
+
+
+@pytest.fixture(scope="session")
+def uptrain_models(tmp_path_factory) -> dict[str, Path]:
+    """{'mha': teacher dir, 'gqa': converted dir (2 KV heads, gqa_conversion recorded), 'cache': block cache}."""
+    root = tmp_path_factory.mktemp("uptrain_models")
+    tokenizer = train_tokenizer((r["text"] for r in corpus.iter_texts("train", limit=150)), vocab_size=512)
+    torch.manual_seed(0)
+    mha = LlamaForCausalLM(LlamaConfig(**TINY, num_key_value_heads=4, vocab_size=len(tokenizer),
+                                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                       pad_token_id=tokenizer.pad_token_id))
+    mha.save_pretrained(root / "mha")
+    tokenizer.save_pretrained(root / "mha")
+
+    gqa = LlamaForCausalLM(LlamaConfig(**{**mha.config.to_dict(), "num_key_value_heads": 2}))
+    gqa.load_state_dict(mean_pool_kv(mha, groups=2))
+    gqa.save_pretrained(root / "gqa")
+    tokenizer.save_pretrained(root / "gqa")
+    config_path = root / "gqa" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["gqa_conversion"] = {"method": "mean", "groups": 2, "source": str(root / "mha"), "source_kv_heads": 4,
+                                "seed": 0, "toolkit_version": "test"}
+    config_path.write_text(json.dumps(config, indent=2))
+    (root / "gqa" / "README.md").write_text("# tiny-gqa\n\nConverted with method `mean`, G=2.\n")
+    return {"mha": root / "mha", "gqa": root / "gqa", "cache": root / "cache"}
+
+
+@pytest.fixture
+def write_recipe(uptrain_models, tmp_path):
+    """write_recipe(**sections) -> path of a recipe for the tiny GQA model, with sections merged over defaults."""
+
+    def write(name: str = "recipe.yaml", **sections) -> Path:
+        recipe = {
+            "model": {"path": str(uptrain_models["gqa"])},
+            "data": {"source": "python-stdlib", "max_documents": 40, "block_size": 64, "eval_blocks": 8,
+                     "cache_dir": str(uptrain_models["cache"])},
+            "train": {"max_steps": 4, "batch_size": 4, "micro_batch_size": 2, "lr": 3e-3, "warmup_fraction": 0.0},
+            "output": {"dir": str(tmp_path / "run"), "save_every": 2, "log_every": 1, "eval_every": 100,
+                       "progress": False},
+        }
+        for section, values in sections.items():
+            recipe.setdefault(section, {}).update(values)
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(recipe))
+        return path
+
+    return write

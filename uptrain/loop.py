@@ -1,0 +1,150 @@
+"""The uptraining loop, top to bottom: check inputs, data, model, resume, train steps, save.
+
+Runs unchanged as one process (`gqa-uptrain RECIPE`) and under `accelerate launch` (DDP or FSDP): each process
+takes its slice of the same global batch, so the loss curve does not depend on the number of processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+from .budget import lr_at, plan_budget
+from .checkpointing import claim_run_dir, latest_checkpoint, load_checkpoint, save_checkpoint, write_recipe
+from .data import global_batches, load_blocks, process_micro_batches
+from .errors import UptrainError
+from .metrics import MetricsLog
+from .model import (check_block_size, check_model_dir, load_config, load_model, load_teacher, load_tokenizer,
+                    teacher_dir)
+from .objective import lm_loss, objective
+from .output import save_output
+from .recipe import Recipe
+from .trainable import make_optimizer, select_trainable
+
+
+def mixed_precision(precision: str) -> str:
+    if precision == "auto":
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    return {"fp32": "no"}.get(precision, precision)
+
+
+@torch.no_grad()
+def heldout_loss(model, heldout: torch.Tensor, micro_batch: int, device) -> float:
+    """Mean LM loss over the held-out blocks (N, T). Every process evaluates all of them (FSDP needs equal calls)."""
+    model.eval()
+    total = sum(lm_loss(model(input_ids=ids.to(device)).logits, ids.to(device)).item() * len(ids)
+                for ids in heldout.split(micro_batch))
+    model.train()
+    return total / len(heldout)
+
+
+def train(recipe: Recipe, *, stop_after: int | None = None) -> Path | None:
+    """Uptrain as `recipe` says and return the output dir. `stop_after=N` stops after step N without writing the
+    final model, as a killed run would (tests use it); rerunning the same recipe resumes."""
+    recipe = recipe.resolved()
+    cfg, data, obj = recipe.train, recipe.data, recipe.objective
+
+    # 1. Everything that can fail on user input is checked before anything is written.
+    student_dir = check_model_dir(recipe.model.path)
+    config = load_config(student_dir)
+    check_block_size(config, data.block_size)
+    teacher_path = teacher_dir(student_dir, obj.teacher) if obj.distill_weight > 0 else None
+    accelerator = Accelerator(mixed_precision=mixed_precision(cfg.precision))
+    budget = plan_budget(cfg, data.block_size, accelerator.num_processes)
+    out = claim_run_dir(recipe)
+    tokenizer = load_tokenizer(student_dir)
+
+    # 2. Data: tokenized, packed and cached blocks (the main process packs; the others read its cache).
+    blocks = load_blocks(data, tokenizer, accelerator.main_process_first)
+
+    # 3. Model, teacher, optimizer.
+    set_seed(cfg.seed)
+    model = load_model(student_dir)
+    select_trainable(model, recipe.model.trainable)
+    if recipe.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    optimizer = make_optimizer(model, cfg)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    params = [p for p in model.parameters() if p.requires_grad]
+    teacher = None
+    if teacher_path is not None:
+        dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32
+        teacher = load_teacher(teacher_path, config, dtype).to(accelerator.device)
+
+    # 4. Resume from the last checkpoint of this same run, if any.
+    if accelerator.is_main_process:
+        write_recipe(out, recipe)
+    accelerator.wait_for_everyone()
+    state = {"step": 0, "tokens": 0, "loss": None, "heldout_loss": None}
+    last = latest_checkpoint(out)
+    if last is not None:
+        state = load_checkpoint(accelerator, last)
+    log = MetricsLog(out, is_main=accelerator.is_main_process, start_step=state["step"], total_steps=budget.steps,
+                     progress=recipe.output.progress, tensorboard=recipe.output.tensorboard)
+    if state["step"] == 0 and len(blocks.heldout):
+        state["heldout_loss"] = heldout_loss(model, blocks.heldout, budget.micro_batch_size, accelerator.device)
+        log.log(0, {"heldout_loss": state["heldout_loss"]})
+
+    # 5. Train.
+    batches = global_batches(blocks.train, budget.batch_size, cfg.seed, state["step"], data.shuffle_buffer)
+    model.train()
+    window_start, window_steps = time.perf_counter(), 0
+    while state["step"] < budget.steps:
+        step = state["step"]  # 0-based index of the step being taken
+        lr = lr_at(step, cfg, budget)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        micro = process_micro_batches(next(batches), accelerator.num_processes, accelerator.process_index,
+                                      budget.micro_batch_size)
+        sums = torch.zeros(3, device=accelerator.device)  # loss, ce, kd summed over micro-steps
+        for m, ids in enumerate(micro):
+            ids = ids.to(accelerator.device)  # (mb, T)
+            # gradients are all-reduced once per optimizer step, on the last micro-step
+            with accelerator.no_sync(model) if m < len(micro) - 1 else contextlib.nullcontext():
+                loss, parts = objective(model, ids, teacher, obj.distill_weight, obj.temperature)
+                accelerator.backward(loss / len(micro))
+            sums += torch.stack([loss.detach(), parts["ce"], parts.get("kd", torch.zeros_like(parts["ce"]))])
+        grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm else None
+        loss_value, ce, kd = (accelerator.reduce(sums, reduction="mean") / len(micro)).tolist()
+        if not math.isfinite(loss_value):
+            last = latest_checkpoint(out)
+            raise UptrainError(f"loss is {loss_value} at step {step + 1}; stopped. Last good checkpoint: "
+                               f"{last if last else 'none'}. Lower train.lr or raise train.warmup_fraction and "
+                               "use a new output.dir")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.update(step=step + 1, tokens=state["tokens"] + budget.tokens_per_step, loss=loss_value)
+        window_steps += 1
+
+        done = state["step"] == budget.steps
+        evaluate = len(blocks.heldout) > 0 and (state["step"] % recipe.output.eval_every == 0 or done)
+        if state["step"] % recipe.output.log_every == 0 or done or evaluate:
+            elapsed = time.perf_counter() - window_start
+            tps = window_steps * budget.tokens_per_step / elapsed
+            record = {"loss": loss_value, "ce": ce, "lr": lr, "tokens": state["tokens"], "tokens_per_s": tps}
+            if teacher is not None:
+                record["kd"] = kd
+            if grad_norm is not None:
+                record["grad_norm"] = float(grad_norm)
+            if evaluate:
+                state["heldout_loss"] = heldout_loss(model, blocks.heldout, budget.micro_batch_size,
+                                                     accelerator.device)
+                record["heldout_loss"] = state["heldout_loss"]
+            log.log(state["step"], record)
+            log.progress(window_steps, loss_value, lr, tps)
+            window_start, window_steps = time.perf_counter(), 0
+        if state["step"] % recipe.output.save_every == 0 or done:
+            save_checkpoint(accelerator, out, state, recipe.output.keep_last)
+        if stop_after is not None and state["step"] >= stop_after and not done:
+            log.close()
+            return None
+    log.close()
+
+    # 6. Save the uptrained model.
+    return save_output(accelerator, model, tokenizer, recipe, state, student_dir)

@@ -1,0 +1,63 @@
+"""Progress and logs: a progress bar (loss, lr, tokens/s), a JSONL metrics log, and tensorboard when installed.
+
+Only the main process writes. On resume, log lines past the restored step are dropped, so the log of a run that
+was killed and resumed reads the same as the log of a run that never stopped.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class MetricsLog:
+    def __init__(self, out: Path, *, is_main: bool, start_step: int, total_steps: int, progress: bool,
+                 tensorboard: bool):
+        self.is_main = is_main
+        self.path = out / METRICS_FILE
+        self.writer = None
+        if is_main:
+            self._truncate(start_step)
+            if tensorboard and importlib.util.find_spec("tensorboard") is not None:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=start_step + 1)
+        self.bar = tqdm(total=total_steps, initial=start_step, disable=not (is_main and progress),
+                        desc="uptrain", unit="step", dynamic_ncols=True)
+
+    def _truncate(self, start_step: int) -> None:
+        if not self.path.exists():
+            return
+        lines = self.path.read_text().splitlines()
+        kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= start_step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+    def log(self, step: int, metrics: dict) -> None:
+        """Write one record for optimizer step `step` (1-based: the number of steps done)."""
+        if not self.is_main:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.writer is not None:
+            for key, value in metrics.items():
+                if isinstance(value, (int, float)):
+                    self.writer.add_scalar(key, value, step)
+
+    def progress(self, steps: int, loss: float, lr: float, tokens_per_s: float) -> None:
+        self.bar.update(steps)
+        self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def read_metrics(out: Path) -> list[dict]:
+    path = Path(out) / METRICS_FILE
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []

@@ -1,0 +1,95 @@
+"""Loading what the loop trains and learns from: the converted student, its tokenizer, and the source teacher."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from .errors import UptrainError
+
+CONVERSION_KEY = "gqa_conversion"
+UPTRAINING_KEY = "gqa_uptraining"
+WEIGHT_FILES = ("*.safetensors", "*.bin")
+
+
+def check_model_dir(path: str | Path, role: str = "model.path") -> Path:
+    """The model directory at `path`, or a one-line error saying why it is not one."""
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise UptrainError(f"{role}: {path} is not a directory; pass a converted checkpoint (the output of gqa-convert)")
+    if not (path / "config.json").is_file():
+        raise UptrainError(f"{role}: {path} is not a model checkpoint (no config.json); pass the output of gqa-convert")
+    if not any(any(path.glob(p)) for p in WEIGHT_FILES):
+        raise UptrainError(f"{role}: {path} holds no weights (*.safetensors or *.bin); pass a complete checkpoint")
+    return path.resolve()
+
+
+def read_config_json(path: Path) -> dict:
+    return json.loads((path / "config.json").read_text())
+
+
+def load_config(path: Path, role: str = "model.path"):
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (ValueError, OSError, TypeError) as e:
+        raise UptrainError(f"{role}: transformers cannot read {path / 'config.json'}: {str(e).splitlines()[0]}") from None
+    if getattr(config, "is_encoder_decoder", False):
+        raise UptrainError(f"{role}: {path} is an encoder-decoder ({config.model_type}); gqa-uptrain trains causal "
+                           "language models")
+    return config
+
+
+def context_length(config) -> int | None:
+    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def check_block_size(config, block_size: int) -> None:
+    limit = context_length(config)
+    if limit is not None and block_size > limit:
+        raise UptrainError(f"data.block_size={block_size} is longer than the model's context ({limit} positions); "
+                           f"set data.block_size to at most {limit}")
+
+
+def load_tokenizer(path: Path):
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (ValueError, OSError, TypeError) as e:
+        raise UptrainError(f"{path} has no usable tokenizer ({str(e).splitlines()[0]}); copy the source model's "
+                           "tokenizer files into it") from None
+    if tokenizer.eos_token_id is None:
+        raise UptrainError(f"the tokenizer in {path} has no eos token, which packing puts between documents; set "
+                           "eos_token in its tokenizer_config.json")
+    return tokenizer
+
+
+def load_model(path: Path, dtype: torch.dtype = torch.float32):
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except (ValueError, OSError) as e:
+        raise UptrainError(f"transformers cannot load the model in {path}: {str(e).splitlines()[0]}") from None
+
+
+def teacher_dir(student_dir: Path, override: str | None) -> Path:
+    """The distillation teacher: the recipe's objective.teacher, else the source recorded by gqa-convert."""
+    if override is not None:
+        return check_model_dir(override, role="objective.teacher")
+    record = read_config_json(student_dir).get(CONVERSION_KEY)
+    if not record or not record.get("source"):
+        raise UptrainError(f"{student_dir} records no conversion source ({CONVERSION_KEY}.source in config.json); "
+                           "set objective.teacher to the MHA checkpoint to distill from")
+    return check_model_dir(record["source"], role=f"teacher ({CONVERSION_KEY}.source)")
+
+
+def load_teacher(path: Path, student_config, dtype: torch.dtype):
+    teacher = load_model(path, dtype).eval().requires_grad_(False)
+    if teacher.config.vocab_size != student_config.vocab_size:
+        raise UptrainError(f"teacher {path} has vocab_size {teacher.config.vocab_size} but the student has "
+                           f"{student_config.vocab_size}; distill from the checkpoint the student was converted from")
+    return teacher

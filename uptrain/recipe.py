@@ -1,0 +1,176 @@
+"""The uptrain recipe: typed, frozen sections validated with pydantic, loaded from YAML plus `key=value` overrides.
+
+Unknown keys are errors, and every problem in a recipe is reported at once with the bad value and what was expected.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import UptrainError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSection(_Section):
+    path: str = Field(description="converted checkpoint to uptrain (the output of gqa-convert)")
+    trainable: Literal["all", "attention", "kv"] = "all"
+    gradient_checkpointing: bool = False
+
+
+class DataSection(_Section):
+    source: str = Field("python-stdlib", description="'python-stdlib', a local file or folder, or a hub dataset")
+    config: str | None = None
+    split: str = "train"
+    eval_source: str | None = None
+    eval_split: str | None = None
+    text_column: str = "text"
+    block_size: int = Field(256, ge=2)
+    eval_blocks: int = Field(64, ge=0)
+    max_documents: int | None = Field(None, ge=1)
+    streaming: bool = False
+    shuffle_buffer: int = Field(10_000, ge=1)
+    cache_dir: str | None = None
+
+
+class TrainSection(_Section):
+    fraction: float = Field(0.05, gt=0, le=1)
+    original_steps: int | None = Field(None, ge=1)
+    max_steps: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1)
+    batch_size: int = Field(32, ge=1, description="sequences per optimizer step, over all processes")
+    micro_batch_size: int = Field(8, ge=1, description="sequences per forward pass on one process")
+    lr: float = Field(1e-4, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_fraction: float = Field(0.02, ge=0, lt=1)
+    optimizer: Literal["adamw", "adafactor"] = "adamw"
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> TrainSection:
+        given = [k for k in ("original_steps", "max_steps", "max_tokens") if getattr(self, k) is not None]
+        if not given:
+            raise ValueError(
+                "no way to compute the step budget: set train.original_steps (uptrains fraction x original_steps), "
+                "train.max_steps or train.max_tokens"
+            )
+        if len(given) > 1:
+            raise ValueError(f"set only one of train.original_steps, train.max_steps, train.max_tokens (got {given})")
+        return self
+
+
+class ObjectiveSection(_Section):
+    distill_weight: float = Field(0.0, ge=0, le=1, description="w in (1 - w) * CE + w * T^2 * KL(teacher||student)")
+    temperature: float = Field(1.0, gt=0)
+    teacher: str | None = Field(None, description="default: the source recorded in config.json gqa_conversion")
+
+
+class OutputSection(_Section):
+    dir: str
+    save_every: int = Field(100, ge=1)
+    keep_last: int = Field(2, ge=1)
+    eval_every: int = Field(100, ge=1)
+    log_every: int = Field(10, ge=1)
+    tensorboard: bool = True
+    progress: bool = True
+
+
+class Recipe(_Section):
+    model: ModelSection
+    data: DataSection = DataSection()
+    train: TrainSection
+    objective: ObjectiveSection = ObjectiveSection()
+    output: OutputSection
+
+    def resolved(self) -> Recipe:
+        """The same recipe with its paths made absolute, so the saved copy means the same thing from any folder."""
+
+        def absolute(p: str | None) -> str | None:
+            return None if p is None else str(Path(p).expanduser().resolve())
+
+        def local(p: str | None) -> str | None:  # a data source may be a hub name; only rewrite existing paths
+            return absolute(p) if p is not None and Path(p).expanduser().exists() else p
+
+        return self.model_copy(
+            update={
+                "model": self.model.model_copy(update={"path": absolute(self.model.path)}),
+                "data": self.data.model_copy(
+                    update={
+                        "source": local(self.data.source),
+                        "eval_source": local(self.data.eval_source),
+                        "cache_dir": absolute(self.data.cache_dir),
+                    }
+                ),
+                "objective": self.objective.model_copy(update={"teacher": absolute(self.objective.teacher)}),
+                "output": self.output.model_copy(update={"dir": absolute(self.output.dir)}),
+            }
+        )
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b=value` overrides (value parsed as YAML) to a nested dict, returning a new dict."""
+    out = yaml.safe_load(yaml.safe_dump(raw))  # deep copy
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UptrainError(f"override {item!r} is not key=value; write e.g. train.lr=3e-4")
+        *parents, leaf = key.split(".")
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UptrainError(f"override {item!r}: {part} is not a section; write section.key=value")
+        node[leaf] = yaml.safe_load(value)
+    return out
+
+
+def _describe(err: dict[str, Any]) -> str:
+    where = ".".join(str(p) for p in err["loc"]) or "recipe"
+    if err["type"] == "extra_forbidden":
+        return f"{where}: unknown key (got {err['input']!r}); remove it or fix its spelling"
+    if err["type"] == "missing":
+        return f"{where}: missing required key"
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "value_error":  # our cross-field checks carry their own wording
+        return f"{where}: {msg}"
+    return f"{where}: {msg} (got {err['input']!r})"
+
+
+def validate_recipe(raw: Any, name: str = "recipe") -> Recipe:
+    if not isinstance(raw, dict):
+        raise UptrainError(f"{name} must be a YAML mapping of sections (model, data, train, objective, output)")
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as e:
+        problems = [_describe(err) for err in e.errors()]
+        if len(problems) == 1:
+            raise UptrainError(f"{name}: {problems[0]}") from None
+        raise UptrainError(f"{name} has {len(problems)} problems:\n  " + "\n  ".join(problems)) from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """Read, override and validate a YAML recipe. Paths are left as written; call `.resolved()` to anchor them."""
+    path = Path(path)
+    if not path.is_file():
+        raise UptrainError(f"recipe {path} does not exist; pass a YAML file such as recipes/tiny-uptrain.yaml")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UptrainError(f"recipe {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise UptrainError(f"recipe {path} must be a YAML mapping of sections (model, data, train, objective, output)")
+    return validate_recipe(apply_overrides(raw, list(overrides)), name=f"recipe {path}")

@@ -1,0 +1,96 @@
+"""Where text comes from: the built-in python-stdlib corpus, local files (text, json/jsonl, parquet) or a hub dataset.
+
+Every loader returns a datasets `Dataset` (or `IterableDataset` when streaming) with the text column checked, plus a
+fingerprint string that identifies the text for the block cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+
+from . import corpus
+from .errors import UptrainError
+
+# file suffix -> datasets builder; plain text files are read one document per file
+BUILDERS = {".txt": "text", ".text": "text", ".md": "text", ".py": "text",
+            ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+@dataclass(frozen=True)
+class TextSource:
+    """One split of one corpus, as asked for in a recipe."""
+
+    name: str  # 'python-stdlib', a local path or a hub id
+    split: str
+    config: str | None = None
+    text_column: str = "text"
+    max_documents: int | None = None
+    streaming: bool = False
+
+
+def _local_files(path: Path) -> list[Path]:
+    files = [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.suffix in BUILDERS and f.is_file())
+    if not files:
+        raise UptrainError(f"{path} holds no data files; expected {', '.join(sorted(BUILDERS))} files")
+    builders = {BUILDERS.get(f.suffix) for f in files}
+    if None in builders:
+        raise UptrainError(f"{path}: unsupported file type; expected one of {', '.join(sorted(BUILDERS))}")
+    if len(builders) > 1:
+        raise UptrainError(f"{path} mixes file types ({', '.join(sorted(builders))}); keep one type per folder")
+    return files
+
+
+def _looks_local(name: str) -> bool:
+    return name.startswith(("/", "./", "../", "~")) or Path(name).suffix in BUILDERS
+
+
+def load_text(src: TextSource) -> tuple[datasets.Dataset | datasets.IterableDataset, str]:
+    """The texts of `src` and a fingerprint of them; raises UptrainError for a missing path or text column."""
+    if src.name == corpus.NAME:
+        if src.split not in ("train", "heldout"):
+            raise UptrainError(f"python-stdlib has splits 'train' and 'heldout', not {src.split!r}; fix data.split")
+        kwargs = {"split": src.split, "limit": src.max_documents}
+        if src.streaming:
+            ds = datasets.IterableDataset.from_generator(corpus.iter_texts, gen_kwargs=kwargs)
+        else:
+            ds = datasets.Dataset.from_list(list(corpus.iter_texts(**kwargs)))
+        return ds, "stdlib:" + corpus.fingerprint(src.split, src.max_documents)
+
+    path = Path(src.name).expanduser()
+    if path.exists():
+        files = _local_files(path)
+        builder = BUILDERS[files[0].suffix]
+        kwargs = {"sample_by": "document"} if builder == "text" else {}
+        try:
+            ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train",
+                                       streaming=src.streaming, **kwargs)
+        except Exception as e:  # malformed json/parquet
+            raise UptrainError(f"could not read {path} as {builder}: {str(e).splitlines()[0]}") from None
+        stamp = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+        fp = "local:" + hashlib.sha1(json.dumps(stamp).encode()).hexdigest()
+    elif _looks_local(src.name):
+        raise UptrainError(f"data path {src.name} does not exist; fix data.source (or data.eval_source)")
+    else:
+        try:
+            ds = datasets.load_dataset(src.name, src.config, split=src.split, streaming=src.streaming)
+        except Exception as e:
+            raise UptrainError(
+                f"could not load hub dataset {src.name!r} (config {src.config!r}, split {src.split!r}): "
+                f"{str(e).splitlines()[0]}; check the name and the network, or point data.source at local files"
+            ) from None
+        fp = f"hub:{src.name}:{src.config}:{src.split}"
+
+    columns = ds.column_names if ds.column_names is not None else list(next(iter(ds)).keys())
+    if src.text_column not in columns:
+        raise UptrainError(
+            f"dataset {src.name} has no text column {src.text_column!r} (columns: {', '.join(columns)}); "
+            f"set data.text_column to the one holding the text"
+        )
+    if src.max_documents is not None:
+        ds = ds.take(src.max_documents) if src.streaming else ds.select(range(min(src.max_documents, len(ds))))
+    return ds, f"{fp}|{src.text_column}|{src.max_documents}"

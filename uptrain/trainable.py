@@ -1,0 +1,69 @@
+"""Which parameters train (`all`, `attention` or `kv`), and the optimizer over them (AdamW or Adafactor)."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+from .errors import UptrainError
+from .recipe import TrainSection
+
+
+def _kv_patterns(model_type: str) -> list[re.Pattern]:
+    """Regexes for the converted K/V tensors (and their norms), from the convert stage's architecture spec."""
+    from gqa_toolkit.convert.architectures.spec import spec_for
+    from gqa_toolkit.convert.errors import ConversionError
+
+    try:
+        spec = spec_for(model_type)
+    except ConversionError as e:
+        raise UptrainError(f"trainable: kv needs to know where K/V live: {e}; use trainable: attention") from None
+    if any(t.part == "qkv" for t in spec.tensors):
+        raise UptrainError(f"{model_type} fuses Q, K and V in one tensor, so K/V cannot train alone; use "
+                           "trainable: attention")
+    keys = [re.escape(t.key).replace(r"\{layer\}", r"\d+").replace(r"\{head\}", r"\d+") for t in spec.tensors]
+    return [re.compile(rf"(^|\.){k}$") for k in keys]
+
+
+def _attention_names(model: nn.Module) -> set[str]:
+    """Parameters inside attention modules, recognised by class name (LlamaAttention, Qwen2Attention, ...)."""
+    names = set()
+    for prefix, module in model.named_modules():
+        if type(module).__name__.endswith("Attention"):
+            names.update(f"{prefix}.{n}" for n, _ in module.named_parameters())
+    return names
+
+
+def select_trainable(model: nn.Module, which: str) -> list[str]:
+    """Freeze everything but `which`; returns the names of the parameters left trainable."""
+    if which == "all":
+        chosen = {n for n, _ in model.named_parameters()}
+    elif which == "attention":
+        chosen = _attention_names(model)
+    else:
+        patterns = _kv_patterns(model.config.model_type)
+        chosen = {n for n, _ in model.named_parameters() if any(p.search(n) for p in patterns)}
+    if not chosen:
+        raise UptrainError(f"trainable: {which} matches no parameter of this {model.config.model_type} model; "
+                           "use trainable: all")
+    for name, param in model.named_parameters():
+        param.requires_grad_(name in chosen)
+    return sorted(chosen)
+
+
+def make_optimizer(model: nn.Module, cfg: TrainSection) -> torch.optim.Optimizer:
+    """AdamW (weight decay on matrices only), or Adafactor as in the paper's T5 uptraining."""
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if cfg.optimizer == "adafactor":
+        from transformers.optimization import Adafactor
+
+        # an external schedule sets the lr each step, so Adafactor's own relative step sizes are off
+        return Adafactor([p for _, p in params], lr=cfg.lr, scale_parameter=False, relative_step=False,
+                         warmup_init=False, weight_decay=cfg.weight_decay)
+    groups = [
+        {"params": [p for _, p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for _, p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas)

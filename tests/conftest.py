@@ -11,6 +11,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from families import FAMILIES, Family, family_config
 
+pytest_plugins = ["fixtures_uptrain"]
+
 
 
 def build_tiny_model(model_type: str, config: dict, seed: int = 0, dtype: torch.dtype = torch.float32):

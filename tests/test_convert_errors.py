@@ -1,0 +1,146 @@
+"""Bad input: one clear line naming the problem and the fix, a non-zero exit, and nothing written."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from conftest import save_tiny_model
+from families import BASE
+from gqa_toolkit.convert.cli import main
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def run_cli(*args):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    return result.exit_code, result.stderr.strip()
+
+
+def assert_refused(tmp_path, args, *needles):
+    before = set(tmp_path.rglob("*"))
+    code, err = run_cli(*args)
+    assert code == 2, err
+    assert len(err.splitlines()) == 1 and err.startswith("gqa-convert: error: "), err
+    for needle in needles:
+        assert needle in err, err
+    assert set(tmp_path.rglob("*")) == before, "a refused conversion wrote something"
+
+
+def test_missing_path(tmp_path):
+    assert_refused(tmp_path, [tmp_path / "nope", "--groups", "2"], "no such model directory", "nope")
+
+
+def test_directory_without_config(tmp_path):
+    (tmp_path / "m").mkdir()
+    assert_refused(tmp_path, [tmp_path / "m", "--groups", "2"], "has no config.json")
+
+
+def test_directory_without_weights(llama_dir, tmp_path):
+    src = tmp_path / "m"
+    src.mkdir()
+    shutil.copy(llama_dir / "config.json", src)
+    assert_refused(tmp_path, [src, "--groups", "2"], "no weight files")
+
+
+@pytest.mark.parametrize("model_type, needle", [("t5", "no grouped-query attention in transformers"),
+                                                ("gpt_neox", "ignores"),
+                                                ("made_up", "unsupported model_type 'made_up'")])
+def test_unsupported_model_type_lists_supported(llama_dir, tmp_path, model_type, needle):
+    src = _copy(llama_dir, tmp_path / "m")
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "model_type": model_type}))
+    assert_refused(tmp_path, [src, "--groups", "2"], needle, "llama, mistral")
+
+
+def test_groups_that_do_not_divide(llama_dir, tmp_path):
+    assert_refused(tmp_path, [llama_dir, "--groups", "3", "-o", tmp_path / "o"], "does not divide", "1, 2, 4")
+
+
+def test_groups_above_current_kv_heads(llama_dir, tmp_path):
+    assert_refused(tmp_path, [llama_dir, "--groups", "8", "-o", tmp_path / "o"], "more than", "1, 2, 4")
+
+
+def test_bigcode_can_only_express_multi_query(family_dirs, tmp_path):
+    assert_refused(tmp_path, [family_dirs["gpt_bigcode"], "--groups", "2", "-o", tmp_path / "o"],
+                   "can only express 1")
+
+
+def test_falcon_without_new_decoder_architecture(tmp_path):
+    src = save_tiny_model(tmp_path / "falcon", "falcon", dict(hidden_size=64, num_hidden_layers=2, vocab_size=128,
+                                                               num_attention_heads=4, multi_query=False))
+    assert_refused(tmp_path, [src, "--groups", "2"], "new_decoder_architecture=True")
+
+
+def test_unknown_method(llama_dir, tmp_path):
+    assert_refused(tmp_path, [llama_dir, "--groups", "2", "--method", "median", "-o", tmp_path / "o"],
+                   "unknown method 'median'", "first, mean, random")
+
+
+def test_truncated_safetensors(llama_dir, tmp_path):
+    src = _copy(llama_dir, tmp_path / "m")
+    data = (src / "model.safetensors").read_bytes()
+    (src / "model.safetensors").write_bytes(data[: len(data) // 2])
+    assert_refused(tmp_path, [src, "--groups", "2"], "truncated", "re-download")
+
+
+def test_corrupt_safetensors_header(llama_dir, tmp_path):
+    src = _copy(llama_dir, tmp_path / "m")
+    data = bytearray((src / "model.safetensors").read_bytes())
+    data[8:20] = b"not json at "
+    (src / "model.safetensors").write_bytes(bytes(data))
+    assert_refused(tmp_path, [src, "--groups", "2"], "corrupt", "re-download")
+
+
+def test_weights_that_disagree_with_config(llama_dir, tmp_path):
+    src = _copy(llama_dir, tmp_path / "m")
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "num_key_value_heads": 2}))
+    assert_refused(tmp_path, [src, "--groups", "1"], "k_proj.weight has shape [64, 64]", "disagree")
+
+
+def test_existing_output_needs_force(llama_dir, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("user data")
+    assert_refused(tmp_path, [llama_dir, "--groups", "2", "-o", out], "already exists", "--force")
+    code, err = run_cli(llama_dir, "--groups", "2", "-o", out, "--force", "-q")
+    assert code == 0, err
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+
+
+def test_bin_that_needs_unsafe_unpickling(llama_dir, tmp_path):
+    src = tmp_path / "m"
+    src.mkdir()
+    shutil.copy(llama_dir / "config.json", src)
+    torch.save({"weights": torch.zeros(2), "callback": subprocess.Popen}, src / "pytorch_model.bin")
+    assert_refused(tmp_path, [src, "--groups", "2"], "unsafe unpickling", "safetensors")
+
+
+def test_interrupted_conversion_leaves_nothing(llama_dir, tmp_path, monkeypatch):
+    import gqa_toolkit.convert.api as api
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(api, "write_metadata", interrupted)
+    code, err = run_cli(llama_dir, "--groups", "2", "-o", tmp_path / "out")
+    assert code == 130 and "nothing was written" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_console_script_runs_and_reports_errors(llama_dir, tmp_path):
+    script = shutil.which("gqa-convert", path=str(__import__("pathlib").Path(sys.executable).parent))
+    assert script, "gqa-convert is not installed beside the test interpreter"
+    done = subprocess.run([script, str(llama_dir), "--groups", "2", "-o", str(tmp_path / "out"), "-q"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == str(tmp_path / "out")
+    bad = subprocess.run([script, str(llama_dir), "--groups", "5"], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr

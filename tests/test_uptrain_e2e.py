@@ -42,3 +42,48 @@ def test_uptrain_lowers_heldout_loss_and_reloads(write_recipe, uptrain_models):
     card = (out / "README.md").read_text()
     assert card.startswith("# tiny-gqa") and "## Uptraining" in card
     assert not list(out.glob("*.bin"))
+
+
+@pytest.mark.slow
+def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(write_recipe, tmp_path):
+    whole = load_recipe(write_recipe("whole.yaml", train={"max_steps": 6}, output={"dir": str(tmp_path / "whole")}))
+    train(whole)
+
+    path = write_recipe("cut.yaml", train={"max_steps": 6}, output={"dir": str(tmp_path / "cut")})
+    assert train(load_recipe(path), stop_after=3) is None  # as if killed during step 4, after checkpoint 2
+    cut = tmp_path / "cut"
+    assert [p.name for p in (cut / "checkpoints").iterdir()] == ["step-00000002"]
+    assert not (cut / "model.safetensors").exists()
+    train(load_recipe(path))  # the same command again: resumes from step 2
+
+    a, b = _weights(tmp_path / "whole"), _weights(cut)
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6, msg=name)
+    losses_a = [m["loss"] for m in read_metrics(tmp_path / "whole") if "loss" in m]
+    losses_b = [m["loss"] for m in read_metrics(cut) if "loss" in m]
+    assert len(losses_b) == 6
+    assert losses_b == pytest.approx(losses_a, rel=1e-6)
+    assert sorted(p.name for p in (cut / "checkpoints").iterdir()) == ["step-00000004", "step-00000006"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("trainable, changes", [("kv", ("k_proj", "v_proj")),
+                                                 ("attention", ("q_proj", "k_proj", "v_proj", "o_proj"))])
+def test_trainable_subset_changes_only_its_tensors(write_recipe, uptrain_models, trainable, changes):
+    out = train(load_recipe(write_recipe(model={"trainable": trainable}, train={"max_steps": 2})))
+    before, after = _weights(uptrain_models["gqa"]), _weights(out)
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    expected = {name for name in before if any(f"self_attn.{part}." in name for part in changes)}
+    assert changed == expected
+
+
+@pytest.mark.slow
+def test_distillation_from_the_recorded_source(write_recipe):
+    out = train(load_recipe(write_recipe(objective={"distill_weight": 0.5, "temperature": 2.0},
+                                         train={"max_steps": 2})))
+    steps = [m for m in read_metrics(out) if "loss" in m]
+    for m in steps:
+        assert m["kd"] > 0  # the mean-pooled student is not the teacher
+        assert m["loss"] == pytest.approx(0.5 * m["ce"] + 0.5 * m["kd"], rel=1e-5)
+    assert json.loads((out / "config.json").read_text())["gqa_uptraining"]["objective"] == "lm+distill"

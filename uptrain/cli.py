@@ -38,4 +38,7 @@ def main(recipe: str, overrides: tuple[str, ...], print_recipe: bool) -> None:
     except KeyboardInterrupt:
         click.echo("interrupted; rerun the same command to resume from the last checkpoint", err=True)
         sys.exit(130)
-    click.echo(f"uptrained model written to {out}", err=True)
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        click.echo(f"uptrained model written to {out}", err=True)

@@ -144,14 +144,15 @@ class CheckpointReader:
         if info.offsets is None:
             return self._open_bin(info.file)[name].clone()
         begin, end = info.offsets
-        buffer = bytearray(end - begin)
+        if end == begin:
+            return torch.empty(info.shape, dtype=info.dtype)
+        # torch.empty, not bytearray: a bytearray is zero-filled first, a second pass over memory the read overwrites
+        data = torch.empty(end - begin, dtype=torch.uint8)
         with open(info.file, "rb", buffering=0) as f:
-            view, done = memoryview(buffer), 0
-            while done < len(buffer):
+            view, done = memoryview(data.numpy()), 0
+            while done < len(view):
                 n = os.preadv(f.fileno(), [view[done:]], begin + done)
                 if n == 0:
                     raise ConversionError(f"{info.file} ended early while reading {name!r}; re-download it")
                 done += n
-        if not buffer:
-            return torch.empty(info.shape, dtype=info.dtype)
-        return torch.frombuffer(buffer, dtype=info.dtype).reshape(info.shape)
+        return data.view(info.dtype).reshape(info.shape)

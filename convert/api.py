@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from .architectures.spec import spec_for
 from .errors import ConversionError
-from .geometry import check_groups, read_geometry
+from .geometry import check_groups, read_geometries
 from .methods import get_method
 from .output_dir import atomic_directory, check_output_free
 from .plan import ConversionSettings, SourceTensor, plan_conversion
@@ -61,26 +61,31 @@ def _load_config(model_dir: Path):
 
 def convert_checkpoint(src: str | Path, dst: str | Path | None = None, *, method: str = "mean", groups: int,
                        seed: int = 0, dtype: str | torch.dtype | None = None, max_shard_size: str | int | None = None,
-                       force: bool = False, progress: bool = True) -> Path:
-    """Convert the checkpoint at `src` (a model directory or hub id) to `groups` KV heads; returns the output dir."""
+                       attention: str | None = None, force: bool = False, progress: bool = True) -> Path:
+    """Convert the checkpoint at `src` (a model directory or hub id) to `groups` KV heads; returns the output dir.
+
+    `attention` picks which attention the family converts (T5: "decoder", the default and the paper's choice, or
+    "all" to include the encoder); None is the family's default."""
     model_dir = resolve_model_dir(src)
     raw_config = read_raw_config(model_dir)
     spec = spec_for(raw_config["model_type"])
     method_fn = get_method(method)
     target_dtype = parse_dtype(dtype)
-    geometry = read_geometry(_load_config(model_dir), spec)
-    check_groups(groups, geometry, spec)
+    scope = attention or spec.default_scope
+    geometries = read_geometries(_load_config(model_dir), spec, scope)
+    for geometry in geometries.values():
+        check_groups(groups, geometry, spec)
     out = Path(dst).expanduser().resolve() if dst is not None else default_output(model_dir, groups, method)
     check_output_free(out, force)
 
     reader = CheckpointReader(model_dir)
     sources = {name: SourceTensor(info.dtype, info.shape) for name, info in reader.infos.items()}
     settings = ConversionSettings(method=method_fn, groups=groups, seed=seed, dtype=target_dtype)
-    planned = plan_conversion(sources, reader.read, spec, geometry, settings)
+    planned = plan_conversion(sources, reader.read, spec, geometries, settings)
     shard_bytes = parse_size(max_shard_size) if max_shard_size is not None else max(
         p.stat().st_size for p in reader.files)
-    record = conversion_record(method=method, groups=groups, source=str(model_dir), geometry=geometry, seed=seed,
-                               dtype=target_dtype)
+    record = conversion_record(method=method, groups=groups, source=str(model_dir), geometries=geometries,
+                               scope=scope, seed=seed, dtype=target_dtype)
 
     total = sum(t.dtype.itemsize * torch.Size(t.shape).numel() for t in planned)
     with atomic_directory(out, force) as tmp, tqdm(total=total, unit="B", unit_scale=True, disable=not progress,

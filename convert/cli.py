@@ -18,6 +18,9 @@ from .methods import METHODS
 @click.option("--groups", "-g", type=int, required=True, help="KV heads (G) in the output; must divide the source's.")
 @click.option("--method", "-m", default="mean", help=f"K/V initialiser: {', '.join(sorted(METHODS))}.")
 @click.option("--output", "-o", default=None, help="Output directory. [default: MODEL_DIR-gqa{G}-{method}]")
+@click.option("--attention", default=None, help="Which attention to convert, for families with several kinds: "
+                                                "t5 'decoder' (self- and cross-attention, the paper's choice) or "
+                                                "'all' (the encoder's too). [default: the family's first]")
 @click.option("--seed", type=int, default=0, help="Seed for the random method.")
 @click.option("--dtype", default=None, help="Output dtype of floating tensors (float32, float16, bfloat16). "
                                             "[default: keep the source's]")
@@ -25,14 +28,15 @@ from .methods import METHODS
                                                      "[default: the source's largest weight file]")
 @click.option("--force", is_flag=True, help="Replace the output directory if it exists.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def main(model_dir, groups, method, output, seed, dtype, max_shard_size, force, quiet):
+def main(model_dir, groups, method, output, attention, seed, dtype, max_shard_size, force, quiet):
     """Convert the Hugging Face checkpoint MODEL_DIR (a local directory, or a hub id when online) to
     grouped-query attention with G key/value heads."""
     from .api import convert_checkpoint
 
     try:
         out = convert_checkpoint(model_dir, output, method=method, groups=groups, seed=seed, dtype=dtype,
-                                 max_shard_size=max_shard_size, force=force, progress=not quiet)
+                                 max_shard_size=max_shard_size, attention=attention, force=force,
+                                 progress=not quiet)
     except ConversionError as exc:
         click.echo(f"gqa-convert: error: {exc}", err=True)
         sys.exit(2)

@@ -18,8 +18,10 @@ class Geometry:
     init_std: float  # the family's initializer_range, for the `random` method
 
 
-def read_geometry(config: Any, spec: ArchitectureSpec) -> Geometry:
-    """`config` is a transformers PretrainedConfig (attribute maps and defaults applied)."""
+def read_geometry(config: Any, spec: ArchitectureSpec, kind: str | None = None) -> Geometry:
+    """`config` is a transformers PretrainedConfig (attribute maps and defaults applied); `kind` one of the spec's
+    attention kinds (default: its first)."""
+    kind = kind or next(iter(spec.attention))
     for attr, wanted in spec.requires.items():
         found = getattr(config, attr, None)
         if found != wanted:
@@ -27,15 +29,24 @@ def read_geometry(config: Any, spec: ArchitectureSpec) -> Geometry:
                                   f"{found!r}: this checkpoint's attention layout is not one the family's config "
                                   f"can give fewer KV heads")
     heads = config.num_attention_heads
-    kv_heads = (getattr(config, spec.kv_heads_attr, None) if spec.kv_heads_attr else None) or heads
+    kv_attr = spec.kv_heads_attr_of(kind)
+    # A family converted through the toolkit's modeling code is MHA unless the source already runs that code: the
+    # stock modeling ignores any KV-head count its config.json happens to hold.
+    counts_kv_heads = spec.modeling is None or config.model_type == spec.modeling.model_type
+    kv_heads = (getattr(config, kv_attr, None) if kv_attr and counts_kv_heads else None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     return Geometry(
-        num_layers=config.num_hidden_layers,
+        num_layers=getattr(config, spec.attention[kind].layers_attr),
         heads=heads,
         kv_heads=kv_heads,
         head_dim=head_dim,
         init_std=float(getattr(config, "initializer_range", 0.02)),
     )
+
+
+def read_geometries(config: Any, spec: ArchitectureSpec, scope: str | None = None) -> dict[str, Geometry]:
+    """Attention kind -> geometry, for the kinds that `scope` converts."""
+    return {kind: read_geometry(config, spec, kind) for kind in spec.kinds(scope)}
 
 
 def divisors(n: int) -> list[int]:

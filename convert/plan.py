@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import torch
 
@@ -48,8 +48,8 @@ def _template_regex(template: str) -> re.Pattern[str]:
     return re.compile(rf"^(?P<prefix>(?:.+\.)?){body}$")
 
 
-def match_names(names: list[str], spec: ArchitectureSpec) -> dict[str, Match]:
-    patterns = [(entry, _template_regex(entry.key)) for entry in spec.tensors]
+def match_names(names: list[str], entries: Iterable[KVTensor]) -> dict[str, Match]:
+    patterns = [(entry, _template_regex(entry.key)) for entry in entries]
     matches = {}
     for name in names:
         for entry, pattern in patterns:
@@ -83,19 +83,24 @@ def _expected_rows(entry: KVTensor, geo: Geometry, kv_heads: int, output: bool) 
     return None  # stacked: one tensor per head
 
 
-def validate(sources: Mapping[str, SourceTensor], matches: dict[str, Match], spec: ArchitectureSpec,
-             geo: Geometry) -> None:
+def _rows_axis(entry: KVTensor) -> int:
+    return -1 if entry.transposed else 0
+
+
+def validate(sources: Mapping[str, SourceTensor], matches: dict[str, Match], entries: Iterable[KVTensor],
+             geos: Mapping[str, Geometry]) -> None:
     """Every required K/V tensor present for every layer, and every K/V shape consistent with the config."""
-    for entry in spec.tensors:
+    for entry in entries:
+        geo = geos[entry.attention]
         layers = {m.layer for m in matches.values() if m.entry is entry}
         if entry.required and layers != set(range(geo.num_layers)):
             missing = sorted(set(range(geo.num_layers)) - layers)[:5]
             raise ConversionError(f"the weights have no {entry.key!r} for layers {missing} of the config's "
                                   f"{geo.num_layers}; the weight files do not match config.json")
     for name, m in matches.items():
-        shape = sources[name].shape
+        shape, geo = sources[name].shape, geos[m.entry.attention]
         rows = _expected_rows(m.entry, geo, geo.kv_heads, output=False)
-        bad_rows = rows is not None and (not shape or shape[0] != rows)
+        bad_rows = rows is not None and (not shape or shape[_rows_axis(m.entry)] != rows)
         bad_head = m.head is not None and m.head >= geo.kv_heads
         if bad_rows or bad_head:
             expected = f"{rows} rows" if rows is not None else f"a head index below {geo.kv_heads}"
@@ -112,10 +117,10 @@ def _convert_heads(heads: torch.Tensor, entry: KVTensor, name: str, geo: Geometr
 
 def _rows_producer(name: str, entry: KVTensor, read, geo: Geometry, settings, dtype) -> Callable[[], torch.Tensor]:
     def produce() -> torch.Tensor:
-        t = read(name)
+        t = read(name).movedim(_rows_axis(entry), 0)  # rows first
         heads = t.reshape(geo.kv_heads, -1, *t.shape[1:])  # (G0, hd or 1, *rest)
         out = _convert_heads(heads, entry, name, geo, settings)  # (G, hd or 1, *rest)
-        return out.flatten(0, 1).to(dtype)
+        return out.flatten(0, 1).movedim(0, _rows_axis(entry)).contiguous().to(dtype)
 
     return produce
 
@@ -125,10 +130,11 @@ def _fused_producer(name: str, entry: KVTensor, read, geo: Geometry, settings, d
     output_layout = fused_layout(entry.fused_output_layout or entry.fused_layout)
 
     def produce() -> torch.Tensor:
-        q, k, v = source_layout.split(read(name).float(), geo.heads, geo.kv_heads, geo.head_dim)
+        fused = read(name).float().movedim(_rows_axis(entry), 0)  # rows first
+        q, k, v = source_layout.split(fused, geo.heads, geo.kv_heads, geo.head_dim)
         k = _convert_heads(k, entry, f"{name}:k", geo, settings)  # (G, hd, *rest)
         v = _convert_heads(v, entry, f"{name}:v", geo, settings)
-        return output_layout.fuse(Heads(q, k, v)).to(dtype)
+        return output_layout.fuse(Heads(q, k, v)).movedim(0, _rows_axis(entry)).contiguous().to(dtype)
 
     return produce
 
@@ -157,9 +163,14 @@ class _StackedGroup:
 
 
 def plan_conversion(sources: Mapping[str, SourceTensor], read: Callable[[str], torch.Tensor],
-                    spec: ArchitectureSpec, geo: Geometry, settings: ConversionSettings) -> list[PlannedTensor]:
-    matches = match_names(list(sources), spec)
-    validate(sources, matches, spec, geo)
+                    spec: ArchitectureSpec, geo: Geometry | Mapping[str, Geometry],
+                    settings: ConversionSettings) -> list[PlannedTensor]:
+    """`geo`: one geometry for every attention kind, or kind -> geometry for the kinds to convert (tensors of the
+    other kinds are copied unchanged: T5's encoder under the default scope)."""
+    geos = dict(geo) if isinstance(geo, Mapping) else {kind: geo for kind in spec.attention}
+    entries = [t for t in spec.tensors if t.attention in geos]
+    matches = match_names(list(sources), entries)
+    validate(sources, matches, entries, geos)
     stacked: dict[tuple[str, int, str], _StackedGroup] = {}
     planned = []
     for name, source in sources.items():
@@ -168,6 +179,7 @@ def plan_conversion(sources: Mapping[str, SourceTensor], read: Callable[[str], t
         if m is None:
             planned.append(PlannedTensor(name, dtype, source.shape, lambda n=name, d=dtype: read(n).to(d)))
             continue
+        geo = geos[m.entry.attention]
         if m.entry.layout == "stacked":
             if m.head >= settings.groups:
                 continue
@@ -182,7 +194,7 @@ def plan_conversion(sources: Mapping[str, SourceTensor], read: Callable[[str], t
             planned.append(PlannedTensor(name, dtype, source.shape, stacked[key].producer(m.head, dtype)))
             continue
         rows = _expected_rows(m.entry, geo, settings.groups, output=True)
+        shape = (*source.shape[:-1], rows) if m.entry.transposed else (rows, *source.shape[1:])
         make = _fused_producer if m.entry.layout == "fused" else _rows_producer
-        planned.append(PlannedTensor(name, dtype, (rows, *source.shape[1:]),
-                                     make(name, m.entry, read, geo, settings, dtype)))
+        planned.append(PlannedTensor(name, dtype, shape, make(name, m.entry, read, geo, settings, dtype)))
     return planned

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -18,14 +19,18 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgp
 NOT_COPIED = {"config.json", "README.md", "model.safetensors.index.json", "pytorch_model.bin.index.json"}
 
 
-def conversion_record(*, method: str, groups: int, source: str, geometry, seed: int,
+def conversion_record(*, method: str, groups: int, source: str, geometries: dict[str, Any], scope: str, seed: int,
                       dtype: torch.dtype | None) -> dict[str, Any]:
+    """`geometries`: attention kind -> Geometry of the kinds converted; `scope` the --attention choice."""
+    geometry = next(iter(geometries.values()))
     return {
         "method": method,
         "groups": groups,
         "source": source,
         "source_kv_heads": geometry.kv_heads,
         "num_attention_heads": geometry.heads,
+        "attention": scope,
+        "attention_kinds": list(geometries),
         "seed": seed,
         "dtype": str(dtype).removeprefix("torch.") if dtype is not None else None,
         "toolkit_version": gqa_toolkit.__version__,
@@ -34,9 +39,13 @@ def conversion_record(*, method: str, groups: int, source: str, geometry, seed: 
 
 def converted_config(raw: dict[str, Any], spec: ArchitectureSpec, record: dict[str, Any]) -> dict[str, Any]:
     config = dict(raw)
-    if spec.kv_heads_attr is not None:
-        config[spec.kv_heads_attr] = record["groups"]
+    for kind in record["attention_kinds"]:
+        if (attr := spec.kv_heads_attr_of(kind)) is not None:
+            config[attr] = record["groups"]
     config.update(spec.set_config)
+    if spec.modeling is not None:  # the toolkit's GQA modeling code, shipped in the output directory
+        config.update(model_type=spec.modeling.model_type, architectures=list(spec.modeling.architectures),
+                      auto_map=dict(spec.modeling.auto_map))
     if record["dtype"] is not None:
         config["dtype"] = record["dtype"]
         config.pop("torch_dtype", None)
@@ -56,8 +65,22 @@ def copy_non_weight_files(src: Path, dst: Path) -> list[str]:
     return copied
 
 
-def model_card(record: dict[str, Any], model_type: str) -> str:
+def _modeling_note(spec: ArchitectureSpec) -> str:
+    if spec.modeling is None:
+        return ""
+    auto = next(k for k in spec.modeling.auto_map if k != "AutoConfig")
+    return f"""
+transformers has no grouped-query attention for this family, so the modeling code is in this directory
+(`{spec.modeling.file}`); load it with `{auto}.from_pretrained(path, trust_remote_code=True)`, or without
+`trust_remote_code` in a process that has imported `gqa_toolkit.convert`.
+"""
+
+
+def model_card(record: dict[str, Any], model_type: str, spec: ArchitectureSpec | None = None) -> str:
     H, G0, G = record["num_attention_heads"], record["source_kv_heads"], record["groups"]
+    kinds = record.get("attention_kinds", ["self"])
+    attention_row = f"| attention converted | {', '.join(kinds)} (`--attention {record['attention']}`) |\n" \
+        if spec is not None and len(spec.attention) > 1 else ""
     return f"""---
 tags:
 - gqa
@@ -73,13 +96,13 @@ Converted from `{record['source']}` by gqa-toolkit {record['toolkit_version']}:
 | query heads | {H} |
 | KV heads | {G0} -> {G} (each shared by {H // G} query heads) |
 | KV cache per token | {G / G0:.3g}x the source's |
-| seed | {record['seed']} |
+{attention_row}| seed | {record['seed']} |
 | dtype | {record['dtype'] or 'as the source'} |
 
 Query head `h` uses KV head `h // {H // G}`. The `{record['method']}` method initialised each group's key/value
 projections from the source's heads in that group; the model has not been uptrained since, so expect a quality
 drop until it is (`gqa-uptrain`). The full record is under `{CONVERSION_KEY}` in config.json.
-"""
+{_modeling_note(spec) if spec is not None else ""}"""
 
 
 def write_metadata(src: Path, dst: Path, raw_config: dict[str, Any], spec: ArchitectureSpec,
@@ -87,4 +110,7 @@ def write_metadata(src: Path, dst: Path, raw_config: dict[str, Any], spec: Archi
     copy_non_weight_files(src, dst)
     config = converted_config(raw_config, spec, record)
     (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    (dst / "README.md").write_text(model_card(record, raw_config["model_type"]))
+    (dst / "README.md").write_text(model_card(record, raw_config["model_type"], spec))
+    if spec.modeling is not None:
+        modeling = resources.files("gqa_toolkit.convert.modeling") / spec.modeling.file
+        (dst / spec.modeling.file).write_text(modeling.read_text())

@@ -60,3 +60,30 @@ def logits(model, seed: int = 1) -> torch.Tensor:
     ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=g)
     with torch.no_grad():
         return model(input_ids=ids).logits
+
+
+def build_tiny_no_native(family, seed: int = 0):
+    """A stock transformers t5, gpt_neox, gpt2 or opt model (MHA), with every norm and bias made to count."""
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = AutoConfig.for_model(family.model_type, **family.config)
+    model = getattr(transformers, family.auto).from_config(cfg).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name or name.endswith("bias") or "ln" in name:
+                param.add_(torch.randn_like(param) * 0.1)
+    return model
+
+
+@pytest.fixture(scope="session")
+def no_native_dirs(tmp_path_factory) -> dict[str, Path]:
+    """One saved tiny stock model per family that the toolkit's own GQA modeling code serves."""
+    from families import NO_NATIVE_FAMILIES
+
+    root = tmp_path_factory.mktemp("no_native")
+    dirs = {}
+    for family in NO_NATIVE_FAMILIES:
+        build_tiny_no_native(family).save_pretrained(root / family.model_type)
+        dirs[family.model_type] = root / family.model_type
+    return dirs

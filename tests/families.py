@@ -47,3 +47,30 @@ FAMILY_IDS = [f.model_type for f in FAMILIES]
 def family_config(family: Family) -> dict:
     config = {**BASE, **family.config}
     return {k: v for k, v in config.items() if v is not None}
+
+
+# Families whose transformers modeling has no KV-head count: the toolkit ships GQA modeling code for them.
+# `auto` is the Auto class that builds the stock model; `kv_access` how tests/reference.py reaches its K/V heads.
+@dataclass(frozen=True)
+class NoNativeFamily:
+    model_type: str
+    config: dict
+    auto: str = "AutoModelForCausalLM"
+    heads: int = 4
+    head_dim: int = 16
+
+
+NO_NATIVE_FAMILIES = [
+    # d_kv (8) is independent of d_model / num_heads (16), as in t5-v1.1 and mT5
+    NoNativeFamily("t5", dict(d_model=64, d_ff=128, d_kv=8, num_layers=2, num_decoder_layers=2, num_heads=4,
+                              vocab_size=128, relative_attention_num_buckets=8, decoder_start_token_id=0,
+                              feed_forward_proj="gated-gelu"), auto="AutoModelForSeq2SeqLM", head_dim=8),
+    NoNativeFamily("gpt_neox", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                    vocab_size=128, max_position_embeddings=128, rotary_pct=0.5,
+                                    bos_token_id=0, eos_token_id=0)),
+    NoNativeFamily("gpt2", dict(n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=128, bos_token_id=0,
+                                eos_token_id=0)),
+    NoNativeFamily("opt", dict(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=128,
+                               max_position_embeddings=128, word_embed_proj_dim=64)),
+]
+NO_NATIVE_IDS = [f.model_type for f in NO_NATIVE_FAMILIES]

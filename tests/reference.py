@@ -78,3 +78,52 @@ def apply_reference(model, family, groups: int, method: str) -> None:
             else:
                 {"phi3": _phi3, "falcon": _falcon, "bigcode": _bigcode}[family.kv_access](
                     attn, kv_heads, groups, method, heads, hd)
+
+
+def _tie_columns_in_place(param: torch.Tensor, kv_heads: int, groups: int, method: str) -> None:
+    """For Conv1D weights `[in, out]`: the head blocks run along the last axis."""
+    param.T.copy_(_tie_groups(param.T, kv_heads, groups, method))
+
+
+def _no_native_attention(model, model_type: str, scope: str):
+    """(module, how) for every attention module the conversion touches, found by the stock module layout."""
+    if model_type == "t5":
+        found = [(b.layer[0].SelfAttention, "t5") for b in model.decoder.block]
+        found += [(b.layer[1].EncDecAttention, "t5") for b in model.decoder.block]
+        if scope == "all":
+            found += [(b.layer[0].SelfAttention, "t5") for b in model.encoder.block]
+        return found
+    if model_type == "gpt_neox":
+        return [(layer.attention, "gpt_neox") for layer in model.gpt_neox.layers]
+    if model_type == "gpt2":
+        return [(block.attn, "gpt2") for block in model.transformer.h]
+    if model_type == "opt":
+        return [(layer.self_attn, "opt") for layer in model.model.decoder.layers]
+    raise KeyError(model_type)
+
+
+def apply_reference_no_native(model, model_type: str, groups: int, method: str, scope: str = "decoder") -> None:
+    """Tie K/V heads within each group of a stock t5, gpt_neox, gpt2 or opt (MHA) model, in place."""
+    cfg = model.config
+    heads = cfg.num_attention_heads
+    d = cfg.hidden_size
+    with torch.no_grad():
+        for attn, how in _no_native_attention(model, model_type, scope):
+            if how == "t5":  # k, v: Linear [H * d_kv, d_model], no bias
+                for proj in (attn.k, attn.v):
+                    _tie_rows_in_place(proj.weight, heads, groups, method)
+            elif how == "opt":
+                _separate(attn, heads, groups, method, None)
+            elif how == "gpt_neox":  # query_key_value rows [H, (q, k, v), hd]
+                hd = d // heads
+                for param in (attn.query_key_value.weight, attn.query_key_value.bias):
+                    if param is None:
+                        continue
+                    per_head = param.view(heads, 3, hd, -1)  # (H, q/k/v, hd, in)
+                    for slot in (1, 2):
+                        _tie_rows_in_place(per_head[:, slot], heads, groups, method)
+            elif how == "gpt2":  # c_attn Conv1D weight [d, 3d], columns [q | k | v]; bias [3d]
+                w, b = attn.c_attn.weight, attn.c_attn.bias
+                for start in (d, 2 * d):
+                    _tie_columns_in_place(w[:, start:start + d], heads, groups, method)
+                    _tie_rows_in_place(b[start:start + d], heads, groups, method)

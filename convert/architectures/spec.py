@@ -16,7 +16,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 from ..errors import ConversionError
 
 # Families whose transformers config accepts `num_key_value_heads` but whose modeling code ignores it.
-NO_NATIVE_GQA = ("t5", "gpt2", "gpt_neox", "opt", "bloom", "gptj", "bart", "bert")
+# t5, gpt2, gpt_neox and opt are supported through the toolkit's own modeling code (see `modeling` below).
+NO_NATIVE_GQA = ("bloom", "gptj", "bart", "bert")
 
 # How a per-KV-head tensor is laid out on disk:
 #   rows     leading dim is G*hd (projection weights [G*hd, d], biases [G*hd], olmo2's k_norm [G*hd])
@@ -40,6 +41,8 @@ class KVTensor(_Strict):
     fused_output_layout: str | None = None  # for layout "fused": output layout name when it differs
     init: Init = "normal"
     required: bool = False  # every layer must have it
+    transposed: bool = False  # the head rows are the last axis (Conv1D weights are stored [in, out])
+    attention: str = "self"  # which of the spec's attention kinds this tensor belongs to
 
     @model_validator(mode="after")
     def _consistent(self) -> "KVTensor":
@@ -54,11 +57,43 @@ class KVTensor(_Strict):
         return self
 
 
+class AttentionKind(_Strict):
+    """One kind of attention in a model (T5 has three: encoder, decoder self-attention and cross-attention)."""
+
+    layers_attr: str = "num_hidden_layers"  # config attribute counting the layers that hold it
+    kv_heads_attr: str | None = None  # config attribute counting its KV heads; default the spec's kv_heads_attr
+
+
+class Modeling(_Strict):
+    """GQA modeling code shipped by the toolkit for a family whose transformers modeling has none.
+
+    `file` (in convert/modeling/) is copied into every output directory, which gets `model_type`, `architectures`
+    and `auto_map` in its config.json, so that `from_pretrained(out, trust_remote_code=True)` needs no toolkit.
+    """
+
+    file: str
+    model_type: str  # the GQA model_type; a source of this type is already GQA, any other is MHA
+    architectures: tuple[str, ...]
+    auto_map: dict[str, str]  # Auto class -> "module.Class"
+
+    @model_validator(mode="after")
+    def _names_the_file(self) -> "Modeling":
+        module = self.file.removesuffix(".py")
+        bad = [v for v in self.auto_map.values() if v.rsplit(".", 1)[0] != module]
+        if not self.file.endswith(".py") or bad:
+            raise ValueError(f"auto_map entries must name classes in {self.file}, found {bad}")
+        return self
+
+
 class ArchitectureSpec(_Strict):
     model_types: tuple[str, ...]
     # Config attribute that counts KV heads, read through AutoConfig and rewritten to G. None: the family's config
     # has no trustworthy count (gpt_bigcode saves a stale one) and `requires` pins the source to H KV heads.
     kv_heads_attr: str | None = None
+    # Attention kinds by name, and the named sets of them that `--attention` chooses from (default: the first).
+    attention: dict[str, AttentionKind] = {"self": AttentionKind()}
+    scopes: dict[str, tuple[str, ...]] = {"all": ("self",)}
+    modeling: Modeling | None = None
     requires: dict[str, bool | int | str] = {}  # source config values the spec relies on
     only_groups: tuple[int, ...] | None = None  # the G values the family's config can express
     set_config: dict[str, bool | int | str] = {}  # extra config.json values written on output
@@ -66,10 +101,36 @@ class ArchitectureSpec(_Strict):
 
     @model_validator(mode="after")
     def _has_required_k_and_v(self) -> "ArchitectureSpec":
-        parts = {t.part for t in self.tensors if t.required}
-        if not ({"k", "v"} <= parts or "qkv" in parts):
-            raise ValueError("a spec needs required K and V tensors (or a required fused qkv tensor)")
+        unknown = {t.attention for t in self.tensors} | {k for ks in self.scopes.values() for k in ks}
+        unknown -= set(self.attention)
+        if unknown:
+            raise ValueError(f"attention kinds {sorted(unknown)} are not declared in 'attention'")
+        for kind in self.attention:
+            parts = {t.part for t in self.tensors if t.required and t.attention == kind}
+            if not ({"k", "v"} <= parts or "qkv" in parts):
+                raise ValueError(f"attention {kind!r} needs required K and V tensors (or a required fused qkv "
+                                 f"tensor)")
+        if not self.scopes:
+            raise ValueError("'scopes' needs at least one entry")
+        if self.modeling is not None and self.modeling.model_type not in self.model_types:
+            raise ValueError(f"model_types must include the modeling's {self.modeling.model_type!r}, so a "
+                             f"converted checkpoint converts again")
         return self
+
+    @property
+    def default_scope(self) -> str:
+        return next(iter(self.scopes))
+
+    def kinds(self, scope: str | None) -> dict[str, AttentionKind]:
+        """The attention kinds that `--attention scope` converts (None: the default scope)."""
+        scope = scope or self.default_scope
+        if scope not in self.scopes:
+            raise ConversionError(f"--attention {scope!r} is not one this family has; choose one of: "
+                                  f"{', '.join(self.scopes)}")
+        return {k: self.attention[k] for k in self.scopes[scope]}
+
+    def kv_heads_attr_of(self, kind: str) -> str | None:
+        return self.attention[kind].kv_heads_attr or self.kv_heads_attr
 
 
 def _spec_files() -> list[tuple[str, str]]:

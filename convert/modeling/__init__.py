@@ -1,0 +1,31 @@
+"""GQA modeling code for families whose transformers modeling has no KV-head count: t5, gpt2, gpt_neox, opt.
+
+Each `gqa_<family>.py` is self-contained (torch and transformers only) because the converter copies it into every
+output directory for `trust_remote_code=True` loading. Importing this package registers the classes with the Auto
+classes, so a process that imported the toolkit loads converted checkpoints without `trust_remote_code`.
+"""
+
+from __future__ import annotations
+
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+from .gqa_gpt2 import GQAGPT2Config, GQAGPT2LMHeadModel
+from .gqa_gpt_neox import GQAGPTNeoXConfig, GQAGPTNeoXForCausalLM
+from .gqa_opt import GQAOPTConfig, GQAOPTForCausalLM
+from .gqa_t5 import GQAT5Config, GQAT5ForConditionalGeneration
+
+REGISTERED = (
+    (GQAGPT2Config, AutoModelForCausalLM, GQAGPT2LMHeadModel),
+    (GQAGPTNeoXConfig, AutoModelForCausalLM, GQAGPTNeoXForCausalLM),
+    (GQAOPTConfig, AutoModelForCausalLM, GQAOPTForCausalLM),
+    (GQAT5Config, AutoModelForSeq2SeqLM, GQAT5ForConditionalGeneration),
+)
+
+
+def register() -> None:
+    for config_class, auto_class, model_class in REGISTERED:
+        AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+        auto_class.register(config_class, model_class, exist_ok=True)
+
+
+register()

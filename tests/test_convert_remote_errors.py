@@ -1,0 +1,67 @@
+"""Bad input for the families served by the toolkit's own modeling code, and spec validation for them."""
+
+import json
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from conftest import build_tiny_no_native
+from families import NO_NATIVE_FAMILIES, NO_NATIVE_IDS
+from gqa_toolkit.convert.architectures.spec import ArchitectureSpec, all_specs
+from test_convert_errors import assert_refused
+
+
+def test_unknown_attention_scope_lists_choices(no_native_dirs, llama_dir, tmp_path):
+    assert_refused(tmp_path, [no_native_dirs["t5"], "-g", "2", "--attention", "encoder", "-o", tmp_path / "o"],
+                   "--attention 'encoder'", "decoder, all")
+    assert_refused(tmp_path, [llama_dir, "-g", "2", "--attention", "decoder", "-o", tmp_path / "o"], "choose one of: all")
+
+
+def test_gpt2_with_cross_attention_is_refused(tmp_path):
+    family = NO_NATIVE_FAMILIES[NO_NATIVE_IDS.index("gpt2")]
+    family = type(family)("gpt2", {**family.config, "add_cross_attention": True})
+    build_tiny_no_native(family).save_pretrained(tmp_path / "src")
+    assert_refused(tmp_path, [tmp_path / "src", "-g", "2"], "add_cross_attention=False")
+
+
+def test_stock_config_with_a_stray_kv_head_count_is_still_mha(no_native_dirs, tmp_path):
+    """Stock gpt2 ignores num_key_value_heads, so the converter must too: the source has H KV heads."""
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(no_native_dirs["gpt2"], src)
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "num_key_value_heads": 2}))
+    from gqa_toolkit.convert import convert_checkpoint
+
+    out = convert_checkpoint(src, tmp_path / "out", groups=4, progress=False)
+    assert json.loads((out / "config.json").read_text())["gqa_conversion"]["source_kv_heads"] == 4
+
+
+def test_specs_ship_their_modeling_files_and_reject_unknown_kinds():
+    from importlib import resources
+
+    for model_type in ("t5", "gpt2", "gpt_neox", "opt"):
+        spec = all_specs()[model_type]
+        assert (resources.files("gqa_toolkit.convert.modeling") / spec.modeling.file).is_file()
+        assert spec.modeling.model_type in spec.model_types
+    with pytest.raises(ValidationError, match="not declared"):
+        ArchitectureSpec.model_validate({"model_types": ["x"], "tensors": [
+            {"key": "l.{layer}.k", "part": "k", "required": True, "attention": "encoder"},
+            {"key": "l.{layer}.v", "part": "v", "required": True}]})
+
+
+def test_registered_without_trust_remote_code(no_native_dirs, tmp_path):
+    """A process that imported the toolkit loads converted checkpoints with no trust_remote_code."""
+    from transformers import AutoModelForCausalLM
+
+    from gqa_toolkit.convert import convert_checkpoint
+
+    out = convert_checkpoint(no_native_dirs["opt"], tmp_path / "out", groups=1, progress=False)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert type(model).__module__ == "gqa_toolkit.convert.modeling.gqa_opt"
+    assert model.model.decoder.layers[0].self_attn.k_proj.weight.shape == (16, 64)
+    with torch.no_grad():
+        cache = model(torch.tensor([[1, 2, 3]]), use_cache=True).past_key_values
+    assert cache.layers[0].keys.shape == (1, 1, 3, 16)

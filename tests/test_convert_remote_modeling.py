@@ -1,0 +1,186 @@
+"""GQA for the families transformers cannot express (t5, gpt_neox, gpt2, opt): the toolkit's modeling code.
+
+Parity with stock transformers: G = H reproduces the source exactly; G < H equals the independent reference (the
+stock MHA model with group means duplicated per head), logits and greedy tokens; the KV cache holds G heads; the
+output directory loads with `trust_remote_code=True` in a process that cannot import gqa_toolkit.
+"""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import transformers
+from safetensors import safe_open
+
+from conftest import read_config
+from families import NO_NATIVE_FAMILIES, NO_NATIVE_IDS
+from gqa_toolkit.convert import convert_checkpoint
+from reference import apply_reference_no_native
+
+GROUPS = 2
+
+
+def _load(family, model_dir, **kwargs):
+    model, info = getattr(transformers, family.auto).from_pretrained(model_dir, output_loading_info=True, **kwargs)
+    problems = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    assert not problems, f"transformers reports {problems} loading {model_dir}"
+    return model.eval()
+
+
+def _inputs(family, seed: int = 1) -> dict:
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(seed))
+    return {"input_ids": ids, "decoder_input_ids": ids[:, :7]} if family.model_type == "t5" else {"input_ids": ids}
+
+
+def _logits(model, family) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**_inputs(family)).logits
+
+
+def _greedy(model, family) -> torch.Tensor:
+    ids = _inputs(family)["input_ids"][:1]
+    return model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
+
+
+def _kv_cache_shapes(model, family) -> list[tuple[int, ...]]:
+    """Shapes of every cached key tensor after one forward pass: (B, KV heads, T, hd)."""
+    with torch.no_grad():
+        cache = model(**_inputs(family), use_cache=True).past_key_values
+    caches = [cache.self_attention_cache, cache.cross_attention_cache] if family.model_type == "t5" else [cache]
+    return [tuple(layer.keys.shape) for c in caches for layer in c.layers]
+
+
+def _tensors(model_dir) -> dict[str, torch.Tensor]:
+    with safe_open(model_dir / "model.safetensors", "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+@pytest.mark.parametrize("family", NO_NATIVE_FAMILIES, ids=NO_NATIVE_IDS)
+def test_mean_with_all_heads_reproduces_source_exactly(family, no_native_dirs, tmp_path):
+    src = no_native_dirs[family.model_type]
+    out = convert_checkpoint(src, tmp_path / "out", groups=family.heads, progress=False)
+    converted = _load(family, out)
+    assert type(converted).__name__.startswith("GQA")
+    torch.testing.assert_close(_logits(converted, family), _logits(_load(family, src), family), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", NO_NATIVE_FAMILIES, ids=NO_NATIVE_IDS)
+def test_grouped_equals_reference_and_caches_g_heads(family, no_native_dirs, tmp_path):
+    src = no_native_dirs[family.model_type]
+    out = convert_checkpoint(src, tmp_path / "out", groups=GROUPS, progress=False)
+    config = read_config(out)
+    assert config["num_key_value_heads"] == GROUPS and config["model_type"] == f"gqa_{family.model_type}"
+
+    converted = _load(family, out)
+    reference = _load(family, src)
+    apply_reference_no_native(reference, family.model_type, GROUPS, "mean")
+    torch.testing.assert_close(_logits(converted, family), _logits(reference, family), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(_logits(converted, family), _logits(_load(family, src), family), atol=1e-4)
+    assert torch.equal(_greedy(converted, family), _greedy(reference, family))
+
+    shapes = _kv_cache_shapes(converted, family)
+    layers = 4 if family.model_type == "t5" else 2  # t5: decoder self-attention, then cross-attention
+    assert len(shapes) == layers and all(s[1] == GROUPS and s[3] == family.head_dim for s in shapes), shapes
+    assert all(s[1] == family.heads for s in _kv_cache_shapes(reference, family))
+
+
+def test_first_method_equals_reference(no_native_dirs, tmp_path):
+    family = NO_NATIVE_FAMILIES[NO_NATIVE_IDS.index("gpt2")]  # the fused, transposed Conv1D layout
+    out = convert_checkpoint(no_native_dirs["gpt2"], tmp_path / "out", method="first", groups=1, progress=False)
+    reference = _load(family, no_native_dirs["gpt2"])
+    apply_reference_no_native(reference, "gpt2", 1, "first")
+    torch.testing.assert_close(_logits(_load(family, out), family), _logits(reference, family), rtol=1e-5, atol=1e-5)
+
+
+def test_t5_default_scope_leaves_encoder_bit_identical(no_native_dirs, tmp_path):
+    src = no_native_dirs["t5"]
+    out = convert_checkpoint(src, tmp_path / "out", groups=GROUPS, progress=False)
+    before, after = _tensors(src), _tensors(out)
+    assert before.keys() == after.keys()
+    for name, t in before.items():
+        if name.startswith("encoder.") or "relative_attention_bias" in name:
+            assert torch.equal(after[name], t), name
+    assert after["decoder.block.1.layer.1.EncDecAttention.k.weight"].shape == (GROUPS * 8, 64)
+    assert after["encoder.block.1.layer.0.SelfAttention.k.weight"].shape == (4 * 8, 64)
+    config = read_config(out)
+    assert config.get("encoder_num_key_value_heads") is None
+    assert config["gqa_conversion"]["attention_kinds"] == ["decoder", "cross"]
+    assert "decoder, cross" in (out / "README.md").read_text()
+
+
+def test_t5_attention_all_converts_the_encoder_too(no_native_dirs, tmp_path):
+    family = NO_NATIVE_FAMILIES[NO_NATIVE_IDS.index("t5")]
+    src = no_native_dirs["t5"]
+    out = convert_checkpoint(src, tmp_path / "out", groups=GROUPS, attention="all", progress=False)
+    config = read_config(out)
+    assert config["encoder_num_key_value_heads"] == GROUPS and config["num_key_value_heads"] == GROUPS
+    assert _tensors(out)["encoder.block.0.layer.0.SelfAttention.v.weight"].shape == (GROUPS * 8, 64)
+    converted = _load(family, out)
+    assert converted.encoder.block[0].layer[0].SelfAttention.num_key_value_heads == GROUPS
+    reference = _load(family, src)
+    apply_reference_no_native(reference, "t5", GROUPS, "mean", scope="all")
+    torch.testing.assert_close(_logits(converted, family), _logits(reference, family), rtol=1e-5, atol=1e-5)
+
+
+def test_converted_checkpoint_converts_again(no_native_dirs, tmp_path):
+    family = NO_NATIVE_FAMILIES[NO_NATIVE_IDS.index("gpt_neox")]
+    src = no_native_dirs["gpt_neox"]
+    twice = convert_checkpoint(convert_checkpoint(src, tmp_path / "g2", groups=2, progress=False), tmp_path / "g1",
+                               groups=1, progress=False)
+    record = read_config(twice)["gqa_conversion"]
+    assert record["source_kv_heads"] == 2 and read_config(twice)["num_key_value_heads"] == 1
+    once = convert_checkpoint(src, tmp_path / "once", groups=1, progress=False)
+    torch.testing.assert_close(_logits(_load(family, twice), family), _logits(_load(family, once), family),
+                               rtol=1e-5, atol=1e-5)
+
+
+# Loads every converted directory with trust_remote_code in a process where gqa_toolkit cannot be imported.
+_NO_TOOLKIT = textwrap.dedent("""
+    import json, sys
+    sys.modules["gqa_toolkit"] = None  # the venv has the toolkit installed: make sure this process cannot use it
+    try:
+        import gqa_toolkit
+    except ImportError:
+        pass
+    else:
+        raise SystemExit("gqa_toolkit imported")
+    import torch, transformers
+    report = {}
+    for model_type, auto, out, inputs in json.loads(sys.argv[1]):
+        model = getattr(transformers, auto).from_pretrained(out, trust_remote_code=True).eval()
+        inputs = torch.load(inputs)
+        with torch.no_grad():
+            logits = model(**inputs).logits
+            cache = model(**inputs, use_cache=True).past_key_values
+        torch.save(logits, out + "/logits.pt")
+        cache = getattr(cache, "self_attention_cache", cache)
+        report[model_type] = [type(model).__module__, list(cache.layers[0].keys.shape)]
+    assert not [m for m in sys.modules if m.startswith("gqa_toolkit") and sys.modules[m] is not None]
+    print(json.dumps(report))
+""")
+
+
+@pytest.mark.slow
+def test_loads_with_trust_remote_code_without_the_toolkit(no_native_dirs, tmp_path):
+    jobs, expected = [], {}
+    for family in NO_NATIVE_FAMILIES:
+        out = convert_checkpoint(no_native_dirs[family.model_type], tmp_path / family.model_type, groups=GROUPS,
+                                 progress=False)
+        torch.save(_inputs(family), tmp_path / f"{family.model_type}-inputs.pt")
+        jobs.append([family.model_type, family.auto, str(out), str(tmp_path / f"{family.model_type}-inputs.pt")])
+        expected[family.model_type] = _logits(_load(family, out), family)
+    env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"),
+           "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    done = subprocess.run([sys.executable, "-I", "-c", _NO_TOOLKIT, json.dumps(jobs)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    for family in NO_NATIVE_FAMILIES:
+        module, cache_shape = report[family.model_type]
+        assert module.startswith("transformers_modules.") and module.endswith(f"gqa_{family.model_type}"), module
+        assert cache_shape[1] == GROUPS
+        logits = torch.load(tmp_path / family.model_type / "logits.pt")
+        torch.testing.assert_close(logits, expected[family.model_type], rtol=0, atol=0)

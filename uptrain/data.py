@@ -74,7 +74,11 @@ def packed_blocks(src: TextSource, tokenizer, block_size: int, cfg: DataSection,
         path = cache_root(cfg) / key.hexdigest()[:20]
         if not path.exists():
             tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-            _packed(ds, tokenizer, src.text_column, block_size).save_to_disk(str(tmp))
+            packed = _packed(ds, tokenizer, src.text_column, block_size)
+            if len(packed) == 0:  # datasets cannot reload a saved dataset with no rows
+                raise UptrainError(f"{src.name} (split {src.split}) gives no block of {block_size} tokens; give "
+                                   f"more text or a smaller block size")
+            packed.save_to_disk(str(tmp))
             with contextlib.suppress(OSError):  # another run may have finished the same cache first
                 tmp.rename(path)
             shutil.rmtree(tmp, ignore_errors=True)

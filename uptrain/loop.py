@@ -11,7 +11,9 @@ import math
 import time
 from pathlib import Path
 
+import datasets
 import torch
+import transformers
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
@@ -49,6 +51,9 @@ def train(recipe: Recipe, *, stop_after: int | None = None) -> Path | None:
     final model, as a killed run would (tests use it); rerunning the same recipe resumes."""
     recipe = recipe.resolved()
     cfg, data, obj = recipe.train, recipe.data, recipe.objective
+    if not recipe.output.progress:
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
 
     # 1. Everything that can fail on user input is checked before anything is written.
     student_dir = check_model_dir(recipe.model.path)

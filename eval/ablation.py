@@ -1,0 +1,201 @@
+"""`gqa-eval ablation`: the paper's checkpoint-conversion ablation as a loop over cells.
+
+A cell is (method, groups, fraction). For each, the original checkpoint is converted (once per method and groups),
+uptrained for fraction x original_steps (none for fraction 0), and measured: held-out loss and perplexity, and
+fidelity to the original. Speed is measured once per KV-head count. Each finished cell is written to
+`cells/<id>.json`, so a rerun skips it and a killed run continues; tables and plots are rendered from the stored
+cells only (`report.py`).
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import yaml
+
+from gqa_toolkit.convert import convert_checkpoint
+from gqa_toolkit.convert.geometry import divisors
+from gqa_toolkit.uptrain import train, validate_recipe
+from gqa_toolkit.uptrain.model import load_config, load_model, load_tokenizer
+
+from .ablation_recipe import AblationRecipe
+from .errors import EvalError
+from .fidelity import fidelity
+from .heldout import EvalData, check_context, heldout_blocks
+from .original import Original, new_tokenizer, resolve_original
+from .perplexity import perplexity
+from .report import render
+from .speed import kv_cache_bytes_per_token, measure_speed
+
+RECIPE_FILE = "ablation-recipe.yaml"
+
+
+def cell_id(method: str, groups: int, fraction: float) -> str:
+    return f"{method}-g{groups}-f{fraction:g}"
+
+
+class Ablation:
+    def __init__(self, recipe: AblationRecipe, progress: bool = True):
+        self.recipe, self.progress = recipe, progress
+        self.root = Path(recipe.results_dir).expanduser().resolve()
+        self.cells = self.root / "cells"
+        self.models = self.root / "models"
+
+    # -- checks that run before any long work --------------------------------------------------------------------
+    def check_results_dir(self) -> None:
+        """The results dir is new, or holds this same recipe (to continue); nothing is written."""
+        saved = self.root / RECIPE_FILE
+        if saved.is_file():
+            if yaml.safe_load(saved.read_text()) != yaml.safe_load(self.recipe.to_yaml()):
+                raise EvalError(f"{self.root} holds results of a different recipe ({saved}); choose another "
+                                f"results_dir, or delete it to start over")
+        elif self.root.exists() and any(self.root.iterdir()):
+            raise EvalError(f"{self.root} is not empty and holds no ablation ({RECIPE_FILE} is missing); choose "
+                            f"another results_dir")
+
+    def claim_results_dir(self) -> None:
+        self.cells.mkdir(parents=True, exist_ok=True)
+        (self.root / RECIPE_FILE).write_text(self.recipe.to_yaml())
+
+    def check_geometry(self, heads: int, kv_heads: int, context: int | None) -> None:
+        bad = [g for g in self.recipe.groups if kv_heads % g]
+        if bad:
+            raise EvalError(f"groups {bad[0]} does not divide the original's {kv_heads} KV heads ({heads} query "
+                            f"heads); choose from {', '.join(map(str, divisors(kv_heads)))}")
+        if context is not None and self.recipe.data.block_size > context:
+            raise EvalError(f"data.block_size {self.recipe.data.block_size} is longer than the model's context of "
+                            f"{context} tokens; lower data.block_size")
+        too_long = [c for c in self.recipe.speed.contexts if context is not None and c + self.recipe.speed.decode_steps
+                    > context]
+        if too_long:
+            raise EvalError(f"speed context {too_long[0]} plus {self.recipe.speed.decode_steps} decode steps is past "
+                            f"the model's context of {context} tokens; lower speed.contexts")
+
+    def preflight(self):
+        """Everything checkable before training, nothing written: geometry, context, a non-empty held-out set and
+        the uptrain keys. Returns the tokenizer a built original will use (None for a given original)."""
+        build = self.recipe.original.build
+        tokenizer = None
+        if build is not None:
+            self.check_geometry(build.num_heads, build.num_heads, build.max_position_embeddings)
+            tokenizer = new_tokenizer(self.recipe, build)
+            heldout_blocks(tokenizer, self.eval_data())
+        else:
+            original = resolve_original(self.recipe, self.root)
+            config = load_config(original.path)
+            kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+            self.check_geometry(config.num_attention_heads, kv, getattr(config, "max_position_embeddings", None))
+            heldout_blocks(load_tokenizer(original.path), self.eval_data())
+        self.uptrain_recipe(Path("/nonexistent"), 0.05, 100, self.root / "probe")  # validates uptrain keys
+        return tokenizer
+
+    def eval_data(self) -> EvalData:
+        d = self.recipe.data
+        return EvalData(source=d.eval_source or d.source, split=d.eval_split or "heldout", config=d.config,
+                        text_column=d.text_column, block_size=d.block_size, max_blocks=d.eval_blocks,
+                        cache_dir=d.cache_dir)
+
+    def uptrain_recipe(self, model: Path, fraction: float, original_steps: int, out: Path):
+        train_keys = {"seed": self.recipe.seed, **self.recipe.uptrain, "fraction": fraction,
+                      "original_steps": original_steps}
+        return validate_recipe({
+            "model": {**self.recipe.model, "path": str(model)},
+            "data": self.recipe.data.model_dump(mode="json"),
+            "train": train_keys,
+            "objective": dict(self.recipe.objective),
+            "output": {"dir": str(out), "keep_last": 1, "progress": self.progress, "tensorboard": False,
+                       "save_every": 10_000, "eval_every": 10_000},
+        }, name="ablation uptrain")
+
+    # -- the work ------------------------------------------------------------------------------------------------
+    def converted(self, original: Original, method: str, groups: int) -> Path:
+        out = self.models / f"{method}-g{groups}" / "converted"
+        if not (out / "config.json").is_file():
+            convert_checkpoint(original.path, out, method=method, groups=groups, seed=self.recipe.seed,
+                               progress=self.progress, force=True)
+        return out
+
+    def uptrained(self, converted: Path, original: Original, method: str, groups: int, fraction: float) -> Path:
+        out = self.models / f"{method}-g{groups}" / f"f{fraction:g}"
+        recipe = self.uptrain_recipe(converted, fraction, original.original_steps, out)
+        if self.recipe.launcher:
+            recipe_file = out.parent / f"f{fraction:g}.uptrain.yaml"
+            recipe_file.write_text(recipe.to_yaml())
+            command = [*shlex.split(self.recipe.launcher), "-m", "gqa_toolkit.uptrain", str(recipe_file)]
+            if subprocess.run(command).returncode != 0:
+                raise EvalError(f"uptraining {out} failed under {self.recipe.launcher!r}; rerun to resume it")
+        else:
+            train(recipe)
+        return out
+
+    def measure(self, model_dir: Path, original_model, blocks) -> dict:
+        model = load_model(model_dir)
+        quality = perplexity(model, blocks, self.recipe.eval_batch_size)
+        agreement = fidelity(model, original_model, blocks, self.recipe.eval_batch_size)
+        return {"heldout_loss": quality["loss"], "perplexity": quality["perplexity"], "kl": agreement["kl"],
+                "top1_agreement": agreement["top1_agreement"], "eval_tokens": quality["tokens"]}
+
+    def speed_cell(self, name: str, model_dir: Path, kv_heads: int) -> None:
+        path = self.cells / f"speed-{name}.json"
+        if path.is_file():
+            return
+        model = load_model(model_dir)
+        s = self.recipe.speed
+        points = [asdict(measure_speed(model, c, b, s.decode_steps, s.repeats))
+                  for c in s.contexts for b in s.batch_sizes]
+        _write_json(path, {"kind": "speed", "model": name, "kv_heads": kv_heads,
+                           "kv_bytes_per_token": kv_cache_bytes_per_token(model), "points": points})
+
+    def run(self) -> Path:
+        self.check_results_dir()
+        tokenizer = self.preflight()
+        self.claim_results_dir()
+        original = resolve_original(self.recipe, self.root, self.progress, tokenizer)
+        tokenizer = load_tokenizer(original.path)
+        config = load_config(original.path)
+        check_context(config, self.recipe.data.block_size)
+        blocks = heldout_blocks(tokenizer, self.eval_data())
+        original_model = load_model(original.path)
+        heads = config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+
+        baseline = self.cells / "original.json"
+        if not baseline.is_file():
+            quality = perplexity(original_model, blocks, self.recipe.eval_batch_size)
+            _write_json(baseline, {"kind": "original", "method": "original", "groups": kv_heads, "fraction": None,
+                                   "heads": heads, "heldout_loss": quality["loss"], "perplexity": quality["perplexity"],
+                                   "kl": 0.0, "top1_agreement": 1.0, "original_steps": original.original_steps})
+        self.speed_cell("original", original.path, kv_heads)
+
+        for method in self.recipe.methods:
+            for groups in self.recipe.groups:
+                for fraction in self.recipe.fractions:
+                    path = self.cells / f"{cell_id(method, groups, fraction)}.json"
+                    if path.is_file():
+                        continue
+                    started = time.perf_counter()
+                    converted = self.converted(original, method, groups)
+                    model_dir = converted if fraction == 0 else self.uptrained(converted, original, method,
+                                                                               groups, fraction)
+                    row = {"kind": "cell", "method": method, "groups": groups, "fraction": fraction, "heads": heads,
+                           "uptrain_steps": round(fraction * original.original_steps),
+                           **self.measure(model_dir, original_model, blocks),
+                           "seconds": round(time.perf_counter() - started, 1)}
+                    _write_json(path, row)
+                    if self.progress:
+                        print(f"[ablation] {path.stem}: loss {row['heldout_loss']:.4f} kl {row['kl']:.4f}",
+                              file=sys.stderr)
+                self.speed_cell(f"g{groups}", self.converted(original, method, groups), groups)
+        return render(self.root)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)

@@ -1,0 +1,127 @@
+"""The ablation recipe: which original checkpoint, which cells (methods x groups x fractions), how to uptrain and
+measure them. Typed and frozen; unknown keys are errors and every problem is reported at once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from gqa_toolkit.convert.methods import METHODS
+from gqa_toolkit.uptrain.recipe import DataSection, apply_overrides
+from gqa_toolkit.uptrain.recipe import _describe as describe_error  # TODO: public name once uptrain exports it
+
+from .errors import EvalError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BuildOriginal(_Section):
+    """A small MHA llama trained here from scratch on the recipe's data: the 'original checkpoint'."""
+
+    vocab_size: int = Field(2048, ge=300)
+    hidden_size: int = Field(256, ge=8)
+    num_layers: int = Field(4, ge=1)
+    num_heads: int = Field(8, ge=1)
+    intermediate_size: int = Field(688, ge=1)
+    max_position_embeddings: int = Field(512, ge=2)
+    tokenizer_documents: int = Field(400, ge=1, description="training files used to learn the tokenizer")
+    steps: int = Field(1000, ge=1, description="pretraining steps; recorded as original_steps")
+    batch_size: int = Field(16, ge=1)
+    micro_batch_size: int = Field(16, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    warmup_fraction: float = Field(0.05, ge=0, lt=1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _heads_divide_hidden(self) -> BuildOriginal:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"num_heads {self.num_heads} does not divide hidden_size {self.hidden_size}")
+        return self
+
+
+class OriginalSection(_Section):
+    path: str | None = Field(None, description="an existing MHA checkpoint (local dir, or hub id when online)")
+    original_steps: int | None = Field(None, ge=1, description="its pretraining steps, for fraction x steps")
+    build: BuildOriginal | None = None
+
+    @model_validator(mode="after")
+    def _one_origin(self) -> OriginalSection:
+        if (self.path is None) == (self.build is None):
+            raise ValueError("give exactly one of original.path (with original.original_steps) or original.build")
+        if self.path is not None and self.original_steps is None:
+            raise ValueError("original.path needs original.original_steps, the steps it was pretrained for")
+        return self
+
+
+class SpeedSection(_Section):
+    contexts: tuple[int, ...] = (128, 512)
+    batch_sizes: tuple[int, ...] = (1, 8)
+    decode_steps: int = Field(16, ge=1)
+    repeats: int = Field(3, ge=1)
+
+
+class AblationRecipe(_Section):
+    results_dir: str
+    original: OriginalSection
+    methods: tuple[str, ...] = ("mean", "first", "random")
+    groups: tuple[int, ...] = (1,)
+    fractions: tuple[float, ...] = (0.0, 0.05)
+    seed: int = 0
+    data: DataSection = DataSection()
+    uptrain: dict[str, Any] = Field(default_factory=dict, description="train.* keys of the uptrain recipe")
+    objective: dict[str, Any] = Field(default_factory=dict, description="objective.* keys of the uptrain recipe")
+    model: dict[str, Any] = Field(default_factory=dict, description="model.* keys of the uptrain recipe, but path")
+    launcher: str | None = Field(None, description="e.g. 'accelerate launch --config_file fsdp.yaml': run each "
+                                                   "uptraining in that launcher instead of in this process")
+    eval_batch_size: int = Field(16, ge=1)
+    speed: SpeedSection = SpeedSection()
+
+    @field_validator("methods")
+    @classmethod
+    def _known_methods(cls, methods: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = [m for m in methods if m not in METHODS]
+        if unknown:
+            raise ValueError(f"unknown method {unknown[0]!r}; choose from {', '.join(sorted(METHODS))}")
+        return methods
+
+    @field_validator("fractions")
+    @classmethod
+    def _fractions_in_range(cls, fractions: tuple[float, ...]) -> tuple[float, ...]:
+        bad = [f for f in fractions if not 0 <= f <= 1]
+        if bad:
+            raise ValueError(f"fraction {bad[0]} is outside [0, 1]; 0 means no uptraining")
+        return fractions
+
+    @field_validator("groups")
+    @classmethod
+    def _positive_groups(cls, groups: tuple[int, ...]) -> tuple[int, ...]:
+        if any(g < 1 for g in groups):
+            raise ValueError("every entry of groups must be a positive number of KV heads")
+        return groups
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def load_ablation_recipe(path: str | Path, overrides: list[str] = ()) -> AblationRecipe:
+    path = Path(path)
+    if not path.is_file():
+        raise EvalError(f"recipe {path} does not exist; pass a YAML file such as recipes/tiny-ablation.yaml")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise EvalError(f"recipe {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise EvalError(f"recipe {path} must be a YAML mapping")
+    try:
+        return AblationRecipe.model_validate(apply_overrides(raw, list(overrides)))
+    except ValidationError as exc:
+        problems = [describe_error(err) for err in exc.errors()]
+        if len(problems) == 1:
+            raise EvalError(f"recipe {path}: {problems[0]}") from None
+        raise EvalError(f"recipe {path} has {len(problems)} problems:\n  " + "\n  ".join(problems)) from None

@@ -1,0 +1,189 @@
+"""`gqa-eval`: perplexity, fidelity, speed and downstream tasks of a model directory, and the ablation runner.
+
+    gqa-eval perplexity MODEL_DIR
+    gqa-eval fidelity CONVERTED_DIR [--source SOURCE_DIR]
+    gqa-eval speed CONVERTED_DIR [--source SOURCE_DIR]
+    gqa-eval ablation recipes/tiny-ablation.yaml
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from functools import wraps
+from pathlib import Path
+
+import click
+
+
+def _user_errors(fn):
+    """Turn the stages' input errors into one line on stderr and exit status 2."""
+
+    @wraps(fn)
+    def run(*args, **kwargs):
+        from gqa_toolkit.convert.errors import ConversionError
+        from gqa_toolkit.uptrain.errors import UptrainError
+
+        from .errors import EvalError
+
+        try:
+            return fn(*args, **kwargs)
+        except (EvalError, UptrainError, ConversionError) as exc:
+            click.echo(f"gqa-eval: error: {exc}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("gqa-eval: interrupted; rerun the same command to continue", err=True)
+            sys.exit(130)
+
+    return run
+
+
+def data_options(fn):
+    for option in reversed([
+        click.option("--data", "source", default="python-stdlib", show_default=True,
+                     help="python-stdlib, a local file or folder, or a hub dataset"),
+        click.option("--split", default="heldout", show_default=True),
+        click.option("--text-column", default="text", show_default=True),
+        click.option("--block-size", type=int, default=256, show_default=True),
+        click.option("--max-blocks", type=int, default=64, show_default=True),
+        click.option("--batch-size", type=int, default=8, show_default=True),
+    ]):
+        fn = option(fn)
+    return fn
+
+
+def _eval_data(source, split, text_column, block_size, max_blocks):
+    from .heldout import EvalData
+
+    return EvalData(source=source, split=split, text_column=text_column, block_size=block_size, max_blocks=max_blocks)
+
+
+def _checked_blocks(model_dir: str, role: str, data):
+    """The model dir and its held-out blocks, after every check that needs no weights."""
+    from gqa_toolkit.uptrain.model import check_model_dir, load_config, load_tokenizer
+
+    from .heldout import check_context, heldout_blocks
+
+    path = check_model_dir(model_dir, role=role)
+    check_context(load_config(path, role=role), data.block_size)
+    return path, heldout_blocks(load_tokenizer(path), data)
+
+
+def _load(model_dir, role: str = "MODEL_DIR"):
+    from gqa_toolkit.uptrain.model import check_model_dir, load_model
+
+    return load_model(check_model_dir(model_dir, role=role))
+
+
+def _source_of(model_dir: str, source: str | None) -> str:
+    from .errors import EvalError
+
+    from gqa_toolkit.uptrain.model import check_model_dir, read_config_json
+
+    if source:
+        return source
+    record = read_config_json(check_model_dir(model_dir, role="MODEL_DIR")).get("gqa_conversion") or {}
+    if not record.get("source"):
+        raise EvalError(f"{model_dir} records no conversion source; pass --source SOURCE_DIR")
+    return record["source"]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main():
+    """Measure what a GQA conversion cost."""
+
+
+@main.command("perplexity")
+@click.argument("model_dir")
+@data_options
+@_user_errors
+def perplexity_cmd(model_dir, source, split, text_column, block_size, max_blocks, batch_size):
+    """Held-out loss and perplexity of MODEL_DIR."""
+    from .perplexity import perplexity
+
+    path, blocks = _checked_blocks(model_dir, "MODEL_DIR", _eval_data(source, split, text_column, block_size,
+                                                                        max_blocks))
+    click.echo(json.dumps(perplexity(_load(path), blocks, batch_size, progress=True)))
+
+
+@main.command("fidelity")
+@click.argument("model_dir")
+@click.option("--source", "source_dir", default=None, help="MHA checkpoint [default: the one recorded by gqa-convert]")
+@data_options
+@_user_errors
+def fidelity_cmd(model_dir, source_dir, source, split, text_column, block_size, max_blocks, batch_size):
+    """KL(source || MODEL_DIR) per token and top-1 agreement on held-out text."""
+    from gqa_toolkit.uptrain.model import check_model_dir
+
+    from .fidelity import fidelity
+
+    reference = check_model_dir(_source_of(model_dir, source_dir), role="--source")
+    path, blocks = _checked_blocks(model_dir, "MODEL_DIR", _eval_data(source, split, text_column, block_size,
+                                                                        max_blocks))
+    click.echo(json.dumps(fidelity(_load(path), _load(reference), blocks, batch_size, progress=True)))
+
+
+@main.command("speed")
+@click.argument("model_dir")
+@click.option("--source", "source_dir", default=None, help="compare with this checkpoint [default: the recorded "
+                                                           "source, when there is one]")
+@click.option("--contexts", default="128,512", show_default=True)
+@click.option("--batch-sizes", default="1,8", show_default=True)
+@click.option("--decode-steps", type=int, default=16, show_default=True)
+@_user_errors
+def speed_cmd(model_dir, source_dir, contexts, batch_sizes, decode_steps):
+    """KV-cache bytes per token, prefill and decode tokens/s, side by side with the source."""
+    from dataclasses import asdict
+
+    from .speed import kv_cache_bytes_per_token, measure_speed
+
+    models = {"converted": model_dir}
+    recorded = json.loads((Path(model_dir) / "config.json").read_text()).get("gqa_conversion") or {}
+    if source_dir or recorded.get("source"):
+        models["source"] = source_dir or recorded["source"]
+    rows = []
+    for name, path in models.items():
+        model = _load(path, name)
+        kv = kv_cache_bytes_per_token(model)
+        for c in map(int, contexts.split(",")):
+            for b in map(int, batch_sizes.split(",")):
+                rows.append({"model": name, "kv_bytes_per_token": kv, **asdict(measure_speed(model, c, b, decode_steps))})
+    header = f"{'model':>10} {'KV B/token':>11} {'context':>8} {'batch':>6} {'prefill tok/s':>14} {'decode tok/s':>13}"
+    click.echo(header)
+    for r in rows:
+        click.echo(f"{r['model']:>10} {r['kv_bytes_per_token']:>11.0f} {r['context']:>8} {r['batch_size']:>6} "
+                   f"{r['prefill_tokens_per_s']:>14.0f} {r['decode_tokens_per_s']:>13.0f}")
+
+
+@main.command("tasks")
+@click.argument("model_dir")
+@click.option("--tasks", "task_names", required=True, help="comma-separated lm-eval-harness task names")
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--limit", type=int, default=None, help="examples per task")
+@_user_errors
+def tasks_cmd(model_dir, task_names, batch_size, limit):
+    """Downstream tasks through lm-eval-harness (pip install 'gqa-toolkit[tasks]')."""
+    from .tasks import run_tasks
+
+    click.echo(json.dumps(run_tasks(model_dir, task_names.split(","), batch_size, limit), indent=2))
+
+
+@main.command("ablation")
+@click.argument("recipe")
+@click.argument("overrides", nargs=-1)
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+@_user_errors
+def ablation_cmd(recipe, overrides, quiet):
+    """Run the conversion ablation in RECIPE (methods x groups x fractions) and print its table.
+
+    OVERRIDES are dotted key=value pairs, e.g. results_dir=runs/x fractions=[0,0.1]."""
+    from .ablation import Ablation
+    from .ablation_recipe import load_ablation_recipe
+
+    table = Ablation(load_ablation_recipe(recipe, list(overrides)), progress=not quiet).run()
+    click.echo(table.read_text())
+    click.echo(f"results, csv and plots in {table.parent}", err=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""The ablation's original checkpoint: an existing MHA model, or a small one trained here from scratch.
+
+Building one trains a byte-level BPE tokenizer and a random MHA llama, then pretrains it with the same Accelerate
+loop that uptrains converted models, so the original and its uptrained conversions see one training code path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from gqa_toolkit.convert.source import resolve_model_dir
+from gqa_toolkit.uptrain import train, validate_recipe
+from gqa_toolkit.uptrain.corpus import NAME as STDLIB, iter_texts
+from gqa_toolkit.uptrain.tokenizer import train_tokenizer
+
+from .ablation_recipe import AblationRecipe, BuildOriginal
+from .errors import EvalError
+
+DONE_MARKER = ".original-complete"
+
+
+@dataclass(frozen=True)
+class Original:
+    path: Path
+    original_steps: int
+
+
+def _tokenizer_texts(recipe: AblationRecipe, build: BuildOriginal):
+    if recipe.data.source != STDLIB:
+        raise EvalError("original.build learns its tokenizer from the built-in python-stdlib corpus; set "
+                        "data.source: python-stdlib, or give original.path")
+    return (record["text"] for record in iter_texts("train", limit=build.tokenizer_documents))
+
+
+def new_tokenizer(recipe: AblationRecipe, build: BuildOriginal):
+    """A byte-level BPE tokenizer learnt from the corpus's training files."""
+    return train_tokenizer(_tokenizer_texts(recipe, build), vocab_size=build.vocab_size)
+
+
+def write_initial_model(directory: Path, build: BuildOriginal, tokenizer) -> None:
+    """A random MHA llama with the given tokenizer, saved as a Hugging Face model directory."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=build.hidden_size, intermediate_size=build.intermediate_size,
+        num_hidden_layers=build.num_layers, num_attention_heads=build.num_heads, num_key_value_heads=build.num_heads,
+        max_position_embeddings=build.max_position_embeddings, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(build.seed)
+    LlamaForCausalLM(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+
+
+def build_original(recipe: AblationRecipe, root: Path, progress: bool = True, tokenizer=None) -> Original:
+    build = recipe.original.build
+    out = root / "original"
+    if (out / DONE_MARKER).is_file():
+        return Original(out, build.steps)
+    init = root / "original-init"
+    if not (init / "config.json").is_file():
+        write_initial_model(init, build, tokenizer or new_tokenizer(recipe, build))
+    pretrain = validate_recipe({
+        "model": {"path": str(init)},
+        "data": recipe.data.model_dump(mode="json"),
+        "train": {"max_steps": build.steps, "batch_size": build.batch_size, "micro_batch_size": build.micro_batch_size,
+                  "lr": build.lr, "warmup_fraction": build.warmup_fraction, "schedule": "cosine",
+                  "seed": build.seed, "weight_decay": 0.1},
+        "output": {"dir": str(out), "save_every": max(1, build.steps // 4), "keep_last": 1,
+                   "eval_every": max(1, build.steps // 4), "progress": progress, "tensorboard": False},
+    }, name="original.build")
+    train(pretrain)
+    (out / DONE_MARKER).write_text(f"{build.steps}\n")
+    return Original(out, build.steps)
+
+
+def resolve_original(recipe: AblationRecipe, root: Path, progress: bool = True, tokenizer=None) -> Original:
+    if recipe.original.build is not None:
+        return build_original(recipe, root, progress, tokenizer)
+    return Original(resolve_model_dir(recipe.original.path), recipe.original.original_steps)

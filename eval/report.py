@@ -1,0 +1,149 @@
+"""Tables and plots of an ablation, rendered from its stored cells only (so they can be redrawn at any time).
+
+Writes results.csv, results.json, results.md, speed.csv and three figures after the paper's: quality by method
+(Figure 4), quality against uptraining fraction (Figure 5), and decode time and KV-cache bytes against groups
+(Figure 6).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+QUALITY_COLUMNS = ["method", "groups", "fraction", "uptrain_steps", "heldout_loss", "perplexity", "kl",
+                   "top1_agreement"]
+SPEED_COLUMNS = ["model", "kv_heads", "kv_bytes_per_token", "context", "batch_size", "prefill_tokens_per_s",
+                 "decode_tokens_per_s", "decode_ms_per_step"]
+
+
+def load_cells(root: Path) -> tuple[dict | None, list[dict], list[dict]]:
+    original, cells, speed = None, [], []
+    for path in sorted((root / "cells").glob("*.json")):
+        data = json.loads(path.read_text())
+        if data["kind"] == "original":
+            original = data
+        elif data["kind"] == "cell":
+            cells.append(data)
+        else:
+            speed.extend({"model": data["model"], "kv_heads": data["kv_heads"],
+                          "kv_bytes_per_token": data["kv_bytes_per_token"], **p} for p in data["points"])
+    cells.sort(key=lambda c: (c["groups"], c["method"], c["fraction"]))
+    return original, cells, speed
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "" if value is None else str(value)
+
+
+def _write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def markdown(original: dict | None, cells: list[dict], speed: list[dict]) -> str:
+    lines = ["| method | KV heads | fraction | uptrain steps | held-out loss | perplexity | KL(orig || conv) | "
+             "top-1 agreement |", "|---|---|---|---|---|---|---|---|"]
+    if original:
+        lines.append(f"| original (MHA) | {original['groups']} | | {original['original_steps']} (pretraining) | "
+                     f"{_fmt(original['heldout_loss'])} | {_fmt(original['perplexity'])} | 0 | 1 |")
+    for c in cells:
+        lines.append(f"| {c['method']} | {c['groups']} | {c['fraction']:g} | {c['uptrain_steps']} | "
+                     f"{_fmt(c['heldout_loss'])} | {_fmt(c['perplexity'])} | {_fmt(c['kl'])} | "
+                     f"{_fmt(c['top1_agreement'])} |")
+    if speed:
+        lines += ["", "| model | KV heads | KV bytes/token | context | batch | prefill tok/s | decode tok/s | "
+                      "decode ms/step |", "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {s['model']} | {s['kv_heads']} | {s['kv_bytes_per_token']:.0f} | {s['context']} | "
+                  f"{s['batch_size']} | {s['prefill_tokens_per_s']:.0f} | {s['decode_tokens_per_s']:.0f} | "
+                  f"{s['decode_ms_per_step']:.2f} |" for s in speed]
+    return "\n".join(lines) + "\n"
+
+
+def plot(root: Path, original: dict | None, cells: list[dict], speed: list[dict]) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    methods = sorted({c["method"] for c in cells})
+    groups = sorted({c["groups"] for c in cells})
+    fractions = sorted({c["fraction"] for c in cells})
+
+    # Figure 4: held-out loss by method, one bar group per (KV heads, fraction)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    slots = [(g, f) for g in groups for f in fractions]
+    width = 0.8 / max(1, len(methods))
+    for i, method in enumerate(methods):
+        values = [next((c["heldout_loss"] for c in cells if (c["method"], c["groups"], c["fraction"]) ==
+                        (method, g, f)), float("nan")) for g, f in slots]
+        ax.bar([s + i * width for s in range(len(slots))], values, width, label=method)
+    if original:
+        ax.axhline(original["heldout_loss"], color="black", linestyle="--", label="original MHA")
+    ax.set_xticks([s + width * (len(methods) - 1) / 2 for s in range(len(slots))])
+    ax.set_xticklabels([f"G={g}\nα={f:g}" for g, f in slots])
+    ax.set_ylabel("held-out loss")
+    ax.set_title("Conversion method (cf. GQA paper, Figure 4)")
+    ax.legend()
+    written.append(_save(fig, root / "fig4_methods.png"))
+
+    # Figure 5: held-out loss against uptraining fraction
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for method in methods:
+        for g in groups:
+            pts = sorted((c["fraction"], c["heldout_loss"]) for c in cells if c["method"] == method and c["groups"] == g)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{method}, G={g}")
+    if original:
+        ax.axhline(original["heldout_loss"], color="black", linestyle="--", label="original MHA")
+    ax.set_xlabel("uptraining fraction α of original steps")
+    ax.set_ylabel("held-out loss")
+    ax.set_title("Uptraining proportion (cf. GQA paper, Figure 5)")
+    ax.legend(fontsize=8)
+    written.append(_save(fig, root / "fig5_fractions.png"))
+
+    # Figure 6: decode time per step and KV bytes per token against KV heads
+    if speed:
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+        for (context, batch) in sorted({(s["context"], s["batch_size"]) for s in speed}):
+            pts = sorted((s["kv_heads"], s["decode_ms_per_step"]) for s in speed
+                         if (s["context"], s["batch_size"]) == (context, batch))
+            ax1.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"context {context}, batch {batch}")
+        kv = sorted({(s["kv_heads"], s["kv_bytes_per_token"]) for s in speed})
+        ax2.bar([str(k) for k, _ in kv], [b / 1024 for _, b in kv])
+        ax1.set_xscale("log", base=2)
+        ax1.set_xlabel("KV heads (G)")
+        ax1.set_ylabel("decode ms per step")
+        ax1.legend(fontsize=8)
+        ax2.set_xlabel("KV heads (G)")
+        ax2.set_ylabel("KV cache KiB per token")
+        fig.suptitle("Number of groups (cf. GQA paper, Figure 6)")
+        written.append(_save(fig, root / "fig6_speed.png"))
+    return written
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
+
+
+def render(root: Path) -> Path:
+    """Write the tables and plots into `root`; returns the markdown table's path."""
+    original, cells, speed = load_cells(root)
+    rows = ([{**original, "method": "original"}] if original else []) + cells
+    _write_csv(root / "results.csv", rows, QUALITY_COLUMNS)
+    _write_csv(root / "speed.csv", speed, SPEED_COLUMNS)
+    (root / "results.json").write_text(json.dumps({"original": original, "cells": cells, "speed": speed},
+                                                  indent=2) + "\n")
+    table = root / "results.md"
+    table.write_text(markdown(original, cells, speed))
+    plot(root, original, cells, speed)
+    return table

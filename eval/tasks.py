@@ -1,0 +1,19 @@
+"""Downstream tasks through lm-eval-harness, an optional extra (`pip install 'gqa-toolkit[tasks]'`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import EvalError
+
+
+def run_tasks(model_dir: str, tasks: list[str], batch_size: int = 8, limit: int | None = None) -> dict:
+    try:
+        import lm_eval
+    except ImportError:
+        raise EvalError("lm-eval-harness is not installed; pip install 'gqa-toolkit[tasks]'") from None
+    if not (Path(model_dir) / "config.json").is_file():
+        raise EvalError(f"{model_dir} is not a model directory (no config.json)")
+    results = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={Path(model_dir).resolve()}",
+                                      tasks=tasks, batch_size=batch_size, limit=limit)
+    return results["results"]

@@ -1,0 +1,110 @@
+"""The ablation runner end to end through the CLI on a micro recipe, its skip-on-rerun, and its refusals."""
+
+import json
+import time
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from gqa_toolkit.eval.cli import main
+
+MICRO = {
+    "original": {"build": {"vocab_size": 384, "hidden_size": 64, "num_layers": 2, "num_heads": 4,
+                           "intermediate_size": 128, "max_position_embeddings": 128, "tokenizer_documents": 40,
+                           "steps": 30, "batch_size": 8, "micro_batch_size": 8}},
+    "methods": ["mean", "random"],
+    "groups": [1],
+    "fractions": [0, 0.2],
+    "data": {"block_size": 64, "max_documents": 150, "eval_blocks": 8},
+    "uptrain": {"batch_size": 8, "micro_batch_size": 8, "lr": 1e-3},
+    "eval_batch_size": 8,
+    "speed": {"contexts": [16], "batch_sizes": [1], "decode_steps": 2, "repeats": 1},
+}
+
+
+def write_recipe(tmp_path, results_dir, **changes) -> str:
+    recipe = {**MICRO, "results_dir": str(results_dir), **changes}
+    recipe["data"] = {**recipe["data"], "cache_dir": str(tmp_path / "cache")}
+    path = tmp_path / f"recipe-{len(list(tmp_path.glob('recipe-*')))}.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return str(path)
+
+
+def run(*args):
+    return CliRunner().invoke(main, ["ablation", *map(str, args), "-q"])
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ablation")
+    recipe = write_recipe(tmp, tmp / "results")
+    result = run(recipe)
+    assert result.exit_code == 0, result.output + str(result.exception)
+    return tmp, recipe, tmp / "results", result.stdout
+
+
+@pytest.mark.slow
+def test_micro_ablation_writes_tables_and_plots(finished):
+    _, _, results, stdout = finished
+    for name in ("results.csv", "results.json", "results.md", "speed.csv", "fig4_methods.png", "fig5_fractions.png",
+                 "fig6_speed.png"):
+        assert (results / name).stat().st_size > 0, name
+    data = json.loads((results / "results.json").read_text())
+    cells = {(c["method"], c["groups"], c["fraction"]): c for c in data["cells"]}
+    assert set(cells) == {(m, 1, f) for m in ("mean", "random") for f in (0, 0.2)}
+    assert cells[("mean", 1, 0.2)]["uptrain_steps"] == 6  # 0.2 x 30 original steps
+    # uptraining a random initialisation recovers a lot of what it lost
+    assert cells[("random", 1, 0.2)]["heldout_loss"] < cells[("random", 1, 0)]["heldout_loss"]
+    # before uptraining, mean-pooling keeps more of the original's function than a random initialisation
+    assert cells[("mean", 1, 0)]["kl"] < cells[("random", 1, 0)]["kl"]
+    assert data["original"]["kl"] == 0 and data["original"]["groups"] == 4
+    kv = {s["kv_heads"]: s["kv_bytes_per_token"] for s in data["speed"]}
+    assert kv[4] / kv[1] == 4
+    assert "| mean | 1 | 0.2 | 6 |" in stdout
+    assert (results / "models" / "mean-g1" / "f0.2" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_rerun_does_no_new_work(finished):
+    _, recipe, results, _ = finished
+    stamps = {p.name: p.stat().st_mtime_ns for p in (results / "cells").glob("*.json")}
+    weights = {p: p.stat().st_mtime_ns for p in (results / "models").rglob("*.safetensors")}
+    started = time.perf_counter()
+    result = run(recipe)
+    assert result.exit_code == 0, result.output
+    assert {p.name: p.stat().st_mtime_ns for p in (results / "cells").glob("*.json")} == stamps
+    assert {p: p.stat().st_mtime_ns for p in (results / "models").rglob("*.safetensors")} == weights
+    assert time.perf_counter() - started < 60
+
+
+@pytest.mark.slow
+def test_results_dir_of_a_different_recipe_is_refused(finished, tmp_path):
+    _, _, results, _ = finished
+    result = run(write_recipe(tmp_path, results, seed=7))
+    assert result.exit_code == 2 and "holds results of a different recipe" in result.stderr
+
+
+@pytest.mark.parametrize("changes, needle", [
+    ({"methods": ["mean", "median"]}, "unknown method 'median'; choose from first, mean, random"),
+    ({"groups": [3]}, "groups 3 does not divide the original's 4 KV heads"),
+    ({"data": {**MICRO["data"], "block_size": 512}}, "longer than the model's context of 128"),
+    ({"fractions": [0, 1.5], "methods": ["best"]}, "2 problems"),
+    ({"uptrain": {"learning_rate": 1}}, "train.learning_rate: unknown key"),
+])
+def test_bad_recipes_fail_before_any_work(tmp_path, changes, needle):
+    results = tmp_path / "results"
+    started = time.perf_counter()
+    result = run(write_recipe(tmp_path, results, **changes))
+    assert result.exit_code == 2, result.output
+    assert needle in result.stderr, result.stderr
+    assert not results.exists() and time.perf_counter() - started < 60
+
+
+def test_empty_heldout_set_fails_before_any_work(tmp_path):
+    (tmp_path / "tiny.txt").write_text("x = 1\n")
+    results = tmp_path / "results"
+    data = {**MICRO["data"], "eval_source": str(tmp_path / "tiny.txt"), "eval_split": "train"}
+    result = run(write_recipe(tmp_path, results, data=data))
+    assert result.exit_code == 2 and "gives no block of 64 tokens" in result.stderr, result.stderr
+    assert not results.exists()

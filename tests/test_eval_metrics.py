@@ -1,0 +1,86 @@
+"""Metrics against facts that hold exactly: a G = H mean conversion keeps the function (KL 0, full agreement),
+the KV cache shrinks by exactly H/G, and perplexity is the exponential of the token-weighted loss."""
+
+import json
+import math
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from gqa_toolkit.convert import convert_checkpoint
+from gqa_toolkit.eval.cli import main
+from gqa_toolkit.eval.fidelity import fidelity
+from gqa_toolkit.eval.heldout import EvalData, heldout_blocks
+from gqa_toolkit.eval.perplexity import perplexity
+from gqa_toolkit.eval.speed import kv_cache_bytes_per_token, measure_speed
+from gqa_toolkit.uptrain.model import load_model, load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def blocks(uptrain_models):
+    data = EvalData(block_size=32, max_blocks=6, cache_dir=str(uptrain_models["cache"]))
+    return heldout_blocks(load_tokenizer(uptrain_models["mha"]), data)
+
+
+def test_fidelity_of_identity_conversion_is_exact(uptrain_models, blocks, tmp_path):
+    out = convert_checkpoint(uptrain_models["mha"], tmp_path / "g4", method="mean", groups=4, progress=False)
+    result = fidelity(load_model(out), load_model(uptrain_models["mha"]), blocks)
+    assert result["kl"] == 0.0 and result["top1_agreement"] == 1.0
+    assert result["tokens"] == blocks.numel()
+
+
+def test_fidelity_sees_a_real_conversion(uptrain_models, blocks, tmp_path):
+    out = convert_checkpoint(uptrain_models["mha"], tmp_path / "g1", method="random", groups=1, progress=False)
+    result = fidelity(load_model(out), load_model(uptrain_models["mha"]), blocks)
+    assert result["kl"] > 1e-4 and result["top1_agreement"] < 1.0
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_kv_cache_shrinks_by_exactly_h_over_g(uptrain_models, tmp_path, groups):
+    out = convert_checkpoint(uptrain_models["mha"], tmp_path / "o", groups=groups, progress=False)
+    source, converted = load_model(uptrain_models["mha"]), load_model(out)
+    ratio = kv_cache_bytes_per_token(source) / kv_cache_bytes_per_token(converted)
+    assert ratio == 4 / groups
+    # 2 (K and V) x layers x G x head_dim x 4 bytes
+    assert kv_cache_bytes_per_token(converted) == 2 * 2 * groups * 16 * 4
+
+
+def test_speed_reports_positive_throughput(uptrain_models):
+    point = measure_speed(load_model(uptrain_models["gqa"]), context=16, batch_size=2, decode_steps=3, repeats=1)
+    assert point.prefill_tokens_per_s > 0 and point.decode_tokens_per_s > 0
+    assert math.isclose(point.decode_tokens_per_s, 2 * 1000 / point.decode_ms_per_step)
+
+
+def test_perplexity_is_exp_of_token_weighted_loss(uptrain_models, blocks):
+    model = load_model(uptrain_models["mha"])
+    result = perplexity(model, blocks, batch_size=4)
+    with torch.no_grad():
+        logits = model(input_ids=blocks).logits[:, :-1]
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), blocks[:, 1:].reshape(-1))
+    assert result["loss"] == pytest.approx(loss.item(), rel=1e-5)
+    assert result["perplexity"] == pytest.approx(math.exp(loss.item()), rel=1e-5)
+    assert result["tokens"] == blocks.shape[0] * (blocks.shape[1] - 1)
+
+
+def test_cli_fidelity_uses_the_recorded_source(uptrain_models, tmp_path):
+    out = convert_checkpoint(uptrain_models["mha"], tmp_path / "g4", groups=4, progress=False)
+    result = CliRunner().invoke(main, ["fidelity", str(out), "--block-size", "32", "--max-blocks", "2"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout.strip().splitlines()[-1])["kl"] == 0.0
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["perplexity", "/no/such/dir"], "is not a directory"),
+    (["perplexity", "{mha}", "--block-size", "4096"], "longer than the model's context"),
+    (["perplexity", "{mha}", "--data", "{empty}", "--split", "train"], "gives no block of 256 tokens"),
+    (["fidelity", "{mha}"], "records no conversion source"),
+])
+def test_cli_bad_input(uptrain_models, tmp_path, args, needle):
+    (tmp_path / "empty.txt").write_text("x")
+    args = [a.format(mha=uptrain_models["mha"], empty=tmp_path / "empty.txt") for a in args]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and needle in errors[0], result.stderr
+    assert result.stderr.strip().splitlines()[-1] == errors[0] and "Traceback" not in result.stderr

@@ -149,7 +149,7 @@ _NO_TOOLKIT = textwrap.dedent("""
         raise SystemExit("gqa_toolkit imported")
     import torch, transformers
     report = {}
-    for model_type, auto, out, inputs in json.loads(sys.argv[1]):
+    for name, auto, out, inputs in json.loads(sys.argv[1]):
         model = getattr(transformers, auto).from_pretrained(out, trust_remote_code=True).eval()
         inputs = torch.load(inputs)
         with torch.no_grad():
@@ -157,7 +157,7 @@ _NO_TOOLKIT = textwrap.dedent("""
             cache = model(**inputs, use_cache=True).past_key_values
         torch.save(logits, out + "/logits.pt")
         cache = getattr(cache, "self_attention_cache", cache)
-        report[model_type] = [type(model).__module__, list(cache.layers[0].keys.shape)]
+        report[name] = [type(model).__module__, list(cache.layers[0].keys.shape)]
     assert not [m for m in sys.modules if m.startswith("gqa_toolkit") and sys.modules[m] is not None]
     print(json.dumps(report))
 """)
@@ -171,16 +171,23 @@ def test_loads_with_trust_remote_code_without_the_toolkit(no_native_dirs, tmp_pa
                                  progress=False)
         torch.save(_inputs(family), tmp_path / f"{family.model_type}-inputs.pt")
         jobs.append([family.model_type, family.auto, str(out), str(tmp_path / f"{family.model_type}-inputs.pt")])
-        expected[family.model_type] = _logits(_load(family, out), family)
+        model = _load(family, out)
+        expected[family.model_type] = _logits(model, family)
+        if family.model_type == "gpt_neox":  # a checkpoint saved by the toolkit-registered class (after uptraining)
+            model.save_pretrained(tmp_path / "saved")
+            assert (tmp_path / "saved" / "gqa_gpt_neox.py").is_file()
+            jobs.append(["saved", family.auto, str(tmp_path / "saved"), jobs[-1][-1]])
+            expected["saved"] = expected[family.model_type]
     env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"),
            "HF_MODULES_CACHE": str(tmp_path / "modules")}
     done = subprocess.run([sys.executable, "-I", "-c", _NO_TOOLKIT, json.dumps(jobs)], cwd=tmp_path, env=env,
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
-    for family in NO_NATIVE_FAMILIES:
-        module, cache_shape = report[family.model_type]
-        assert module.startswith("transformers_modules.") and module.endswith(f"gqa_{family.model_type}"), module
+    assert set(report) == set(expected)
+    for name, (module, cache_shape) in report.items():
+        model_type = "gpt_neox" if name == "saved" else name
+        assert module.startswith("transformers_modules.") and module.endswith(f"gqa_{model_type}"), module
         assert cache_shape[1] == GROUPS
-        logits = torch.load(tmp_path / family.model_type / "logits.pt")
-        torch.testing.assert_close(logits, expected[family.model_type], rtol=0, atol=0)
+        logits = torch.load(tmp_path / name / "logits.pt")
+        torch.testing.assert_close(logits, expected[name], rtol=0, atol=0)

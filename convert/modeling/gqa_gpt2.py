@@ -76,3 +76,9 @@ class GQAGPT2LMHeadModel(GPT2LMHeadModel):
         for i, block in enumerate(self.transformer.h):
             block.attn = GQAGPT2Attention(config, layer_idx=i)
         self.post_init()
+
+
+# save_pretrained copies this file next to the weights and writes auto_map, so saved checkpoints (after uptraining,
+# say) load with trust_remote_code=True just as converted ones do.
+GQAGPT2Config.register_for_auto_class()
+GQAGPT2LMHeadModel.register_for_auto_class("AutoModelForCausalLM")

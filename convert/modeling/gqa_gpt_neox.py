@@ -81,3 +81,9 @@ class GQAGPTNeoXForCausalLM(GPTNeoXForCausalLM):
 register_checkpoint_conversion_mapping(GQAGPTNeoXForCausalLM.__name__,
                                        [WeightRenaming(source_patterns=r"^embed_out\.", target_patterns="lm_head.")],
                                        overwrite=True)
+
+
+# save_pretrained copies this file next to the weights and writes auto_map, so saved checkpoints (after uptraining,
+# say) load with trust_remote_code=True just as converted ones do.
+GQAGPTNeoXConfig.register_for_auto_class()
+GQAGPTNeoXForCausalLM.register_for_auto_class("AutoModelForCausalLM")

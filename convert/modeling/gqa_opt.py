@@ -66,3 +66,9 @@ class GQAOPTForCausalLM(OPTForCausalLM):
         for i, layer in enumerate(self.model.decoder.layers):
             layer.self_attn = GQAOPTAttention(config, layer_idx=i)
         self.post_init()
+
+
+# save_pretrained copies this file next to the weights and writes auto_map, so saved checkpoints (after uptraining,
+# say) load with trust_remote_code=True just as converted ones do.
+GQAOPTConfig.register_for_auto_class()
+GQAOPTForCausalLM.register_for_auto_class("AutoModelForCausalLM")

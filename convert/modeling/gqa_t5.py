@@ -105,3 +105,9 @@ class GQAT5ForConditionalGeneration(T5ForConditionalGeneration):
             block.layer[0].SelfAttention = _grouped(block.layer[0].SelfAttention, config.num_key_value_heads)
             block.layer[1].EncDecAttention = _grouped(block.layer[1].EncDecAttention, config.num_key_value_heads)
         self.post_init()
+
+
+# save_pretrained copies this file next to the weights and writes auto_map, so saved checkpoints (after uptraining,
+# say) load with trust_remote_code=True just as converted ones do.
+GQAT5Config.register_for_auto_class()
+GQAT5ForConditionalGeneration.register_for_auto_class("AutoModelForSeq2SeqLM")

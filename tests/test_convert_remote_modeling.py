@@ -191,3 +191,37 @@ def test_loads_with_trust_remote_code_without_the_toolkit(no_native_dirs, tmp_pa
         assert cache_shape[1] == GROUPS
         logits = torch.load(tmp_path / name / "logits.pt")
         torch.testing.assert_close(logits, expected[name], rtol=0, atol=0)
+
+
+def test_gpt2_xl_and_t5_11b_shaped_plans_on_meta():
+    """Output shapes of the transposed fused layout and of T5's scopes, on the meta device with no memory."""
+    from gqa_toolkit.convert.architectures.spec import spec_for
+    from gqa_toolkit.convert.geometry import Geometry
+    from gqa_toolkit.convert.methods import get_method
+    from gqa_toolkit.convert.plan import ConversionSettings, SourceTensor, plan_conversion
+
+    def plan(shapes, spec, geos, groups):
+        sources = {n: SourceTensor(torch.bfloat16, s) for n, s in shapes.items()}
+        read = lambda n: torch.empty(shapes[n], dtype=torch.bfloat16, device="meta")  # noqa: E731
+        planned = plan_conversion(sources, read, spec, geos, ConversionSettings(get_method("mean"), groups))
+        assert all(tuple(t.produce().shape) == t.shape for t in planned)
+        return {t.name: t.shape for t in planned}
+
+    d, hd = 1600, 64  # gpt2-xl: 48 layers, 25 heads
+    gpt2 = {f"transformer.h.{i}.attn.c_attn.{p}": s for i in range(48)
+            for p, s in (("weight", (d, 3 * d)), ("bias", (3 * d,)))}
+    out = plan(gpt2, spec_for("gpt2"), Geometry(48, 25, 25, hd, 0.02), 5)
+    assert out["transformer.h.47.attn.c_attn.weight"] == (d, (25 + 2 * 5) * hd)
+    assert out["transformer.h.47.attn.c_attn.bias"] == ((25 + 2 * 5) * hd,)
+
+    heads, d_kv, d_model = 128, 128, 1024  # t5-11b: 24 + 24 layers, inner dim 16384 != d_model
+    t5 = {f"{stack}.block.{i}.layer.{j}.{att}.{p}.weight": (heads * d_kv, d_model) for i in range(24)
+          for stack, j, att in (("encoder", 0, "SelfAttention"), ("decoder", 0, "SelfAttention"),
+                                ("decoder", 1, "EncDecAttention")) for p in "qkv"}
+    spec, geo = spec_for("t5"), Geometry(24, heads, heads, d_kv, 0.02)
+    out = plan(t5, spec, {kind: geo for kind in spec.kinds("decoder")}, 8)
+    assert out["decoder.block.23.layer.1.EncDecAttention.v.weight"] == (8 * d_kv, d_model)
+    assert out["decoder.block.23.layer.0.SelfAttention.q.weight"] == (heads * d_kv, d_model)
+    assert out["encoder.block.23.layer.0.SelfAttention.k.weight"] == (heads * d_kv, d_model)
+    out = plan(t5, spec, {kind: geo for kind in spec.kinds("all")}, 8)
+    assert out["encoder.block.23.layer.0.SelfAttention.k.weight"] == (8 * d_kv, d_model)

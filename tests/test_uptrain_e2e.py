@@ -87,3 +87,18 @@ def test_distillation_from_the_recorded_source(write_recipe):
         assert m["kd"] > 0  # the mean-pooled student is not the teacher
         assert m["loss"] == pytest.approx(0.5 * m["ce"] + 0.5 * m["kd"], rel=1e-5)
     assert json.loads((out / "config.json").read_text())["gqa_uptraining"]["objective"] == "lm+distill"
+
+
+@pytest.mark.slow
+def test_uptrains_the_output_of_gqa_convert(write_recipe, uptrain_models, tmp_path):
+    from gqa_toolkit.convert import convert_checkpoint
+
+    converted = convert_checkpoint(uptrain_models["mha"], tmp_path / "converted", method="mean", groups=1,
+                                   progress=False)
+    out = train(load_recipe(write_recipe(model={"path": str(converted)}, train={"max_steps": 2},
+                                         objective={"distill_weight": 0.5})))  # teacher: the recorded source
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_key_value_heads"] == 1 and config["gqa_conversion"]["groups"] == 1
+    assert config["gqa_uptraining"]["steps"] == 2
+    assert (out / "README.md").read_text().startswith((converted / "README.md").read_text())
+    assert AutoModelForCausalLM.from_pretrained(out).config.num_key_value_heads == 1

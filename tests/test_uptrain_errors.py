@@ -104,3 +104,14 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(write_recipe, tmp_pat
     kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert kept[-1] == f"step-{step - 1:08d}" and f"step-{step - 1:08d}" in line
     assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_hub_dataset_that_cannot_be_loaded(write_recipe, tmp_path, monkeypatch):
+    import datasets
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # fail at once instead of retrying the network
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    line = run_error(write_recipe(data={"source": "someone/no-such-dataset"}))
+    assert "could not load hub dataset 'someone/no-such-dataset'" in line and "data.source" in line
+    assert not (tmp_path / "run").exists()

@@ -48,8 +48,7 @@ def _pack(batch: dict, tokenizer: PreTrainedTokenizerBase, column: str, block_si
 
 def _packed(ds, tokenizer, column: str, block_size: int):
     kwargs = {"fn_kwargs": {"tokenizer": tokenizer, "column": column, "block_size": block_size},
-              "batched": True, "batch_size": 256, "remove_columns": [column] + [c for c in (ds.column_names or [])
-                                                                                if c != column]}
+              "batched": True, "batch_size": 256, "remove_columns": [column]}  # sources keep only this column
     if isinstance(ds, datasets.Dataset):
         kwargs.update(features=_FEATURES, desc="tokenizing and packing")
     return ds.map(_pack, **kwargs)

@@ -15,6 +15,7 @@ import datasets
 import torch
 import transformers
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 
 from .budget import lr_at, plan_budget
@@ -60,6 +61,9 @@ def train(recipe: Recipe, *, stop_after: int | None = None) -> Path | None:
     config = load_config(student_dir)
     check_block_size(config, data.block_size)
     teacher_path = teacher_dir(student_dir, obj.teacher) if obj.distill_weight > 0 else None
+    # One process may run several recipes (the ablation runner does), each with its own precision: forget the
+    # previous run's accelerator settings but keep the process group (PartialState).
+    AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(mixed_precision=mixed_precision(cfg.precision))
     budget = plan_budget(cfg, data.block_size, accelerator.num_processes)
     out = claim_run_dir(recipe)
@@ -76,7 +80,6 @@ def train(recipe: Recipe, *, stop_after: int | None = None) -> Path | None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     optimizer = make_optimizer(model, cfg)
     model, optimizer = accelerator.prepare(model, optimizer)
-    params = [p for p in model.parameters() if p.requires_grad]
     teacher = None
     if teacher_path is not None:
         dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32
@@ -115,7 +118,8 @@ def train(recipe: Recipe, *, stop_after: int | None = None) -> Path | None:
                 loss, parts = objective(model, ids, teacher, obj.distill_weight, obj.temperature)
                 accelerator.backward(loss / len(micro))
             sums += torch.stack([loss.detach(), parts["ce"], parts.get("kd", torch.zeros_like(parts["ce"]))])
-        grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm else None
+        # every parameter goes in (frozen ones have no grad): under FSDP, accelerate clips only a whole model's list
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm else None
         loss_value, ce, kd = (accelerator.reduce(sums, reduction="mean") / len(micro)).tolist()
         if not math.isfinite(loss_value):
             last = latest_checkpoint(out)
@@ -130,20 +134,23 @@ def train(recipe: Recipe, *, stop_after: int | None = None) -> Path | None:
         done = state["step"] == budget.steps
         evaluate = len(blocks.heldout) > 0 and (state["step"] % recipe.output.eval_every == 0 or done)
         if state["step"] % recipe.output.log_every == 0 or done or evaluate:
-            elapsed = time.perf_counter() - window_start
-            tps = window_steps * budget.tokens_per_step / elapsed
+            now = time.perf_counter()
+            tps = window_steps * budget.tokens_per_step / (now - window_start)
             record = {"loss": loss_value, "ce": ce, "lr": lr, "tokens": state["tokens"], "tokens_per_s": tps}
             if teacher is not None:
                 record["kd"] = kd
             if grad_norm is not None:
                 record["grad_norm"] = float(grad_norm)
+            eval_seconds = 0.0
             if evaluate:
                 state["heldout_loss"] = heldout_loss(model, blocks.heldout, budget.micro_batch_size,
                                                      accelerator.device)
                 record["heldout_loss"] = state["heldout_loss"]
+                eval_seconds = time.perf_counter() - now
             log.log(state["step"], record)
             log.progress(window_steps, loss_value, lr, tps)
-            window_start, window_steps = time.perf_counter(), 0
+            # the next window counts this logging (and any checkpoint save) but not the held-out evaluation
+            window_start, window_steps = now + eval_seconds, 0
         if state["step"] % recipe.output.save_every == 0 or done:
             save_checkpoint(accelerator, out, state, recipe.output.keep_last)
         if stop_after is not None and state["step"] >= stop_after and not done:

@@ -1,6 +1,6 @@
 """Where text comes from: the built-in python-stdlib corpus, local files (text, json/jsonl, parquet) or a hub dataset.
 
-Every loader returns a datasets `Dataset` (or `IterableDataset` when streaming) with the text column checked, plus a
+Every loader returns a datasets `Dataset` (or `IterableDataset` when streaming) with only the text column, plus a
 fingerprint string that identifies the text for the block cache.
 """
 
@@ -59,10 +59,8 @@ def load_text(src: TextSource) -> tuple[datasets.Dataset | datasets.IterableData
             ds = datasets.IterableDataset.from_generator(corpus.iter_texts, gen_kwargs=kwargs)
         else:
             ds = datasets.Dataset.from_list(list(corpus.iter_texts(**kwargs)))
-        return ds, "stdlib:" + corpus.fingerprint(src.split, src.max_documents)
-
-    path = Path(src.name).expanduser()
-    if path.exists():
+        fp = "stdlib:" + corpus.fingerprint(src.split, src.max_documents)
+    elif (path := Path(src.name).expanduser()).exists():
         files = _local_files(path)
         builder = BUILDERS[files[0].suffix]
         kwargs = {"sample_by": "document"} if builder == "text" else {}
@@ -91,6 +89,10 @@ def load_text(src: TextSource) -> tuple[datasets.Dataset | datasets.IterableData
             f"dataset {src.name} has no text column {src.text_column!r} (columns: {', '.join(columns)}); "
             f"set data.text_column to the one holding the text"
         )
+    if isinstance(ds, datasets.Dataset):
+        ds = ds.remove_columns([c for c in columns if c != src.text_column])
+    else:
+        ds = ds.select_columns([src.text_column])
     if src.max_documents is not None:
         ds = ds.take(src.max_documents) if src.streaming else ds.select(range(min(src.max_documents, len(ds))))
     return ds, f"{fp}|{src.text_column}|{src.max_documents}"

@@ -5,8 +5,13 @@
 """
 
 from . import modeling  # registers the toolkit's GQA t5, gpt2, gpt_neox and opt classes with the Auto classes
+from . import alignment, fitting  # register the layer methods `aligned` and `fit`
 from .api import convert_checkpoint
 from .errors import ConversionError
-from .methods import METHODS, MethodContext, register_method
+from .layer_api import AttentionWeights, align_layer, convert_layer, permute_layer
+from .methods import LAYER_METHODS, METHODS, MethodContext, all_method_names, register_layer_method, register_method
+from .rope import RopeLayout
 
-__all__ = ["convert_checkpoint", "ConversionError", "METHODS", "MethodContext", "register_method"]
+__all__ = ["convert_checkpoint", "ConversionError", "METHODS", "LAYER_METHODS", "MethodContext", "register_method",
+           "register_layer_method", "all_method_names", "AttentionWeights", "RopeLayout", "convert_layer",
+           "align_layer", "permute_layer"]

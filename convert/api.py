@@ -15,9 +15,13 @@ from tqdm.auto import tqdm
 from .architectures.spec import spec_for
 from .errors import ConversionError
 from .geometry import check_groups, read_geometries
-from .methods import get_method
+from .calibration import BUILTIN, calibration_tokens, collect_moments
+from .grouping import GROUPINGS
+from .layer_plan import LayerSettings, check_block_support
+from .methods import LAYER_METHODS, get_method
 from .output_dir import atomic_directory, check_output_free
 from .plan import ConversionSettings, SourceTensor, plan_conversion
+from .rope import rope_layout
 from .provenance import conversion_record, write_metadata
 from .reader import CheckpointReader
 from .source import read_raw_config, resolve_model_dir
@@ -50,6 +54,38 @@ def default_output(model_dir: Path, groups: int, method: str) -> Path:
     return model_dir.parent / f"{model_dir.name}-gqa{groups}-{method}"
 
 
+def _layer_settings(model_dir: Path, config, raw_config: dict, spec, names: list[str], geometries, *, method: str,
+                    grouping: str, preserve_norm: bool, calibration, samples: int, length: int):
+    """What the per-layer path needs, with the calibration moments collected; None when the per-tensor path
+    does the job (mean, first, random with contiguous groups)."""
+    if grouping not in GROUPINGS:
+        raise ConversionError(f"unknown grouping {grouping!r}; choose one of: {', '.join(GROUPINGS)}")
+    layer_method = LAYER_METHODS.get(method)
+    if preserve_norm and layer_method is not None and not layer_method.pools:
+        raise ConversionError(f"--preserve-norm applies to pooling methods (mean, first, random, aligned); "
+                              f"{method!r} fits each head's scale itself, drop the option")
+    if layer_method is None and grouping == "contiguous":
+        return None, {}
+    what = f"--method {method}" if layer_method is not None else f"--grouping {grouping}"
+    check_block_support(spec, raw_config["model_type"], names, what)
+    if spec.block.attention not in geometries:
+        raise ConversionError(f"{what} converts the {spec.block.attention!r} attention, which --attention leaves out")
+    geo = geometries[spec.block.attention]
+    if calibration is None:
+        calibration = BUILTIN if layer_method is not None and layer_method.calibrated else "none"
+    moments = None
+    if not (isinstance(calibration, str) and calibration == "none"):
+        tokens = calibration if isinstance(calibration, torch.Tensor) else calibration_tokens(
+            model_dir, calibration, samples, length)
+        remote = spec.modeling is not None and raw_config["model_type"] == spec.modeling.model_type
+        moments = collect_moments(model_dir, spec.block, tokens, trust_remote_code=remote)
+    described = "token ids" if isinstance(calibration, torch.Tensor) else calibration
+    record = {"grouping": grouping, "calibration": described,
+              "calibration_sequences": 0 if moments is None else int(len(tokens))}
+    return LayerSettings(method, grouping, preserve_norm, rope_layout(spec.block.rope, config, geo.head_dim),
+                         moments), record
+
+
 def _load_config(model_dir: Path):
     from transformers import AutoConfig
 
@@ -61,18 +97,27 @@ def _load_config(model_dir: Path):
 
 def convert_checkpoint(src: str | Path, dst: str | Path | None = None, *, method: str = "mean", groups: int,
                        seed: int = 0, dtype: str | torch.dtype | None = None, max_shard_size: str | int | None = None,
-                       attention: str | None = None, force: bool = False, progress: bool = True) -> Path:
+                       attention: str | None = None, force: bool = False, progress: bool = True,
+                       grouping: str = "contiguous", preserve_norm: bool = False,
+                       calibration: str | torch.Tensor | None = None, calibration_samples: int = 256,
+                       calibration_length: int = 128) -> Path:
     """Convert the checkpoint at `src` (a model directory or hub id) to `groups` KV heads; returns the output dir.
 
     `attention` picks which attention the family converts (T5: "decoder", the default and the paper's choice, or
-    "all" to include the encoder); None is the family's default."""
+    "all" to include the encoder); None is the family's default.
+    `grouping`: "contiguous" (repeat_kv order) or "similarity" (heads grouped by similarity, with query rows and
+    output columns permuted to match). `preserve_norm`: scale pooled heads to their group's mean norm.
+    `calibration`: text for the activations that `fit` (by default) and similarity/alignment (when given) weigh
+    errors by: "python-stdlib", a text file or folder, token ids `(N, T)`, or "none" (weights only);
+    `calibration_samples` sequences of `calibration_length` tokens."""
     model_dir = resolve_model_dir(src)
     raw_config = read_raw_config(model_dir)
     spec = spec_for(raw_config["model_type"])
     method_fn = get_method(method)
     target_dtype = parse_dtype(dtype)
     scope = attention or spec.default_scope
-    geometries = read_geometries(_load_config(model_dir), spec, scope)
+    config = _load_config(model_dir)
+    geometries = read_geometries(config, spec, scope)
     for geometry in geometries.values():
         check_groups(groups, geometry, spec)
     out = Path(dst).expanduser().resolve() if dst is not None else default_output(model_dir, groups, method)
@@ -80,12 +125,18 @@ def convert_checkpoint(src: str | Path, dst: str | Path | None = None, *, method
 
     reader = CheckpointReader(model_dir)
     sources = {name: SourceTensor(info.dtype, info.shape) for name, info in reader.infos.items()}
-    settings = ConversionSettings(method=method_fn, groups=groups, seed=seed, dtype=target_dtype)
+    layer, options = _layer_settings(model_dir, config, raw_config, spec, list(sources), geometries, method=method,
+                                     grouping=grouping, preserve_norm=preserve_norm, calibration=calibration,
+                                     samples=calibration_samples, length=calibration_length)
+    if preserve_norm:
+        options["preserve_norm"] = True
+    settings = ConversionSettings(method=method_fn, groups=groups, seed=seed, dtype=target_dtype,
+                                  preserve_norm=preserve_norm, layer=layer)
     planned = plan_conversion(sources, reader.read, spec, geometries, settings)
     shard_bytes = parse_size(max_shard_size) if max_shard_size is not None else max(
         p.stat().st_size for p in reader.files)
     record = conversion_record(method=method, groups=groups, source=str(model_dir), geometries=geometries,
-                               scope=scope, seed=seed, dtype=target_dtype)
+                               scope=scope, seed=seed, dtype=target_dtype, options=options)
 
     total = sum(t.dtype.itemsize * torch.Size(t.shape).numel() for t in planned)
     with atomic_directory(out, force) as tmp, tqdm(total=total, unit="B", unit_scale=True, disable=not progress,

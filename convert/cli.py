@@ -10,13 +10,26 @@ import sys
 import click
 
 from .errors import ConversionError
-from .methods import METHODS
+from .calibration import BUILTIN
+from .grouping import GROUPINGS
+from .methods import all_method_names
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.argument("model_dir")
 @click.option("--groups", "-g", type=int, required=True, help="KV heads (G) in the output; must divide the source's.")
-@click.option("--method", "-m", default="mean", help=f"K/V initialiser: {', '.join(sorted(METHODS))}.")
+@click.option("--method", "-m", default="mean", help=f"K/V initialiser: {', '.join(all_method_names())}. "
+                                                      "aligned and fit also change Q and O (see docs/methods.md).")
+@click.option("--grouping", default="contiguous", type=click.Choice(GROUPINGS),
+              help="Which KV heads share a group: contiguous (repeat_kv order) or similarity (most alike heads; "
+                   "query rows and output columns are permuted to match).")
+@click.option("--preserve-norm", is_flag=True, help="Scale each pooled head to its group's mean head norm "
+                                                    "(mean, first, random, aligned).")
+@click.option("--calibration", default=None, help=f"Text whose activations weigh the errors: {BUILTIN}, a text "
+                                                  f"file or folder, or none. [default: {BUILTIN} for fit, none "
+                                                  f"otherwise]")
+@click.option("--calibration-samples", type=int, default=256, help="Calibration sequences.")
+@click.option("--calibration-length", type=int, default=128, help="Tokens per calibration sequence.")
 @click.option("--output", "-o", default=None, help="Output directory. [default: MODEL_DIR-gqa{G}-{method}]")
 @click.option("--attention", default=None, help="Which attention to convert, for families with several kinds: "
                                                 "t5 'decoder' (self- and cross-attention, the paper's choice) or "
@@ -28,7 +41,8 @@ from .methods import METHODS
                                                      "[default: the source's largest weight file]")
 @click.option("--force", is_flag=True, help="Replace the output directory if it exists.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def main(model_dir, groups, method, output, attention, seed, dtype, max_shard_size, force, quiet):
+def main(model_dir, groups, method, grouping, preserve_norm, calibration, calibration_samples, calibration_length,
+         output, attention, seed, dtype, max_shard_size, force, quiet):
     """Convert the Hugging Face checkpoint MODEL_DIR (a local directory, or a hub id when online) to
     grouped-query attention with G key/value heads."""
     from .api import convert_checkpoint
@@ -36,7 +50,9 @@ def main(model_dir, groups, method, output, attention, seed, dtype, max_shard_si
     try:
         out = convert_checkpoint(model_dir, output, method=method, groups=groups, seed=seed, dtype=dtype,
                                  max_shard_size=max_shard_size, attention=attention, force=force,
-                                 progress=not quiet)
+                                 progress=not quiet, grouping=grouping, preserve_norm=preserve_norm,
+                                 calibration=calibration, calibration_samples=calibration_samples,
+                                 calibration_length=calibration_length)
     except ConversionError as exc:
         click.echo(f"gqa-convert: error: {exc}", err=True)
         sys.exit(2)

@@ -46,10 +46,55 @@ def register_method(name: str) -> Callable[[Method], Method]:
     return register
 
 
-def get_method(name: str) -> Method:
+@dataclass(frozen=True)
+class LayerMethod:
+    """A method that converts one layer's whole attention block (K, V and the compensating Q, O changes); see
+    layer_api.py. `fn(block, groups, ctx) -> LayerResult`. `pools`: it averages heads (so norm preservation
+    applies); `calibrated`: the converter feeds it calibration activations by default."""
+
+    fn: Callable
+    pools: bool
+    calibrated: bool
+    doc: str
+
+    def __call__(self, block, groups: int, ctx):
+        return self.fn(block, groups, ctx)
+
+
+LAYER_METHODS: dict[str, LayerMethod] = {}
+
+
+def register_layer_method(name: str, *, pools: bool, calibrated: bool = False) -> Callable:
+    def register(fn: Callable) -> Callable:
+        LAYER_METHODS[name] = LayerMethod(fn, pools, calibrated, (fn.__doc__ or "").strip().split("\n")[0])
+        return fn
+
+    return register
+
+
+def all_method_names() -> list[str]:
+    return sorted({*METHODS, *LAYER_METHODS})
+
+
+def method_choices() -> str:
+    """The registered methods, per-head ones first: 'first, mean, random, or a layer method: aligned, fit'."""
+    return f"{', '.join(sorted(METHODS))}, or a layer method: {', '.join(sorted(LAYER_METHODS))}"
+
+
+def get_method(name: str) -> Method | None:
+    """The per-head method called `name`; None for a layer method (it runs through the per-layer plan)."""
+    if name in LAYER_METHODS:
+        return None
     if name not in METHODS:
-        raise ConversionError(f"unknown method {name!r}; choose one of: {', '.join(sorted(METHODS))}")
+        raise ConversionError(f"unknown method {name!r}; choose one of: {method_choices()}")
     return METHODS[name]
+
+
+def preserve_norms(heads: torch.Tensor, pooled: torch.Tensor, groups: int) -> torch.Tensor:
+    """Scale each pooled head `(G, ...)` to the mean norm of its group's source heads `(G0, ...)`."""
+    target = heads.reshape(heads.shape[0], -1).norm(dim=1).view(groups, -1).mean(1)  # (G,)
+    current = pooled.reshape(groups, -1).norm(dim=1).clamp_min(1e-30)  # (G,)
+    return pooled * (target / current).view(groups, *[1] * (pooled.dim() - 1))
 
 
 def _grouped(heads: torch.Tensor, groups: int) -> torch.Tensor:

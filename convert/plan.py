@@ -18,7 +18,8 @@ from .architectures.spec import ArchitectureSpec, KVTensor
 from .errors import ConversionError
 from .geometry import Geometry
 from .layouts import Heads, fused_layout
-from .methods import Method, MethodContext
+from .layer_plan import LayerSettings, plan_layers
+from .methods import Method, MethodContext, preserve_norms
 
 
 @dataclass(frozen=True)
@@ -62,10 +63,12 @@ def match_names(names: list[str], entries: Iterable[KVTensor]) -> dict[str, Matc
 
 @dataclass(frozen=True)
 class ConversionSettings:
-    method: Method
+    method: Method | None  # the per-head method; None when `layer` converts every K/V tensor
     groups: int
     seed: int = 0
     dtype: torch.dtype | None = None  # None keeps each tensor's dtype
+    preserve_norm: bool = False  # scale each pooled head to its group's mean head norm
+    layer: LayerSettings | None = None  # set: q, k, v, o are produced per layer (layer methods, similarity grouping)
 
 
 def _out_dtype(dtype: torch.dtype, settings: ConversionSettings) -> torch.dtype:
@@ -112,7 +115,10 @@ def validate(sources: Mapping[str, SourceTensor], matches: dict[str, Match], ent
 def _convert_heads(heads: torch.Tensor, entry: KVTensor, name: str, geo: Geometry,
                    settings: ConversionSettings) -> torch.Tensor:
     ctx = MethodContext(name=name, init=entry.init, init_std=geo.init_std, seed=settings.seed)
-    return settings.method(heads.float(), settings.groups, ctx)
+    pooled = settings.method(heads.float(), settings.groups, ctx)
+    if settings.preserve_norm and entry.init != "ones" and heads.device.type != "meta":
+        pooled = preserve_norms(heads.float(), pooled, settings.groups)  # weights and biases, not norm scales
+    return pooled
 
 
 def _rows_producer(name: str, entry: KVTensor, read, geo: Geometry, settings, dtype) -> Callable[[], torch.Tensor]:
@@ -171,11 +177,21 @@ def plan_conversion(sources: Mapping[str, SourceTensor], read: Callable[[str], t
     entries = [t for t in spec.tensors if t.attention in geos]
     matches = match_names(list(sources), entries)
     validate(sources, matches, entries, geos)
+    by_layer = {}
+    if settings.layer is not None:
+        by_layer = plan_layers(sources, read, spec, geos[spec.block.attention], settings, settings.layer, _out_dtype)
     stacked: dict[tuple[str, int, str], _StackedGroup] = {}
     planned = []
     for name, source in sources.items():
         dtype = _out_dtype(source.dtype, settings)
         m = matches.get(name)
+        if name in by_layer:
+            shape, dtype, produce = by_layer[name]
+            planned.append(PlannedTensor(name, dtype, shape, produce))
+            continue
+        if m is not None and settings.method is None:
+            raise ConversionError(f"{name} holds K/V heads that the per-layer conversion does not reach; this "
+                                  f"family's spec needs its block section to cover it")
         if m is None:
             planned.append(PlannedTensor(name, dtype, source.shape, lambda n=name, d=dtype: read(n).to(d)))
             continue

@@ -20,7 +20,7 @@ NOT_COPIED = {"config.json", "README.md", "model.safetensors.index.json", "pytor
 
 
 def conversion_record(*, method: str, groups: int, source: str, geometries: dict[str, Any], scope: str, seed: int,
-                      dtype: torch.dtype | None) -> dict[str, Any]:
+                      dtype: torch.dtype | None, options: dict[str, Any] | None = None) -> dict[str, Any]:
     """`geometries`: attention kind -> Geometry of the kinds converted; `scope` the --attention choice."""
     geometry = next(iter(geometries.values()))
     return {
@@ -34,6 +34,7 @@ def conversion_record(*, method: str, groups: int, source: str, geometries: dict
         "seed": seed,
         "dtype": str(dtype).removeprefix("torch.") if dtype is not None else None,
         "toolkit_version": gqa_toolkit.__version__,
+        **(options or {}),  # grouping, norm preservation and calibration, when not the defaults
     }
 
 

@@ -21,6 +21,7 @@ import yaml
 
 from gqa_toolkit.convert import convert_checkpoint
 from gqa_toolkit.convert.geometry import divisors
+from gqa_toolkit.convert.variants import parse_variant
 from gqa_toolkit.uptrain import train, validate_recipe
 from gqa_toolkit.uptrain.model import load_config, load_model, load_tokenizer
 
@@ -117,8 +118,8 @@ class Ablation:
     def converted(self, original: Original, method: str, groups: int) -> Path:
         out = self.models / f"{method}-g{groups}" / "converted"
         if not (out / "config.json").is_file():
-            convert_checkpoint(original.path, out, method=method, groups=groups, seed=self.recipe.seed,
-                               progress=self.progress, force=True)
+            convert_checkpoint(original.path, out, groups=groups, seed=self.recipe.seed, progress=self.progress,
+                               force=True, **parse_variant(method))  # method may carry options: fit+similarity
         return out
 
     def uptrained(self, converted: Path, original: Original, method: str, groups: int, fraction: float) -> Path:

@@ -9,7 +9,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from gqa_toolkit.convert.methods import METHODS
+from gqa_toolkit.convert.errors import ConversionError
+from gqa_toolkit.convert.variants import parse_variant
 from gqa_toolkit.uptrain.recipe import DataSection, apply_overrides
 from gqa_toolkit.uptrain.recipe import _describe as describe_error  # TODO: public name once uptrain exports it
 
@@ -84,9 +85,11 @@ class AblationRecipe(_Section):
     @field_validator("methods")
     @classmethod
     def _known_methods(cls, methods: tuple[str, ...]) -> tuple[str, ...]:
-        unknown = [m for m in methods if m not in METHODS]
-        if unknown:
-            raise ValueError(f"unknown method {unknown[0]!r}; choose from {', '.join(sorted(METHODS))}")
+        for method in methods:  # a registered method, optionally with options: aligned+similarity+norm
+            try:
+                parse_variant(method)
+            except ConversionError as exc:
+                raise ValueError(str(exc)) from None
         return methods
 
     @field_validator("fractions")

@@ -85,6 +85,33 @@ class Modeling(_Strict):
         return self
 
 
+class Rope(_Strict):
+    """How the family rotates queries and keys by position, for the methods that rotate K heads (see
+    convert/rope.py). `rotate_half` pairs dimension i with i + rotary_dims/2 (HF llama); the first `rotary_dims`
+    = int(head_dim * factor) dimensions rotate, the factor read from the first of `factor_attrs` the config has
+    (dotted: a key of a dict attribute). `none`: no rotary embedding, every key dimension is free."""
+
+    style: Literal["rotate_half", "none"]
+    factor_attrs: tuple[str, ...] = ()
+
+
+class AttentionBlock(_Strict):
+    """One layer's attention projections, for the methods that change Q and O with K and V (aligned, fit,
+    similarity grouping). Each entry lists on-disk module names (with {layer}, without .weight/.bias); the first
+    one present is used. The layer methods run only on `model_types`, the families their exactness tests cover,
+    and refuse a checkpoint holding any `refuse_if_present` tensor (per-head q/k norms do not commute with
+    rotations)."""
+
+    q: tuple[str, ...]
+    k: tuple[str, ...]
+    v: tuple[str, ...]
+    o: tuple[str, ...]
+    rope: Rope
+    model_types: tuple[str, ...]
+    refuse_if_present: tuple[str, ...] = ()
+    attention: str = "self"
+
+
 class ArchitectureSpec(_Strict):
     model_types: tuple[str, ...]
     # Config attribute that counts KV heads, read through AutoConfig and rewritten to G. None: the family's config
@@ -98,6 +125,7 @@ class ArchitectureSpec(_Strict):
     only_groups: tuple[int, ...] | None = None  # the G values the family's config can express
     set_config: dict[str, bool | int | str] = {}  # extra config.json values written on output
     tensors: tuple[KVTensor, ...]
+    block: AttentionBlock | None = None  # where Q and O live, for the layer methods; None: they refuse the family
 
     @model_validator(mode="after")
     def _has_required_k_and_v(self) -> "ArchitectureSpec":

@@ -1,0 +1,153 @@
+"""The layer-level API: convert one attention layer's q, k, v, o weights, from any attention implementation.
+
+    from gqa_toolkit.convert.layer_api import AttentionWeights, convert_layer
+    from gqa_toolkit.convert.rope import RopeLayout
+    new = convert_layer(AttentionWeights(q=Wq, k=Wk, v=Wv, o=Wo), heads=32, kv_heads=32, groups=8,
+                        method="aligned", rope=RopeLayout(head_dim=128, rotary_dims=128))
+
+Weights are in nn.Linear's layout: q `[H*hd, d]`, k and v `[G0*hd, d]`, o `[d_out, H*hd]`, head-major; query head
+h reads KV head h // (H/G0). Steps: optional similarity grouping (a permutation of KV heads that moves their query
+rows and output columns along, so it alone changes nothing), then the method (any registered per-head method, or
+a layer method such as `aligned` or `fit` that also returns Q and O changes), then optional norm preservation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from .errors import ConversionError
+from .grouping import GROUPINGS, similarity_permutation
+from .layer_block import HeadBlock, InputMoments, LayerContext, LayerResult
+from .methods import LAYER_METHODS, METHODS, MethodContext, all_method_names, method_choices
+from .rope import KeyMap, RopeLayout
+
+__all__ = ["AttentionWeights", "InputMoments", "RopeLayout", "convert_layer"]
+
+
+@dataclass(frozen=True)
+class AttentionWeights:
+    q: torch.Tensor  # (H*hd, d)
+    k: torch.Tensor  # (G*hd, d)
+    v: torch.Tensor  # (G*hd, d)
+    o: torch.Tensor  # (d_out, H*hd); o's bias never changes, so it is not here
+    q_bias: torch.Tensor | None = None  # (H*hd,)
+    k_bias: torch.Tensor | None = None  # (G*hd,)
+    v_bias: torch.Tensor | None = None  # (G*hd,)
+
+
+def _check(w: AttentionWeights, heads: int, kv_heads: int, groups: int, rope: RopeLayout) -> int:
+    hd = w.q.shape[0] // heads
+    problems = []
+    if w.q.shape[0] != heads * hd or (w.o.shape[1] != heads * hd):
+        problems.append(f"q {list(w.q.shape)} and o {list(w.o.shape)} do not hold {heads} heads")
+    for name in ("k", "v"):
+        if getattr(w, name).shape[0] != kv_heads * hd:
+            problems.append(f"{name} {list(getattr(w, name).shape)} does not hold {kv_heads} heads of {hd}")
+    if rope.head_dim != hd:
+        problems.append(f"rope.head_dim {rope.head_dim} but the weights have head_dim {hd}")
+    if heads % kv_heads or kv_heads % groups or groups < 1:
+        problems.append(f"groups {groups} must divide kv_heads {kv_heads}, which must divide heads {heads}")
+    if problems:
+        raise ConversionError("convert_layer: " + "; ".join(problems))
+    return hd
+
+
+def _per_head_method(name: str, block: HeadBlock, groups: int, ctx: LayerContext) -> LayerResult:
+    """A registered per-head method (mean, first, random) on weight and bias separately, as the per-tensor path
+    does; its maps are the identity."""
+    fn = METHODS[name]
+
+    def pool(part: str, heads: torch.Tensor) -> torch.Tensor:
+        weight, bias = block.split_bias(heads, part)  # (G0, hd, d), (G0, hd) or None
+        init_std = ctx.init_std
+        out_w = fn(weight, groups, MethodContext(ctx.names.get(f"{part}.weight", part), "normal", init_std, ctx.seed))
+        if bias is None:
+            return out_w
+        out_b = fn(bias, groups, MethodContext(ctx.names.get(f"{part}.bias", part), "zeros", init_std, ctx.seed))
+        return torch.cat([out_w, out_b[..., None]], dim=-1)  # (G, hd, d + 1)
+
+    G0, hd = block.k.shape[0], block.k.shape[1]
+    eye = torch.eye(hd, dtype=block.v.dtype).expand(G0, -1, -1)
+    return LayerResult(pool("k", block.k), KeyMap.identity(G0, ctx.layout), pool("v", block.v), eye)
+
+
+def _preserve_norms(result: LayerResult, block: HeadBlock, groups: int, ctx: LayerContext) -> LayerResult:
+    """Scale each pooled head so its norm (under the calibration metric, if any) is its group's mean head norm:
+    averaging k nearly orthogonal heads shrinks the norm by about 1/sqrt(k) and flattens attention."""
+    def scaled(shared: torch.Tensor, heads: torch.Tensor, metric: torch.Tensor) -> torch.Tensor:
+        norms = (heads @ metric).flatten(1).norm(dim=1).view(groups, -1).mean(1)  # (G,)
+        current = (shared @ metric).flatten(1).norm(dim=1).clamp_min(1e-30)  # (G,)
+        return shared * (norms / current)[:, None, None]
+
+    return replace(result, k=scaled(result.k, block.k, ctx.metric_k), v=scaled(result.v, block.v, ctx.metric_v))
+
+
+def convert_layer(weights: AttentionWeights, *, heads: int, kv_heads: int, groups: int, method: str = "mean",
+                  rope: RopeLayout | None = None, grouping: str = "contiguous", preserve_norm: bool = False,
+                  calibration: torch.Tensor | InputMoments | None = None, seed: int = 0, init_std: float = 0.02,
+                  names: dict[str, str] | None = None) -> AttentionWeights:
+    """One layer's attention converted from `kv_heads` to `groups` KV heads; returns weights in the input's dtype.
+
+    rope: which key dimensions rotate (None: every dim, `RopeLayout(hd, hd)`; `RopeLayout(hd, 0)` for no RoPE).
+    calibration: the layer's attention inputs `(N, d)` (normed hidden states) or their `InputMoments`; with them
+    grouping, alignment and fitting weigh errors by the real activations instead of the raw weights."""
+    if method not in all_method_names():
+        raise ConversionError(f"unknown method {method!r}; choose one of: {method_choices()}")
+    if grouping not in GROUPINGS:
+        raise ConversionError(f"unknown grouping {grouping!r}; choose one of: {', '.join(GROUPINGS)}")
+    hd = weights.q.shape[0] // heads
+    rope = rope or RopeLayout(hd, hd)
+    _check(weights, heads, kv_heads, groups, rope)
+    if preserve_norm and method in LAYER_METHODS and not LAYER_METHODS[method].pools:
+        raise ConversionError(f"--preserve-norm applies to pooling methods; {method!r} already fits each head's "
+                              f"scale, drop the option")
+    block = HeadBlock.from_weights(weights, heads, kv_heads)
+    if isinstance(calibration, torch.Tensor):
+        calibration = InputMoments.from_inputs(calibration)
+    ctx = LayerContext.build(block, rope, calibration, seed=seed, init_std=init_std, names=names or {})
+    if grouping == "similarity" and groups < kv_heads:
+        block = block.permuted(similarity_permutation(block, groups, ctx, aligned=method in LAYER_METHODS))
+        ctx = LayerContext.build(block, rope, calibration, seed=seed, init_std=init_std, names=names or {})
+    if method in LAYER_METHODS:
+        result = LAYER_METHODS[method](block, groups, ctx)
+    else:
+        result = _per_head_method(method, block, groups, ctx)
+    if preserve_norm:
+        result = _preserve_norms(result, block, groups, ctx)
+    out = block.assembled(result, rope)
+    dtype = weights.q.dtype
+    return AttentionWeights(**{k: (v.to(dtype) if v is not None else None) for k, v in out.items()})
+
+
+def align_layer(weights: AttentionWeights, *, heads: int, kv_heads: int, groups: int,
+                rope: RopeLayout | None = None, calibration: torch.Tensor | InputMoments | None = None
+                ) -> AttentionWeights:
+    """Alignment alone: every KV head rotated into its group's common basis (keys by RoPE-commuting rotations
+    folded into their queries, values by orthogonal maps folded into the output), none merged. The function is
+    unchanged; `convert_layer(method="aligned")` then averages the aligned heads."""
+    from .alignment import rotated_heads
+
+    hd = weights.q.shape[0] // heads
+    rope = rope or RopeLayout(hd, hd)
+    _check(weights, heads, kv_heads, groups, rope)
+    block = HeadBlock.from_weights(weights, heads, kv_heads)
+    if isinstance(calibration, torch.Tensor):
+        calibration = InputMoments.from_inputs(calibration)
+    ctx = LayerContext.build(block, rope, calibration, seed=0, init_std=0.02, names={})
+    out = block.assembled(rotated_heads(block, groups, ctx), rope)
+    return AttentionWeights(**{k: (v.to(weights.q.dtype) if v is not None else None) for k, v in out.items()})
+
+
+def permute_layer(weights: AttentionWeights, *, heads: int, kv_heads: int, order: list[int]) -> AttentionWeights:
+    """KV head `order[p]` moved to position p, with its query heads and their output columns: the same function.
+    Similarity grouping is this permutation followed by contiguous grouping."""
+    if sorted(order) != list(range(kv_heads)):
+        raise ConversionError(f"order {order} is not a permutation of the {kv_heads} KV heads")
+    hd = weights.q.shape[0] // heads
+    block = HeadBlock.from_weights(weights, heads, kv_heads).permuted(list(order))
+    identity = LayerResult(block.k, KeyMap.identity(kv_heads, RopeLayout(hd, hd)), block.v,
+                           torch.eye(hd, dtype=torch.float64).expand(kv_heads, -1, -1))
+    out = block.assembled(identity, RopeLayout(hd, hd))
+    return AttentionWeights(**{k: (v.to(weights.q.dtype) if v is not None else None) for k, v in out.items()})

@@ -1,0 +1,94 @@
+"""Which key transforms commute with a family's rotary embedding, and how to build them.
+
+A key map M (applied to every key of one head, with M^T applied to the queries that read it) leaves every
+attention logit unchanged exactly when it commutes with the position rotation. Under HF's `rotate_half`
+convention dimension i rotates together with i + r/2 (r the rotary dims), so a pair (i, i + r/2) is one complex
+number z = k_i + 1j * k_{i+r/2}, and position t multiplies it by e^{1j t theta_i}. The maps that commute are a
+complex scalar per pair (a 2x2 scaled rotation) plus any matrix on the non-rotary dims (partial rotary, or
+families with no RoPE). `KeyMap` holds exactly that, so no code path can build a map that breaks RoPE.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .architectures.spec import Rope
+from .errors import ConversionError
+
+
+@dataclass(frozen=True)
+class RopeLayout:
+    head_dim: int
+    rotary_dims: int  # r: dims [0, r) rotate in pairs (i, i + r/2); dims [r, head_dim) are free
+
+    def __post_init__(self):
+        if self.rotary_dims % 2 or not 0 <= self.rotary_dims <= self.head_dim:
+            raise ConversionError(f"rotary_dims {self.rotary_dims} must be even and within head_dim "
+                                  f"{self.head_dim}")
+
+    @property
+    def pairs(self) -> int:
+        return self.rotary_dims // 2
+
+    @property
+    def free(self) -> int:
+        return self.head_dim - self.rotary_dims
+
+    def to_complex(self, rows: torch.Tensor) -> torch.Tensor:
+        """(..., hd, n) real head rows -> (..., r/2, n) complex pairs."""
+        half = self.pairs
+        return torch.complex(rows[..., :half, :], rows[..., half:self.rotary_dims, :])
+
+    def from_complex(self, pairs: torch.Tensor, free: torch.Tensor) -> torch.Tensor:
+        """(..., r/2, n) complex and (..., f, n) real -> (..., hd, n) real head rows."""
+        return torch.cat([pairs.real, pairs.imag, free], dim=-2)
+
+    def free_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows[..., self.rotary_dims:, :]  # (..., f, n)
+
+
+def rope_layout(rope: Rope, config: Any, head_dim: int) -> RopeLayout:
+    """The layout a config implies: all dims rotate unless a partial factor says otherwise; none without RoPE."""
+    if rope.style == "none":
+        return RopeLayout(head_dim, 0)
+    factor = 1.0
+    for attr in rope.factor_attrs:
+        value = config
+        for part in attr.split("."):
+            value = value.get(part) if isinstance(value, dict) else getattr(value, part, None)
+        if value is not None:
+            factor = float(value)
+            break
+    return RopeLayout(head_dim, int(head_dim * factor))
+
+
+@dataclass(frozen=True)
+class KeyMap:
+    """Per-head maps that commute with RoPE: k_source ~= M k_shared, and queries become M^T q.
+
+    alpha: (n, r/2) complex scalar per rotary pair; free: (n, f, f) real matrix on the non-rotary dims."""
+
+    alpha: torch.Tensor
+    free: torch.Tensor
+
+    @staticmethod
+    def identity(n: int, layout: RopeLayout, dtype=torch.float64) -> "KeyMap":
+        alpha = torch.ones(n, layout.pairs, dtype=torch.complex128 if dtype == torch.float64 else torch.complex64)
+        return KeyMap(alpha, torch.eye(layout.free, dtype=dtype).expand(n, -1, -1).clone())
+
+    def apply(self, rows: torch.Tensor, layout: RopeLayout) -> torch.Tensor:
+        """M rows: (n, hd, c) -> (n, hd, c)."""
+        z = self.alpha[:, :, None] * layout.to_complex(rows)  # (n, r/2, c)
+        return layout.from_complex(z, self.free @ layout.free_rows(rows))
+
+    def apply_transposed(self, rows: torch.Tensor, layout: RopeLayout) -> torch.Tensor:
+        """M^T rows, for the queries: (n, hd, c) -> (n, hd, c). The transpose of a scaled rotation is its
+        conjugate."""
+        z = self.alpha.conj()[:, :, None] * layout.to_complex(rows)  # (n, r/2, c)
+        return layout.from_complex(z, self.free.transpose(1, 2) @ layout.free_rows(rows))
+
+    def index(self, idx) -> "KeyMap":
+        return KeyMap(self.alpha[idx], self.free[idx])

@@ -1,0 +1,196 @@
+"""Exactness of the layer methods against stock transformers logits.
+
+Each test edits or builds a stock model with its own code (rotation matrices written out here, not taken from the
+converter), converts it, and compares logits with the stock model's: permutation alone, alignment alone and
+`fit` with every head kept preserve the function; `aligned` and `fit` merge heads that are RoPE-commuting
+rotations of one another with no loss, which mean-pooling cannot.
+"""
+
+import pytest
+import torch
+
+from conftest import build_tiny_model, load_model, logits
+from families import FAMILIES, family_config
+from gqa_toolkit.convert import AttentionWeights, ConversionError, align_layer, convert_checkpoint
+from gqa_toolkit.convert.layer_api import permute_layer
+from gqa_toolkit.convert.rope import RopeLayout
+
+# model_type -> (config changes, rotary dims of a 16-dim head): full RoPE, RoPE with GQA and q/k/v biases,
+# partial RoPE with phi's `dense` output, and OPT with no RoPE (every key dim free)
+CASES = {
+    "llama": ({}, 16),
+    "qwen2": ({"num_key_value_heads": 2}, 16),
+    "phi": ({"partial_rotary_factor": 0.5}, 8),
+    "opt": (None, 0),
+}
+OPT = dict(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=128,
+           max_position_embeddings=128, word_embed_proj_dim=64)
+
+
+def _config(model_type):
+    if model_type == "opt":
+        return OPT
+    family = next(f for f in FAMILIES if f.model_type == model_type)
+    return {**family_config(family), **CASES[model_type][0]}
+
+
+def _projections(attn):
+    o = next(getattr(attn, n) for n in ("o_proj", "dense", "out_proj") if hasattr(attn, n))
+    return attn.q_proj, attn.k_proj, attn.v_proj, o
+
+
+def _attentions(model):
+    return [m for name, m in model.named_modules() if name.endswith("self_attn")]
+
+
+def _geometry(model):
+    cfg = model.config
+    heads = cfg.num_attention_heads
+    return heads, getattr(cfg, "num_key_value_heads", None) or heads, cfg.hidden_size // heads
+
+
+def _weights(attn) -> AttentionWeights:
+    q, k, v, o = _projections(attn)
+    return AttentionWeights(q.weight, k.weight, v.weight, o.weight, q.bias, k.bias, v.bias)
+
+
+def _load(attn, w: AttentionWeights) -> None:
+    for proj, weight, bias in zip(_projections(attn), (w.q, w.k, w.v, w.o), (w.q_bias, w.k_bias, w.v_bias, None)):
+        proj.weight.copy_(weight)
+        if bias is not None:
+            proj.bias.copy_(bias)
+
+
+def _rope_rotation(hd: int, rot: int, g: torch.Generator) -> torch.Tensor:
+    """A key map that commutes with rotate_half RoPE: a rotation by its own angle on each pair (i, i + rot/2),
+    any orthogonal map on the dims past `rot`."""
+    m = torch.zeros(hd, hd)
+    half = rot // 2
+    for i, angle in enumerate(torch.rand(half, generator=g) * 6.28):
+        c, s = torch.cos(angle), torch.sin(angle)
+        m[i, i], m[i, i + half], m[i + half, i], m[i + half, i + half] = c, -s, s, c
+    if hd > rot:
+        m[rot:, rot:] = torch.linalg.qr(torch.randn(hd - rot, hd - rot, generator=g))[0]
+    return m
+
+
+@pytest.mark.parametrize("model_type", CASES)
+def test_permutation_alone_keeps_logits(model_type):
+    model = build_tiny_model(model_type, _config(model_type))
+    before = logits(model)
+    heads, kv_heads, _ = _geometry(model)
+    first_k = _attentions(model)[0].k_proj.weight.clone()
+    with torch.no_grad():
+        for attn in _attentions(model):
+            _load(attn, permute_layer(_weights(attn), heads=heads, kv_heads=kv_heads,
+                                      order=list(reversed(range(kv_heads)))))
+    assert not torch.equal(_attentions(model)[0].k_proj.weight, first_k)  # the heads really moved
+    torch.testing.assert_close(logits(model), before, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", CASES)
+def test_alignment_alone_keeps_logits(model_type):
+    model = build_tiny_model(model_type, _config(model_type))
+    before = logits(model)
+    heads, kv_heads, hd = _geometry(model)
+    rope = RopeLayout(hd, CASES[model_type][1])
+    with torch.no_grad():
+        for attn in _attentions(model):
+            source = _weights(attn)
+            aligned = align_layer(source, heads=heads, kv_heads=kv_heads, groups=1, rope=rope)
+            assert not torch.allclose(aligned.k, source.k, atol=1e-3)  # the heads really were rotated
+            _load(attn, aligned)
+    torch.testing.assert_close(logits(model), before, rtol=1e-5, atol=1e-5)
+
+
+def _rotated_copies_model(model_type, path):
+    """A stock model whose KV heads are RoPE-commuting rotations (keys) and orthogonal maps (values) of head 0."""
+    model = build_tiny_model(model_type, _config(model_type))
+    heads, kv_heads, hd = _geometry(model)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for attn in _attentions(model):
+            _, k, v, _ = _projections(attn)
+            for proj, is_key in ((k, True), (v, False)):
+                w = proj.weight.view(kv_heads, hd, -1)  # (G0, hd, d)
+                b = proj.bias.view(kv_heads, hd) if proj.bias is not None else None
+                for j in range(1, kv_heads):
+                    m = _rope_rotation(hd, CASES[model_type][1], g) if is_key else \
+                        torch.linalg.qr(torch.randn(hd, hd, generator=g))[0]
+                    w[j] = m @ w[0]
+                    if b is not None:
+                        b[j] = m @ b[0]
+    model.save_pretrained(path)
+    return path, model
+
+
+@pytest.mark.parametrize("method", ["aligned", "fit"])
+@pytest.mark.parametrize("model_type", CASES)
+def test_rotated_copies_merge_exactly(model_type, method, tmp_path):
+    src, model = _rotated_copies_model(model_type, tmp_path / "src")
+    expected = logits(model)
+    calibration = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
+    out = convert_checkpoint(src, tmp_path / method, method=method, groups=1, progress=False,
+                             calibration=calibration if method == "fit" else None)
+    torch.testing.assert_close(logits(load_model(out)), expected, rtol=1e-4, atol=1e-4)
+    mean = convert_checkpoint(src, tmp_path / "mean", method="mean", groups=1, progress=False)
+    assert not torch.allclose(logits(load_model(mean)), expected, atol=1e-2)  # mean-pooling cannot do this
+
+
+@pytest.mark.parametrize("model_type", CASES)
+def test_fit_with_every_head_kept_is_exact(model_type, tmp_path):
+    model = build_tiny_model(model_type, _config(model_type))
+    model.save_pretrained(tmp_path / "src")
+    _, kv_heads, _ = _geometry(model)
+    calibration = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
+    out = convert_checkpoint(tmp_path / "src", tmp_path / "fit", method="fit", groups=kv_heads, progress=False,
+                             calibration=calibration)
+    torch.testing.assert_close(logits(load_model(out)), logits(model), rtol=1e-4, atol=1e-4)
+
+
+def test_similarity_grouping_finds_duplicate_heads(tmp_path):
+    """KV heads 2 and 3 copy heads 0 and 1: similarity groups {0, 2} and {1, 3}, moving query rows and output
+    columns along, so mean-pooling becomes exact; contiguous groups {0, 1}, {2, 3} are not."""
+    model = build_tiny_model("llama", _config("llama"))
+    with torch.no_grad():
+        for attn in _attentions(model):
+            for proj in (attn.k_proj, attn.v_proj):
+                w = proj.weight.view(4, 16, -1)  # (G0, hd, d)
+                w[2], w[3] = w[0].clone(), w[1].clone()
+    model.save_pretrained(tmp_path / "src")
+    expected = logits(model)
+    out = convert_checkpoint(tmp_path / "src", tmp_path / "sim", method="mean", groups=2, grouping="similarity",
+                             progress=False)
+    torch.testing.assert_close(logits(load_model(out)), expected, rtol=1e-5, atol=1e-5)
+    plain = convert_checkpoint(tmp_path / "src", tmp_path / "plain", method="mean", groups=2, progress=False)
+    assert not torch.allclose(logits(load_model(plain)), expected, atol=1e-3)
+
+
+def test_new_methods_lose_less_than_mean_pooling(tmp_path):
+    """On a random llama at MQA, alignment and fitting keep more of the function than mean-pooling."""
+    model = build_tiny_model("llama", _config("llama"))
+    model.save_pretrained(tmp_path / "src")
+    ids = torch.randint(0, 128, (4, 24), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        p = model(input_ids=ids).logits.log_softmax(-1)
+
+    def kl(method):
+        out = convert_checkpoint(tmp_path / "src", tmp_path / method, method=method, groups=1, progress=False,
+                                 calibration=ids if method == "fit" else None)
+        with torch.no_grad():
+            q = load_model(out)(input_ids=ids).logits.log_softmax(-1)
+        return (p.exp() * (p - q)).sum(-1).mean().item()
+
+    mean = kl("mean")
+    assert kl("aligned") < mean and kl("fit") < mean
+
+
+def test_layer_methods_refuse_unsupported_families(family_dirs, tmp_path):
+    with pytest.raises(ConversionError, match="supports model types .*llama.*'phi3' is not one"):
+        convert_checkpoint(family_dirs["phi3"], tmp_path / "o", method="aligned", groups=2, progress=False)
+    with pytest.raises(ConversionError, match="per-head query/key norms"):
+        convert_checkpoint(family_dirs["qwen3"], tmp_path / "o", method="fit", groups=2, progress=False,
+                           calibration="none")
+    with pytest.raises(ConversionError, match="fits each head's scale itself"):
+        convert_checkpoint(family_dirs["llama"], tmp_path / "o", method="fit", groups=2, preserve_norm=True,
+                           progress=False)

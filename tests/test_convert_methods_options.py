@@ -1,0 +1,92 @@
+"""The options around the new methods: norm preservation, calibration text, method names that carry options (the
+ablation runner's), the CLI flags and the layer-level API's input checks."""
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from conftest import load_model, logits
+from gqa_toolkit.convert import AttentionWeights, ConversionError, convert_checkpoint, convert_layer
+from gqa_toolkit.convert.calibration import stdlib_train_files
+from gqa_toolkit.convert.cli import main as convert_cli
+from gqa_toolkit.convert.variants import parse_variant
+from gqa_toolkit.eval.ablation_recipe import AblationRecipe
+
+
+def _heads(path, name, kv_heads):
+    return load_file(path / "model.safetensors")[name].view(kv_heads, -1)  # (G, hd*d)
+
+
+def test_preserve_norm_scales_pooled_heads_to_the_group_mean(llama_dir, tmp_path):
+    out = convert_checkpoint(llama_dir, tmp_path / "o", method="mean", groups=1, preserve_norm=True,
+                             progress=False)
+    name = "model.layers.0.self_attn.k_proj.weight"
+    source, pooled = _heads(llama_dir, name, 4), _heads(out, name, 1)
+    torch.testing.assert_close(pooled.norm(dim=1), source.norm(dim=1).mean().reshape(1))
+    plain = _heads(convert_checkpoint(llama_dir, tmp_path / "p", method="mean", groups=1, progress=False), name, 1)
+    torch.testing.assert_close(pooled / pooled.norm(), plain / plain.norm())  # same direction as the mean
+    assert plain.norm() < 0.9 * source.norm(dim=1).mean()  # mean-pooling did shrink it
+    assert json.loads((out / "config.json").read_text())["gqa_conversion"]["preserve_norm"] is True
+
+
+def test_preserve_norm_on_the_layer_path(llama_dir, tmp_path):
+    out = convert_checkpoint(llama_dir, tmp_path / "o", method="aligned", groups=1, preserve_norm=True,
+                             progress=False)
+    name = "model.layers.1.self_attn.v_proj.weight"
+    torch.testing.assert_close(_heads(out, name, 1).norm(dim=1), _heads(llama_dir, name, 4).norm(dim=1).mean()
+                               .reshape(1))
+
+
+def test_calibration_uses_only_the_corpus_training_files():
+    from gqa_toolkit.uptrain.corpus import stdlib_files
+
+    assert stdlib_train_files() == stdlib_files("train")
+
+
+def test_calibration_needs_a_tokenizer_or_none(llama_dir, tmp_path):
+    with pytest.raises(ConversionError, match="--calibration none"):
+        convert_checkpoint(llama_dir, tmp_path / "o", method="fit", groups=2, progress=False)
+    convert_checkpoint(llama_dir, tmp_path / "o", method="fit", groups=2, progress=False, calibration="none")
+
+
+def test_calibration_from_a_text_file(uptrain_models, tmp_path):
+    text = tmp_path / "calib.txt"
+    text.write_text("def f(x):\n    return x + 1\n" * 400)
+    out = convert_checkpoint(uptrain_models["mha"], tmp_path / "o", method="fit", groups=2, progress=False,
+                             calibration=str(text), calibration_samples=8, calibration_length=32)
+    record = json.loads((out / "config.json").read_text())["gqa_conversion"]
+    assert record["calibration"] == str(text) and record["calibration_sequences"] == 8
+    load_model(out)
+
+
+def test_method_names_carry_options():
+    assert parse_variant("aligned+similarity+norm") == {"method": "aligned", "grouping": "similarity",
+                                                        "preserve_norm": True}
+    assert parse_variant("fit+weights") == {"method": "fit", "calibration": "none"}
+    with pytest.raises(ConversionError, match="unknown option 'fast'"):
+        parse_variant("mean+fast")
+    recipe = AblationRecipe.model_validate({"results_dir": "r", "original": {"path": "m", "original_steps": 10},
+                                            "methods": ["mean", "fit+similarity", "mean+norm"]})
+    assert recipe.methods == ("mean", "fit+similarity", "mean+norm")
+
+
+def test_cli_grouping_and_norm_flags(llama_dir, tmp_path):
+    result = CliRunner().invoke(convert_cli, [str(llama_dir), "-g", "2", "--grouping", "similarity",
+                                              "--preserve-norm", "-q", "-o", str(tmp_path / "o")])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "o" / "config.json").read_text())["gqa_conversion"]["grouping"] == "similarity"
+    logits(load_model(tmp_path / "o"))
+    result = CliRunner().invoke(convert_cli, [str(llama_dir), "-g", "2", "--method", "fit", "--preserve-norm",
+                                              "--calibration", "none", "-o", str(tmp_path / "p")])
+    assert result.exit_code == 2 and "drop the option" in result.output
+
+
+def test_layer_api_names_bad_shapes():
+    w = AttentionWeights(q=torch.randn(64, 64), k=torch.randn(48, 64), v=torch.randn(64, 64), o=torch.randn(64, 64))
+    with pytest.raises(ConversionError, match=r"k \[48, 64\] does not hold 4 heads of 16"):
+        convert_layer(w, heads=4, kv_heads=4, groups=2)
+    with pytest.raises(ConversionError, match="unknown grouping 'best'"):
+        convert_layer(w, heads=4, kv_heads=4, groups=2, grouping="best")

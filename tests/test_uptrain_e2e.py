@@ -102,3 +102,23 @@ def test_uptrains_the_output_of_gqa_convert(write_recipe, uptrain_models, tmp_pa
     assert config["gqa_uptraining"]["steps"] == 2
     assert (out / "README.md").read_text().startswith((converted / "README.md").read_text())
     assert AutoModelForCausalLM.from_pretrained(out).config.num_key_value_heads == 1
+
+
+@pytest.mark.slow
+def test_uptrains_a_family_that_needs_the_toolkits_modeling_code(write_recipe, uptrain_models, tmp_path):
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    from gqa_toolkit.convert import convert_checkpoint
+
+    tokenizer = AutoTokenizer.from_pretrained(uptrain_models["mha"])
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=256, vocab_size=len(tokenizer),
+                               eos_token_id=tokenizer.eos_token_id)).save_pretrained(tmp_path / "gpt2")
+    tokenizer.save_pretrained(tmp_path / "gpt2")
+    converted = convert_checkpoint(tmp_path / "gpt2", tmp_path / "gpt2-gqa", method="mean", groups=2,
+                                   progress=False)
+    out = train(load_recipe(write_recipe(model={"path": str(converted), "trainable": "attention"},
+                                         train={"max_steps": 2})))
+    model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    assert model.config.num_key_value_heads == 2
+    assert json.loads((out / "config.json").read_text())["gqa_uptraining"]["steps"] == 2

@@ -31,9 +31,18 @@ def read_config_json(path: Path) -> dict:
     return json.loads((path / "config.json").read_text())
 
 
+def trusts_code(path: Path) -> bool:
+    """Run the modeling code in `path` only when it is the toolkit's own (gqa-convert writes it for families such
+    as gpt2 whose transformers code has no GQA), the same rule the convert stage follows."""
+    from gqa_toolkit.convert.architectures.spec import all_specs
+
+    own = {spec.modeling.model_type for spec in all_specs().values() if spec.modeling is not None}
+    return read_config_json(path).get("model_type") in own
+
+
 def load_config(path: Path, role: str = "model.path"):
     try:
-        config = AutoConfig.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trusts_code(path))
     except (ValueError, OSError, TypeError) as e:
         raise UptrainError(f"{role}: transformers cannot read {path / 'config.json'}: {str(e).splitlines()[0]}") from None
     if getattr(config, "is_encoder_decoder", False):
@@ -71,7 +80,7 @@ def load_tokenizer(path: Path):
 
 def load_model(path: Path, dtype: torch.dtype = torch.float32):
     try:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trusts_code(path))
     except (ValueError, OSError) as e:
         raise UptrainError(f"transformers cannot load the model in {path}: {str(e).splitlines()[0]}") from None
 

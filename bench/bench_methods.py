@@ -1,6 +1,8 @@
 """Conversion methods side by side: fidelity at fraction 0 and held-out loss after short uptraining.
 
     .venv/bin/python bench/bench_methods.py [--results runs/bench-methods] [--full-original]
+    .venv/bin/python bench/bench_methods.py --results runs/bench-methods-lr1e-4 --uptrain-lr 1e-4 \
+        --original runs/bench-methods/original --methods mean,aligned,fit
 
 Builds an original with the tiny ablation's code path (recipes/tiny-ablation.yaml through build_original), made
 smaller and faster so the whole comparison fits a shared 2-core CPU: hidden 128 (8 heads of 16), 4 layers, 200
@@ -30,15 +32,21 @@ NEW = [m for m in METHODS if m.split("+")[0] in ("aligned", "fit") or "+" in m]
 FRACTIONS = (0.0, 0.01, 0.05)
 
 
-def recipe(results: Path, full_original: bool) -> AblationRecipe:
+def recipe(results: Path, full_original: bool, methods=METHODS, lr: float | None = None,
+           original: str | None = None) -> AblationRecipe:
     raw = yaml.safe_load(Path(__file__).resolve().parents[1].joinpath("recipes/tiny-ablation.yaml").read_text())
-    raw.update(results_dir=str(results), methods=list(METHODS), groups=[raw["original"]["build"]["num_heads"] // 4, 1],
+    raw.update(results_dir=str(results), methods=list(methods), groups=[raw["original"]["build"]["num_heads"] // 4, 1],
                fractions=list(FRACTIONS),
                speed={"contexts": [32], "batch_sizes": [1], "decode_steps": 4, "repeats": 1})
     if not full_original:
         raw["original"]["build"].update(SMALL)
         for section, values in SMALL_RUN.items():
             raw[section] = {**raw[section], **values}
+    if lr is not None:
+        raw["uptrain"]["lr"] = lr
+    if original is not None:  # reuse an original built by an earlier run
+        steps = json.loads((Path(original).parent / "cells" / "original.json").read_text())["original_steps"]
+        raw["original"] = {"path": str(Path(original).resolve()), "original_steps": steps}
     return AblationRecipe.model_validate(raw)
 
 
@@ -49,8 +57,9 @@ def table(cells: Path, groups: list[int]) -> tuple[str, dict]:
         if cell.get("kind") == "cell":
             rows[(cell["method"], cell["groups"], cell["fraction"])] = cell
     lines = ["| G | method | KL f=0 | top-1 f=0 | loss f=0 | loss f=0.01 | loss f=0.05 |", "|---|---|---|---|---|---|---|"]
+    methods = sorted({m for m, _, _ in rows}, key=lambda m: METHODS.index(m) if m in METHODS else len(METHODS))
     for g in groups:
-        for m in METHODS:
+        for m in methods:
             c = [rows.get((m, g, f)) for f in FRACTIONS]
             fmt = lambda x, k, p=4: f"{x[k]:.{p}f}" if x else "-"  # noqa: E731
             lines.append(f"| {g} | {m} | {fmt(c[0], 'kl')} | {fmt(c[0], 'top1_agreement', 3)} | "
@@ -83,9 +92,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--results", default="runs/bench-methods")
     parser.add_argument("--full-original", action="store_true")
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated method names")
+    parser.add_argument("--uptrain-lr", type=float, default=None, help="[default: the tiny ablation's 5e-4]")
+    parser.add_argument("--original", default=None, help="an original built by an earlier run (its results/original)")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args()
-    r = recipe(Path(args.results), args.full_original)
+    r = recipe(Path(args.results), args.full_original, tuple(args.methods.split(",")), args.uptrain_lr, args.original)
     started = time.perf_counter()
     Ablation(r, progress=not args.quiet).run()
     text, rows = table(Path(args.results).resolve() / "cells", list(r.groups))

@@ -90,3 +90,27 @@ def test_layer_api_names_bad_shapes():
         convert_layer(w, heads=4, kv_heads=4, groups=2)
     with pytest.raises(ConversionError, match="unknown grouping 'best'"):
         convert_layer(w, heads=4, kv_heads=4, groups=2, grouping="best")
+
+
+def test_layer_plan_shapes_of_a_70b_shaped_checkpoint():
+    """The per-layer plan knows every output shape before reading data (producers are not called here)."""
+    from gqa_toolkit.convert.architectures.spec import spec_for
+    from gqa_toolkit.convert.geometry import Geometry
+    from gqa_toolkit.convert.layer_plan import LayerSettings
+    from gqa_toolkit.convert.plan import ConversionSettings, SourceTensor, plan_conversion
+    from gqa_toolkit.convert.rope import RopeLayout
+
+    d, layers = 8192, 80
+    shapes = {"model.embed_tokens.weight": (32000, d)}
+    for i in range(layers):
+        shapes.update({f"model.layers.{i}.self_attn.{p}_proj.weight": (d, d) for p in "qkvo"})
+    sources = {name: SourceTensor(torch.bfloat16, shape) for name, shape in shapes.items()}
+    settings = ConversionSettings(method=None, groups=8, layer=LayerSettings("fit", "similarity", False,
+                                                                             RopeLayout(128, 128)))
+    planned = plan_conversion(sources, lambda n: None, spec_for("llama"),
+                              Geometry(num_layers=layers, heads=64, kv_heads=64, head_dim=128, init_std=0.02),
+                              settings)
+    assert [t.name for t in planned] == list(shapes)
+    for t in planned:
+        kv = t.name.endswith(("k_proj.weight", "v_proj.weight"))
+        assert t.shape == ((8 * 128, d) if kv else shapes[t.name]), t.name

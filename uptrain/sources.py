@@ -83,7 +83,9 @@ def load_text(src: TextSource) -> tuple[datasets.Dataset | datasets.IterableData
             ) from None
         fp = f"hub:{src.name}:{src.config}:{src.split}"
 
-    columns = ds.column_names if ds.column_names is not None else list(next(iter(ds)).keys())
+    columns = ds.column_names if ds.column_names is not None else list(next(iter(ds), {}).keys())
+    if not columns:
+        raise UptrainError(f"dataset {src.name} (split {src.split}) is empty; point data.source at some text")
     if src.text_column not in columns:
         raise UptrainError(
             f"dataset {src.name} has no text column {src.text_column!r} (columns: {', '.join(columns)}); "

@@ -122,3 +122,31 @@ def test_uptrains_a_family_that_needs_the_toolkits_modeling_code(write_recipe, u
     model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
     assert model.config.num_key_value_heads == 2
     assert json.loads((out / "config.json").read_text())["gqa_uptraining"]["steps"] == 2
+
+
+@pytest.mark.slow
+def test_a_run_killed_with_sigkill_resumes_to_the_same_weights(write_recipe, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    reference = train(load_recipe(write_recipe("ref.yaml", train={"max_steps": 10},
+                                               output={"save_every": 2, "dir": str(tmp_path / "ref")})))
+    path = write_recipe("killed.yaml", train={"max_steps": 10}, output={"save_every": 2})
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "gqa_toolkit.uptrain", str(path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (run / "checkpoints" / "step-00000002").exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run / "model.safetensors").exists()  # it really died mid-run
+
+    train(load_recipe(path))
+    a, b = _weights(reference), _weights(run)
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6, msg=name)
+    assert [m["loss"] for m in read_metrics(run) if "loss" in m] == pytest.approx(
+        [m["loss"] for m in read_metrics(reference) if "loss" in m], rel=1e-6)

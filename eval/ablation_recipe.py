@@ -11,8 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from gqa_toolkit.convert.errors import ConversionError
 from gqa_toolkit.convert.variants import parse_variant
-from gqa_toolkit.uptrain.recipe import DataSection, apply_overrides
-from gqa_toolkit.uptrain.recipe import _describe as describe_error  # TODO: public name once uptrain exports it
+from gqa_toolkit.uptrain.recipe import DataSection, apply_overrides, describe_problems
 
 from .errors import EvalError
 
@@ -124,7 +123,4 @@ def load_ablation_recipe(path: str | Path, overrides: list[str] = ()) -> Ablatio
     try:
         return AblationRecipe.model_validate(apply_overrides(raw, list(overrides)))
     except ValidationError as exc:
-        problems = [describe_error(err) for err in exc.errors()]
-        if len(problems) == 1:
-            raise EvalError(f"recipe {path}: {problems[0]}") from None
-        raise EvalError(f"recipe {path} has {len(problems)} problems:\n  " + "\n  ".join(problems)) from None
+        raise EvalError(describe_problems(f"recipe {path}", exc)) from None

@@ -150,16 +150,21 @@ def _describe(err: dict[str, Any]) -> str:
     return f"{where}: {msg} (got {err['input']!r})"
 
 
+def describe_problems(name: str, error: ValidationError) -> str:
+    """Every problem pydantic found, one per line, each with the bad value and what was expected."""
+    problems = [_describe(err) for err in error.errors()]
+    if len(problems) == 1:
+        return f"{name}: {problems[0]}"
+    return f"{name} has {len(problems)} problems:\n  " + "\n  ".join(problems)
+
+
 def validate_recipe(raw: Any, name: str = "recipe") -> Recipe:
     if not isinstance(raw, dict):
         raise UptrainError(f"{name} must be a YAML mapping of sections (model, data, train, objective, output)")
     try:
         return Recipe.model_validate(raw)
     except ValidationError as e:
-        problems = [_describe(err) for err in e.errors()]
-        if len(problems) == 1:
-            raise UptrainError(f"{name}: {problems[0]}") from None
-        raise UptrainError(f"{name} has {len(problems)} problems:\n  " + "\n  ".join(problems)) from None
+        raise UptrainError(describe_problems(name, e)) from None
 
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:

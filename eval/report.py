@@ -85,11 +85,13 @@ def plot(root: Path, original: dict | None, cells: list[dict], speed: list[dict]
         ax.bar([s + i * width for s in range(len(slots))], values, width, label=method)
     if original:
         ax.axhline(original["heldout_loss"], color="black", linestyle="--", label="original MHA")
+    lowest = min([c["heldout_loss"] for c in cells] + ([original["heldout_loss"]] if original else []))
+    ax.set_ylim(bottom=lowest - 0.1 * abs(lowest))  # losses differ in the first decimal: do not start at zero
     ax.set_xticks([s + width * (len(methods) - 1) / 2 for s in range(len(slots))])
     ax.set_xticklabels([f"G={g}\nα={f:g}" for g, f in slots])
     ax.set_ylabel("held-out loss")
     ax.set_title("Conversion method (cf. GQA paper, Figure 4)")
-    ax.legend()
+    ax.legend(fontsize=8)
     written.append(_save(fig, root / "fig4_methods.png"))
 
     # Figure 5: held-out loss against uptraining fraction

@@ -4,7 +4,6 @@
     convert_checkpoint("llama-7b", method="mean", groups=8)
 """
 
-from . import modeling  # registers the toolkit's GQA t5, gpt2, gpt_neox and opt classes with the Auto classes
 from . import alignment, fitting  # register the layer methods `aligned` and `fit`
 from .api import convert_checkpoint
 from .errors import ConversionError

@@ -20,7 +20,7 @@ from .grouping import GROUPINGS
 from .layer_plan import LayerSettings, check_block_support
 from .methods import LAYER_METHODS, get_method
 from .output_dir import atomic_directory, check_output_free
-from .plan import ConversionSettings, SourceTensor, plan_conversion
+from .plan import ByteSpan, ConversionSettings, SourceTensor, plan_conversion
 from .rope import rope_layout
 from .provenance import conversion_record, write_metadata
 from .reader import CheckpointReader
@@ -113,6 +113,8 @@ def convert_checkpoint(src: str | Path, dst: str | Path | None = None, *, method
     model_dir = resolve_model_dir(src)
     raw_config = read_raw_config(model_dir)
     spec = spec_for(raw_config["model_type"])
+    if spec.modeling is not None:
+        from . import modeling  # noqa: F401  registers the GQA classes (4 s of imports only families like gpt2 need)
     method_fn = get_method(method)
     target_dtype = parse_dtype(dtype)
     scope = attention or spec.default_scope
@@ -124,7 +126,8 @@ def convert_checkpoint(src: str | Path, dst: str | Path | None = None, *, method
     check_output_free(out, force)
 
     reader = CheckpointReader(model_dir)
-    sources = {name: SourceTensor(info.dtype, info.shape) for name, info in reader.infos.items()}
+    sources = {name: SourceTensor(info.dtype, info.shape, ByteSpan(info.file, *info.offsets) if info.offsets else None)
+               for name, info in reader.infos.items()}
     layer, options = _layer_settings(model_dir, config, raw_config, spec, list(sources), geometries, method=method,
                                      grouping=grouping, preserve_norm=preserve_norm, calibration=calibration,
                                      samples=calibration_samples, length=calibration_length)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
 import torch
@@ -23,9 +24,17 @@ from .methods import Method, MethodContext, preserve_norms
 
 
 @dataclass(frozen=True)
+class ByteSpan:
+    file: Path
+    begin: int
+    end: int
+
+
+@dataclass(frozen=True)
 class SourceTensor:
     dtype: torch.dtype
     shape: tuple[int, ...]
+    span: ByteSpan | None = None  # where its bytes lie on disk, when they can be copied as they are
 
 
 @dataclass(frozen=True)
@@ -34,6 +43,7 @@ class PlannedTensor:
     dtype: torch.dtype
     shape: tuple[int, ...]
     produce: Callable[[], torch.Tensor]
+    copy_from: ByteSpan | None = None  # an unchanged tensor: the writer copies these bytes without reading them
 
 
 @dataclass(frozen=True)
@@ -193,7 +203,8 @@ def plan_conversion(sources: Mapping[str, SourceTensor], read: Callable[[str], t
             raise ConversionError(f"{name} holds K/V heads that the per-layer conversion does not reach; this "
                                   f"family's spec needs its block section to cover it")
         if m is None:
-            planned.append(PlannedTensor(name, dtype, source.shape, lambda n=name, d=dtype: read(n).to(d)))
+            unchanged = source.span if dtype == source.dtype else None
+            planned.append(PlannedTensor(name, dtype, source.shape, lambda n=name, d=dtype: read(n).to(d), unchanged))
             continue
         geo = geos[m.entry.attention]
         if m.entry.layout == "stacked":

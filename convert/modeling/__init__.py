@@ -2,7 +2,9 @@
 
 Each `gqa_<family>.py` is self-contained (torch and transformers only) because the converter copies it into every
 output directory for `trust_remote_code=True` loading. Importing this package registers the classes with the Auto
-classes, so a process that imported the toolkit loads converted checkpoints without `trust_remote_code`.
+classes, so the process then loads converted checkpoints without `trust_remote_code`; `convert_checkpoint` imports
+it for these families. It is not imported by `gqa_toolkit.convert` itself: it pulls in transformers' modeling
+stacks (about 4 s), which converting any other family does not need.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from gqa_toolkit.convert.errors import ConversionError
 from gqa_toolkit.convert.variants import parse_variant
-from gqa_toolkit.uptrain.recipe import DataSection, apply_overrides, describe_problems
+from gqa_toolkit.uptrain.recipe import DataSection, describe_problems, read_recipe_yaml
 
 from .errors import EvalError
 
@@ -111,16 +111,8 @@ class AblationRecipe(_Section):
 
 
 def load_ablation_recipe(path: str | Path, overrides: list[str] = ()) -> AblationRecipe:
-    path = Path(path)
-    if not path.is_file():
-        raise EvalError(f"recipe {path} does not exist; pass a YAML file such as recipes/tiny-ablation.yaml")
+    raw = read_recipe_yaml(path, overrides, example="recipes/tiny-ablation.yaml")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise EvalError(f"recipe {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    if not isinstance(raw, dict):
-        raise EvalError(f"recipe {path} must be a YAML mapping")
-    try:
-        return AblationRecipe.model_validate(apply_overrides(raw, list(overrides)))
+        return AblationRecipe.model_validate(raw)
     except ValidationError as exc:
         raise EvalError(describe_problems(f"recipe {path}", exc)) from None

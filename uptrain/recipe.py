@@ -167,15 +167,20 @@ def validate_recipe(raw: Any, name: str = "recipe") -> Recipe:
         raise UptrainError(describe_problems(name, e)) from None
 
 
-def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
-    """Read, override and validate a YAML recipe. Paths are left as written; call `.resolved()` to anchor them."""
+def read_recipe_yaml(path: str | Path, overrides: list[str] = (), example: str = "recipes/tiny-uptrain.yaml") -> dict:
+    """A recipe file as a mapping with `key=value` overrides applied; a missing file or bad YAML is an UptrainError."""
     path = Path(path)
     if not path.is_file():
-        raise UptrainError(f"recipe {path} does not exist; pass a YAML file such as recipes/tiny-uptrain.yaml")
+        raise UptrainError(f"recipe {path} does not exist; pass a YAML file such as {example}")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise UptrainError(f"recipe {path} is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(raw, dict):
-        raise UptrainError(f"recipe {path} must be a YAML mapping of sections (model, data, train, objective, output)")
-    return validate_recipe(apply_overrides(raw, list(overrides)), name=f"recipe {path}")
+        raise UptrainError(f"recipe {path} must be a YAML mapping of sections")
+    return apply_overrides(raw, list(overrides))
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """Read, override and validate a YAML recipe. Paths are left as written; call `.resolved()` to anchor them."""
+    return validate_recipe(read_recipe_yaml(path, overrides), name=f"recipe {path}")

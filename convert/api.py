@@ -50,8 +50,10 @@ def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
     return DTYPES[name]
 
 
-def default_output(model_dir: Path, groups: int, method: str) -> Path:
-    return model_dir.parent / f"{model_dir.name}-gqa{groups}-{method}"
+def default_output(model_dir: Path, groups: int, method: str, grouping: str = "contiguous",
+                   preserve_norm: bool = False) -> Path:
+    options = ("-similarity" if grouping == "similarity" else "") + ("-norm" if preserve_norm else "")
+    return model_dir.parent / f"{model_dir.name}-gqa{groups}-{method}{options}"
 
 
 def _layer_settings(model_dir: Path, config, raw_config: dict, spec, names: list[str], geometries, *, method: str,
@@ -122,7 +124,8 @@ def convert_checkpoint(src: str | Path, dst: str | Path | None = None, *, method
     geometries = read_geometries(config, spec, scope)
     for geometry in geometries.values():
         check_groups(groups, geometry, spec)
-    out = Path(dst).expanduser().resolve() if dst is not None else default_output(model_dir, groups, method)
+    out = Path(dst).expanduser().resolve() if dst is not None else default_output(
+        model_dir, groups, method, grouping, preserve_norm)
     check_output_free(out, force)
 
     reader = CheckpointReader(model_dir)

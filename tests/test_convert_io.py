@@ -111,3 +111,14 @@ def test_output_records_its_provenance_and_copies_other_files(llama_dir, tmp_pat
     assert (out / "generation_config.json").is_file()
     card = (out / "README.md").read_text()
     assert "4 -> 1" in card and "`first`" in card
+
+
+def test_default_output_names_the_options(llama_dir, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for p in llama_dir.iterdir():
+        (src / p.name).write_bytes(p.read_bytes())
+    plain = convert_checkpoint(src, groups=2, progress=False)
+    normed = convert_checkpoint(src, groups=2, preserve_norm=True, progress=False)
+    assert plain.name == "src-gqa2-mean" and normed.name == "src-gqa2-mean-norm"
+    assert read_config(normed)["gqa_conversion"]["preserve_norm"] is True

@@ -30,7 +30,8 @@ from .methods import all_method_names
                                                   f"otherwise]")
 @click.option("--calibration-samples", type=int, default=256, help="Calibration sequences.")
 @click.option("--calibration-length", type=int, default=128, help="Tokens per calibration sequence.")
-@click.option("--output", "-o", default=None, help="Output directory. [default: MODEL_DIR-gqa{G}-{method}, plus -similarity and -norm when set]")
+@click.option("--output", "-o", default=None,
+              help="Output directory. [default: MODEL_DIR-gqa{G}-{method}, plus -similarity and -norm when set]")
 @click.option("--attention", default=None, help="Which attention to convert, for families with several kinds: "
                                                 "t5 'decoder' (self- and cross-attention, the paper's choice) or "
                                                 "'all' (the encoder's too). [default: the family's first]")

@@ -9,13 +9,12 @@ ids given directly. Only moments are kept, `(d + 1, d + 1)` per layer; the model
 from __future__ import annotations
 
 import hashlib
-import re
 import sysconfig
 from pathlib import Path
 
 import torch
 
-from .architectures.spec import AttentionBlock
+from .architectures.spec import AttentionBlock, key_pattern
 from .errors import ConversionError
 from .layer_block import InputMoments
 
@@ -76,11 +75,6 @@ def calibration_tokens(model_dir: Path, source: str, samples: int, length: int) 
     return torch.tensor(rows[:samples])
 
 
-def _template_regex(template: str) -> re.Pattern[str]:
-    body = re.escape(template).replace(r"\{layer\}", r"(?P<layer>\d+)")
-    return re.compile(rf"^(?:.+\.)?{body}$")
-
-
 @torch.no_grad()
 def collect_moments(model_dir: Path, block: AttentionBlock, tokens: torch.Tensor, trust_remote_code: bool,
                     batch_size: int = 8) -> dict[int, InputMoments]:
@@ -89,7 +83,7 @@ def collect_moments(model_dir: Path, block: AttentionBlock, tokens: torch.Tensor
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
                                                  trust_remote_code=trust_remote_code).eval()
-    patterns = [_template_regex(t) for t in block.q]
+    patterns = [key_pattern(t) for t in block.q]
     moments: dict[int, InputMoments] = {}
     hooks = []
     for name, module in model.named_modules():

@@ -7,13 +7,12 @@ one layer. Output shapes are known up front (q and o keep theirs, k and v get G 
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
 import torch
 
-from .architectures.spec import ArchitectureSpec
+from .architectures.spec import ArchitectureSpec, key_pattern
 from .errors import ConversionError
 from .geometry import Geometry
 from .layer_api import AttentionWeights, convert_layer
@@ -35,8 +34,7 @@ class LayerSettings:
 def _find(templates, names, suffix: str) -> dict[tuple[str, int], str]:
     """(prefix, layer) -> on-disk name, for the first template any name matches."""
     for template in templates:
-        body = re.escape(template + suffix).replace(r"\{layer\}", r"(?P<layer>\d+)")
-        pattern = re.compile(rf"^(?P<prefix>(?:.+\.)?){body}$")
+        pattern = key_pattern(template + suffix)
         found = {(m["prefix"], int(m["layer"])): n for n in names if (m := pattern.match(n))}
         if found:
             return found

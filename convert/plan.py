@@ -8,14 +8,13 @@ the meta device with no memory.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
 import torch
 
-from .architectures.spec import ArchitectureSpec, KVTensor
+from .architectures.spec import ArchitectureSpec, KVTensor, key_pattern
 from .errors import ConversionError
 from .geometry import Geometry
 from .layouts import Heads, fused_layout
@@ -54,13 +53,8 @@ class Match:
     prefix: str
 
 
-def _template_regex(template: str) -> re.Pattern[str]:
-    body = re.escape(template).replace(r"\{layer\}", r"(?P<layer>\d+)").replace(r"\{head\}", r"(?P<head>\d+)")
-    return re.compile(rf"^(?P<prefix>(?:.+\.)?){body}$")
-
-
 def match_names(names: list[str], entries: Iterable[KVTensor]) -> dict[str, Match]:
-    patterns = [(entry, _template_regex(entry.key)) for entry in entries]
+    patterns = [(entry, key_pattern(entry.key)) for entry in entries]
     matches = {}
     for name in names:
         for entry, pattern in patterns:

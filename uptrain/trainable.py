@@ -11,9 +11,9 @@ from .errors import UptrainError
 from .recipe import TrainSection
 
 
-def _kv_patterns(model_type: str) -> list[re.Pattern]:
+def _kv_patterns(model_type: str) -> list[re.Pattern[str]]:
     """Regexes for the converted K/V tensors (and their norms), from the convert stage's architecture spec."""
-    from gqa_toolkit.convert.architectures.spec import spec_for
+    from gqa_toolkit.convert.architectures.spec import key_pattern, spec_for
     from gqa_toolkit.convert.errors import ConversionError
 
     try:
@@ -23,8 +23,7 @@ def _kv_patterns(model_type: str) -> list[re.Pattern]:
     if any(t.part == "qkv" for t in spec.tensors):
         raise UptrainError(f"{model_type} fuses Q, K and V in one tensor, so K/V cannot train alone; use "
                            "trainable: attention")
-    keys = [re.escape(t.key).replace(r"\{layer\}", r"\d+").replace(r"\{head\}", r"\d+") for t in spec.tensors]
-    return [re.compile(rf"(^|\.){k}$") for k in keys]
+    return [key_pattern(t.key) for t in spec.tensors]
 
 
 def _attention_names(model: nn.Module) -> set[str]:
@@ -44,7 +43,7 @@ def select_trainable(model: nn.Module, which: str) -> list[str]:
         chosen = _attention_names(model)
     else:
         patterns = _kv_patterns(model.config.model_type)
-        chosen = {n for n, _ in model.named_parameters() if any(p.search(n) for p in patterns)}
+        chosen = {n for n, _ in model.named_parameters() if any(p.match(n) for p in patterns)}
     if not chosen:
         raise UptrainError(f"trainable: {which} matches no parameter of this {model.config.model_type} model; "
                            "use trainable: all")

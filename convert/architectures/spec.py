@@ -7,6 +7,7 @@ so a misspelt field can never be silently ignored. Adding a family is adding a s
 from __future__ import annotations
 
 import json
+import re
 from functools import lru_cache
 from importlib import resources
 from typing import Literal
@@ -159,6 +160,13 @@ class ArchitectureSpec(_Strict):
 
     def kv_heads_attr_of(self, kind: str) -> str | None:
         return self.attention[kind].kv_heads_attr or self.kv_heads_attr
+
+
+def key_pattern(template: str) -> re.Pattern[str]:
+    """A regex for an on-disk key template: {layer} and {head} become named groups, and any model prefix
+    ("model.", "language_model.model.", ...) is captured as `prefix`. Use with `.match`."""
+    body = re.escape(template).replace(r"\{layer\}", r"(?P<layer>\d+)").replace(r"\{head\}", r"(?P<head>\d+)")
+    return re.compile(rf"^(?P<prefix>(?:.+\.)?){body}$")
 
 
 def _spec_files() -> list[tuple[str, str]]:

@@ -25,6 +25,7 @@ from .rope import rope_layout
 from .provenance import conversion_record, write_metadata
 from .reader import CheckpointReader
 from .source import read_raw_config, resolve_model_dir
+from .source_config import ConfigReader, SourceConfig, load_transformers_config
 from .writer import write_checkpoint
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -56,8 +57,8 @@ def default_output(model_dir: Path, groups: int, method: str, grouping: str = "c
     return model_dir.parent / f"{model_dir.name}-gqa{groups}-{method}{options}"
 
 
-def _layer_settings(model_dir: Path, config, raw_config: dict, spec, names: list[str], geometries, *, method: str,
-                    grouping: str, preserve_norm: bool, calibration, samples: int, length: int):
+def _layer_settings(model_dir: Path, config: ConfigReader, raw_config: dict, spec, names: list[str], geometries, *,
+                    method: str, grouping: str, preserve_norm: bool, calibration, samples: int, length: int):
     """What the per-layer path needs, with the calibration moments collected; None when the per-tensor path
     does the job (mean, first, random with contiguous groups)."""
     if grouping not in GROUPINGS:
@@ -88,15 +89,6 @@ def _layer_settings(model_dir: Path, config, raw_config: dict, spec, names: list
                          moments), record
 
 
-def _load_config(model_dir: Path):
-    from transformers import AutoConfig
-
-    try:
-        return AutoConfig.from_pretrained(model_dir)
-    except (ValueError, OSError, TypeError) as exc:
-        raise ConversionError(f"transformers cannot read {model_dir / 'config.json'}: {exc}") from None
-
-
 def convert_checkpoint(src: str | Path, dst: str | Path | None = None, *, method: str = "mean", groups: int,
                        seed: int = 0, dtype: str | torch.dtype | None = None, max_shard_size: str | int | None = None,
                        attention: str | None = None, force: bool = False, progress: bool = True,
@@ -120,7 +112,7 @@ def convert_checkpoint(src: str | Path, dst: str | Path | None = None, *, method
     method_fn = get_method(method)
     target_dtype = parse_dtype(dtype)
     scope = attention or spec.default_scope
-    config = _load_config(model_dir)
+    config = SourceConfig(raw_config, spec.config, load=lambda: load_transformers_config(model_dir))
     geometries = read_geometries(config, spec, scope)
     for geometry in geometries.values():
         check_groups(groups, geometry, spec)

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from .architectures.spec import ArchitectureSpec
 from .errors import ConversionError
+from .source_config import ConfigReader
 
 
 @dataclass(frozen=True)
@@ -18,33 +18,47 @@ class Geometry:
     init_std: float  # the family's initializer_range, for the `random` method
 
 
-def read_geometry(config: Any, spec: ArchitectureSpec, kind: str | None = None) -> Geometry:
-    """`config` is a transformers PretrainedConfig (attribute maps and defaults applied); `kind` one of the spec's
+def read_geometry(config: ConfigReader, spec: ArchitectureSpec, kind: str | None = None) -> Geometry:
+    """`config` answers as the family's transformers config would (see source_config.py); `kind` one of the spec's
     attention kinds (default: its first)."""
     kind = kind or next(iter(spec.attention))
     for attr, wanted in spec.requires.items():
-        found = getattr(config, attr, None)
+        found = config.get(attr)
         if found != wanted:
             raise ConversionError(f"{config.model_type} conversion needs {attr}={wanted!r} in config.json, found "
                                   f"{found!r}: this checkpoint's attention layout is not one the family's config "
                                   f"can give fewer KV heads")
-    heads = config.num_attention_heads
+    heads = _count(config, "num_attention_heads")
     kv_attr = spec.kv_heads_attr_of(kind)
     # A family converted through the toolkit's modeling code is MHA unless the source already runs that code: the
     # stock modeling ignores any KV-head count its config.json happens to hold.
     counts_kv_heads = spec.modeling is None or config.model_type == spec.modeling.model_type
-    kv_heads = (getattr(config, kv_attr, None) if kv_attr and counts_kv_heads else None) or heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    # None (a missing or null count) means what transformers makes of it: one KV head per query head, and a head
+    # size of hidden_size / heads
+    kv_heads = (_count(config, kv_attr, optional=True) if kv_attr and counts_kv_heads else None) or heads
+    head_dim = _count(config, "head_dim", optional=True) or _count(config, "hidden_size") // heads
+    init_std = config.get("initializer_range")
+    if init_std is not None and (isinstance(init_std, bool) or not isinstance(init_std, (int, float))):
+        raise ConversionError(f"config.json has initializer_range={init_std!r}; expected a number")
     return Geometry(
-        num_layers=getattr(config, spec.attention[kind].layers_attr),
+        num_layers=_count(config, spec.attention[kind].layers_attr),
         heads=heads,
         kv_heads=kv_heads,
         head_dim=head_dim,
-        init_std=float(getattr(config, "initializer_range", 0.02)),
+        init_std=0.02 if init_std is None else float(init_std),
     )
 
 
-def read_geometries(config: Any, spec: ArchitectureSpec, scope: str | None = None) -> dict[str, Geometry]:
+def _count(config: ConfigReader, attr: str, optional: bool = False) -> int | None:
+    value = config.get(attr)
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConversionError(f"config.json has {attr}={value!r}; expected a positive whole number")
+    return value
+
+
+def read_geometries(config: ConfigReader, spec: ArchitectureSpec, scope: str | None = None) -> dict[str, Geometry]:
     """Attention kind -> geometry, for the kinds that `scope` converts."""
     return {kind: read_geometry(config, spec, kind) for kind in spec.kinds(scope)}
 

@@ -11,12 +11,12 @@ families with no RoPE). `KeyMap` holds exactly that, so no code path can build a
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from .architectures.spec import Rope
 from .errors import ConversionError
+from .source_config import ConfigReader
 
 
 @dataclass(frozen=True)
@@ -50,18 +50,12 @@ class RopeLayout:
         return rows[..., self.rotary_dims:, :]  # (..., f, n)
 
 
-def rope_layout(rope: Rope, config: Any, head_dim: int) -> RopeLayout:
+def rope_layout(rope: Rope, config: ConfigReader, head_dim: int) -> RopeLayout:
     """The layout a config implies: all dims rotate unless a partial factor says otherwise; none without RoPE."""
     if rope.style == "none":
         return RopeLayout(head_dim, 0)
-    factor = 1.0
-    for attr in rope.factor_attrs:
-        value = config
-        for part in attr.split("."):
-            value = value.get(part) if isinstance(value, dict) else getattr(value, part, None)
-        if value is not None:
-            factor = float(value)
-            break
+    factors = (config.get(attr) for attr in rope.factor_attrs)
+    factor = next((float(f) for f in factors if f is not None), 1.0)
     return RopeLayout(head_dim, int(head_dim * factor))
 
 

@@ -106,6 +106,16 @@ def test_weights_that_disagree_with_config(llama_dir, tmp_path):
     assert_refused(tmp_path, [src, "--groups", "1"], "k_proj.weight has shape [64, 64]", "disagree")
 
 
+@pytest.mark.parametrize("attr, value, needle", [("num_attention_heads", "4", "num_attention_heads='4'"),
+                                                 ("num_key_value_heads", 0, "num_key_value_heads=0"),
+                                                 ("initializer_range", None, "transformers cannot read")])
+def test_config_value_that_cannot_be_read(llama_dir, tmp_path, attr, value, needle):
+    src = _copy(llama_dir, tmp_path / "m")
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, attr: value}))
+    assert_refused(tmp_path, [src, "--groups", "2"], needle)
+
+
 def test_existing_output_needs_force(llama_dir, tmp_path):
     out = tmp_path / "out"
     out.mkdir()

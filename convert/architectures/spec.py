@@ -113,10 +113,32 @@ class AttentionBlock(_Strict):
     attention: str = "self"
 
 
+ConfigValue = bool | int | float | str | None
+
+
+class ConfigSchema(_Strict):
+    """How the family's config.json holds the attributes conversion reads, so that reading them needs no
+    transformers import: its config classes' attribute_map and defaults, as data (see convert/source_config.py).
+    An attribute that config.json lacks and that has no default here is read through AutoConfig instead; a test
+    compares every reading with AutoConfig's for every family the tests build."""
+
+    # attribute -> the config.json keys that hold it, the first non-null one wins (default: the attribute's name).
+    # Empty: no key does, the class computes it (falcon's head_dim).
+    keys: dict[str, tuple[str, ...]] = {}
+    # attribute -> the class's value when config.json holds none of its keys; null: the class leaves it None or
+    # has no such attribute, and config.json's null means the same. Per model type where a class differs.
+    defaults: dict[str, ConfigValue] = {}
+    model_type_defaults: dict[str, dict[str, ConfigValue]] = {}
+
+    def defaults_for(self, model_type: str) -> dict[str, ConfigValue]:
+        return {**self.defaults, **self.model_type_defaults.get(model_type, {})}
+
+
 class ArchitectureSpec(_Strict):
     model_types: tuple[str, ...]
-    # Config attribute that counts KV heads, read through AutoConfig and rewritten to G. None: the family's config
-    # has no trustworthy count (gpt_bigcode saves a stale one) and `requires` pins the source to H KV heads.
+    # Config attribute that counts KV heads, read from config.json (see `config`) and rewritten to G. None: the
+    # family's config has no trustworthy count (gpt_bigcode saves a stale one) and `requires` pins the source to
+    # H KV heads.
     kv_heads_attr: str | None = None
     # Attention kinds by name, and the named sets of them that `--attention` chooses from (default: the first).
     attention: dict[str, AttentionKind] = {"self": AttentionKind()}
@@ -127,6 +149,7 @@ class ArchitectureSpec(_Strict):
     set_config: dict[str, bool | int | str] = {}  # extra config.json values written on output
     tensors: tuple[KVTensor, ...]
     block: AttentionBlock | None = None  # where Q and O live, for the layer methods; None: they refuse the family
+    config: ConfigSchema = ConfigSchema()
 
     @model_validator(mode="after")
     def _has_required_k_and_v(self) -> "ArchitectureSpec":
@@ -141,6 +164,9 @@ class ArchitectureSpec(_Strict):
                                  f"tensor)")
         if not self.scopes:
             raise ValueError("'scopes' needs at least one entry")
+        if unknown := set(self.config.model_type_defaults) - set(self.model_types):
+            raise ValueError(f"config.model_type_defaults names model types {sorted(unknown)} that are not in "
+                             f"'model_types'")
         if self.modeling is not None and self.modeling.model_type not in self.model_types:
             raise ValueError(f"model_types must include the modeling's {self.modeling.model_type!r}, so a "
                              f"converted checkpoint converts again")

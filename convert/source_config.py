@@ -1,0 +1,86 @@
+"""The source's config attributes, read from config.json as its transformers config class would give them.
+
+Loading a config through `AutoConfig` imports much of transformers (about 4 s), and conversion needs only a few
+attributes: head counts, head size, layer counts, the init scale and a few flags. `SourceConfig` answers them from
+config.json through the spec's `ConfigSchema` (the class's attribute_map and defaults, as data). An attribute the
+schema cannot answer comes from AutoConfig, loaded once and only then, so an answer never differs from
+transformers'. `TransformersConfig` gives the same interface over a loaded config object.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+from .architectures.spec import ConfigSchema
+from .errors import ConversionError
+
+_UNANSWERED = object()
+
+
+class ConfigReader(Protocol):
+    model_type: str
+
+    def get(self, path: str) -> Any:
+        """The attribute `path` (dotted: a key of a dict attribute, as in "rope_parameters.partial_rotary_factor"),
+        None where the config has no such attribute."""
+
+
+class TransformersConfig:
+    """A transformers config object (attribute_map and class defaults applied) behind `ConfigReader`."""
+
+    def __init__(self, config: Any):
+        self.config = config
+        self.model_type: str = config.model_type
+
+    def get(self, path: str) -> Any:
+        value = self.config
+        for part in path.split("."):
+            value = value.get(part) if isinstance(value, dict) else getattr(value, part, None)
+        return value
+
+
+def load_transformers_config(model_dir: Path) -> TransformersConfig:
+    from huggingface_hub.errors import StrictDataclassError  # a value of the wrong type, or one out of range
+    from transformers import AutoConfig
+
+    try:
+        return TransformersConfig(AutoConfig.from_pretrained(model_dir))
+    except (ValueError, OSError, TypeError, StrictDataclassError) as exc:
+        reason = " ".join(str(exc).split())
+        raise ConversionError(f"transformers cannot read {model_dir / 'config.json'}: {reason}") from None
+
+
+class SourceConfig:
+    """config.json read through a `ConfigSchema`; AutoConfig (from `load`) answers what the schema cannot."""
+
+    def __init__(self, raw: dict[str, Any], schema: ConfigSchema, load: Callable[[], ConfigReader]):
+        self.raw = raw
+        self.schema = schema
+        self.model_type: str = raw["model_type"]
+        self._defaults = schema.defaults_for(self.model_type)
+        self._load = load
+        self._loaded: ConfigReader | None = None
+
+    def get(self, path: str) -> Any:
+        attr, *rest = path.split(".")
+        value = self.attribute(attr)
+        for part in rest:
+            value = value.get(part) if isinstance(value, dict) else None
+        return value
+
+    def attribute(self, attr: str) -> Any:
+        keys = self.schema.keys.get(attr, (attr,))
+        values = [self.raw[key] for key in keys if key in self.raw]
+        for value in values:
+            if value is not None:
+                return value
+        default = self._defaults.get(attr, _UNANSWERED)
+        # A null in config.json is the same input to the class as a missing key only when the class default is None
+        answered = default is not _UNANSWERED and (not values or default is None)
+        return default if answered else self.transformers().get(attr)
+
+    def transformers(self) -> ConfigReader:
+        if self._loaded is None:
+            self._loaded = self._load()
+        return self._loaded

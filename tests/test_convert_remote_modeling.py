@@ -87,6 +87,29 @@ def test_grouped_equals_reference_and_caches_g_heads(family, no_native_dirs, tmp
     assert all(s[1] == family.heads for s in _kv_cache_shapes(reference, family))
 
 
+def _padded_inputs(family) -> dict:
+    """A batch whose first row is left-padded: attention runs with a mask, as in batched generation."""
+    inputs = _inputs(family)
+    mask = torch.ones_like(inputs["input_ids"])
+    mask[0, :5] = 0
+    return {**inputs, "attention_mask": mask}
+
+
+@pytest.mark.parametrize("family", NO_NATIVE_FAMILIES, ids=NO_NATIVE_IDS)
+def test_padded_batches_equal_reference(family, no_native_dirs, tmp_path):
+    src = no_native_dirs[family.model_type]
+    converted = _load(family, convert_checkpoint(src, tmp_path / "out", groups=GROUPS, progress=False))
+    reference = _load(family, src)
+    apply_reference_no_native(reference, family.model_type, GROUPS, "mean")
+    inputs = _padded_inputs(family)
+    with torch.no_grad():
+        ours, theirs = converted(**inputs).logits, reference(**inputs).logits
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    generate = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"], "max_new_tokens": 6,
+                "min_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
+    assert torch.equal(converted.generate(**generate), reference.generate(**generate))
+
+
 def test_first_method_equals_reference(no_native_dirs, tmp_path):
     family = NO_NATIVE_FAMILIES[NO_NATIVE_IDS.index("gpt2")]  # the fused, transposed Conv1D layout
     out = convert_checkpoint(no_native_dirs["gpt2"], tmp_path / "out", method="first", groups=1, progress=False)

@@ -39,13 +39,14 @@ class GQAGPTNeoXAttention(GPTNeoXAttention):
         if self.num_heads % self.num_key_value_heads:
             raise ValueError(f"num_key_value_heads={self.num_key_value_heads} does not divide "
                              f"num_attention_heads={self.num_heads}")
-        self.num_key_value_groups = self.num_heads // self.num_key_value_heads
+        # not named num_key_value_groups: the sdpa interface would repeat K/V heads a second time under a mask
+        self.queries_per_kv_head = self.num_heads // self.num_key_value_heads
         rows = (self.num_heads + 2 * self.num_key_value_heads) * self.head_size
         self.query_key_value = nn.Linear(config.hidden_size, rows, bias=config.attention_bias)
 
     def forward(self, hidden_states, attention_mask, layer_past=None, position_embeddings=None, **kwargs):
         input_shape = hidden_states.shape[:-1]  # (B, T)
-        per_group = self.num_key_value_groups
+        per_group = self.queries_per_kv_head
         qkv = self.query_key_value(hidden_states)
         qkv = qkv.view(*input_shape, self.num_key_value_heads, per_group + 2, self.head_size)  # (B, T, G, H/G+2, hd)
         q = qkv[..., :per_group, :].reshape(*input_shape, self.num_heads, self.head_size).transpose(1, 2)  # (B,H,T,hd)

@@ -26,6 +26,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from gqa_toolkit.convert import convert_checkpoint
 from gqa_toolkit.uptrain import train, validate_recipe
 from gqa_toolkit.uptrain.data import global_batches, load_blocks
+from gqa_toolkit.uptrain.tasks import CausalLM
 from gqa_toolkit.uptrain.metrics import read_metrics
 from gqa_toolkit.uptrain.tiny import build_tiny_mha
 
@@ -93,9 +94,9 @@ def main() -> None:
         }
         recipe_clipped = {**recipe, "train": {**recipe["train"], "max_grad_norm": 1.0}}
         blocks = load_blocks(validate_recipe({**recipe, "output": {"dir": "x"}}).data,
-                             AutoTokenizer.from_pretrained(model_dir))
+                             AutoTokenizer.from_pretrained(model_dir), CausalLM(args.block_size))
         stream = global_batches(blocks.train, args.batch_size, seed=0)
-        batches = [next(stream) for _ in range(warmup + args.steps)]
+        batches = [next(stream)["input_ids"] for _ in range(warmup + args.steps)]
 
         times = {"minimal": [], "gqa-uptrain": [], "gqa-uptrain, clipping": [], "minimal, labels= loss": []}
         for r in range(args.rounds):

@@ -23,12 +23,14 @@ from gqa_toolkit.convert import convert_checkpoint
 from gqa_toolkit.convert.geometry import divisors
 from gqa_toolkit.convert.variants import parse_variant
 from gqa_toolkit.uptrain import train, validate_recipe
+from gqa_toolkit.uptrain.recipe import ObjectiveSection
 from gqa_toolkit.uptrain.model import load_config, load_model, load_tokenizer
+from gqa_toolkit.uptrain.tasks import CausalLM
 
 from .ablation_recipe import AblationRecipe
 from .errors import EvalError
 from .fidelity import fidelity
-from .heldout import EvalData, check_context, heldout_blocks
+from .heldout import EvalData, check_context, eval_task, heldout_set
 from .original import Original, new_tokenizer, resolve_original
 from .perplexity import perplexity
 from .report import render
@@ -81,26 +83,32 @@ class Ablation:
     def preflight(self):
         """Everything checkable before training, nothing written: geometry, context, a non-empty held-out set and
         the uptrain keys. Returns the tokenizer a built original will use (None for a given original)."""
+        self.uptrain_recipe(Path("/nonexistent"), 0.05, 100, self.root / "probe")  # validates uptrain keys
         build = self.recipe.original.build
         tokenizer = None
         if build is not None:
             self.check_geometry(build.num_heads, build.num_heads, build.max_position_embeddings)
             tokenizer = new_tokenizer(self.recipe, build)
-            heldout_blocks(tokenizer, self.eval_data())
+            self.heldout(None, tokenizer)
         else:
             original = resolve_original(self.recipe, self.root)
             config = load_config(original.path)
             kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
             self.check_geometry(config.num_attention_heads, kv, getattr(config, "max_position_embeddings", None))
-            heldout_blocks(load_tokenizer(original.path), self.eval_data())
-        self.uptrain_recipe(Path("/nonexistent"), 0.05, 100, self.root / "probe")  # validates uptrain keys
+            self.heldout(config, load_tokenizer(original.path))
         return tokenizer
 
     def eval_data(self) -> EvalData:
         d = self.recipe.data
         return EvalData(source=d.eval_source or d.source, split=d.eval_split or "heldout", config=d.config,
                         text_column=d.text_column, block_size=d.block_size, max_blocks=d.eval_blocks,
-                        cache_dir=d.cache_dir)
+                        cache_dir=d.cache_dir, target_column=d.target_column, target_length=d.target_length)
+
+    def heldout(self, config, tokenizer) -> dict:
+        """The held-out examples every cell is scored on, made by the uptraining task (config None: a built llama)."""
+        data = self.eval_data()
+        task = eval_task(config, tokenizer, data, ObjectiveSection(**self.recipe.objective)) if config else None
+        return heldout_set(tokenizer, data, task or CausalLM(data.block_size))
 
     def uptrain_recipe(self, model: Path, fraction: float, original_steps: int, out: Path):
         train_keys = {"seed": self.recipe.seed, **self.recipe.uptrain, "fraction": fraction,
@@ -161,7 +169,7 @@ class Ablation:
         tokenizer = load_tokenizer(original.path)
         config = load_config(original.path)
         check_context(config, self.recipe.data.block_size)
-        blocks = heldout_blocks(tokenizer, self.eval_data())
+        blocks = self.heldout(config, tokenizer)
         original_model = load_model(original.path)
         heads = config.num_attention_heads
         kv_heads = getattr(config, "num_key_value_heads", None) or heads

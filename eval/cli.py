@@ -44,6 +44,8 @@ def data_options(fn):
                      help="python-stdlib, a local file or folder, or a hub dataset"),
         click.option("--split", default="heldout", show_default=True),
         click.option("--text-column", default="text", show_default=True),
+        click.option("--target-column", default=None,
+                     help="encoder-decoders: score (text, target) pairs [default: span corruption of the text]"),
         click.option("--block-size", type=int, default=256, show_default=True),
         click.option("--max-blocks", type=int, default=64, show_default=True),
         click.option("--batch-size", type=int, default=8, show_default=True),
@@ -52,21 +54,24 @@ def data_options(fn):
     return fn
 
 
-def _eval_data(source, split, text_column, block_size, max_blocks):
+def _eval_data(source, split, text_column, target_column, block_size, max_blocks):
     from .heldout import EvalData
 
-    return EvalData(source=source, split=split, text_column=text_column, block_size=block_size, max_blocks=max_blocks)
+    return EvalData(source=source, split=split, text_column=text_column, target_column=target_column,
+                    block_size=block_size, max_blocks=max_blocks)
 
 
-def _checked_blocks(model_dir: str, role: str, data):
-    """The model dir and its held-out blocks, after every check that needs no weights."""
+def _checked_examples(model_dir: str, role: str, data):
+    """The model dir and its held-out examples, after every check that needs no weights."""
     from gqa_toolkit.uptrain.model import check_model_dir, load_config, load_tokenizer
 
-    from .heldout import check_context, heldout_blocks
+    from .heldout import check_context, eval_task, heldout_set
 
     path = check_model_dir(model_dir, role=role)
-    check_context(load_config(path, role=role), data.block_size)
-    return path, heldout_blocks(load_tokenizer(path), data)
+    config = load_config(path, role=role)
+    check_context(config, data.block_size)
+    tokenizer = load_tokenizer(path)
+    return path, heldout_set(tokenizer, data, eval_task(config, tokenizer, data))
 
 
 def _load(model_dir, role: str = "MODEL_DIR"):
@@ -97,13 +102,13 @@ def main():
 @click.argument("model_dir")
 @data_options
 @_user_errors
-def perplexity_cmd(model_dir, source, split, text_column, block_size, max_blocks, batch_size):
+def perplexity_cmd(model_dir, source, split, text_column, target_column, block_size, max_blocks, batch_size):
     """Held-out loss and perplexity of MODEL_DIR."""
     from .perplexity import perplexity
 
-    path, blocks = _checked_blocks(model_dir, "MODEL_DIR", _eval_data(source, split, text_column, block_size,
-                                                                        max_blocks))
-    click.echo(json.dumps(perplexity(_load(path), blocks, batch_size, progress=True)))
+    data = _eval_data(source, split, text_column, target_column, block_size, max_blocks)
+    path, examples = _checked_examples(model_dir, "MODEL_DIR", data)
+    click.echo(json.dumps(perplexity(_load(path), examples, batch_size, progress=True)))
 
 
 @main.command("fidelity")
@@ -111,16 +116,17 @@ def perplexity_cmd(model_dir, source, split, text_column, block_size, max_blocks
 @click.option("--source", "source_dir", default=None, help="MHA checkpoint [default: the one recorded by gqa-convert]")
 @data_options
 @_user_errors
-def fidelity_cmd(model_dir, source_dir, source, split, text_column, block_size, max_blocks, batch_size):
+def fidelity_cmd(model_dir, source_dir, source, split, text_column, target_column, block_size, max_blocks,
+                 batch_size):
     """KL(source || MODEL_DIR) per token and top-1 agreement on held-out text."""
     from gqa_toolkit.uptrain.model import check_model_dir
 
     from .fidelity import fidelity
 
     reference = check_model_dir(_source_of(model_dir, source_dir), role="--source")
-    path, blocks = _checked_blocks(model_dir, "MODEL_DIR", _eval_data(source, split, text_column, block_size,
-                                                                        max_blocks))
-    click.echo(json.dumps(fidelity(_load(path), _load(reference), blocks, batch_size, progress=True)))
+    data = _eval_data(source, split, text_column, target_column, block_size, max_blocks)
+    path, examples = _checked_examples(model_dir, "MODEL_DIR", data)
+    click.echo(json.dumps(fidelity(_load(path), _load(reference), examples, batch_size, progress=True)))
 
 
 @main.command("speed")

@@ -1,4 +1,5 @@
-"""Held-out evaluation blocks: the same data options as uptrain, packed with the model's tokenizer and cached."""
+"""Held-out evaluation examples: the same data options and tasks as uptrain, made with the model's tokenizer and
+cached. A causal LM is scored on packed blocks; an encoder-decoder on span corruption (or pairs) of them."""
 
 from __future__ import annotations
 
@@ -6,10 +7,12 @@ from dataclasses import dataclass
 
 import torch
 
-from gqa_toolkit.uptrain.data import packed_blocks
+from gqa_toolkit.uptrain.data import heldout_examples, task_rows
+from gqa_toolkit.uptrain.errors import UptrainError
 from gqa_toolkit.uptrain.model import context_length
-from gqa_toolkit.uptrain.recipe import DataSection
+from gqa_toolkit.uptrain.recipe import DataSection, ObjectiveSection
 from gqa_toolkit.uptrain.sources import TextSource
+from gqa_toolkit.uptrain.tasks import Task, build_task
 
 from .errors import EvalError
 
@@ -24,6 +27,8 @@ class EvalData:
     max_blocks: int = 64
     max_documents: int | None = None
     cache_dir: str | None = None
+    target_column: str | None = None
+    target_length: int = 128
 
 
 def check_context(config, block_size: int) -> None:
@@ -33,12 +38,26 @@ def check_context(config, block_size: int) -> None:
                         f"use a block size of at most {limit}")
 
 
-def heldout_blocks(tokenizer, data: EvalData) -> torch.Tensor:
-    """(N, T) token ids, N <= data.max_blocks, T = data.block_size; an empty set is an error."""
-    src = TextSource(data.source, data.split, data.config, data.text_column, data.max_documents, streaming=False)
-    blocks = packed_blocks(src, tokenizer, data.block_size, DataSection(cache_dir=data.cache_dir))
-    n = min(len(blocks), data.max_blocks)
-    if n == 0:
-        raise EvalError(f"the held-out data ({data.source}, split {data.split}) gives no block of {data.block_size} "
+def eval_task(config, tokenizer, data: EvalData, objective: ObjectiveSection = ObjectiveSection()) -> Task:
+    """The uptrain task this model is scored on: `objective.task` (default: the model's own kind's)."""
+    section = DataSection(block_size=data.block_size, target_column=data.target_column,
+                          target_length=data.target_length)
+    try:
+        return build_task(objective, section, config, tokenizer)
+    except UptrainError as e:
+        raise EvalError(str(e)) from None
+
+
+def heldout_set(tokenizer, data: EvalData, task: Task) -> dict[str, torch.Tensor]:
+    """The task's examples of up to data.max_blocks held-out rows (column -> (N, ...)); an empty set is an error."""
+    src = TextSource(data.source, data.split, data.config, data.text_column, data.max_documents, streaming=False,
+                     target_column=data.target_column)
+    try:
+        rows = task_rows(src, tokenizer, task, DataSection(cache_dir=data.cache_dir))
+    except UptrainError as e:
+        raise EvalError(str(e)) from None
+    examples = heldout_examples(rows.select(range(min(len(rows), data.max_blocks)))[:], task)
+    if not examples:
+        raise EvalError(f"the held-out data ({data.source}, split {data.split}) gives no block of {task.row_length} "
                         f"tokens; give more text or a smaller block size")
-    return torch.tensor(blocks.select(range(n))["input_ids"], dtype=torch.long).view(n, data.block_size)
+    return examples

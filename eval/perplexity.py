@@ -1,4 +1,4 @@
-"""Held-out loss and perplexity of a causal LM, token-weighted over (N, T) blocks."""
+"""Held-out loss and perplexity, token-weighted over the predicted tokens of a held-out set (see heldout.py)."""
 
 from __future__ import annotations
 
@@ -8,16 +8,26 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from gqa_toolkit.uptrain.objective import predictions
+from gqa_toolkit.uptrain.tasks import IGNORE
+
+
+def batches(examples: dict[str, torch.Tensor], batch_size: int, device, progress: bool = False, desc: str = ""):
+    """Consecutive slices of the examples (column -> (b, ...)), on `device`."""
+    n = len(examples["input_ids"])
+    for start in tqdm(range(0, n, batch_size), desc=desc, disable=not progress):
+        yield {k: v[start:start + batch_size].to(device) for k, v in examples.items()}
+
 
 @torch.no_grad()
-def perplexity(model, blocks: torch.Tensor, batch_size: int = 8, progress: bool = False) -> dict[str, float]:
+def perplexity(model, examples: dict[str, torch.Tensor], batch_size: int = 8,
+               progress: bool = False) -> dict[str, float]:
     model.eval()
     total, tokens = 0.0, 0
-    for start in tqdm(range(0, len(blocks), batch_size), desc="perplexity", disable=not progress):
-        ids = blocks[start:start + batch_size].to(model.device)  # (B, T)
-        logits = model(input_ids=ids).logits[:, :-1].float()  # (B, T-1, V)
-        targets = ids[:, 1:]
-        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum").item()
-        tokens += targets.numel()
+    for batch in batches(examples, batch_size, model.device, progress, "perplexity"):
+        logits, targets = predictions(model, batch)  # (B, T', V), (B, T')
+        total += F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE,
+                                 reduction="sum").item()
+        tokens += int((targets != IGNORE).sum())
     loss = total / tokens
     return {"loss": loss, "perplexity": math.exp(loss), "tokens": tokens}

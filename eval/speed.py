@@ -1,6 +1,8 @@
 """KV-cache bytes per token, and prefill and decode throughput at several context lengths and batch sizes.
 
-Decode is where GQA pays off: each new token reads the whole KV cache, which is H/G times smaller.
+Decode is where GQA pays off: each new token reads the whole KV cache, which is H/G times smaller. For an
+encoder-decoder (T5) the context is the encoder's input, whose keys and values fill the decoder's cross-attention
+cache; decoding then reads that cache and the decoder's own self-attention cache at every step.
 """
 
 from __future__ import annotations
@@ -12,17 +14,46 @@ import torch
 
 
 def _cache_tensors(cache) -> list[torch.Tensor]:
+    parts = [getattr(cache, name) for name in ("self_attention_cache", "cross_attention_cache") if hasattr(cache, name)]
+    if parts:  # an encoder-decoder's cache holds two caches
+        return [t for part in parts for t in _cache_tensors(part)]
     layers = getattr(cache, "layers", None)
     if layers is not None:
         return [t for layer in layers for t in (layer.keys, layer.values) if t is not None]
     return [t for pair in cache for t in pair]  # legacy tuple of (key, value)
 
 
+def _decoder_start(model, batch_size: int) -> torch.Tensor:
+    config = model.config
+    start = getattr(config, "decoder_start_token_id", None)
+    start = start if start is not None else (config.pad_token_id or 0)
+    return torch.full((batch_size, 1), start, dtype=torch.long, device=model.device)  # (B, 1)
+
+
+def prefill(model, ids: torch.Tensor, decoder_ids: torch.Tensor | None = None):
+    """Run the context `ids` (B, T) with the cache on; returns the output and the extra inputs every decode step
+    needs (an encoder-decoder's encoder output, computed once)."""
+    if not model.config.is_encoder_decoder:
+        return model(input_ids=ids, use_cache=True), {}
+    from transformers.modeling_outputs import BaseModelOutput
+
+    decoder_ids = _decoder_start(model, len(ids)) if decoder_ids is None else decoder_ids
+    out = model(input_ids=ids, decoder_input_ids=decoder_ids, use_cache=True)
+    return out, {"encoder_outputs": BaseModelOutput(last_hidden_state=out.encoder_last_hidden_state)}
+
+
+def decode_step(model, next_ids: torch.Tensor, cache, extra: dict):
+    """One token (B, 1) through the decoder with the cache."""
+    key = "decoder_input_ids" if model.config.is_encoder_decoder else "input_ids"
+    return model(**{key: next_ids}, past_key_values=cache, use_cache=True, **extra)
+
+
 @torch.no_grad()
 def kv_cache_bytes_per_token(model, tokens: int = 8) -> float:
-    """Bytes the model's own KV cache holds per token, measured from the cache tensors after a prefill."""
+    """Bytes the model's own KV cache holds per token, measured from the cache tensors after a prefill. For an
+    encoder-decoder, per token of both encoder input and decoder output (cross- plus self-attention cache)."""
     ids = torch.zeros(1, tokens, dtype=torch.long, device=model.device)
-    cache = model(input_ids=ids, use_cache=True).past_key_values
+    cache = prefill(model, ids, decoder_ids=ids)[0].past_key_values
     return sum(t.numel() * t.element_size() for t in _cache_tensors(cache)) / tokens
 
 
@@ -52,17 +83,17 @@ def measure_speed(model, context: int, batch_size: int, decode_steps: int = 16, 
         ids = torch.randint(0, vocab, (batch_size, context), device=device)  # (B, T)
         _sync(device)
         t0 = time.perf_counter()
-        out = model(input_ids=ids, use_cache=True)
+        out, extra = prefill(model, ids)
         _sync(device)
         t1 = time.perf_counter()
         cache, next_ids = out.past_key_values, out.logits[:, -1:].argmax(-1)  # (B, 1)
         for _ in range(decode_steps):
-            out = model(input_ids=next_ids, past_key_values=cache, use_cache=True)
+            out = decode_step(model, next_ids, cache, extra)
             cache, next_ids = out.past_key_values, out.logits[:, -1:].argmax(-1)
         _sync(device)
         t2 = time.perf_counter()
         prefill_s.append(t1 - t0)
         decode_s.append(t2 - t1)
-    prefill, decode = min(prefill_s[1:]), min(decode_s[1:])
-    return SpeedPoint(context, batch_size, batch_size * context / prefill, batch_size * decode_steps / decode,
-                      1000 * decode / decode_steps)
+    fastest_prefill, fastest_decode = min(prefill_s[1:]), min(decode_s[1:])
+    return SpeedPoint(context, batch_size, batch_size * context / fastest_prefill,
+                      batch_size * decode_steps / fastest_decode, 1000 * fastest_decode / decode_steps)

@@ -76,3 +76,50 @@ def write_recipe(uptrain_models, tmp_path):
         return path
 
     return write
+
+
+TINY_T5 = dict(d_model=64, d_ff=128, d_kv=16, num_layers=2, num_decoder_layers=2, num_heads=4,
+               tie_word_embeddings=False, feed_forward_proj="gated-gelu")  # t5-v1.1's choices
+
+
+@pytest.fixture(scope="session")
+def t5_models(tmp_path_factory) -> dict[str, Path]:
+    """{'mha': a tiny stock T5 with a sentinel-bearing tokenizer, 'mqa': its gqa-convert output (G=1, decoder and
+    cross-attention, the paper's setup), 'cache': block cache}."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from gqa_toolkit.convert import convert_checkpoint
+
+    root = tmp_path_factory.mktemp("t5_models")
+    tokenizer = train_tokenizer((r["text"] for r in corpus.iter_texts("train", limit=150)), vocab_size=512,
+                                sentinels=100)
+    torch.manual_seed(0)
+    config = T5Config(**TINY_T5, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                      eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id)
+    T5ForConditionalGeneration(config).save_pretrained(root / "mha")
+    tokenizer.save_pretrained(root / "mha")
+    convert_checkpoint(root / "mha", root / "mqa", method="mean", groups=1, progress=False)
+    return {"mha": root / "mha", "mqa": root / "mqa", "cache": root / "cache"}
+
+
+@pytest.fixture
+def write_t5_recipe(t5_models, tmp_path):
+    """write_t5_recipe(**sections) -> path of a span-corruption recipe for the tiny T5 converted to MQA."""
+
+    def write(name: str = "t5.yaml", **sections) -> Path:
+        recipe = {
+            "model": {"path": str(t5_models["mqa"])},
+            "data": {"source": "python-stdlib", "max_documents": 40, "block_size": 48, "eval_blocks": 8,
+                     "cache_dir": str(t5_models["cache"])},
+            "train": {"max_steps": 6, "batch_size": 8, "micro_batch_size": 4, "lr": 3e-3, "warmup_fraction": 0.0,
+                      "optimizer": "adafactor"},
+            "output": {"dir": str(tmp_path / "t5run"), "save_every": 3, "log_every": 1, "eval_every": 3,
+                       "progress": False, "tensorboard": False},
+        }
+        for section, values in sections.items():
+            recipe.setdefault(section, {}).update(values)
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(recipe))
+        return path
+
+    return write

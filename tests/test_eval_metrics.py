@@ -11,28 +11,29 @@ from click.testing import CliRunner
 from gqa_toolkit.convert import convert_checkpoint
 from gqa_toolkit.eval.cli import main
 from gqa_toolkit.eval.fidelity import fidelity
-from gqa_toolkit.eval.heldout import EvalData, heldout_blocks
+from gqa_toolkit.eval.heldout import EvalData, heldout_set
 from gqa_toolkit.eval.perplexity import perplexity
 from gqa_toolkit.eval.speed import kv_cache_bytes_per_token, measure_speed
 from gqa_toolkit.uptrain.model import load_model, load_tokenizer
+from gqa_toolkit.uptrain.tasks import CausalLM
 
 
 @pytest.fixture(scope="module")
 def blocks(uptrain_models):
     data = EvalData(block_size=32, max_blocks=6, cache_dir=str(uptrain_models["cache"]))
-    return heldout_blocks(load_tokenizer(uptrain_models["mha"]), data)
+    return heldout_set(load_tokenizer(uptrain_models["mha"]), data, CausalLM(32))["input_ids"]
 
 
 def test_fidelity_of_identity_conversion_is_exact(uptrain_models, blocks, tmp_path):
     out = convert_checkpoint(uptrain_models["mha"], tmp_path / "g4", method="mean", groups=4, progress=False)
-    result = fidelity(load_model(out), load_model(uptrain_models["mha"]), blocks)
+    result = fidelity(load_model(out), load_model(uptrain_models["mha"]), {"input_ids": blocks})
     assert result["kl"] == 0.0 and result["top1_agreement"] == 1.0
-    assert result["tokens"] == blocks.numel()
+    assert result["tokens"] == blocks.shape[0] * (blocks.shape[1] - 1)  # every position that predicts a next token
 
 
 def test_fidelity_sees_a_real_conversion(uptrain_models, blocks, tmp_path):
     out = convert_checkpoint(uptrain_models["mha"], tmp_path / "g1", method="random", groups=1, progress=False)
-    result = fidelity(load_model(out), load_model(uptrain_models["mha"]), blocks)
+    result = fidelity(load_model(out), load_model(uptrain_models["mha"]), {"input_ids": blocks})
     assert result["kl"] > 1e-4 and result["top1_agreement"] < 1.0
 
 
@@ -54,7 +55,7 @@ def test_speed_reports_positive_throughput(uptrain_models):
 
 def test_perplexity_is_exp_of_token_weighted_loss(uptrain_models, blocks):
     model = load_model(uptrain_models["mha"])
-    result = perplexity(model, blocks, batch_size=4)
+    result = perplexity(model, {"input_ids": blocks}, batch_size=4)
     with torch.no_grad():
         logits = model(input_ids=blocks).logits[:, :-1]
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), blocks[:, 1:].reshape(-1))

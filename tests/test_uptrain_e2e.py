@@ -86,7 +86,7 @@ def test_distillation_from_the_recorded_source(write_recipe):
     for m in steps:
         assert m["kd"] > 0  # the mean-pooled student is not the teacher
         assert m["loss"] == pytest.approx(0.5 * m["ce"] + 0.5 * m["kd"], rel=1e-5)
-    assert json.loads((out / "config.json").read_text())["gqa_uptraining"]["objective"] == "lm+distill"
+    assert json.loads((out / "config.json").read_text())["gqa_uptraining"]["objective"] == "causal_lm+distill"
 
 
 @pytest.mark.slow

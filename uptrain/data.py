@@ -1,4 +1,4 @@
-"""Training data: tokenize texts, pack them into fixed-length blocks, cache the blocks, and serve global batches.
+"""Training data: tokenize texts into the task's rows (packed blocks or pairs), cache them, and serve global batches.
 
 A global batch (all processes, all accumulation micro-steps) is a pure function of (seed, step), so a resumed run
 and a run on a different number of processes see exactly the same sequences at every step.
@@ -22,36 +22,21 @@ from . import corpus
 from .errors import UptrainError
 from .recipe import DataSection
 from .sources import TextSource, load_text
+from .tasks import CausalLM, Task
 
 PACK_FORMAT = "v1"  # bump when packing changes, so old caches are not reused
-_FEATURES = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32"))})
+HELDOUT_SEED = 1_000_003  # held-out examples are made once, with this seed, so every evaluation sees the same ones
 
 
 @dataclass(frozen=True)
 class Blocks:
-    train: datasets.Dataset | datasets.IterableDataset  # one column, input_ids, block_size tokens per row
-    heldout: torch.Tensor  # (N_eval, T) int64
+    train: datasets.Dataset | datasets.IterableDataset  # rows of the task's columns (input_ids: row_length tokens)
+    heldout: dict[str, torch.Tensor]  # the task's examples, each tensor (N_eval, ...)
 
 
 def cache_root(cfg: DataSection) -> Path:
     default = Path(os.environ.get("GQA_TOOLKIT_CACHE", Path.home() / ".cache" / "gqa_toolkit")) / "blocks"
     return Path(cfg.cache_dir) if cfg.cache_dir else default
-
-
-def _pack(batch: dict, tokenizer: PreTrainedTokenizerBase, column: str, block_size: int) -> dict:
-    """Tokenize documents, join them with eos, cut into blocks; the tail shorter than a block is dropped."""
-    ids = tokenizer(batch[column], add_special_tokens=False)["input_ids"]
-    flat = [t for doc in ids for t in (*doc, tokenizer.eos_token_id)]
-    n = len(flat) // block_size * block_size
-    return {"input_ids": [flat[i : i + block_size] for i in range(0, n, block_size)]}
-
-
-def _packed(ds, tokenizer, column: str, block_size: int):
-    kwargs = {"fn_kwargs": {"tokenizer": tokenizer, "column": column, "block_size": block_size},
-              "batched": True, "batch_size": 256, "remove_columns": [column]}  # sources keep only this column
-    if isinstance(ds, datasets.Dataset):
-        kwargs.update(features=_FEATURES, desc="tokenizing and packing")
-    return ds.map(_pack, **kwargs)
 
 
 def _tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
@@ -60,58 +45,75 @@ def _tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     return hashlib.sha1(f"{text}|{tokenizer.eos_token_id}".encode()).hexdigest()
 
 
-def packed_blocks(src: TextSource, tokenizer, block_size: int, cfg: DataSection, main_first=contextlib.nullcontext):
-    """Blocks of `src`: from the cache when this (text, tokenizer, block size) was packed before, else packed now.
-
-    Streaming sources are packed on the fly and never cached.
-    """
+def task_rows(src: TextSource, tokenizer, task: Task, cfg: DataSection, main_first=contextlib.nullcontext):
+    """Rows of `src` as `task` stores them: from the cache when this (text, tokenizer, row format) was made before,
+    else made now. Streaming sources are tokenized on the fly and never cached."""
     with main_first():
         ds, text_fp = load_text(src)
         if src.streaming:
-            return _packed(ds, tokenizer, src.text_column, block_size)
-        key = hashlib.sha1(f"{PACK_FORMAT}|{text_fp}|{_tokenizer_fingerprint(tokenizer)}|{block_size}".encode())
+            return task.rows(ds, tokenizer, src.text_column)
+        key = hashlib.sha1(f"{PACK_FORMAT}|{text_fp}|{_tokenizer_fingerprint(tokenizer)}|{task.format_key}".encode())
         path = cache_root(cfg) / key.hexdigest()[:20]
         if not path.exists():
             tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-            packed = _packed(ds, tokenizer, src.text_column, block_size)
-            if len(packed) == 0:  # datasets cannot reload a saved dataset with no rows
-                raise UptrainError(f"{src.name} (split {src.split}) gives no block of {block_size} tokens; give "
+            rows = task.rows(ds, tokenizer, src.text_column)
+            if len(rows) == 0:  # datasets cannot reload a saved dataset with no rows
+                raise UptrainError(f"{src.name} (split {src.split}) gives no block of {task.row_length} tokens; give "
                                    f"more text or a smaller block size")
-            packed.save_to_disk(str(tmp))
+            rows.save_to_disk(str(tmp))
             with contextlib.suppress(OSError):  # another run may have finished the same cache first
                 tmp.rename(path)
             shutil.rmtree(tmp, ignore_errors=True)
         return datasets.load_from_disk(str(path))
 
 
-def load_blocks(cfg: DataSection, tokenizer, main_first=contextlib.nullcontext) -> Blocks:
-    """Training blocks and held-out blocks as the recipe's data section asks for them."""
-    def source(name: str, split: str, streaming: bool) -> TextSource:
-        return TextSource(name, split, cfg.config, cfg.text_column, cfg.max_documents, streaming)
+def packed_blocks(src: TextSource, tokenizer, block_size: int, cfg: DataSection, main_first=contextlib.nullcontext):
+    """Blocks of `block_size` tokens of `src`, documents joined by eos (the rows of a causal LM)."""
+    return task_rows(src, tokenizer, CausalLM(block_size), cfg, main_first)
 
-    train = packed_blocks(source(cfg.source, cfg.split, cfg.streaming), tokenizer, cfg.block_size, cfg, main_first)
+
+def rows_as_tensors(rows) -> dict[str, torch.Tensor]:
+    """A list of row dicts, or a dict of column lists, as a dict of int64 tensors (N, ...)."""
+    if isinstance(rows, list):
+        rows = {k: [row[k] for row in rows] for k in rows[0]} if rows else {"input_ids": []}
+    return {k: torch.tensor(list(v), dtype=torch.long) for k, v in rows.items()}
+
+
+def heldout_examples(rows, task: Task) -> dict[str, torch.Tensor]:
+    """The task's examples of held-out rows, made with a fixed seed; {} when there are none."""
+    tensors = rows_as_tensors(rows)
+    return task.examples(tensors, HELDOUT_SEED) if len(tensors["input_ids"]) else {}
+
+
+def load_blocks(cfg: DataSection, tokenizer, task: Task, main_first=contextlib.nullcontext) -> Blocks:
+    """Training rows and held-out examples as the recipe's data section asks for them."""
+    def source(name: str, split: str, streaming: bool) -> TextSource:
+        return TextSource(name, split, cfg.config, cfg.text_column, cfg.max_documents, streaming, cfg.target_column)
+
+    train = task_rows(source(cfg.source, cfg.split, cfg.streaming), tokenizer, task, cfg, main_first)
     if cfg.eval_source or cfg.eval_split or cfg.source == corpus.NAME:
         name = cfg.eval_source or cfg.source
         split = cfg.eval_split or ("heldout" if name == corpus.NAME else cfg.split)
-        held = packed_blocks(source(name, split, False), tokenizer, cfg.block_size, cfg, main_first)
-        held_rows = held.select(range(min(cfg.eval_blocks, len(held))))["input_ids"]
-    elif cfg.streaming:  # no held-out split: the first eval_blocks blocks of the stream are held out
-        held_rows = [row["input_ids"] for row in train.take(cfg.eval_blocks)]
+        held = task_rows(source(name, split, False), tokenizer, task, cfg, main_first)
+        held_rows = held.select(range(min(cfg.eval_blocks, len(held))))[:]
+    elif cfg.streaming:  # no held-out split: the first eval_blocks rows of the stream are held out
+        held_rows = list(train.take(cfg.eval_blocks))
         train = train.skip(cfg.eval_blocks)
     else:
         n = min(cfg.eval_blocks, len(train) // 2)
-        held_rows = train.select(range(n))["input_ids"]
+        held_rows = train.select(range(n))[:]
         train = train.select(range(n, len(train)))
-    if cfg.eval_blocks and not len(held_rows):
-        raise UptrainError(f"no held-out block of {cfg.block_size} tokens; give data.eval_source or lower "
+    heldout = heldout_examples(held_rows, task)
+    if cfg.eval_blocks and not heldout:
+        raise UptrainError(f"no held-out block of {task.row_length} tokens; give data.eval_source or lower "
                            "data.block_size, or set data.eval_blocks=0")
-    heldout = torch.tensor(list(held_rows), dtype=torch.long).view(-1, cfg.block_size)  # (N_eval, T)
     return Blocks(train=train, heldout=heldout)
 
 
 def global_batches(train, batch_size: int, seed: int, start_step: int = 0,
-                   shuffle_buffer: int = 10_000) -> Iterator[torch.Tensor]:
-    """Yield the global batches (B, T) of steps start_step, start_step + 1, ... forever (epochs reshuffle)."""
+                   shuffle_buffer: int = 10_000) -> Iterator[dict[str, torch.Tensor]]:
+    """Yield the global batches of rows (column -> (B, ...)) of steps start_step, start_step + 1, ... forever
+    (epochs reshuffle)."""
     if isinstance(train, datasets.Dataset):
         n = len(train)
         per_epoch = n // batch_size
@@ -123,7 +125,8 @@ def global_batches(train, batch_size: int, seed: int, start_step: int = 0,
         while True:
             epoch, k = divmod(step, per_epoch)
             perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
-            yield rows[perm[k * batch_size : (k + 1) * batch_size].tolist()]["input_ids"].long()
+            batch = rows[perm[k * batch_size : (k + 1) * batch_size].tolist()]
+            yield {column: values.long() for column, values in batch.items()}
             step += 1
     # streaming: the order is (seed, epoch)-deterministic, so resuming skips the blocks already consumed
     skip, buf, epoch = start_step * batch_size, [], 0
@@ -136,17 +139,20 @@ def global_batches(train, batch_size: int, seed: int, start_step: int = 0,
             if skip:
                 skip -= 1
                 continue
-            buf.append(row["input_ids"])
+            buf.append(row)
             if len(buf) == batch_size:
-                yield torch.tensor(buf, dtype=torch.long)  # (B, T)
+                yield rows_as_tensors(buf)  # column -> (B, ...)
                 buf = []
         if seen == 0:
             raise UptrainError("the training stream is empty; check data.source and data.block_size")
         epoch += 1
 
 
-def process_micro_batches(batch: torch.Tensor, num_processes: int, rank: int, micro: int) -> list[torch.Tensor]:
-    """This process's micro-batches of a global batch (B, T): micro-step m takes rows [(m*P + r)*mb, +mb)."""
-    accum = batch.shape[0] // (num_processes * micro)
-    return [batch[(m * num_processes + rank) * micro : (m * num_processes + rank + 1) * micro] for m in range(accum)]
-
+def process_micro_batches(batch: dict[str, torch.Tensor], num_processes: int, rank: int,
+                          micro: int) -> list[dict[str, torch.Tensor]]:
+    """This process's micro-batches of a global batch (column -> (B, ...)): micro-step m takes rows
+    [(m*P + r)*mb, +mb)."""
+    rows = len(next(iter(batch.values())))
+    accum = rows // (num_processes * micro)
+    starts = [(m * num_processes + rank) * micro for m in range(accum)]
+    return [{column: values[a : a + micro] for column, values in batch.items()} for a in starts]

@@ -25,9 +25,10 @@ from .errors import UptrainError
 from .metrics import MetricsLog
 from .model import (check_block_size, check_model_dir, load_config, load_model, load_teacher, load_tokenizer,
                     teacher_dir)
-from .objective import lm_loss, objective
+from .objective import ce_loss, objective, predictions
 from .output import save_output
 from .recipe import Recipe
+from .tasks import IGNORE, build_task
 from .trainable import make_optimizer, select_trainable
 
 
@@ -37,14 +38,28 @@ def mixed_precision(precision: str) -> str:
     return {"fp32": "no"}.get(precision, precision)
 
 
+def on_device(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def example_count(examples: dict[str, torch.Tensor]) -> int:
+    return len(examples["input_ids"]) if examples else 0
+
+
 @torch.no_grad()
-def heldout_loss(model, heldout: torch.Tensor, micro_batch: int, device) -> float:
-    """Mean LM loss over the held-out blocks (N, T). Every process evaluates all of them (FSDP needs equal calls)."""
+def heldout_loss(model, heldout: dict[str, torch.Tensor], micro_batch: int, device) -> float:
+    """Mean loss over the held-out examples, weighted by predicted tokens. Every process evaluates all of them
+    (FSDP needs equal calls)."""
     model.eval()
-    total = sum(lm_loss(model(input_ids=ids.to(device)).logits, ids.to(device)).item() * len(ids)
-                for ids in heldout.split(micro_batch))
+    total, tokens = 0.0, 0
+    for start in range(0, example_count(heldout), micro_batch):
+        logits, targets = predictions(model, on_device({k: v[start:start + micro_batch] for k, v in heldout.items()},
+                                                       device))
+        n = int((targets != IGNORE).sum())
+        total += ce_loss(logits, targets).item() * n
+        tokens += n
     model.train()
-    return total / len(heldout)
+    return total / tokens
 
 
 def train(recipe: Recipe, *, stop_after: int | None = None) -> Path | None:
@@ -68,9 +83,10 @@ def train(recipe: Recipe, *, stop_after: int | None = None) -> Path | None:
     budget = plan_budget(cfg, data.block_size, accelerator.num_processes)
     out = claim_run_dir(recipe)
     tokenizer = load_tokenizer(student_dir)
+    task = build_task(obj, data, config, tokenizer)
 
-    # 2. Data: tokenized, packed and cached blocks (the main process packs; the others read its cache).
-    blocks = load_blocks(data, tokenizer, accelerator.main_process_first)
+    # 2. Data: tokenized and cached rows (the main process makes them; the others read its cache).
+    blocks = load_blocks(data, tokenizer, task, accelerator.main_process_first)
 
     # 3. Model, teacher, optimizer.
     set_seed(cfg.seed)
@@ -95,7 +111,7 @@ def train(recipe: Recipe, *, stop_after: int | None = None) -> Path | None:
         state = load_checkpoint(accelerator, last)
     log = MetricsLog(out, is_main=accelerator.is_main_process, start_step=state["step"], total_steps=budget.steps,
                      progress=recipe.output.progress, tensorboard=recipe.output.tensorboard)
-    if state["step"] == 0 and len(blocks.heldout):
+    if state["step"] == 0 and blocks.heldout:
         state["heldout_loss"] = heldout_loss(model, blocks.heldout, budget.micro_batch_size, accelerator.device)
         log.log(0, {"heldout_loss": state["heldout_loss"]})
 
@@ -108,14 +124,16 @@ def train(recipe: Recipe, *, stop_after: int | None = None) -> Path | None:
         lr = lr_at(step, cfg, budget)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        micro = process_micro_batches(next(batches), accelerator.num_processes, accelerator.process_index,
+        # the whole global batch's examples are made on every process, so they do not depend on the process count
+        examples = task.examples(next(batches), seed=cfg.seed * 1_000_003 + step)
+        micro = process_micro_batches(examples, accelerator.num_processes, accelerator.process_index,
                                       budget.micro_batch_size)
         sums = torch.zeros(3, device=accelerator.device)  # loss, ce, kd summed over micro-steps
-        for m, ids in enumerate(micro):
-            ids = ids.to(accelerator.device)  # (mb, T)
+        for m, batch in enumerate(micro):
+            batch = on_device(batch, accelerator.device)
             # gradients are all-reduced once per optimizer step, on the last micro-step
             with accelerator.no_sync(model) if m < len(micro) - 1 else contextlib.nullcontext():
-                loss, parts = objective(model, ids, teacher, obj.distill_weight, obj.temperature)
+                loss, parts = objective(model, batch, teacher, obj.distill_weight, obj.temperature)
                 accelerator.backward(loss / len(micro))
             sums += torch.stack([loss.detach(), parts["ce"], parts.get("kd", torch.zeros_like(parts["ce"]))])
         # every parameter goes in (frozen ones have no grad): under FSDP, accelerate clips only a whole model's list
@@ -132,7 +150,7 @@ def train(recipe: Recipe, *, stop_after: int | None = None) -> Path | None:
         window_steps += 1
 
         done = state["step"] == budget.steps
-        evaluate = len(blocks.heldout) > 0 and (state["step"] % recipe.output.eval_every == 0 or done)
+        evaluate = bool(blocks.heldout) and (state["step"] % recipe.output.eval_every == 0 or done)
         if state["step"] % recipe.output.log_every == 0 or done or evaluate:
             now = time.perf_counter()
             tps = window_steps * budget.tokens_per_step / (now - window_start)
@@ -159,4 +177,4 @@ def train(recipe: Recipe, *, stop_after: int | None = None) -> Path | None:
     log.close()
 
     # 6. Save the uptrained model.
-    return save_output(accelerator, model, tokenizer, recipe, state, student_dir)
+    return save_output(accelerator, model, tokenizer, recipe, state, student_dir, task.name)

@@ -1,4 +1,5 @@
-"""Loading what the loop trains and learns from: the converted student, its tokenizer, and the source teacher."""
+"""Loading what the loop trains and learns from: the converted student, its tokenizer, and the source teacher.
+Decoder-only models load with their causal-LM head, encoder-decoders (T5) with their seq2seq head."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
 from .errors import UptrainError
 
@@ -45,9 +46,6 @@ def load_config(path: Path, role: str = "model.path"):
         config = AutoConfig.from_pretrained(path, trust_remote_code=trusts_code(path))
     except (ValueError, OSError, TypeError) as e:
         raise UptrainError(f"{role}: transformers cannot read {path / 'config.json'}: {str(e).splitlines()[0]}") from None
-    if getattr(config, "is_encoder_decoder", False):
-        raise UptrainError(f"{role}: {path} is an encoder-decoder ({config.model_type}); gqa-uptrain trains causal "
-                           "language models")
     return config
 
 
@@ -68,7 +66,7 @@ def check_block_size(config, block_size: int) -> None:
 
 def load_tokenizer(path: Path):
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trusts_code(path))
     except (ValueError, OSError, TypeError) as e:
         raise UptrainError(f"{path} has no usable tokenizer ({str(e).splitlines()[0]}); copy the source model's "
                            "tokenizer files into it") from None
@@ -78,9 +76,14 @@ def load_tokenizer(path: Path):
     return tokenizer
 
 
+def model_class(path: Path):
+    """The Auto class with the language-model head: seq2seq for encoder-decoders (T5), causal for the rest."""
+    return AutoModelForSeq2SeqLM if getattr(load_config(path), "is_encoder_decoder", False) else AutoModelForCausalLM
+
+
 def load_model(path: Path, dtype: torch.dtype = torch.float32):
     try:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trusts_code(path))
+        return model_class(path).from_pretrained(path, dtype=dtype, trust_remote_code=trusts_code(path))
     except (ValueError, OSError) as e:
         raise UptrainError(f"transformers cannot load the model in {path}: {str(e).splitlines()[0]}") from None
 

@@ -1,6 +1,8 @@
-"""The training objective: causal LM cross-entropy, optionally mixed with distillation from the source (MHA) model.
+"""The training objective: cross-entropy on the task's targets, optionally mixed with distillation from the source
+(MHA) model.
 
-loss = (1 - w) * CE(student) + w * T^2 * KL(teacher_T || student_T), with both distributions softened by T.
+loss = (1 - w) * CE(student) + w * T^2 * KL(teacher_T || student_T), with both distributions softened by T, averaged
+over the predicted tokens (positions whose target is IGNORE are skipped).
 """
 
 from __future__ import annotations
@@ -8,27 +10,46 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .tasks import IGNORE
+
+
+def predictions(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (b, T', V) and the targets (b, T') they predict. A batch with `labels` is an encoder-decoder's (the
+    decoder predicts them position by position); otherwise each position of `input_ids` predicts the next."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs, use_cache=False).logits
+    if "labels" in batch:
+        return logits, batch["labels"]
+    return logits[:, :-1], batch["input_ids"][:, 1:]
+
+
+def ce_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the predicted tokens."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE)
+
 
 def lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy; logits (b, T, V), ids (b, T)."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())  # (b*(T-1), V) vs (b*(T-1),)
+    """Mean next-token cross-entropy of a causal LM; logits (b, T, V), ids (b, T)."""
+    return ce_loss(logits[:, :-1], ids[:, 1:])
 
 
-def distill_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
-    """T^2 * KL(teacher || student) per predicted token, on logits (b, T, V); the T^2 keeps gradient scale."""
-    s = F.log_softmax(student[:, :-1].flatten(0, 1).float() / temperature, dim=-1)  # (b*(T-1), V)
-    t = F.log_softmax(teacher[:, :-1].flatten(0, 1).float() / temperature, dim=-1)
+def distill_loss(student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor,
+                 temperature: float) -> torch.Tensor:
+    """T^2 * KL(teacher || student) per predicted token, on aligned logits (b, T', V); T^2 keeps gradient scale."""
+    keep = (targets != IGNORE).flatten()  # (b*T',)
+    s = F.log_softmax(student.flatten(0, 1)[keep].float() / temperature, dim=-1)  # (tokens, V)
+    t = F.log_softmax(teacher.flatten(0, 1)[keep].float() / temperature, dim=-1)
     return F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature**2
 
 
-def objective(model, ids: torch.Tensor, teacher=None, weight: float = 0.0,
+def objective(model, batch: dict[str, torch.Tensor], teacher=None, weight: float = 0.0,
               temperature: float = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The loss to minimise on one micro-batch (b, T), and its parts for logging (detached)."""
-    logits = model(input_ids=ids).logits  # (b, T, V)
-    ce = lm_loss(logits, ids)
+    """The loss to minimise on one micro-batch, and its parts for logging (detached)."""
+    logits, targets = predictions(model, batch)
+    ce = ce_loss(logits, targets)
     if teacher is None or weight == 0.0:
         return ce, {"ce": ce.detach()}
     with torch.no_grad():
-        teacher_logits = teacher(input_ids=ids).logits
-    kd = distill_loss(logits, teacher_logits, temperature)
+        teacher_logits, _ = predictions(teacher, batch)
+    kd = distill_loss(logits, teacher_logits, targets, temperature)
     return (1.0 - weight) * ce + weight * kd, {"ce": ce.detach(), "kd": kd.detach()}

@@ -18,7 +18,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 _MODEL_FILES = ("*.safetensors", "model.safetensors.index.json")
 
 
-def uptraining_record(recipe: Recipe, state: dict) -> dict:
+def uptraining_record(recipe: Recipe, state: dict, task: str) -> dict:
     t = recipe.train
     return {
         "steps": state["step"],
@@ -27,7 +27,7 @@ def uptraining_record(recipe: Recipe, state: dict) -> dict:
         "original_steps": t.original_steps,
         "final_loss": state.get("loss"),
         "heldout_loss": state.get("heldout_loss"),
-        "objective": "lm" if recipe.objective.distill_weight == 0 else "lm+distill",
+        "objective": task if recipe.objective.distill_weight == 0 else f"{task}+distill",
         "distill_weight": recipe.objective.distill_weight,
         "trainable": recipe.model.trainable,
         "data": recipe.data.source,
@@ -52,14 +52,14 @@ def model_card_section(record: dict) -> str:
     )
 
 
-def save_output(accelerator, model, tokenizer, recipe: Recipe, state: dict, student_dir: Path) -> Path:
+def save_output(accelerator, model, tokenizer, recipe: Recipe, state: dict, student_dir: Path, task: str) -> Path:
     """Write the uptrained model into output.dir (files are written to a temporary folder, then moved in)."""
     out = Path(recipe.output.dir)
     state_dict = accelerator.get_state_dict(model)  # every process takes part (FSDP gathers shards)
     if accelerator.is_main_process:
         source = read_config_json(student_dir)
         dtype = DTYPES.get(source.get("dtype") or source.get("torch_dtype") or "float32", torch.float32)
-        record = uptraining_record(recipe, state)
+        record = uptraining_record(recipe, state, task)
         unwrapped = accelerator.unwrap_model(model)
         config = unwrapped.config
         config.dtype = dtype

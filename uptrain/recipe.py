@@ -30,8 +30,10 @@ class DataSection(_Section):
     split: str = "train"
     eval_source: str | None = None
     eval_split: str | None = None
-    text_column: str = "text"
-    block_size: int = Field(256, ge=2)
+    text_column: str = Field("text", description="the text (causal_lm, span_corruption) or the inputs (seq2seq)")
+    target_column: str | None = Field(None, description="seq2seq only: the column holding each input's target")
+    block_size: int = Field(256, ge=2, description="tokens per block; for encoder-decoders, per encoder input")
+    target_length: int = Field(128, ge=2, description="seq2seq only: target tokens (truncated or padded to it)")
     eval_blocks: int = Field(64, ge=0)
     max_documents: int | None = Field(None, ge=1)
     streaming: bool = False
@@ -71,6 +73,11 @@ class TrainSection(_Section):
 
 
 class ObjectiveSection(_Section):
+    task: Literal["auto", "causal_lm", "span_corruption", "seq2seq"] = Field(
+        "auto", description="auto: causal_lm for decoder-only models; for encoder-decoders span_corruption, or "
+                            "seq2seq when data.target_column is set")
+    noise_density: float = Field(0.15, gt=0, lt=1, description="span_corruption: fraction of tokens hidden")
+    mean_noise_span_length: float = Field(3.0, ge=1, description="span_corruption: mean tokens per hidden span")
     distill_weight: float = Field(0.0, ge=0, le=1, description="w in (1 - w) * CE + w * T^2 * KL(teacher||student)")
     temperature: float = Field(1.0, gt=0)
     teacher: str | None = Field(None, description="default: the source recorded in config.json gqa_conversion")

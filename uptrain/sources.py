@@ -1,7 +1,7 @@
 """Where text comes from: the built-in python-stdlib corpus, local files (text, json/jsonl, parquet) or a hub dataset.
 
-Every loader returns a datasets `Dataset` (or `IterableDataset` when streaming) with only the text column, plus a
-fingerprint string that identifies the text for the block cache.
+Every loader returns a datasets `Dataset` (or `IterableDataset` when streaming) with only the text column (and the
+target column of pairs), plus a fingerprint string that identifies the text for the block cache.
 """
 
 from __future__ import annotations
@@ -31,6 +31,11 @@ class TextSource:
     text_column: str = "text"
     max_documents: int | None = None
     streaming: bool = False
+    target_column: str | None = None  # kept beside the text for (input, target) pairs
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return (self.text_column,) if self.target_column is None else (self.text_column, self.target_column)
 
 
 def _local_files(path: Path) -> list[Path]:
@@ -86,15 +91,16 @@ def load_text(src: TextSource) -> tuple[datasets.Dataset | datasets.IterableData
     columns = ds.column_names if ds.column_names is not None else list(next(iter(ds), {}).keys())
     if not columns:
         raise UptrainError(f"dataset {src.name} (split {src.split}) is empty; point data.source at some text")
-    if src.text_column not in columns:
-        raise UptrainError(
-            f"dataset {src.name} has no text column {src.text_column!r} (columns: {', '.join(columns)}); "
-            f"set data.text_column to the one holding the text"
-        )
+    for role, column in zip(("text", "target"), src.columns):
+        if column not in columns:
+            raise UptrainError(
+                f"dataset {src.name} has no {role} column {column!r} (columns: {', '.join(columns)}); "
+                f"set data.{role}_column to the one holding the {role}s"
+            )
     if isinstance(ds, datasets.Dataset):
-        ds = ds.remove_columns([c for c in columns if c != src.text_column])
+        ds = ds.remove_columns([c for c in columns if c not in src.columns])
     else:
-        ds = ds.select_columns([src.text_column])
+        ds = ds.select_columns(list(src.columns))
     if src.max_documents is not None:
         ds = ds.take(src.max_documents) if src.streaming else ds.select(range(min(src.max_documents, len(ds))))
-    return ds, f"{fp}|{src.text_column}|{src.max_documents}"
+    return ds, f"{fp}|{'|'.join(src.columns)}|{src.max_documents}"

@@ -10,10 +10,11 @@ from transformers import PreTrainedTokenizerFast
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> PreTrainedTokenizerFast:
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024, sentinels: int = 0) -> PreTrainedTokenizerFast:
     """Byte-level BPE over `texts` with bos/eos/pad special tokens; `save_pretrained` writes it into a model dir.
 
     Byte-level means every input encodes (no unknown token), so a tiny vocabulary still covers any text.
+    `sentinels` adds T5's span-corruption sentinels <extra_id_0>, <extra_id_1>, ... as special tokens.
     """
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -21,7 +22,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> PreTrainedT
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=[PAD, BOS, EOS],
+        special_tokens=[PAD, BOS, EOS, *(f"<extra_id_{i}>" for i in range(sentinels))],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )

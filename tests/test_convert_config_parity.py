@@ -1,9 +1,10 @@
 """The config attributes read from config.json through the specs' data equal what AutoConfig gives, for every family.
 
 Each family's config is built with its stock transformers config class (the toolkit's own for gqa_*) and saved;
-then variants of its config.json drop or null every attribute the spec declares a default for, and move RoPE
-parameters to the top level as older transformers wrote them. For every variant and every --attention scope,
-the geometry (or the refusal) and the RoPE layout read from config.json must equal those read through AutoConfig.
+then variants of its config.json drop or null every attribute the spec declares a default for, hold an attribute
+under each of the keys the spec lists for it, and move RoPE parameters to the top level as older transformers
+wrote them. For every variant and every --attention scope, the geometry (or the refusal) and the RoPE layout read
+from config.json must equal those read through AutoConfig.
 """
 
 import json
@@ -28,6 +29,7 @@ CASES.update({f"gqa_{f.model_type}": (f"gqa_{f.model_type}", {**f.config, "num_k
 CASES["gqa_t5"][1]["encoder_num_key_value_heads"] = 2
 # A decoder depth that differs from the encoder's, so that reading the wrong one shows
 CASES["t5 with a shallower decoder"] = ("t5", {**CASES["t5"][1], "num_decoder_layers": 1})
+
 
 def _refuse():
     raise AssertionError("config.json and the spec's data should answer without transformers")

@@ -23,8 +23,8 @@ from gqa_toolkit.convert import convert_checkpoint
 from gqa_toolkit.convert.geometry import divisors
 from gqa_toolkit.convert.variants import parse_variant
 from gqa_toolkit.uptrain import train, validate_recipe
+from gqa_toolkit.uptrain.model import load_config, load_tokenizer
 from gqa_toolkit.uptrain.recipe import ObjectiveSection
-from gqa_toolkit.uptrain.model import load_config, load_model, load_tokenizer
 from gqa_toolkit.uptrain.tasks import CausalLM
 
 from .ablation_recipe import AblationRecipe
@@ -33,6 +33,7 @@ from .fidelity import fidelity
 from .heldout import EvalData, check_context, eval_task, heldout_set
 from .original import Original, new_tokenizer, resolve_original
 from .perplexity import perplexity
+from .placement import load_for_eval
 from .report import render
 from .speed import kv_cache_bytes_per_token, measure_speed
 
@@ -144,7 +145,7 @@ class Ablation:
         return out
 
     def measure(self, model_dir: Path, original_model, blocks) -> dict:
-        model = load_model(model_dir)
+        model = load_for_eval(model_dir)
         quality = perplexity(model, blocks, self.recipe.eval_batch_size)
         agreement = fidelity(model, original_model, blocks, self.recipe.eval_batch_size)
         return {"heldout_loss": quality["loss"], "perplexity": quality["perplexity"], "kl": agreement["kl"],
@@ -154,7 +155,7 @@ class Ablation:
         path = self.cells / f"speed-{name}.json"
         if path.is_file():
             return
-        model = load_model(model_dir)
+        model = load_for_eval(model_dir)
         s = self.recipe.speed
         points = [asdict(measure_speed(model, c, b, s.decode_steps, s.repeats))
                   for c in s.contexts for b in s.batch_sizes]
@@ -170,7 +171,7 @@ class Ablation:
         config = load_config(original.path)
         check_context(config, self.recipe.data.block_size)
         blocks = self.heldout(config, tokenizer)
-        original_model = load_model(original.path)
+        original_model = load_for_eval(original.path)
         heads = config.num_attention_heads
         kv_heads = getattr(config, "num_key_value_heads", None) or heads
 

@@ -75,9 +75,11 @@ def _checked_examples(model_dir: str, role: str, data):
 
 
 def _load(model_dir, role: str = "MODEL_DIR"):
-    from gqa_toolkit.uptrain.model import check_model_dir, load_model
+    from gqa_toolkit.uptrain.model import check_model_dir
 
-    return load_model(check_model_dir(model_dir, role=role))
+    from .placement import load_for_eval
+
+    return load_for_eval(check_model_dir(model_dir, role=role))
 
 
 def _source_of(model_dir: str, source: str | None) -> str:

@@ -116,11 +116,11 @@ def test_t5_uptrains_to_mqa_with_span_corruption(write_t5_recipe, t5_models, tmp
     assert cache.cross_attention_cache.layers[0].keys.shape[1] == 1
     assert model.generate(ids, max_new_tokens=5, do_sample=False).shape[1] <= 6
 
-    # heldout loss in the log is what gqa-eval measures on the same examples
+    # heldout loss in the log is what gqa-eval measures on the same examples (to bf16 autocast's rounding on a GPU)
     tok = load_tokenizer(out)
     data = EvalData(block_size=48, max_blocks=8, cache_dir=str(t5_models["cache"]), max_documents=40)
     examples = heldout_set(tok, data, eval_task(load_config(out), tok, data))
-    assert perplexity(load_model(out), examples)["loss"] == pytest.approx(held[-1], rel=1e-4)
+    assert perplexity(load_model(out), examples)["loss"] == pytest.approx(held[-1], rel=1e-3)
 
 
 @pytest.mark.slow

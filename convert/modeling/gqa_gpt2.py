@@ -37,8 +37,8 @@ class GQAGPT2Attention(GPT2Attention):
         self.num_key_value_heads = config.num_key_value_heads or self.num_heads
         if self.num_heads % self.num_key_value_heads:
             raise ValueError(f"num_key_value_heads={self.num_key_value_heads} does not divide n_head={self.num_heads}")
-        # not named num_key_value_groups: the sdpa interface would repeat K/V heads a second time under a mask
-        self.queries_per_kv_head = self.num_heads // self.num_key_value_heads
+        # read by transformers' sdpa and flash attention, which share each K/V head among its query heads
+        self.num_key_value_groups = self.num_heads // self.num_key_value_heads
         self.kv_dim = self.num_key_value_heads * self.head_dim
         self.c_attn = Conv1D(self.embed_dim + 2 * self.kv_dim, self.embed_dim)
 
@@ -55,8 +55,8 @@ class GQAGPT2Attention(GPT2Attention):
             cache = (past_key_values.self_attention_cache if isinstance(past_key_values, EncoderDecoderCache)
                      else past_key_values)
             k, v = cache.update(k, v, self.layer_idx)  # the cache holds G heads
-        k = repeat_kv(k, self.queries_per_kv_head)  # (B, H, T, hd)
-        v = repeat_kv(v, self.queries_per_kv_head)
+        if self.config._attn_implementation == "eager":  # the stock eager attention wants H K/V heads
+            k, v = repeat_kv(k, self.num_key_value_groups), repeat_kv(v, self.num_key_value_groups)  # (B, H, T, hd)
 
         if self.config._attn_implementation == "eager" and self.reorder_and_upcast_attn:
             out, weights = self._upcast_and_reordered_attn(q, k, v, attention_mask)

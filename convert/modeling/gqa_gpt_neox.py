@@ -39,14 +39,14 @@ class GQAGPTNeoXAttention(GPTNeoXAttention):
         if self.num_heads % self.num_key_value_heads:
             raise ValueError(f"num_key_value_heads={self.num_key_value_heads} does not divide "
                              f"num_attention_heads={self.num_heads}")
-        # not named num_key_value_groups: the sdpa interface would repeat K/V heads a second time under a mask
-        self.queries_per_kv_head = self.num_heads // self.num_key_value_heads
+        # read by transformers' sdpa and flash attention, which share each K/V head among its query heads
+        self.num_key_value_groups = self.num_heads // self.num_key_value_heads
         rows = (self.num_heads + 2 * self.num_key_value_heads) * self.head_size
         self.query_key_value = nn.Linear(config.hidden_size, rows, bias=config.attention_bias)
 
     def forward(self, hidden_states, attention_mask, layer_past=None, position_embeddings=None, **kwargs):
         input_shape = hidden_states.shape[:-1]  # (B, T)
-        per_group = self.queries_per_kv_head
+        per_group = self.num_key_value_groups
         qkv = self.query_key_value(hidden_states)
         qkv = qkv.view(*input_shape, self.num_key_value_heads, per_group + 2, self.head_size)  # (B, T, G, H/G+2, hd)
         q = qkv[..., :per_group, :].reshape(*input_shape, self.num_heads, self.head_size).transpose(1, 2)  # (B,H,T,hd)
@@ -57,8 +57,8 @@ class GQAGPTNeoXAttention(GPTNeoXAttention):
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         if layer_past is not None:
             k, v = layer_past.update(k, v, self.layer_idx)  # the cache holds G heads
-        k = repeat_kv(k, per_group)  # (B, H, T, hd)
-        v = repeat_kv(v, per_group)
+        if self.config._attn_implementation == "eager":  # the stock eager attention wants H K/V heads
+            k, v = repeat_kv(k, per_group), repeat_kv(v, per_group)  # (B, H, T, hd)
 
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
         out, weights = attention(self, q, k, v, attention_mask, scaling=self.scaling,

@@ -34,8 +34,8 @@ class GQAOPTAttention(OPTAttention):
         if self.num_heads % self.num_key_value_heads:
             raise ValueError(f"num_key_value_heads={self.num_key_value_heads} does not divide "
                              f"num_attention_heads={self.num_heads}")
-        # not named num_key_value_groups: the sdpa interface would repeat K/V heads a second time under a mask
-        self.queries_per_kv_head = self.num_heads // self.num_key_value_heads
+        # read by transformers' sdpa and flash attention, which share each K/V head among its query heads
+        self.num_key_value_groups = self.num_heads // self.num_key_value_heads
         kv_dim = self.num_key_value_heads * self.head_dim
         self.k_proj = nn.Linear(self.embed_dim, kv_dim, bias=self.enable_bias)
         self.v_proj = nn.Linear(self.embed_dim, kv_dim, bias=self.enable_bias)
@@ -49,8 +49,8 @@ class GQAOPTAttention(OPTAttention):
 
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)  # the cache holds G heads
-        k = repeat_kv(k, self.queries_per_kv_head)  # (B, H, T, hd)
-        v = repeat_kv(v, self.queries_per_kv_head)
+        if self.config._attn_implementation == "eager":  # the stock eager attention wants H K/V heads
+            k, v = repeat_kv(k, self.num_key_value_groups), repeat_kv(v, self.num_key_value_groups)  # (B, H, T, hd)
 
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
         out, weights = attention(self, q, k, v, attention_mask, dropout=0.0 if not self.training else self.dropout,

@@ -40,8 +40,8 @@ class GQAT5Attention(T5Attention):
         self.num_key_value_heads = num_key_value_heads or self.n_heads
         if self.n_heads % self.num_key_value_heads:
             raise ValueError(f"{self.num_key_value_heads} KV heads do not divide num_heads={self.n_heads}")
-        # not named num_key_value_groups: the sdpa interface would repeat K/V heads a second time under a mask
-        self.queries_per_kv_head = self.n_heads // self.num_key_value_heads
+        # read by transformers' sdpa and flash attention, which share each K/V head among its query heads
+        self.num_key_value_groups = self.n_heads // self.num_key_value_heads
         kv_dim = self.num_key_value_heads * self.key_value_proj_dim
         self.k = nn.Linear(self.d_model, kv_dim, bias=False)
         self.v = nn.Linear(self.d_model, kv_dim, bias=False)
@@ -81,8 +81,8 @@ class GQAT5Attention(T5Attention):
                 position_bias = self.compute_bias(input_shape[1], key_length, device=q.device,
                                                   past_seen_tokens=past_seen)
 
-        k = repeat_kv(k, self.queries_per_kv_head)  # (B, H, S, hd)
-        v = repeat_kv(v, self.queries_per_kv_head)
+        if self.config._attn_implementation == "eager":  # the stock eager attention wants H K/V heads
+            k, v = repeat_kv(k, self.num_key_value_groups), repeat_kv(v, self.num_key_value_groups)  # (B, H, S, hd)
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
         out, weights = attention(self, q, k, v, mask, dropout=0.0 if not self.training else self.dropout,
                                  scaling=self.scaling, position_bias=position_bias, **kwargs)

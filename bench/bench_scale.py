@@ -1,0 +1,160 @@
+"""At real model sizes: conversion time, KV-cache size, prefill and decode speed, and uptraining throughput, for an
+MHA model and its GQA conversions side by side. Meant for a GPU; runs (slowly) anywhere.
+
+    python bench/bench_scale.py --shape t5-large --groups 8,1 --contexts 512,2048 --batch-sizes 1,32
+    python bench/bench_scale.py --shape llama-1b --groups 4,1 --contexts 2048,8192 --batch-sizes 1,16
+
+A random MHA checkpoint of the named shape is written in bf16 (no download: weights are random, the tokenizer is
+a byte-level BPE learnt from the python-stdlib corpus, so the vocabulary is smaller than the real model's). Each G
+is converted with `convert_checkpoint` (mean), then every model is measured with gqa-eval's speed functions (bf16
+on the GPU, fastest of --repeats rounds) and, with --uptrain-steps, uptrained for that many steps with the
+gqa-uptrain loop (bf16 mixed precision; Adafactor and span corruption for T5, AdamW and next-token for llama).
+Prints markdown tables with ratios to the MHA model. Random weights are fine here: speed does not depend on them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+SHAPES = {  # config class, model class, config kwargs (t5-large is t5-v1.1-large's shape)
+    "t5-large": ("T5Config", "T5ForConditionalGeneration",
+                 dict(d_model=1024, d_ff=2816, d_kv=64, num_heads=16, num_layers=24, num_decoder_layers=24,
+                      feed_forward_proj="gated-gelu", tie_word_embeddings=False)),
+    "t5-base": ("T5Config", "T5ForConditionalGeneration",
+                dict(d_model=768, d_ff=2048, d_kv=64, num_heads=12, num_layers=12, num_decoder_layers=12,
+                     feed_forward_proj="gated-gelu", tie_word_embeddings=False)),
+    "t5-small": ("T5Config", "T5ForConditionalGeneration",
+                 dict(d_model=512, d_ff=1024, d_kv=64, num_heads=6, num_layers=8, num_decoder_layers=8,
+                      feed_forward_proj="gated-gelu", tie_word_embeddings=False)),
+    "llama-1b": ("LlamaConfig", "LlamaForCausalLM",
+                 dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=16,
+                      num_key_value_heads=16, max_position_embeddings=16384)),
+}
+
+
+def write_source(shape: str, out: Path, vocab: int) -> Path:
+    import transformers
+
+    from gqa_toolkit.uptrain import corpus
+    from gqa_toolkit.uptrain.tokenizer import train_tokenizer
+
+    config_name, model_name, kwargs = SHAPES[shape]
+    tokenizer = train_tokenizer((r["text"] for r in corpus.iter_texts("train", limit=400)), vocab_size=vocab,
+                                sentinels=100 if shape.startswith("t5") else 0)
+    ids = dict(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    if shape.startswith("t5"):
+        ids["decoder_start_token_id"] = tokenizer.pad_token_id
+    config = getattr(transformers, config_name)(**kwargs, vocab_size=len(tokenizer), **ids)
+    torch.manual_seed(0)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = getattr(transformers, model_name)(config).to(torch.bfloat16)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def uptrain_throughput(model_dir: Path, out: Path, steps: int, block: int, batch: int, micro: int) -> dict:
+    from gqa_toolkit.uptrain import train, validate_recipe
+    from gqa_toolkit.uptrain.metrics import read_metrics
+
+    t5 = json.loads((model_dir / "config.json").read_text()).get("is_encoder_decoder", False)
+    recipe = validate_recipe({
+        "model": {"path": str(model_dir)},
+        "data": {"source": "python-stdlib", "block_size": block, "eval_blocks": 0, "max_documents": 4000},
+        "train": {"max_steps": steps, "batch_size": batch, "micro_batch_size": micro, "lr": 1e-4,
+                  "warmup_fraction": 0.0, "precision": "bf16", "optimizer": "adafactor" if t5 else "adamw"},
+        "output": {"dir": str(out), "save_every": 10**6, "eval_every": 10**6, "log_every": 1, "progress": False,
+                   "tensorboard": False},
+    })
+    train(recipe)
+    rates = [m["tokens_per_s"] for m in read_metrics(out) if "tokens_per_s" in m][2:]  # first steps warm up
+    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
+    return {"tokens_per_s": sorted(rates)[len(rates) // 2], "peak_gib": peak}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="t5-large")
+    parser.add_argument("--groups", default="8,1")
+    parser.add_argument("--contexts", default="512,2048")
+    parser.add_argument("--batch-sizes", default="1,32")
+    parser.add_argument("--decode-steps", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--vocab", type=int, default=8192)
+    parser.add_argument("--uptrain-steps", type=int, default=0)
+    parser.add_argument("--uptrain-block", type=int, default=512)
+    parser.add_argument("--uptrain-batch", type=int, default=32)
+    parser.add_argument("--uptrain-micro", type=int, default=8)
+    parser.add_argument("--workdir", default=None)
+    parser.add_argument("--json", default=None, help="also write the figures to this file")
+    args = parser.parse_args()
+
+    from gqa_toolkit.convert import convert_checkpoint
+    from gqa_toolkit.eval.placement import eval_device, eval_dtype, load_for_eval
+    from gqa_toolkit.eval.speed import kv_cache_bytes_per_token, measure_speed
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    dtype = str(eval_dtype(eval_device())).removeprefix("torch.")
+    groups = [int(g) for g in args.groups.split(",")]
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        tmp = Path(tmp)
+        t0 = time.perf_counter()
+        models = {"MHA": write_source(args.shape, tmp / "mha", args.vocab)}
+        print(f"wrote a random {args.shape} in {time.perf_counter() - t0:.1f} s", flush=True)
+        converted = {}
+        for g in groups:
+            t0 = time.perf_counter()
+            models[f"G={g}"] = convert_checkpoint(tmp / "mha", tmp / f"g{g}", method="mean", groups=g,
+                                                  progress=False)
+            converted[f"G={g}"] = time.perf_counter() - t0
+        print("conversion seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in converted.items()), flush=True)
+
+        results = {"shape": args.shape, "device": device, "dtype": dtype, "convert_s": converted, "speed": [],
+                   "uptrain": {}}
+        for name, path in models.items():
+            model = load_for_eval(path)
+            params = sum(p.numel() for p in model.parameters())
+            kv = kv_cache_bytes_per_token(model)
+            for c in map(int, args.contexts.split(",")):
+                for b in map(int, args.batch_sizes.split(",")):
+                    point = measure_speed(model, c, b, args.decode_steps, args.repeats)
+                    results["speed"].append({"model": name, "params": params, "kv_bytes_per_token": kv,
+                                             **point.__dict__})
+                    print(f"{name} ctx {c} batch {b}: decode {point.decode_tokens_per_s:,.0f} tok/s", flush=True)
+            del model
+            torch.cuda.empty_cache() if torch.cuda.is_available() else None
+            if args.uptrain_steps:
+                torch.cuda.reset_peak_memory_stats() if torch.cuda.is_available() else None
+                results["uptrain"][name] = uptrain_throughput(path, tmp / f"up-{name}", args.uptrain_steps,
+                                                              args.uptrain_block, args.uptrain_batch,
+                                                              args.uptrain_micro)
+                print(f"{name} uptrain: {results['uptrain'][name]}", flush=True)
+
+    print(f"\n{args.shape} (random weights, vocab {args.vocab}), {dtype} on {device}; fastest of {args.repeats} "
+          f"rounds, {args.decode_steps} decode steps")
+    print("| model | params | KV bytes/token | context | batch | prefill tok/s | decode tok/s | decode vs MHA |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    base = {(r["context"], r["batch_size"]): r["decode_tokens_per_s"] for r in results["speed"] if r["model"] == "MHA"}
+    for r in results["speed"]:
+        ratio = r["decode_tokens_per_s"] / base[(r["context"], r["batch_size"])]
+        print(f"| {r['model']} | {r['params'] / 1e6:,.0f}M | {r['kv_bytes_per_token']:,.0f} | {r['context']} | "
+              f"{r['batch_size']} | {r['prefill_tokens_per_s']:,.0f} | {r['decode_tokens_per_s']:,.0f} | "
+              f"{ratio:.2f}x |")
+    if results["uptrain"]:
+        print(f"\nuptraining, {args.uptrain_batch} x {args.uptrain_block} tokens per step, median tokens/s")
+        print("| model | tokens/s | vs MHA | peak GPU memory (GiB) |\n|---|---:|---:|---:|")
+        mha = results["uptrain"]["MHA"]["tokens_per_s"]
+        for name, r in results["uptrain"].items():
+            print(f"| {name} | {r['tokens_per_s']:,.0f} | {r['tokens_per_s'] / mha:.2f}x | {r['peak_gib']:.1f} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

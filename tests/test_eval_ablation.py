@@ -108,3 +108,25 @@ def test_empty_heldout_set_fails_before_any_work(tmp_path):
     result = run(write_recipe(tmp_path, results, data=data))
     assert result.exit_code == 2 and "gives no block of 64 tokens" in result.stderr, result.stderr
     assert not results.exists()
+
+
+@pytest.mark.slow
+def test_t5_ablation_runs_the_papers_setup_in_miniature(t5_models, tmp_path):
+    """The paper's model family: a given T5 original, decoder attention converted, span-corruption uptraining with
+    Adafactor, each cell scored on span-corruption examples and measured with both KV caches."""
+    recipe = write_recipe(
+        tmp_path, tmp_path / "t5-results",
+        original={"path": str(t5_models["mha"]), "original_steps": 100},
+        methods=["mean", "random"], groups=[1, 4], fractions=[0, 0.05],
+        data={"block_size": 48, "max_documents": 60, "eval_blocks": 8},
+        uptrain={"batch_size": 8, "micro_batch_size": 8, "lr": 3e-3, "optimizer": "adafactor"},
+        objective={"task": "span_corruption"},
+    )
+    result = run(recipe)
+    assert result.exit_code == 0, result.output + str(result.exception)
+    cells = {(c["method"], c["groups"], c["fraction"]): c
+             for c in json.loads((tmp_path / "t5-results" / "results.json").read_text())["cells"]}
+    assert cells[("mean", 4, 0)]["kl"] == pytest.approx(0.0, abs=1e-9)  # G = H keeps the function
+    assert cells[("mean", 1, 0)]["kl"] > 1e-4 and cells[("mean", 1, 0.05)]["uptrain_steps"] == 5
+    speed = {s["model"]: s for s in json.loads((tmp_path / "t5-results" / "results.json").read_text())["speed"]}
+    assert speed["original"]["kv_bytes_per_token"] == 4 * speed["g1"]["kv_bytes_per_token"]

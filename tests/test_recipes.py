@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from gqa_toolkit.eval.ablation_recipe import load_ablation_recipe
-from gqa_toolkit.uptrain import load_recipe
+from gqa_toolkit.uptrain import load_recipe, train
 
 RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
 
@@ -32,3 +32,26 @@ def test_recipe_opens_with_its_command_and_validates(path):
 def test_the_embedded_default_and_the_paper_recipe_ship():
     names = {p.name for p in RECIPES}
     assert {"tiny-ablation.yaml", "paper-t5-large.yaml", "llama-7b-fsdp-ablation.yaml"} <= names
+
+
+@pytest.mark.slow
+def test_tiny_t5_recipe_runs_as_its_comment_says(tmp_path, monkeypatch):
+    """The commands in recipes/tiny-t5-uptrain.yaml's header, then the recipe itself (fewer steps)."""
+    import json
+
+    from click.testing import CliRunner
+
+    from gqa_toolkit.convert.cli import main as convert_main
+    from gqa_toolkit.uptrain.tiny import main as tiny_main
+
+    monkeypatch.chdir(tmp_path)
+    assert CliRunner().invoke(tiny_main, ["--family", "t5", "--vocab-size", "600", "runs/tiny-t5"]).exit_code == 0
+    converted = CliRunner().invoke(convert_main, ["runs/tiny-t5", "--groups", "1", "--method", "mean", "--output",
+                                                  "runs/tiny-t5-mqa"])
+    assert converted.exit_code == 0, converted.output
+    recipe = Path(__file__).parent.parent / "recipes" / "tiny-t5-uptrain.yaml"
+    out = train(load_recipe(recipe, ["train.fraction=0.002", "data.eval_blocks=4", "data.max_documents=60",
+                                     f"data.cache_dir={tmp_path / 'cache'}", "output.progress=false"]))
+    record = json.loads((out / "config.json").read_text())
+    assert record["gqa_uptraining"]["objective"] == "span_corruption" and record["gqa_uptraining"]["steps"] == 4
+    assert record["gqa_conversion"]["groups"] == 1 and record["model_type"] == "gqa_t5"

@@ -1,8 +1,10 @@
-"""`python -m gqa_toolkit.uptrain.tiny OUT_DIR`: a tiny multi-head llama to try the toolkit on with no download.
+"""`python -m gqa_toolkit.uptrain.tiny OUT_DIR [--family t5]`: a tiny multi-head model to try the toolkit on with no
+download.
 
-Two layers, hidden 64, 4 heads that each have their own K/V (MHA), randomly initialised, with a byte-level BPE
-tokenizer trained on the python-stdlib corpus. Convert it with gqa-convert, then uptrain it with
-recipes/tiny-uptrain.yaml.
+llama: two layers, hidden 64, 4 heads that each have their own K/V (MHA). t5: the same size with t5-v1.1's choices
+(gated GELU, untied head), two encoder and two decoder layers. Both are randomly initialised, with a byte-level BPE
+tokenizer trained on the python-stdlib corpus (with T5's <extra_id_N> sentinels for t5). Convert it with
+gqa-convert, then uptrain it with recipes/tiny-uptrain.yaml or recipes/tiny-t5-uptrain.yaml.
 """
 
 from __future__ import annotations
@@ -13,35 +15,50 @@ import click
 
 TINY_LLAMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=4, max_position_embeddings=512)
+TINY_T5 = dict(d_model=64, d_ff=128, d_kv=16, num_layers=2, num_decoder_layers=2, num_heads=4,
+               feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout_rate=0.0)
+
+# family -> (config class, model class, config, span-corruption sentinels in the tokenizer)
+FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", TINY_LLAMA, 0),
+    "t5": ("T5Config", "T5ForConditionalGeneration", TINY_T5, 100),
+}
 
 
-def build_tiny_mha(out: str | Path, vocab_size: int = 2048, tokenizer_files: int = 300, seed: int = 0) -> Path:
-    """Write a tiny MHA llama plus its tokenizer into `out` and return the path."""
+def build_tiny_mha(out: str | Path, vocab_size: int = 2048, tokenizer_files: int = 300, seed: int = 0,
+                   family: str = "llama") -> Path:
+    """Write a tiny MHA model of `family` plus its tokenizer into `out` and return the path."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    import transformers
 
     from . import corpus
     from .tokenizer import train_tokenizer
 
+    config_class, model_class, config, sentinels = FAMILIES[family]
     out = Path(out)
-    tokenizer = train_tokenizer((r["text"] for r in corpus.iter_texts("train", limit=tokenizer_files)), vocab_size)
+    tokenizer = train_tokenizer((r["text"] for r in corpus.iter_texts("train", limit=tokenizer_files)), vocab_size,
+                                sentinels=sentinels)
+    special = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                   pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(seed)
-    config = LlamaConfig(**TINY_LLAMA, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    LlamaForCausalLM(config).save_pretrained(out)
+    model_config = getattr(transformers, config_class)(**config, vocab_size=len(tokenizer), **special)
+    if model_config.is_encoder_decoder:
+        model_config.decoder_start_token_id = tokenizer.pad_token_id  # T5 starts decoding from pad
+    getattr(transformers, model_class)(model_config).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
 
 
 @click.command()
 @click.argument("out", type=click.Path(file_okay=False))
+@click.option("--family", type=click.Choice(sorted(FAMILIES)), default="llama", show_default=True)
 @click.option("--vocab-size", default=2048, show_default=True, help="BPE vocabulary size.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the random initialisation.")
-def main(out: str, vocab_size: int, seed: int) -> None:
-    """Write a tiny randomly initialised MHA llama and its tokenizer into OUT."""
+def main(out: str, family: str, vocab_size: int, seed: int) -> None:
+    """Write a tiny randomly initialised MHA model and its tokenizer into OUT."""
     if Path(out).exists() and any(Path(out).iterdir()):
         raise click.ClickException(f"{out} is not empty; choose a new directory")
-    click.echo(f"tiny MHA llama written to {build_tiny_mha(out, vocab_size, seed=seed)}")
+    click.echo(f"tiny MHA {family} written to {build_tiny_mha(out, vocab_size, seed=seed, family=family)}")
 
 
 if __name__ == "__main__":

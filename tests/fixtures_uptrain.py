@@ -56,26 +56,31 @@ def uptrain_models(tmp_path_factory) -> dict[str, Path]:
     return {"mha": root / "mha", "gqa": root / "gqa", "cache": root / "cache"}
 
 
-@pytest.fixture
-def write_recipe(uptrain_models, tmp_path):
-    """write_recipe(**sections) -> path of a recipe for the tiny GQA model, with sections merged over defaults."""
+def recipe_writer(defaults: dict, folder: Path, default_name: str):
+    """write(name, **sections) -> path of a recipe YAML: `sections` merged over `defaults`, key by key."""
 
-    def write(name: str = "recipe.yaml", **sections) -> Path:
-        recipe = {
-            "model": {"path": str(uptrain_models["gqa"])},
-            "data": {"source": "python-stdlib", "max_documents": 40, "block_size": 64, "eval_blocks": 8,
-                     "cache_dir": str(uptrain_models["cache"])},
-            "train": {"max_steps": 4, "batch_size": 4, "micro_batch_size": 2, "lr": 3e-3, "warmup_fraction": 0.0},
-            "output": {"dir": str(tmp_path / "run"), "save_every": 2, "log_every": 1, "eval_every": 100,
-                       "progress": False},
-        }
+    def write(name: str = default_name, **sections) -> Path:
+        recipe = {section: dict(values) for section, values in defaults.items()}
         for section, values in sections.items():
             recipe.setdefault(section, {}).update(values)
-        path = tmp_path / name
+        path = folder / name
         path.write_text(yaml.safe_dump(recipe))
         return path
 
     return write
+
+
+@pytest.fixture
+def write_recipe(uptrain_models, tmp_path):
+    """write_recipe(**sections) -> path of a recipe for the tiny GQA model, with sections merged over defaults."""
+    return recipe_writer({
+        "model": {"path": str(uptrain_models["gqa"])},
+        "data": {"source": "python-stdlib", "max_documents": 40, "block_size": 64, "eval_blocks": 8,
+                 "cache_dir": str(uptrain_models["cache"])},
+        "train": {"max_steps": 4, "batch_size": 4, "micro_batch_size": 2, "lr": 3e-3, "warmup_fraction": 0.0},
+        "output": {"dir": str(tmp_path / "run"), "save_every": 2, "log_every": 1, "eval_every": 100,
+                   "progress": False},
+    }, tmp_path, "recipe.yaml")
 
 
 TINY_T5 = dict(d_model=64, d_ff=128, d_kv=16, num_layers=2, num_decoder_layers=2, num_heads=4,
@@ -106,21 +111,12 @@ def t5_models(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture
 def write_t5_recipe(t5_models, tmp_path):
     """write_t5_recipe(**sections) -> path of a span-corruption recipe for the tiny T5 converted to MQA."""
-
-    def write(name: str = "t5.yaml", **sections) -> Path:
-        recipe = {
-            "model": {"path": str(t5_models["mqa"])},
-            "data": {"source": "python-stdlib", "max_documents": 40, "block_size": 48, "eval_blocks": 8,
-                     "cache_dir": str(t5_models["cache"])},
-            "train": {"max_steps": 6, "batch_size": 8, "micro_batch_size": 4, "lr": 3e-3, "warmup_fraction": 0.0,
-                      "optimizer": "adafactor"},
-            "output": {"dir": str(tmp_path / "t5run"), "save_every": 3, "log_every": 1, "eval_every": 3,
-                       "progress": False, "tensorboard": False},
-        }
-        for section, values in sections.items():
-            recipe.setdefault(section, {}).update(values)
-        path = tmp_path / name
-        path.write_text(yaml.safe_dump(recipe))
-        return path
-
-    return write
+    return recipe_writer({
+        "model": {"path": str(t5_models["mqa"])},
+        "data": {"source": "python-stdlib", "max_documents": 40, "block_size": 48, "eval_blocks": 8,
+                 "cache_dir": str(t5_models["cache"])},
+        "train": {"max_steps": 6, "batch_size": 8, "micro_batch_size": 4, "lr": 3e-3, "warmup_fraction": 0.0,
+                  "optimizer": "adafactor"},
+        "output": {"dir": str(tmp_path / "t5run"), "save_every": 3, "log_every": 1, "eval_every": 3,
+                   "progress": False, "tensorboard": False},
+    }, tmp_path, "t5.yaml")

@@ -12,6 +12,17 @@ from gqa_toolkit.uptrain import load_recipe, train
 from gqa_toolkit.uptrain.metrics import read_metrics
 
 
+def launch_two_processes(recipe, port: int) -> subprocess.CompletedProcess:
+    """`accelerate launch` of gqa-uptrain on two CPU processes (DDP over gloo)."""
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(port), "-m", "gqa_toolkit.uptrain", str(recipe)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
 @pytest.mark.slow
 def test_two_processes_match_one_process(write_recipe, tmp_path):
     # global batch 8: one process takes 2 micro-batches of 4 per step, each of two processes takes 1
@@ -20,12 +31,7 @@ def test_two_processes_match_one_process(write_recipe, tmp_path):
     double = write_recipe("double.yaml", output={"dir": str(tmp_path / "double")}, **sections)
     train(load_recipe(single))
 
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", "29517", "-m", "gqa_toolkit.uptrain", str(double)]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = launch_two_processes(double, port=29517)
     assert done.stderr.count("uptrained model written") == 1  # printed by the main process only
 
     assert (tmp_path / "double" / "checkpoints" / "step-00000004" / "random_states_1.pkl").is_file()  # a 2nd rank
@@ -46,12 +52,7 @@ def test_two_processes_match_one_process_for_t5_span_corruption(write_t5_recipe,
     double = write_t5_recipe("double.yaml", output={"dir": str(tmp_path / "double")}, **sections)
     train(load_recipe(single))
 
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", "29518", "-m", "gqa_toolkit.uptrain", str(double)]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    launch_two_processes(double, port=29518)
     one = [m["loss"] for m in read_metrics(tmp_path / "single") if "loss" in m]
     two = [m["loss"] for m in read_metrics(tmp_path / "double") if "loss" in m]
     assert len(two) == 3 and two == pytest.approx(one, rel=1e-5)

@@ -22,7 +22,7 @@ from . import corpus
 from .errors import UptrainError
 from .recipe import DataSection
 from .sources import TextSource, load_text
-from .tasks import CausalLM, Task
+from .tasks import Task
 
 PACK_FORMAT = "v1"  # bump when packing changes, so old caches are not reused
 HELDOUT_SEED = 1_000_003  # held-out examples are made once, with this seed, so every evaluation sees the same ones
@@ -65,11 +65,6 @@ def task_rows(src: TextSource, tokenizer, task: Task, cfg: DataSection, main_fir
                 tmp.rename(path)
             shutil.rmtree(tmp, ignore_errors=True)
         return datasets.load_from_disk(str(path))
-
-
-def packed_blocks(src: TextSource, tokenizer, block_size: int, cfg: DataSection, main_first=contextlib.nullcontext):
-    """Blocks of `block_size` tokens of `src`, documents joined by eos (the rows of a causal LM)."""
-    return task_rows(src, tokenizer, CausalLM(block_size), cfg, main_first)
 
 
 def rows_as_tensors(rows) -> dict[str, torch.Tensor]:

@@ -8,15 +8,15 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from gqa_toolkit.uptrain.data import example_batches
 from gqa_toolkit.uptrain.objective import predictions
 from gqa_toolkit.uptrain.tasks import IGNORE
 
 
 def batches(examples: dict[str, torch.Tensor], batch_size: int, device, progress: bool = False, desc: str = ""):
-    """Consecutive slices of the examples (column -> (b, ...)), on `device`."""
-    n = len(examples["input_ids"])
-    for start in tqdm(range(0, n, batch_size), desc=desc, disable=not progress):
-        yield {k: v[start:start + batch_size].to(device) for k, v in examples.items()}
+    """Consecutive slices of the examples (column -> (b, ...)), on `device`, with a progress bar."""
+    total = -(-len(examples["input_ids"]) // batch_size)
+    return tqdm(example_batches(examples, batch_size, device), total=total, desc=desc, disable=not progress)
 
 
 @torch.no_grad()

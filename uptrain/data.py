@@ -74,6 +74,13 @@ def rows_as_tensors(rows) -> dict[str, torch.Tensor]:
     return {k: torch.tensor(list(v), dtype=torch.long) for k, v in rows.items()}
 
 
+def example_batches(examples: dict[str, torch.Tensor], batch_size: int, device) -> Iterator[dict[str, torch.Tensor]]:
+    """Consecutive slices (column -> (b, ...)) of a set of examples, on `device`."""
+    n = len(examples["input_ids"]) if examples else 0
+    for start in range(0, n, batch_size):
+        yield {k: v[start:start + batch_size].to(device) for k, v in examples.items()}
+
+
 def heldout_examples(rows, task: Task) -> dict[str, torch.Tensor]:
     """The task's examples of held-out rows, made with a fixed seed; {} when there are none."""
     tensors = rows_as_tensors(rows)

@@ -20,7 +20,7 @@ from accelerate.utils import set_seed
 
 from .budget import lr_at, plan_budget
 from .checkpointing import claim_run_dir, latest_checkpoint, load_checkpoint, save_checkpoint, write_recipe
-from .data import global_batches, load_blocks, process_micro_batches
+from .data import example_batches, global_batches, load_blocks, process_micro_batches
 from .errors import UptrainError
 from .metrics import MetricsLog
 from .model import (check_block_size, check_model_dir, load_config, load_model, load_teacher, load_tokenizer,
@@ -42,19 +42,14 @@ def on_device(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def example_count(examples: dict[str, torch.Tensor]) -> int:
-    return len(examples["input_ids"]) if examples else 0
-
-
 @torch.no_grad()
 def heldout_loss(model, heldout: dict[str, torch.Tensor], micro_batch: int, device) -> float:
     """Mean loss over the held-out examples, weighted by predicted tokens. Every process evaluates all of them
     (FSDP needs equal calls)."""
     model.eval()
     total, tokens = 0.0, 0
-    for start in range(0, example_count(heldout), micro_batch):
-        logits, targets = predictions(model, on_device({k: v[start:start + micro_batch] for k, v in heldout.items()},
-                                                       device))
+    for batch in example_batches(heldout, micro_batch, device):
+        logits, targets = predictions(model, batch)
         n = int((targets != IGNORE).sum())
         total += ce_loss(logits, targets).item() * n
         tokens += n

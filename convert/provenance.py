@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from importlib import resources
 from pathlib import Path
@@ -113,5 +114,17 @@ def write_metadata(src: Path, dst: Path, raw_config: dict[str, Any], spec: Archi
     (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (dst / "README.md").write_text(model_card(record, raw_config["model_type"], spec))
     if spec.modeling is not None:
-        modeling = resources.files("gqa_toolkit.convert.modeling") / spec.modeling.file
-        (dst / spec.modeling.file).write_text(modeling.read_text())
+        write_modeling(dst, spec)
+
+
+def write_modeling(dst: Path, spec: ArchitectureSpec) -> list[Path]:
+    """Write the family's modeling files into `dst`, each replaced atomically (a reader sees the old file or the
+    new one, never half of one); returns their paths."""
+    written = []
+    for name in spec.modeling.files:
+        text = (resources.files("gqa_toolkit.convert.modeling") / name).read_text()
+        partial = dst / f".{name}.partial-{os.getpid()}"
+        partial.write_text(text)
+        os.replace(partial, dst / name)
+        written.append(dst / name)
+    return written

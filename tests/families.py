@@ -17,6 +17,9 @@ class Family:
     kv_access: str = "separate"  # separate | phi3 | falcon | bigcode
     groups: int = 2  # a G below the source's KV heads
     kv_norm: str | None = None  # olmo2 | cohere | stablelm
+    # stock transformers repeats the K/V heads to one per query head before caching them (falcon with
+    # new_decoder_architecture): the checkpoint is GQA, its transformers KV cache is not
+    caches_query_heads: bool = False
 
 
 FAMILIES = [
@@ -37,7 +40,7 @@ FAMILIES = [
     Family("stablelm", dict(qk_layernorm=True, use_qkv_bias=True), kv_norm="stablelm"),
     Family("phi3", dict(pad_token_id=0), kv_access="phi3"),
     Family("falcon", dict(new_decoder_architecture=True, num_attention_heads=8, num_kv_heads=4, bias=True,
-                          num_key_value_heads=None), kv_access="falcon"),
+                          num_key_value_heads=None), kv_access="falcon", caches_query_heads=True),
     Family("gpt_bigcode", dict(multi_query=False, n_positions=128, num_key_value_heads=None), kv_access="bigcode",
            groups=1),
 ]

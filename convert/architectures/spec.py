@@ -10,7 +10,7 @@ import json
 import re
 from functools import lru_cache
 from importlib import resources
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
@@ -68,9 +68,12 @@ class AttentionKind(_Strict):
 class Modeling(_Strict):
     """GQA modeling code shipped by the toolkit for a family whose transformers modeling has none.
 
-    `file` (in convert/modeling/) is copied into every output directory, which gets `model_type`, `architectures`
-    and `auto_map` in its config.json, so that `from_pretrained(out, trust_remote_code=True)` needs no toolkit.
+    `file` (in convert/modeling/) is copied with the attention core it imports into every output directory, which
+    gets `model_type`, `architectures` and `auto_map` in its config.json, so that `from_pretrained(out,
+    trust_remote_code=True)` needs no toolkit.
     """
+
+    CORE: ClassVar[str] = "gqa_attention.py"
 
     file: str
     model_type: str  # the GQA model_type; a source of this type is already GQA, any other is MHA
@@ -84,6 +87,11 @@ class Modeling(_Strict):
         if not self.file.endswith(".py") or bad:
             raise ValueError(f"auto_map entries must name classes in {self.file}, found {bad}")
         return self
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        """The files written into an output directory: the shared core, then the family's own."""
+        return self.CORE, self.file
 
 
 class Rope(_Strict):

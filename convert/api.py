@@ -80,8 +80,7 @@ def _layer_settings(model_dir: Path, config: ConfigReader, raw_config: dict, spe
     if not (isinstance(calibration, str) and calibration == "none"):
         tokens = calibration if isinstance(calibration, torch.Tensor) else calibration_tokens(
             model_dir, calibration, samples, length)
-        remote = spec.modeling is not None and raw_config["model_type"] == spec.modeling.model_type
-        moments = collect_moments(model_dir, spec.block, tokens, trust_remote_code=remote)
+        moments = collect_moments(model_dir, spec.block, tokens)
     described = "token ids" if isinstance(calibration, torch.Tensor) else calibration
     record = {"grouping": grouping, "calibration": described,
               "calibration_sequences": 0 if moments is None else int(len(tokens))}

@@ -17,6 +17,7 @@ import torch
 from .architectures.spec import AttentionBlock, key_pattern
 from .errors import ConversionError
 from .layer_block import InputMoments
+from .loading import from_pretrained
 
 BUILTIN = "python-stdlib"
 HELDOUT_PERCENT = 5  # must equal gqa_toolkit.uptrain.corpus.HELDOUT_PERCENT (a test checks the split agrees)
@@ -54,7 +55,7 @@ def calibration_tokens(model_dir: Path, source: str, samples: int, length: int) 
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        tokenizer = from_pretrained(AutoTokenizer, model_dir)
     except (OSError, ValueError) as exc:
         raise ConversionError(f"calibration needs the source's tokenizer, and {model_dir} has none that loads "
                               f"({exc}); add one, or pass --calibration none to fit on weights only") from None
@@ -76,13 +77,11 @@ def calibration_tokens(model_dir: Path, source: str, samples: int, length: int) 
 
 
 @torch.no_grad()
-def collect_moments(model_dir: Path, block: AttentionBlock, tokens: torch.Tensor, trust_remote_code: bool,
-                    batch_size: int = 8) -> dict[int, InputMoments]:
+def collect_moments(model_dir: Path, block: AttentionBlock, tokens: torch.Tensor, batch_size: int = 8) -> dict[int, InputMoments]:
     """Layer -> moments of the input to its query projection, from the source model run on `tokens`."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
-                                                 trust_remote_code=trust_remote_code).eval()
+    model = from_pretrained(AutoModelForCausalLM, model_dir, dtype=torch.float32).eval()
     patterns = [key_pattern(t) for t in block.q]
     moments: dict[int, InputMoments] = {}
     hooks = []

@@ -14,6 +14,7 @@ from typing import Any, Callable, Protocol
 
 from .architectures.spec import ConfigSchema
 from .errors import ConversionError
+from .loading import from_pretrained
 
 _UNANSWERED = object()
 
@@ -45,7 +46,7 @@ def load_transformers_config(model_dir: Path) -> TransformersConfig:
     from transformers import AutoConfig
 
     try:
-        return TransformersConfig(AutoConfig.from_pretrained(model_dir))
+        return TransformersConfig(from_pretrained(AutoConfig, model_dir))
     except (ValueError, OSError, TypeError, StrictDataclassError) as exc:
         reason = " ".join(str(exc).split())
         raise ConversionError(f"transformers cannot read {model_dir / 'config.json'}: {reason}") from None

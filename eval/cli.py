@@ -96,8 +96,13 @@ def _source_of(model_dir: str, source: str | None) -> str:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-def main():
+@click.option("--trust-remote-code", is_flag=True,
+              help="Run the Python files of model folders. Never needed for the toolkit's own families.")
+def main(trust_remote_code):
     """Measure what a GQA conversion cost."""
+    from gqa_toolkit.convert.loading import allow_remote_code
+
+    allow_remote_code(trust_remote_code)
 
 
 @main.command("perplexity")

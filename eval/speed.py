@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from gqa_toolkit.convert.transformers_names import cache_argument, output_cache
+
 
 def _cache_tensors(cache) -> list[torch.Tensor]:
     parts = [getattr(cache, name) for name in ("self_attention_cache", "cross_attention_cache") if hasattr(cache, name)]
@@ -45,7 +47,7 @@ def prefill(model, ids: torch.Tensor, decoder_ids: torch.Tensor | None = None):
 def decode_step(model, next_ids: torch.Tensor, cache, extra: dict):
     """One token (B, 1) through the decoder with the cache."""
     key = "decoder_input_ids" if model.config.is_encoder_decoder else "input_ids"
-    return model(**{key: next_ids}, past_key_values=cache, use_cache=True, **extra)
+    return model(**{key: next_ids, cache_argument(model): cache}, use_cache=True, **extra)
 
 
 @torch.no_grad()
@@ -53,7 +55,7 @@ def kv_cache_bytes_per_token(model, tokens: int = 8) -> float:
     """Bytes the model's own KV cache holds per token, measured from the cache tensors after a prefill. For an
     encoder-decoder, per token of both encoder input and decoder output (cross- plus self-attention cache)."""
     ids = torch.zeros(1, tokens, dtype=torch.long, device=model.device)
-    cache = prefill(model, ids, decoder_ids=ids)[0].past_key_values
+    cache = output_cache(prefill(model, ids, decoder_ids=ids)[0])
     return sum(t.numel() * t.element_size() for t in _cache_tensors(cache)) / tokens
 
 
@@ -86,10 +88,10 @@ def measure_speed(model, context: int, batch_size: int, decode_steps: int = 16, 
         out, extra = prefill(model, ids)
         _sync(device)
         t1 = time.perf_counter()
-        cache, next_ids = out.past_key_values, out.logits[:, -1:].argmax(-1)  # (B, 1)
+        cache, next_ids = output_cache(out), out.logits[:, -1:].argmax(-1)  # (B, 1)
         for _ in range(decode_steps):
             out = decode_step(model, next_ids, cache, extra)
-            cache, next_ids = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            cache, next_ids = output_cache(out), out.logits[:, -1:].argmax(-1)
         _sync(device)
         t2 = time.perf_counter()
         prefill_s.append(t1 - t0)

@@ -14,6 +14,10 @@ def run_tasks(model_dir: str, tasks: list[str], batch_size: int = 8, limit: int 
         raise EvalError("lm-eval-harness is not installed; pip install 'gqa-toolkit[tasks]'") from None
     if not (Path(model_dir) / "config.json").is_file():
         raise EvalError(f"{model_dir} is not a model directory (no config.json)")
-    results = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={Path(model_dir).resolve()}",
-                                      tasks=tasks, batch_size=batch_size, limit=limit)
+    from gqa_toolkit.convert.loading import register_own_modeling, remote_code_allowed
+
+    register_own_modeling(model_dir)  # lm-eval's from_pretrained then finds the toolkit's classes, not the folder's
+    model_args = f"pretrained={Path(model_dir).resolve()},trust_remote_code={remote_code_allowed()}"
+    results = lm_eval.simple_evaluate(model="hf", model_args=model_args, tasks=tasks, batch_size=batch_size,
+                                      limit=limit)
     return results["results"]

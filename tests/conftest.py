@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,27 @@ from families import FAMILIES, Family, family_config
 
 pytest_plugins = ["fixtures_uptrain"]
 
+
+class _Deprecations(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record):
+        if "deprecat" in record.getMessage().lower():
+            self.messages.append(f"{record.name}: {record.getMessage()}")
+
+
+@pytest.fixture(autouse=True)
+def fail_on_logged_deprecations():
+    """transformers announces many renames through its logger, not the warnings module: fail on those too."""
+    handler = _Deprecations()
+    logger = logging.getLogger("transformers")
+    logger.addHandler(handler)
+    yield
+    logger.removeHandler(handler)
+    if handler.messages:
+        pytest.fail("transformers logged a deprecation: " + handler.messages[0])
 
 
 def build_tiny_model(model_type: str, config: dict, seed: int = 0, dtype: torch.dtype = torch.float32):

@@ -9,6 +9,7 @@ from pydantic import ValidationError
 from conftest import build_tiny_no_native
 from families import NO_NATIVE_FAMILIES, NO_NATIVE_IDS
 from gqa_toolkit.convert.architectures.spec import ArchitectureSpec, all_specs
+from gqa_toolkit.convert.transformers_names import output_cache
 from test_convert_errors import assert_refused
 
 
@@ -63,5 +64,5 @@ def test_registered_without_trust_remote_code(no_native_dirs, tmp_path):
     assert type(model).__module__ == "gqa_toolkit.convert.modeling.gqa_opt"
     assert model.model.decoder.layers[0].self_attn.k_proj.weight.shape == (16, 64)
     with torch.no_grad():
-        cache = model(torch.tensor([[1, 2, 3]]), use_cache=True).past_key_values
+        cache = output_cache(model(torch.tensor([[1, 2, 3]]), use_cache=True))
     assert cache.layers[0].keys.shape == (1, 1, 3, 16)

@@ -18,6 +18,7 @@ from safetensors import safe_open
 from conftest import read_config
 from families import NO_NATIVE_FAMILIES, NO_NATIVE_IDS
 from gqa_toolkit.convert import convert_checkpoint
+from gqa_toolkit.convert.transformers_names import output_cache
 from reference import apply_reference_no_native
 
 GROUPS = 2
@@ -48,7 +49,7 @@ def _greedy(model, family) -> torch.Tensor:
 def _kv_cache_shapes(model, family) -> list[tuple[int, ...]]:
     """Shapes of every cached key tensor after one forward pass: (B, KV heads, T, hd)."""
     with torch.no_grad():
-        cache = model(**_inputs(family), use_cache=True).past_key_values
+        cache = output_cache(model(**_inputs(family), use_cache=True))
     caches = [cache.self_attention_cache, cache.cross_attention_cache] if family.model_type == "t5" else [cache]
     return [tuple(layer.keys.shape) for c in caches for layer in c.layers]
 
@@ -177,7 +178,8 @@ _NO_TOOLKIT = textwrap.dedent("""
         inputs = torch.load(inputs)
         with torch.no_grad():
             logits = model(**inputs).logits
-            cache = model(**inputs, use_cache=True).past_key_values
+            output = model(**inputs, use_cache=True)
+            cache = output["cache"] if "cache" in output else output["past_key_values"]
         torch.save(logits, out + "/logits.pt")
         cache = getattr(cache, "self_attention_cache", cache)
         report[name] = [type(model).__module__, list(cache.layers[0].keys.shape)]

@@ -5,14 +5,13 @@ left-padded batch) equals a full forward over the whole sequence so far; greedy 
 by full forwards; the cache holds G heads, read from the cache object itself.
 """
 
-import inspect
-
 import pytest
 import torch
 import transformers
 
 from families import FAMILIES, NO_NATIVE_FAMILIES
 from gqa_toolkit.convert import convert_checkpoint
+from gqa_toolkit.convert.transformers_names import cache_argument, output_cache
 
 GROUPS_NO_NATIVE = 2
 STEPS = 4
@@ -35,16 +34,6 @@ def converted(request, tmp_path_factory):
     return get
 
 
-def _cache_argument(model) -> str:
-    """The name this transformers release gives the model forward's cache argument."""
-    params = inspect.signature(type(model).forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
-def _output_cache(output):
-    return output["cache"] if "cache" in output else output["past_key_values"]
-
-
 def _key_shapes(cache) -> list[tuple[int, ...]]:
     caches = [cache.self_attention_cache, cache.cross_attention_cache] if hasattr(cache, "cross_attention_cache") \
         else [cache]
@@ -64,7 +53,7 @@ class Decoder:
 
     def __init__(self, model, seq2seq: bool):
         self.model, self.seq2seq = model, seq2seq
-        self.cache_argument = _cache_argument(model)
+        self.cache_argument = cache_argument(model)
 
     def full(self, ids, mask, tokens):
         """Logits at the last position of a full forward over prompt + tokens (B, n)."""
@@ -83,7 +72,7 @@ class Decoder:
         else:
             inputs = dict(input_ids=tokens[:, -1:], attention_mask=torch.cat([mask, torch.ones_like(tokens)], 1))
         out = self.model(**inputs, use_cache=True, **({self.cache_argument: cache} if cache is not None else {}))
-        return out.logits[:, -1], _output_cache(out)
+        return out.logits[:, -1], output_cache(out)
 
 
 def _load(case, converted, attn_implementation):

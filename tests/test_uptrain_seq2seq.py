@@ -10,6 +10,7 @@ import torch
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, T5ForConditionalGeneration
 
 from gqa_toolkit.eval.fidelity import fidelity
+from gqa_toolkit.convert.transformers_names import output_cache
 from gqa_toolkit.eval.heldout import EvalData, eval_task, heldout_set
 from gqa_toolkit.eval.perplexity import perplexity
 from gqa_toolkit.eval.speed import kv_cache_bytes_per_token, measure_speed
@@ -111,7 +112,7 @@ def test_t5_uptrains_to_mqa_with_span_corruption(write_t5_recipe, t5_models, tmp
     ids = tokenizer("def main():\n    return <extra_id_0>", return_tensors="pt").input_ids
     with torch.no_grad():
         step = model(input_ids=ids, decoder_input_ids=torch.zeros(1, 1, dtype=torch.long), use_cache=True)
-    cache = step.past_key_values
+    cache = output_cache(step)
     assert cache.self_attention_cache.layers[0].keys.shape[1] == 1
     assert cache.cross_attention_cache.layers[0].keys.shape[1] == 1
     assert model.generate(ids, max_new_tokens=5, do_sample=False).shape[1] <= 6

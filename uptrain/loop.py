@@ -18,6 +18,9 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 
+from gqa_toolkit.convert.loading import allow_remote_code
+from gqa_toolkit.convert.transformers_names import enable_activation_checkpointing
+
 from .budget import lr_at, plan_budget
 from .checkpointing import claim_run_dir, latest_checkpoint, load_checkpoint, save_checkpoint, write_recipe
 from .data import example_batches, global_batches, load_blocks, process_micro_batches
@@ -66,6 +69,8 @@ def train(recipe: Recipe, *, stop_after: int | None = None) -> Path | None:
         datasets.disable_progress_bars()
         transformers.utils.logging.disable_progress_bar()
 
+    allow_remote_code(recipe.model.trust_remote_code)
+
     # 1. Everything that can fail on user input is checked before anything is written.
     student_dir = check_model_dir(recipe.model.path)
     config = load_config(student_dir)
@@ -88,7 +93,7 @@ def train(recipe: Recipe, *, stop_after: int | None = None) -> Path | None:
     model = load_model(student_dir)
     select_trainable(model, recipe.model.trainable)
     if recipe.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model, use_reentrant=False)
     optimizer = make_optimizer(model, cfg)
     model, optimizer = accelerator.prepare(model, optimizer)
     teacher = None

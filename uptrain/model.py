@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
+from gqa_toolkit.convert.loading import from_pretrained
+
 from .errors import UptrainError
 
 CONVERSION_KEY = "gqa_conversion"
@@ -32,18 +34,9 @@ def read_config_json(path: Path) -> dict:
     return json.loads((path / "config.json").read_text())
 
 
-def trusts_code(path: Path) -> bool:
-    """Run the modeling code in `path` only when it is the toolkit's own (gqa-convert writes it for families such
-    as gpt2 whose transformers code has no GQA), the same rule the convert stage follows."""
-    from gqa_toolkit.convert.architectures.spec import all_specs
-
-    own = {spec.modeling.model_type for spec in all_specs().values() if spec.modeling is not None}
-    return read_config_json(path).get("model_type") in own
-
-
 def load_config(path: Path, role: str = "model.path"):
     try:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trusts_code(path))
+        config = from_pretrained(AutoConfig, path)
     except (ValueError, OSError, TypeError) as e:
         raise UptrainError(f"{role}: transformers cannot read {path / 'config.json'}: {str(e).splitlines()[0]}") from None
     return config
@@ -66,7 +59,7 @@ def check_block_size(config, block_size: int) -> None:
 
 def load_tokenizer(path: Path):
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trusts_code(path))
+        tokenizer = from_pretrained(AutoTokenizer, path)
     except (ValueError, OSError, TypeError) as e:
         raise UptrainError(f"{path} has no usable tokenizer ({str(e).splitlines()[0]}); copy the source model's "
                            "tokenizer files into it") from None
@@ -83,7 +76,7 @@ def model_class(path: Path):
 
 def load_model(path: Path, dtype: torch.dtype = torch.float32):
     try:
-        return model_class(path).from_pretrained(path, dtype=dtype, trust_remote_code=trusts_code(path))
+        return from_pretrained(model_class(path), path, dtype=dtype)
     except (ValueError, OSError) as e:
         raise UptrainError(f"transformers cannot load the model in {path}: {str(e).splitlines()[0]}") from None
 

@@ -22,6 +22,8 @@ class ModelSection(_Section):
     path: str = Field(description="converted checkpoint to uptrain (the output of gqa-convert)")
     trainable: Literal["all", "attention", "kv"] = "all"
     gradient_checkpointing: bool = False
+    trust_remote_code: bool = Field(False, description="run the Python files of the model folders (never needed "
+                                    "for the toolkit's own families, which load through its registered classes)")
 
 
 class DataSection(_Section):

@@ -1,0 +1,56 @@
+"""Loading a checkpoint with transformers without running Python from its folder.
+
+A converted t5, gpt_neox, gpt2 or opt directory carries modeling files and an `auto_map` so that it loads where the
+toolkit is not installed. Whoever made a folder controls those files and its `model_type`, so every stage loads the
+toolkit's own families through the classes the toolkit registers with the Auto classes, with
+`trust_remote_code=False`. A folder's code runs only after `allow_remote_code()`, which the commands call for an
+explicit `--trust-remote-code` (gqa-eval) or `model.trust_remote_code: true` (gqa-uptrain recipes).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+_remote_code_allowed = False
+
+
+def allow_remote_code(allowed: bool = True) -> None:
+    """Let later loads run the Python files of model folders (the user asked for it), and say so once."""
+    global _remote_code_allowed
+    if allowed and not _remote_code_allowed:
+        print("trust_remote_code is on: Python files in model folders will run", file=sys.stderr)
+    _remote_code_allowed = allowed
+
+
+def remote_code_allowed() -> bool:
+    return _remote_code_allowed
+
+
+def own_model_types() -> set[str]:
+    """The model types the toolkit has modeling code for (gqa_t5, gqa_opt, ...)."""
+    from .architectures.spec import all_specs
+
+    return {spec.modeling.model_type for spec in all_specs().values() if spec.modeling is not None}
+
+
+def register_own_modeling(model_dir: str | Path) -> None:
+    """Register the toolkit's classes when `model_dir` holds one of its own families; a no-op otherwise (and for
+    hub ids, whose config.json is not on disk yet)."""
+    config = Path(model_dir) / "config.json"
+    if not config.is_file():
+        return
+    try:
+        model_type = json.loads(config.read_text()).get("model_type")
+    except (ValueError, OSError, AttributeError):
+        return  # the caller's from_pretrained reports the unreadable config
+    if model_type in own_model_types():
+        from . import modeling  # noqa: F401  registers the GQA classes with the Auto classes
+
+
+def from_pretrained(auto_class, model_dir: str | Path, **kwargs):
+    """`auto_class.from_pretrained(model_dir, **kwargs)`, with the toolkit's families registered and a folder's
+    code run only if `allow_remote_code()` was called."""
+    register_own_modeling(model_dir)
+    return auto_class.from_pretrained(model_dir, trust_remote_code=_remote_code_allowed, **kwargs)

@@ -22,7 +22,8 @@ from .methods import LAYER_METHODS, get_method
 from .output_dir import atomic_directory, check_output_free
 from .plan import ByteSpan, ConversionSettings, SourceTensor, plan_conversion
 from .rope import rope_layout
-from .provenance import conversion_record, write_metadata
+from .loading import own_model_types
+from .provenance import conversion_record, write_metadata, write_modeling
 from .reader import CheckpointReader
 from .source import read_raw_config, resolve_model_dir
 from .source_config import ConfigReader, SourceConfig, load_transformers_config
@@ -141,3 +142,18 @@ def convert_checkpoint(src: str | Path, dst: str | Path | None = None, *, method
         write_checkpoint(tmp, planned, shard_bytes, on_bytes=bar.update)
         write_metadata(model_dir, tmp, raw_config, spec, record)
     return out
+
+
+def refresh_modeling(model_dir: str | Path) -> list[Path]:
+    """Rewrite the toolkit's modeling files in an earlier output (a converted t5, gpt_neox, gpt2 or opt directory)
+    with this version's, each file replaced atomically; weights and config are left as they are."""
+    path = Path(model_dir).expanduser()
+    if not path.is_dir():
+        raise ConversionError(f"no such directory: {path}; pass a directory written by gqa-convert")
+    model_type = read_raw_config(path)["model_type"]
+    spec = spec_for(model_type)
+    if spec.modeling is None or model_type != spec.modeling.model_type:
+        raise ConversionError(f"{path} has model_type {model_type!r}, which runs on stock transformers code; only "
+                              f"directories of the toolkit's own families ({', '.join(sorted(own_model_types()))}) "
+                              "carry modeling files to refresh")
+    return write_modeling(path, spec)

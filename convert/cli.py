@@ -17,7 +17,8 @@ from .methods import all_method_names
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.argument("model_dir")
-@click.option("--groups", "-g", type=int, required=True, help="KV heads (G) in the output; must divide the source's.")
+@click.option("--groups", "-g", type=int, default=None, help="KV heads (G) in the output; must divide the source's. "
+                                                            "[required]")
 @click.option("--method", "-m", default="mean", help=f"K/V initialiser: {', '.join(all_method_names())}. "
                                                       "aligned and fit also change Q and O (see docs/methods.md).")
 @click.option("--grouping", default="contiguous", type=click.Choice(GROUPINGS),
@@ -42,13 +43,22 @@ from .methods import all_method_names
                                                      "[default: the source's largest weight file]")
 @click.option("--force", is_flag=True, help="Replace the output directory if it exists.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option("--refresh-modeling", is_flag=True, help="Convert nothing: rewrite the modeling files of MODEL_DIR, an "
+                                                       "earlier t5, gpt_neox, gpt2 or opt output, with this "
+                                                       "version's.")
 def main(model_dir, groups, method, grouping, preserve_norm, calibration, calibration_samples, calibration_length,
-         output, attention, seed, dtype, max_shard_size, force, quiet):
+         output, attention, seed, dtype, max_shard_size, force, quiet, refresh_modeling):
     """Convert the Hugging Face checkpoint MODEL_DIR (a local directory, or a hub id when online) to
     grouped-query attention with G key/value heads."""
-    from .api import convert_checkpoint
+    from .api import convert_checkpoint, refresh_modeling as refresh
 
     try:
+        if refresh_modeling:
+            for path in refresh(model_dir):
+                click.echo(f"rewrote {path}")
+            return
+        if groups is None:
+            raise ConversionError("--groups is required: the number of KV heads in the output, e.g. --groups 8")
         out = convert_checkpoint(model_dir, output, method=method, groups=groups, seed=seed, dtype=dtype,
                                  max_shard_size=max_shard_size, attention=attention, force=force,
                                  progress=not quiet, grouping=grouping, preserve_norm=preserve_norm,

@@ -20,7 +20,8 @@ def allow_remote_code(allowed: bool = True) -> None:
     """Let later loads run the Python files of model folders (the user asked for it), and say so once."""
     global _remote_code_allowed
     if allowed and not _remote_code_allowed:
-        print("trust_remote_code is on: Python files in model folders will run", file=sys.stderr)
+        print("trust_remote_code is on: the Python files in model folders will run, including the modeling files "
+              "of converted t5, gpt_neox, gpt2 and opt directories", file=sys.stderr)
     _remote_code_allowed = allowed
 
 
@@ -50,7 +51,8 @@ def register_own_modeling(model_dir: str | Path) -> None:
 
 
 def from_pretrained(auto_class, model_dir: str | Path, **kwargs):
-    """`auto_class.from_pretrained(model_dir, **kwargs)`, with the toolkit's families registered and a folder's
-    code run only if `allow_remote_code()` was called."""
-    register_own_modeling(model_dir)
+    """`auto_class.from_pretrained(model_dir, **kwargs)` with the toolkit's families registered, or, after
+    `allow_remote_code()`, with the folder's own code (transformers prefers registered classes to a folder's)."""
+    if not _remote_code_allowed:
+        register_own_modeling(model_dir)
     return auto_class.from_pretrained(model_dir, trust_remote_code=_remote_code_allowed, **kwargs)

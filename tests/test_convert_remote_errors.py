@@ -66,3 +66,27 @@ def test_registered_without_trust_remote_code(no_native_dirs, tmp_path):
     with torch.no_grad():
         cache = output_cache(model(torch.tensor([[1, 2, 3]]), use_cache=True))
     assert cache.layers[0].keys.shape == (1, 1, 3, 16)
+
+
+def test_refresh_modeling_repairs_an_earlier_output_in_place(no_native_dirs, llama_dir, tmp_path):
+    """An output written with an earlier modeling file gets this version's, and nothing else changes."""
+    from importlib import resources
+
+    from click.testing import CliRunner
+
+    from gqa_toolkit.convert import convert_checkpoint
+    from gqa_toolkit.convert.cli import main
+
+    out = convert_checkpoint(no_native_dirs["opt"], tmp_path / "out", groups=2, progress=False)
+    (out / "gqa_opt.py").write_text("raise ImportError('an earlier, broken modeling file')\n")
+    (out / "gqa_attention.py").unlink()  # earlier outputs had no core file
+    before = {p.name: p.read_bytes() for p in out.iterdir() if not p.name.endswith(".py")}
+    result = CliRunner().invoke(main, ["--refresh-modeling", str(out)])
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines() == [f"rewrote {out / 'gqa_attention.py'}", f"rewrote {out / 'gqa_opt.py'}"]
+    package = resources.files("gqa_toolkit.convert.modeling")
+    for name in ("gqa_attention.py", "gqa_opt.py"):
+        assert (out / name).read_text() == (package / name).read_text()
+    assert {p.name: p.read_bytes() for p in out.iterdir() if not p.name.endswith(".py")} == before
+    assert not [p for p in out.iterdir() if "partial" in p.name]
+    assert_refused(tmp_path, ["--refresh-modeling", llama_dir], "runs on stock transformers code")

@@ -118,7 +118,7 @@ def convert_checkpoint(src: str | Path, dst: str | Path | None = None, *, method
         check_groups(groups, geometry, spec)
     out = Path(dst).expanduser().resolve() if dst is not None else default_output(
         model_dir, groups, method, grouping, preserve_norm)
-    check_output_free(out, force)
+    check_output_free(out, force, model_dir)
 
     reader = CheckpointReader(model_dir)
     sources = {name: SourceTensor(info.dtype, info.shape, ByteSpan(info.file, *info.offsets) if info.offsets else None)
@@ -137,7 +137,7 @@ def convert_checkpoint(src: str | Path, dst: str | Path | None = None, *, method
                                scope=scope, seed=seed, dtype=target_dtype, options=options)
 
     total = sum(t.dtype.itemsize * torch.Size(t.shape).numel() for t in planned)
-    with atomic_directory(out, force) as tmp, tqdm(total=total, unit="B", unit_scale=True, disable=not progress,
+    with atomic_directory(out, force, model_dir) as tmp, tqdm(total=total, unit="B", unit_scale=True, disable=not progress,
                                                    desc=f"gqa-convert {method} G={groups}") as bar:
         write_checkpoint(tmp, planned, shard_bytes, on_bytes=bar.update)
         write_metadata(model_dir, tmp, raw_config, spec, record)

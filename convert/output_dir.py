@@ -1,11 +1,13 @@
 """An output directory that appears whole or not at all.
 
 Everything is written into a hidden temporary sibling, renamed into place at the end. An exception, Ctrl-C or
-SIGTERM leaves no partial output; an existing directory is replaced only with `force=True`.
+SIGTERM leaves no partial output, and a later run removes what SIGKILL left. The source is never the output, above
+it or below it; an existing directory is replaced only with `force=True`, and only if it is the toolkit's output.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -14,12 +16,54 @@ from pathlib import Path
 from typing import Iterator
 
 from .errors import ConversionError
+from .provenance import CONVERSION_KEY
 
 
-def check_output_free(dst: Path, force: bool) -> None:
-    if dst.exists() and not force:
-        raise ConversionError(f"output directory {dst} already exists; pass --force to replace it or choose "
-                              f"another --output")
+def is_own_output(path: Path) -> bool:
+    """Whether `path` is a directory that gqa-convert (or gqa-uptrain after it) wrote: its config.json carries the
+    conversion record."""
+    try:
+        return CONVERSION_KEY in json.loads((path / "config.json").read_text())
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def check_output_free(dst: Path, force: bool, source: Path | None = None) -> None:
+    """Refuse an output that would replace, hold or sit inside the source, and an existing directory unless
+    `force` is set and the directory is the toolkit's own output."""
+    if source is not None:
+        source = source.resolve()
+        if dst == source or dst in source.parents:
+            raise ConversionError(f"--output {dst} is {'the source' if dst == source else 'a folder above the source'}"
+                                  f" {source}, which is never replaced; choose an --output outside it")
+        if source in dst.parents:
+            raise ConversionError(f"--output {dst} is inside the source {source}; choose an --output outside it")
+    if not dst.exists():
+        return
+    if not is_own_output(dst):
+        raise ConversionError(f"output directory {dst} already exists and is not a gqa-convert output, so it is "
+                              f"never replaced, even with --force; choose another --output")
+    if not force:
+        raise ConversionError(f"output directory {dst} already exists (an earlier gqa-convert output); pass --force "
+                              f"to replace it or choose another --output")
+
+
+def _remove_stale_partials(dst: Path) -> None:
+    """Remove the temporary siblings that killed conversions (SIGKILL, power loss) left behind."""
+    for partial in dst.parent.glob(f".{dst.name}.partial-*"):
+        pid = partial.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(partial, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _raise_keyboard_interrupt(signum, frame):
@@ -27,10 +71,11 @@ def _raise_keyboard_interrupt(signum, frame):
 
 
 @contextmanager
-def atomic_directory(dst: Path, force: bool = False) -> Iterator[Path]:
+def atomic_directory(dst: Path, force: bool = False, source: Path | None = None) -> Iterator[Path]:
     """Yield a temporary directory that becomes `dst` when the block finishes without an exception."""
-    check_output_free(dst, force)
+    check_output_free(dst, force, source)
     dst.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_partials(dst)
     tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()

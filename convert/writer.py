@@ -8,6 +8,7 @@ that fits one shard is written as `model.safetensors` with no index.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import struct
@@ -22,6 +23,9 @@ from .reader import SAFETENSORS_DTYPES
 DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+# copy_file_range's refusals that mean "copy it yourself": another filesystem, or a filesystem without the call
+NO_KERNEL_COPY = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP}
+COPY_CHUNK = 16 << 20
 
 
 def _nbytes(t: PlannedTensor) -> int:
@@ -57,15 +61,31 @@ def _header(tensors: list[PlannedTensor]) -> bytes:
 
 
 def _copy_span(span: ByteSpan, out) -> None:
-    """Copy a source byte range to the output's current position inside the kernel (no pass through user space)."""
+    """Copy a source byte range to the output's current position inside the kernel (no pass through user space),
+    or through a buffer where the kernel cannot: across filesystems (EXDEV), or on filesystems without the call."""
     out.flush()
     with open(span.file, "rb") as src:
         offset, left = span.begin, span.end - span.begin
         while left:
-            n = os.copy_file_range(src.fileno(), out.fileno(), left, offset)
+            try:
+                n = os.copy_file_range(src.fileno(), out.fileno(), left, offset)
+            except OSError as exc:
+                if exc.errno not in NO_KERNEL_COPY:
+                    raise
+                return _copy_buffered(src, out, offset, left, span)
             if n == 0:
                 raise RuntimeError(f"{span.file} ended before byte {span.end}")
             offset, left = offset + n, left - n
+
+
+def _copy_buffered(src, out, offset: int, left: int, span: ByteSpan) -> None:
+    src.seek(offset)
+    while left:
+        chunk = src.read(min(left, COPY_CHUNK))
+        if not chunk:
+            raise RuntimeError(f"{span.file} ended before byte {span.end}")
+        out.write(chunk)
+        left -= len(chunk)
 
 
 def _write_shard(path: Path, tensors: list[PlannedTensor], on_bytes: Callable[[int], None]) -> None:

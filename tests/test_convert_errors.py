@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 from click.testing import CliRunner
+from safetensors import safe_open
 
 from conftest import save_tiny_model
 from families import BASE
@@ -116,14 +117,62 @@ def test_config_value_that_cannot_be_read(llama_dir, tmp_path, attr, value, need
     assert_refused(tmp_path, [src, "--groups", "2"], needle)
 
 
-def test_existing_output_needs_force(llama_dir, tmp_path):
+def test_existing_output_needs_force_and_must_be_the_toolkits(llama_dir, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("user data")
+    assert_refused(tmp_path, [llama_dir, "--groups", "2", "-o", out, "--force"], "not a gqa-convert output",
+                   "never replaced")
+    assert (out / "keep.txt").read_text() == "user data"
+    out.joinpath("keep.txt").unlink()
+    out.rmdir()
+    code, err = run_cli(llama_dir, "--groups", "2", "-o", out, "-q")
+    assert code == 0, err
+    (out / "stale.txt").write_text("from the earlier conversion")
     assert_refused(tmp_path, [llama_dir, "--groups", "2", "-o", out], "already exists", "--force")
     code, err = run_cli(llama_dir, "--groups", "2", "-o", out, "--force", "-q")
     assert code == 0, err
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    assert not (out / "stale.txt").exists() and (out / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("where, needle", [("source", "is the source"), ("parent", "a folder above the source"),
+                                           ("inside", "inside the source")])
+def test_output_never_replaces_holds_or_sits_in_the_source(llama_dir, tmp_path, where, needle):
+    src = tmp_path / "parent" / "src"
+    shutil.copytree(llama_dir, src)
+    (tmp_path / "parent" / "beside.txt").write_text("a user's file beside the source")
+    out = {"source": src, "parent": tmp_path / "parent", "inside": src / "out"}[where]
+    assert_refused(tmp_path, [src, "--groups", "2", "-o", out, "--force"], needle)
+    assert (tmp_path / "parent" / "beside.txt").is_file() and (src / "model.safetensors").is_file()
+
+
+def test_output_on_another_filesystem(llama_dir, tmp_path):
+    """copy_file_range refuses to cross filesystems (EXDEV); unchanged tensors are then copied through a buffer."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mnt)]).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        code, err = run_cli(llama_dir, "--groups", "2", "-o", mnt / "out", "-q")
+        assert code == 0, err
+        with safe_open(mnt / "out" / "model.safetensors", "pt") as f, \
+                safe_open(llama_dir / "model.safetensors", "pt") as g:
+            for name in g.keys():
+                if "k_proj" not in name and "v_proj" not in name:
+                    assert torch.equal(f.get_tensor(name), g.get_tensor(name)), name
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_a_killed_conversions_leftovers_are_removed(llama_dir, tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    leftover = tmp_path / f".out.partial-{dead.pid}"
+    leftover.mkdir()
+    (leftover / "model.safetensors").write_bytes(b"half")
+    code, err = run_cli(llama_dir, "--groups", "2", "-o", tmp_path / "out", "-q")
+    assert code == 0, err
+    assert not leftover.exists()
 
 
 def test_bin_that_needs_unsafe_unpickling(llama_dir, tmp_path):

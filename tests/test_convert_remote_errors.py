@@ -90,3 +90,29 @@ def test_refresh_modeling_repairs_an_earlier_output_in_place(no_native_dirs, lla
     assert {p.name: p.read_bytes() for p in out.iterdir() if not p.name.endswith(".py")} == before
     assert not [p for p in out.iterdir() if "partial" in p.name]
     assert_refused(tmp_path, ["--refresh-modeling", llama_dir], "runs on stock transformers code")
+
+
+def test_core_refuses_a_stock_argument_it_does_not_know():
+    """A release that adds or renames an attention argument fails at import, naming it, instead of dropping it."""
+    from torch import nn
+
+    from gqa_toolkit.convert.modeling.gqa_attention import GroupedAttention
+
+    class StockAttention(nn.Module):
+        def forward(self, hidden_states, attention_mask=None, cache=None, sliding_window_size=None, **kwargs):
+            return hidden_states
+
+    with pytest.raises(ImportError, match="sliding_window_size"):
+        class Unaware(GroupedAttention, StockAttention):  # noqa: F841
+            def attend(self, hidden_states, cache=None, attention_mask=None, **kwargs):
+                return hidden_states
+
+    class Aware(GroupedAttention, StockAttention):
+        def attend(self, hidden_states, cache=None, attention_mask=None, sliding_window_size=None, **kwargs):
+            return cache
+
+    # the cache arrives as `cache` whichever of its names the caller used
+    for name in ("cache", "past_key_values", "layer_past"):
+        assert Aware()(torch.zeros(1), **{name: "the cache"}) == "the cache"
+    with pytest.raises(TypeError, match="more than one cache"):
+        Aware()(torch.zeros(1), cache="a", past_key_values="b")

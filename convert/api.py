@@ -6,7 +6,9 @@ headers and every K/V shape. Then tensors stream from the source into an atomic 
 
 from __future__ import annotations
 
+import errno
 import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -30,18 +32,29 @@ from .source_config import ConfigReader, SourceConfig, load_transformers_config
 from .writer import write_checkpoint
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
 def parse_size(text: str | int) -> int:
-    """Bytes from 5000000, "5MB", "2GiB" or "1.5GB"."""
-    if isinstance(text, int):
+    """Bytes from an int, or from a size with its unit: "5000000B", "5MB", "2GiB", "1.5GB"."""
+    if isinstance(text, int) and text > 0:
         return text
-    m = re.fullmatch(r"\s*([\d.]+)\s*([A-Za-z]*)\s*", text)
-    if not m or m[2].upper() not in SIZE_UNITS:
-        raise ConversionError(f"cannot read shard size {text!r}; write bytes or a size like 500MB, 5GB, 2GiB")
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(text))
+    if m and not m[2]:
+        raise ConversionError(f"--max-shard-size {text!r} has no unit; write it with one, e.g. {m[1]}MB, {m[1]}GB "
+                              f"or {m[1]}B for bytes")
+    if not m or m[2].upper() not in SIZE_UNITS or float(m[1]) * SIZE_UNITS[m[2].upper()] < 1:
+        raise ConversionError(f"cannot read --max-shard-size {text!r}; write a positive size with a unit, like "
+                              f"500MB, 5GB or 2GiB")
     return int(float(m[1]) * SIZE_UNITS[m[2].upper()])
+
+
+def check_calibration_shape(samples: int, length: int) -> None:
+    if samples < 1:
+        raise ConversionError(f"--calibration-samples {samples} must be at least 1 (default 256)")
+    if length < 2:
+        raise ConversionError(f"--calibration-length {length} must be at least 2 tokens (default 128)")
 
 
 def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
@@ -79,6 +92,7 @@ def _layer_settings(model_dir: Path, config: ConfigReader, raw_config: dict, spe
         calibration = BUILTIN if layer_method is not None and layer_method.calibrated else "none"
     moments = None
     if not (isinstance(calibration, str) and calibration == "none"):
+        check_calibration_shape(samples, length)
         tokens = calibration if isinstance(calibration, torch.Tensor) else calibration_tokens(
             model_dir, calibration, samples, length)
         moments = collect_moments(model_dir, spec.block, tokens)
@@ -111,6 +125,7 @@ def convert_checkpoint(src: str | Path, dst: str | Path | None = None, *, method
         from . import modeling  # noqa: F401  registers the GQA classes (4 s of imports only families like gpt2 need)
     method_fn = get_method(method)
     target_dtype = parse_dtype(dtype)
+    shard_bytes = parse_size(max_shard_size) if max_shard_size is not None else None
     scope = attention or spec.default_scope
     config = SourceConfig(raw_config, spec.config, load=lambda: load_transformers_config(model_dir))
     geometries = read_geometries(config, spec, scope)
@@ -131,17 +146,46 @@ def convert_checkpoint(src: str | Path, dst: str | Path | None = None, *, method
     settings = ConversionSettings(method=method_fn, groups=groups, seed=seed, dtype=target_dtype,
                                   preserve_norm=preserve_norm, layer=layer)
     planned = plan_conversion(sources, reader.read, spec, geometries, settings)
-    shard_bytes = parse_size(max_shard_size) if max_shard_size is not None else max(
-        p.stat().st_size for p in reader.files)
+    shard_bytes = shard_bytes or max(p.stat().st_size for p in reader.files)
     record = conversion_record(method=method, groups=groups, source=str(model_dir), geometries=geometries,
                                scope=scope, seed=seed, dtype=target_dtype, options=options)
 
     total = sum(t.dtype.itemsize * torch.Size(t.shape).numel() for t in planned)
-    with atomic_directory(out, force, model_dir) as tmp, tqdm(total=total, unit="B", unit_scale=True, disable=not progress,
-                                                   desc=f"gqa-convert {method} G={groups}") as bar:
-        write_checkpoint(tmp, planned, shard_bytes, on_bytes=bar.update)
-        write_metadata(model_dir, tmp, raw_config, spec, record)
+    check_free_space(out, total)
+    try:
+        with atomic_directory(out, force, model_dir) as tmp, tqdm(total=total, unit="B", unit_scale=True,
+                                                                  disable=not progress,
+                                                                  desc=f"gqa-convert {method} G={groups}") as bar:
+            write_checkpoint(tmp, planned, shard_bytes, on_bytes=bar.update)
+            write_metadata(model_dir, tmp, raw_config, spec, record)
+    except OSError as exc:
+        if exc.errno not in WRITE_FAULTS:
+            raise
+        raise ConversionError(f"cannot write the output at {out.parent}: {WRITE_FAULTS[exc.errno]} (the weights "
+                              f"need {_gb(total)}); nothing was written; {_WRITE_FIX[exc.errno]}") from None
     return out
+
+
+# What a write to the output can meet on a real machine, and what the user can do about it.
+WRITE_FAULTS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
+                errno.EROFS: "the filesystem is read-only", errno.EACCES: "permission denied",
+                errno.EPERM: "permission denied"}
+_WRITE_FIX = {errno.ENOSPC: "free space or choose another --output", errno.EDQUOT: "free space or choose another "
+              "--output", errno.EROFS: "choose a writable --output", errno.EACCES: "choose a writable --output",
+              errno.EPERM: "choose a writable --output"}
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+def check_free_space(out: Path, needed: int) -> None:
+    """Refuse before writing when the output's filesystem has less room than the weights need."""
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    free = shutil.disk_usage(existing).free
+    if free < needed:
+        raise ConversionError(f"the output at {out} needs {_gb(needed)} and its filesystem has {_gb(free)} free; "
+                              f"free space or choose another --output")
 
 
 def refresh_modeling(model_dir: str | Path) -> list[Path]:

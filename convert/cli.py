@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 
 import click
@@ -52,6 +53,8 @@ def main(model_dir, groups, method, grouping, preserve_norm, calibration, calibr
     grouped-query attention with G key/value heads."""
     from .api import convert_checkpoint, refresh_modeling as refresh
 
+    _print_warnings()
+
     try:
         if refresh_modeling:
             for path in refresh(model_dir):
@@ -71,6 +74,14 @@ def main(model_dir, groups, method, grouping, preserve_norm, calibration, calibr
         click.echo("gqa-convert: interrupted; nothing was written", err=True)
         sys.exit(130)
     click.echo(str(out))
+
+
+def _print_warnings() -> None:
+    """The library's warnings (links skipped, code carried over from the source) as `gqa-convert: warning:` lines."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("gqa-convert: warning: %(message)s"))
+    log = logging.getLogger("gqa_toolkit.convert")
+    log.handlers, log.propagate = [handler], False
 
 
 if __name__ == "__main__":

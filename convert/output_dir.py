@@ -38,8 +38,10 @@ def check_output_free(dst: Path, force: bool, source: Path | None = None) -> Non
                                   f" {source}, which is never replaced; choose an --output outside it")
         if source in dst.parents:
             raise ConversionError(f"--output {dst} is inside the source {source}; choose an --output outside it")
-    if not dst.exists():
+    if not dst.exists() or (dst.is_dir() and not any(dst.iterdir())):
         return
+    if not dst.is_dir():
+        raise ConversionError(f"--output {dst} is a file; choose a directory path for --output")
     if not is_own_output(dst):
         raise ConversionError(f"output directory {dst} already exists and is not a gqa-convert output, so it is "
                               f"never replaced, even with --force; choose another --output")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from importlib import resources
@@ -14,6 +15,9 @@ import torch
 import gqa_toolkit
 
 from .architectures.spec import ArchitectureSpec
+from .reader import stays_inside_source
+
+log = logging.getLogger("gqa_toolkit.convert")
 
 CONVERSION_KEY = "gqa_conversion"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
@@ -56,15 +60,30 @@ def converted_config(raw: dict[str, Any], spec: ArchitectureSpec, record: dict[s
 
 
 def copy_non_weight_files(src: Path, dst: Path) -> list[str]:
+    """Copy the source's tokenizer, generation config and other small files; a link that leads outside the source
+    is skipped with a warning, so nothing from elsewhere on the machine ends up in an output people upload."""
     copied = []
     for path in sorted(src.iterdir()):
         if path.name.startswith(".") or not path.is_file() or path.name in NOT_COPIED:
             continue
         if path.name.endswith(WEIGHT_SUFFIXES) or path.name == "training_args.bin":
             continue
+        if not stays_inside_source(path, src):
+            log.warning(f"skipped {path.name}: a link to {path.resolve()}, outside the source directory")
+            continue
         shutil.copy2(path, dst / path.name)
         copied.append(path.name)
     return copied
+
+
+def foreign_code(copied: list[str], raw_config: dict[str, Any], spec: ArchitectureSpec) -> list[str]:
+    """What of the source's own code the output carries: its .py files and its config's auto_map entries (the
+    toolkit's modeling files replace both for its own families)."""
+    own = set(spec.modeling.files) if spec.modeling is not None else set()
+    code = [name for name in copied if name.endswith(".py") and name not in own]
+    if spec.modeling is None:
+        code += [f"auto_map {k} -> {v}" for k, v in (raw_config.get("auto_map") or {}).items()]
+    return code
 
 
 def _modeling_note(spec: ArchitectureSpec) -> str:
@@ -78,7 +97,17 @@ transformers has no grouped-query attention for this family, so the modeling cod
 """
 
 
-def model_card(record: dict[str, Any], model_type: str, spec: ArchitectureSpec | None = None) -> str:
+def _foreign_code_note(code: list[str]) -> str:
+    if not code:
+        return ""
+    return f"""
+The source carried code of its own, copied here unchanged and not written by gqa-toolkit: {', '.join(code)}. It
+runs only under `trust_remote_code=True`; read it before you do.
+"""
+
+
+def model_card(record: dict[str, Any], model_type: str, spec: ArchitectureSpec | None = None,
+               code: list[str] = ()) -> str:
     H, G0, G = record["num_attention_heads"], record["source_kv_heads"], record["groups"]
     kinds = record.get("attention_kinds", ["self"])
     attention_row = f"| attention converted | {', '.join(kinds)} (`--attention {record['attention']}`) |\n" \
@@ -104,15 +133,18 @@ Converted from `{record['source']}` by gqa-toolkit {record['toolkit_version']}:
 Query head `h` uses KV head `h // {H // G}`. The `{record['method']}` method initialised each group's key/value
 projections from the source's heads in that group; the model has not been uptrained since, so expect a quality
 drop until it is (`gqa-uptrain`). The full record is under `{CONVERSION_KEY}` in config.json.
-{_modeling_note(spec) if spec is not None else ""}"""
+{_modeling_note(spec) if spec is not None else ""}{_foreign_code_note(list(code))}"""
 
 
 def write_metadata(src: Path, dst: Path, raw_config: dict[str, Any], spec: ArchitectureSpec,
                    record: dict[str, Any]) -> None:
-    copy_non_weight_files(src, dst)
+    code = foreign_code(copy_non_weight_files(src, dst), raw_config, spec)
+    if code:
+        log.warning(f"the output carries the source's own code: {', '.join(code)} (named in its README.md; it "
+                    f"runs only under trust_remote_code)")
     config = converted_config(raw_config, spec, record)
     (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    (dst / "README.md").write_text(model_card(record, raw_config["model_type"], spec))
+    (dst / "README.md").write_text(model_card(record, raw_config["model_type"], spec, code))
     if spec.modeling is not None:
         write_modeling(dst, spec)
 

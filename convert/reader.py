@@ -58,6 +58,9 @@ def read_safetensors_header(path: Path) -> list[TensorInfo]:
             header = json.loads(f.read(header_len))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ConversionError(f"{path} has a corrupt safetensors header ({exc}); re-download it") from None
+    if not isinstance(header, dict):
+        raise ConversionError(f"{path} has a corrupt safetensors header (a JSON {type(header).__name__}, not an "
+                              f"object); re-download it")
     data_start = 8 + header_len
     infos = []
     for name, entry in header.items():
@@ -66,15 +69,23 @@ def read_safetensors_header(path: Path) -> list[TensorInfo]:
         try:
             dtype = SAFETENSORS_DTYPES[entry["dtype"]]
             begin, end = entry["data_offsets"]
-            info = TensorInfo(name, path, dtype, tuple(entry["shape"]), (data_start + begin, data_start + end))
+            shape = tuple(entry["shape"])
+            if not all(_count(n) for n in (*shape, begin, end)) or begin > end:
+                raise ValueError
+            info = TensorInfo(name, path, dtype, shape, (data_start + begin, data_start + end))
         except (KeyError, TypeError, ValueError):
-            raise ConversionError(f"{path} has a corrupt or unsupported header entry for {name!r}; "
-                                  f"re-download it") from None
+            raise ConversionError(f"{path} has a corrupt or unsupported header entry for {name!r} "
+                                  f"({json.dumps(entry)[:120]}); re-download it") from None
         if info.offsets[1] > size or info.offsets[1] - info.offsets[0] != info.nbytes:
             raise ConversionError(f"{path} is truncated or corrupt: tensor {name!r} ends past the file or has a "
                                   f"size that disagrees with its shape; re-download it")
         infos.append(info)
     return infos
+
+
+def _count(value) -> bool:
+    """A dimension or byte offset: a non-negative int (JSON true is not one)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _load_bin(path: Path) -> dict[str, torch.Tensor]:
@@ -96,19 +107,52 @@ def weight_files(model_dir: Path) -> list[Path]:
     for index_name in WEIGHT_INDEXES:
         index = model_dir / index_name
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            files = sorted(set(weight_map.values()))
+            files = sorted(set(_weight_map(index).values()))
             missing = [f for f in files if not (model_dir / f).is_file()]
             if missing:
                 raise ConversionError(f"{index} names shard files that are missing: {', '.join(missing)}; "
                                       f"download the complete checkpoint")
-            return [model_dir / f for f in files]
+            return [check_inside_source(model_dir / f, model_dir) for f in files]
     for pattern in ("*.safetensors", "*.bin"):
         files = sorted(p for p in model_dir.glob(pattern) if p.is_file() and p.name != "training_args.bin")
         if files:
-            return files
+            return [check_inside_source(f, model_dir) for f in files]
     raise ConversionError(f"no weight files (*.safetensors or *.bin) in {model_dir}; point at a complete "
                           f"Hugging Face model directory")
+
+
+def _weight_map(index: Path) -> dict[str, str]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ConversionError(f"{index} is not valid JSON ({exc}); re-download it") from None
+    except (KeyError, TypeError):
+        raise ConversionError(f"{index} has no weight_map; re-download it") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(f, str) and "/" not in f and f not in ("", ".", "..")
+                                                   for f in weight_map.values()):
+        raise ConversionError(f"{index}'s weight_map must map tensor names to shard file names in the same "
+                              f"directory; re-download it")
+    return weight_map
+
+
+def source_root(model_dir: Path) -> Path:
+    """The folder a source's files may live in: the directory itself, or for a hub cache snapshot
+    (`models--org--name/snapshots/<revision>`) the repository's cache folder, whose `blobs/` its links point into."""
+    if model_dir.parent.name == "snapshots" and model_dir.parent.parent.name.startswith("models--"):
+        return model_dir.parent.parent.resolve()
+    return model_dir.resolve()
+
+
+def stays_inside_source(path: Path, model_dir: Path) -> bool:
+    root = source_root(model_dir)
+    return path.resolve().is_relative_to(root)
+
+
+def check_inside_source(path: Path, model_dir: Path) -> Path:
+    if not stays_inside_source(path, model_dir):
+        raise ConversionError(f"{path} is a link to {path.resolve()}, outside the source directory; copy the file "
+                              f"into {model_dir} if it belongs to this checkpoint")
+    return path
 
 
 class CheckpointReader:

@@ -18,10 +18,15 @@ def resolve_model_dir(model: str | Path) -> Path:
         if not path.is_dir():
             raise ConversionError(f"{path} is a file; pass the model directory that holds config.json")
         return path.resolve()
-    if HUB_ID.match(str(model)):
+    if HUB_ID.match(str(model)) and not _looks_local(path):
         return _download(str(model))
     raise ConversionError(f"no such model directory: {path}; pass a local Hugging Face model directory "
                           f"(or a hub id like org/name on a machine with network)")
+
+
+def _looks_local(path: Path) -> bool:
+    """`runs/model` whose `runs/` exists here is a mistyped local path, not a hub id."""
+    return str(path).startswith((".", "~")) or path.parent.is_dir() and path.parent != Path(".")
 
 
 def _download(repo_id: str) -> Path:
@@ -31,8 +36,9 @@ def _download(repo_id: str) -> Path:
         return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt",
                                                                "*.py", "*.md", "*.tiktoken"]))
     except Exception as exc:  # network, auth, missing repo: all reported the same way
-        raise ConversionError(f"could not fetch {repo_id!r} from the hub ({type(exc).__name__}); download it "
-                              f"and pass the local directory") from None
+        raise ConversionError(f"{repo_id!r} is not a local directory, and fetching it from the hub failed "
+                              f"({type(exc).__name__}); check the path, or download the model and pass its "
+                              f"directory") from None
 
 
 def read_raw_config(model_dir: Path) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from typing import Callable
 
 import torch
 
+from .errors import ConversionError
 from .plan import ByteSpan, PlannedTensor
 from .reader import SAFETENSORS_DTYPES
 
@@ -88,6 +89,15 @@ def _copy_buffered(src, out, offset: int, left: int, span: ByteSpan) -> None:
         left -= len(chunk)
 
 
+def check_finite(name: str, data: torch.Tensor) -> None:
+    """Every tensor the converter computes must be finite: NaN or Inf in a source's K/V would otherwise be pooled
+    into every head of the group, silently."""
+    if data.is_floating_point() and not torch.isfinite(data).all():
+        bad = int((~torch.isfinite(data)).sum())
+        raise ConversionError(f"{name} would hold {bad} NaN or Inf values (from the source's weights of that layer); "
+                              f"the source checkpoint is damaged, re-download it or repair that tensor")
+
+
 def _write_shard(path: Path, tensors: list[PlannedTensor], on_bytes: Callable[[int], None]) -> None:
     with open(path, "wb") as f:
         f.write(_header(tensors))
@@ -100,6 +110,7 @@ def _write_shard(path: Path, tensors: list[PlannedTensor], on_bytes: Callable[[i
             if data.dtype != t.dtype or tuple(data.shape) != t.shape:
                 raise RuntimeError(f"{t.name}: produced {data.dtype} {list(data.shape)}, planned {t.dtype} "
                                    f"{list(t.shape)}")
+            check_finite(t.name, data)
             f.write(data.contiguous().reshape(-1).view(torch.uint8).numpy().data)
             on_bytes(_nbytes(t))
 

@@ -17,7 +17,8 @@ from tqdm.auto import tqdm
 from .architectures.spec import spec_for
 from .errors import ConversionError
 from .geometry import check_groups, read_geometries
-from .calibration import BUILTIN, calibration_tokens, collect_moments
+from .blockwise import collect_moments
+from .calibration import BUILTIN, calibration_tokens
 from .grouping import GROUPINGS
 from .layer_plan import LayerSettings, check_block_support
 from .methods import LAYER_METHODS, get_method
@@ -71,8 +72,29 @@ def default_output(model_dir: Path, groups: int, method: str, grouping: str = "c
     return model_dir.parent / f"{model_dir.name}-gqa{groups}-{method}{options}"
 
 
+def parse_device(name: str | torch.device) -> torch.device:
+    """`auto` (the GPU when there is one), `cpu`, `cuda` or `cuda:N`."""
+    if isinstance(name, torch.device):
+        return name
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConversionError(f"unknown --device {name!r}; choose auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConversionError(f"--device {name} but this machine has no CUDA GPU; use --device cpu (or auto)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConversionError(f"--device {name} but this machine has {torch.cuda.device_count()} GPU(s); choose "
+                              f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    if device.type not in ("cpu", "cuda"):
+        raise ConversionError(f"unknown --device {name!r}; choose auto, cpu, cuda or cuda:N")
+    return device
+
+
 def _layer_settings(model_dir: Path, config: ConfigReader, raw_config: dict, spec, names: list[str], geometries, *,
-                    method: str, grouping: str, preserve_norm: bool, calibration, samples: int, length: int):
+                    method: str, grouping: str, preserve_norm: bool, calibration, samples: int, length: int,
+                    device: torch.device, progress: bool):
     """What the per-layer path needs, with the calibration moments collected; None when the per-tensor path
     does the job (mean, first, random with contiguous groups)."""
     if grouping not in GROUPINGS:
@@ -95,10 +117,12 @@ def _layer_settings(model_dir: Path, config: ConfigReader, raw_config: dict, spe
         check_calibration_shape(samples, length)
         tokens = calibration if isinstance(calibration, torch.Tensor) else calibration_tokens(
             model_dir, calibration, samples, length)
-        moments = collect_moments(model_dir, spec.block, tokens)
+        bar = (lambda n: tqdm(total=n, unit="block", desc=f"calibration on {device}")) if progress else None
+        moments = collect_moments(model_dir, spec.block, tokens, device=device, progress=bar)
     described = "token ids" if isinstance(calibration, torch.Tensor) else calibration
     record = {"grouping": grouping, "calibration": described,
-              "calibration_sequences": 0 if moments is None else int(len(tokens))}
+              "calibration_sequences": 0 if moments is None else int(len(tokens)),
+              "calibration_tokens": 0 if moments is None else int(tokens.numel())}
     return LayerSettings(method, grouping, preserve_norm, rope_layout(spec.block.rope, config, geo.head_dim),
                          moments), record
 
@@ -108,7 +132,7 @@ def convert_checkpoint(src: str | Path, dst: str | Path | None = None, *, method
                        attention: str | None = None, force: bool = False, progress: bool = True,
                        grouping: str = "contiguous", preserve_norm: bool = False,
                        calibration: str | torch.Tensor | None = None, calibration_samples: int = 256,
-                       calibration_length: int = 128) -> Path:
+                       calibration_length: int = 128, device: str | torch.device = "auto") -> Path:
     """Convert the checkpoint at `src` (a model directory or hub id) to `groups` KV heads; returns the output dir.
 
     `attention` picks which attention the family converts (T5: "decoder", the default and the paper's choice, or
@@ -140,7 +164,8 @@ def convert_checkpoint(src: str | Path, dst: str | Path | None = None, *, method
                for name, info in reader.infos.items()}
     layer, options = _layer_settings(model_dir, config, raw_config, spec, list(sources), geometries, method=method,
                                      grouping=grouping, preserve_norm=preserve_norm, calibration=calibration,
-                                     samples=calibration_samples, length=calibration_length)
+                                     samples=calibration_samples, length=calibration_length,
+                                     device=parse_device(device), progress=progress)
     if preserve_norm:
         options["preserve_norm"] = True
     settings = ConversionSettings(method=method_fn, groups=groups, seed=seed, dtype=target_dtype,

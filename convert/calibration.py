@@ -1,9 +1,9 @@
-"""Calibration activations: the second moment of every layer's attention input, from a forward pass of the
-source model over a few hundred text sequences.
+"""Calibration text: a few hundred token sequences whose activations weigh the layer methods' errors (the moments
+themselves come from convert/blockwise.py, which runs the source one block at a time).
 
 Text comes from the built-in `python-stdlib` corpus (training files only: the same path-hash split as
 gqa_toolkit.uptrain.corpus, so held-out text never calibrates), from a file or folder of text files, or as token
-ids given directly. Only moments are kept, `(d + 1, d + 1)` per layer; the model is freed afterwards.
+ids given directly.
 """
 
 from __future__ import annotations
@@ -14,9 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .architectures.spec import AttentionBlock, key_pattern
 from .errors import ConversionError
-from .layer_block import InputMoments
 from .loading import from_pretrained
 
 BUILTIN = "python-stdlib"
@@ -74,33 +72,3 @@ def calibration_tokens(model_dir: Path, source: str, samples: int, length: int) 
         raise ConversionError(f"calibration source {source!r} holds no text of {length} tokens; lower "
                               f"--calibration-length or give more text")
     return torch.tensor(rows[:samples])
-
-
-@torch.no_grad()
-def collect_moments(model_dir: Path, block: AttentionBlock, tokens: torch.Tensor, batch_size: int = 8) -> dict[int, InputMoments]:
-    """Layer -> moments of the input to its query projection, from the source model run on `tokens`."""
-    from transformers import AutoModelForCausalLM
-
-    model = from_pretrained(AutoModelForCausalLM, model_dir, dtype=torch.float32).eval()
-    patterns = [key_pattern(t) for t in block.q]
-    moments: dict[int, InputMoments] = {}
-    hooks = []
-    for name, module in model.named_modules():
-        m = next((m for p in patterns if (m := p.match(name))), None)
-        if m is None or not isinstance(module, torch.nn.Linear):
-            continue
-        layer = int(m["layer"])
-        moments[layer] = InputMoments(module.in_features)
-        hooks.append(module.register_forward_pre_hook(lambda mod, args, i=layer: moments[i].add(args[0])))
-    if not moments:
-        raise ConversionError(f"no module of {model_dir} matches the family's query projection {block.q}; "
-                              f"calibration cannot see the attention inputs")
-    vocab = model.get_input_embeddings().num_embeddings
-    if tokens.max() >= vocab:
-        raise ConversionError(f"calibration token id {int(tokens.max())} is outside the model's vocabulary of "
-                              f"{vocab}")
-    for start in range(0, len(tokens), batch_size):
-        model(input_ids=tokens[start:start + batch_size])
-    for hook in hooks:
-        hook.remove()
-    return moments

@@ -28,9 +28,9 @@ class InputMoments:
             self.total = torch.zeros(self.d + 1, self.d + 1, dtype=torch.float64)
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, self.d).double()  # (N, d)
-        xa = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], dim=1)  # (N, d + 1)
-        self.total += xa.T @ xa
+        x = x.reshape(-1, self.d).double()  # (N, d), on the device that computed it
+        xa = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype, device=x.device)], dim=1)  # (N, d + 1)
+        self.total += (xa.T @ xa).to(self.total.device)
         self.count += len(x)
 
     @staticmethod

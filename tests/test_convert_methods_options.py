@@ -59,6 +59,7 @@ def test_calibration_from_a_text_file(uptrain_models, tmp_path):
                              calibration=str(text), calibration_samples=8, calibration_length=32)
     record = json.loads((out / "config.json").read_text())["gqa_conversion"]
     assert record["calibration"] == str(text) and record["calibration_sequences"] == 8
+    assert record["calibration_tokens"] == 8 * 32
     load_model(out)
 
 

@@ -89,6 +89,7 @@ OPTIONS = {
     "no calibration samples": (["--method", "fit", "--calibration-samples", "0"], "at least 1"),
     "negative calibration length": (["--method", "fit", "--calibration-length", "-5"], "at least 2 tokens"),
     "missing --groups": ([], "--groups is required"),
+    "unknown device": (["--method", "fit", "--device", "tpu"], "unknown --device 'tpu'"),
 }
 
 

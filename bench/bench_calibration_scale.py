@@ -33,14 +33,26 @@ _CONVERT = """
 import json, sys, time, torch
 import gqa_toolkit.convert.api as api
 spent = {{"calibration_s": 0.0}}
-collect = api.collect_moments
-def timed(*args, **kwargs):
-    t0 = time.perf_counter()
-    try:
-        return collect(*args, **kwargs)
-    finally:
+
+class Timed(api.BlockStream):  # the calibration forward: building the stream, then each block as it runs
+    def __init__(self, *args, **kwargs):
+        t0 = time.perf_counter()
+        super().__init__(*args, **kwargs)
         spent["calibration_s"] += time.perf_counter() - t0
-api.collect_moments = timed
+
+    def __iter__(self):
+        blocks = super().__iter__()
+        while True:
+            t0 = time.perf_counter()
+            try:
+                item = next(blocks)
+            except StopIteration:
+                return
+            finally:
+                spent["calibration_s"] += time.perf_counter() - t0
+            yield item
+
+api.BlockStream = Timed
 t0 = time.perf_counter()
 tokens = torch.randint(0, 8192, ({samples}, 128), generator=torch.Generator().manual_seed(0))
 api.convert_checkpoint(sys.argv[1], sys.argv[2], method=sys.argv[3], groups=4, force=True, progress=False,

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from .architectures.spec import spec_for
 from .errors import ConversionError
 from .geometry import check_groups, read_geometries
-from .blockwise import collect_moments
+from .blockwise import BlockStream, StreamedMoments
 from .calibration import BUILTIN, calibration_tokens
 from .grouping import GROUPINGS
 from .layer_plan import LayerSettings, check_block_support
@@ -118,7 +118,7 @@ def _layer_settings(model_dir: Path, config: ConfigReader, raw_config: dict, spe
         tokens = calibration if isinstance(calibration, torch.Tensor) else calibration_tokens(
             model_dir, calibration, samples, length)
         bar = (lambda n: tqdm(total=n, unit="block", desc=f"calibration on {device}")) if progress else None
-        moments = collect_moments(model_dir, spec.block, tokens, device=device, progress=bar)
+        moments = StreamedMoments(BlockStream(model_dir, spec.block, tokens, device=device, progress=bar))
     described = "token ids" if isinstance(calibration, torch.Tensor) else calibration
     record = {"grouping": grouping, "calibration": described,
               "calibration_sequences": 0 if moments is None else int(len(tokens)),

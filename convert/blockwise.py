@@ -11,6 +11,7 @@ mechanism serves every family: it asks the spec only where the blocks and their 
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -101,65 +102,95 @@ def _with_hidden(call: tuple, hidden: torch.Tensor) -> tuple:
     return args, {**kwargs, "hidden_states": hidden}
 
 
-@torch.no_grad()
-def collect_moments(model_dir: Path, block: AttentionBlock, tokens: torch.Tensor, *, device: torch.device | str =
-                    "cpu", dtype: torch.dtype = torch.float32, batch_size: int = 8,
-                    progress: Callable[[int], object] | None = None) -> dict[int, InputMoments]:
-    """Layer -> moments of the input to its query projection, from the source run on `tokens` block by block.
-    `progress(n_blocks)` returns an object with `update()` (a tqdm bar), or None for no progress."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+class BlockStream:
+    """The source, ready to run block by block: built, checked and its first block's inputs recorded when made
+    (so bad input fails before any output is written); iterating runs the blocks and yields (layer, moments)."""
 
-    config = from_pretrained(AutoConfig, model_dir)
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
-    for module in model.modules():  # the buffers go to the device; the parameters stay on the meta device
-        for name, buffer in module._buffers.items():
-            if buffer is not None:
-                module._buffers[name] = buffer.to(device)
-    where = find_blocks(model, block)
-    blocks = model.get_submodule(where.container)
-    weights = _Weights(model_dir, model.base_model_prefix)
-    vocab = model.get_input_embeddings().num_embeddings
-    if tokens.max() >= vocab:
-        raise ConversionError(f"calibration token id {int(tokens.max())} is outside the model's vocabulary of "
-                              f"{vocab}")
+    @torch.no_grad()
+    def __init__(self, model_dir: Path, block: AttentionBlock, tokens: torch.Tensor, *,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, batch_size: int = 8,
+                 progress: Callable[[int], object] | None = None):
+        from accelerate import init_empty_weights
+        from transformers import AutoConfig, AutoModelForCausalLM
 
-    block_names = [f"{where.container}.0.{n}" for n, _ in blocks[0].named_parameters()]
-    if any(weights.find(n) is None for n in block_names):
-        # transformers reshapes this checkpoint while loading it (mixtral's experts are merged): the on-disk
-        # names are not the modules', so the whole model is loaded through transformers instead
-        return _whole_model_moments(model_dir, where, tokens, device, dtype, batch_size)
-    # everything outside the blocks but the LM head (the forward stops before it): embeddings, positions, norms
-    head = _module_name(model, model.get_output_embeddings())
-    outside = [n for n, _ in model.named_parameters()
-               if not n.startswith(where.container + ".") and not (head and n.startswith(head + "."))]
-    _materialise(model, [n for n in outside if weights.find(n) is not None], weights, device, dtype)
+        self.device, self.dtype, self.progress = device, dtype, progress
+        config = from_pretrained(AutoConfig, model_dir)
+        with init_empty_weights(include_buffers=False):
+            self.model = model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+        for module in model.modules():  # the buffers go to the device; the parameters stay on the meta device
+            for name, buffer in module._buffers.items():
+                if buffer is not None:
+                    module._buffers[name] = buffer.to(device)
+        self.where = where = find_blocks(model, block)
+        self.blocks = blocks = model.get_submodule(where.container)
+        self.weights = weights = _Weights(model_dir, model.base_model_prefix)
+        vocab = model.get_input_embeddings().num_embeddings
+        if tokens.max() >= vocab:
+            raise ConversionError(f"calibration token id {int(tokens.max())} is outside the model's vocabulary of "
+                                  f"{vocab}")
+        self.whole = None
+        if any(weights.find(f"{where.container}.0.{n}") is None for n, _ in blocks[0].named_parameters()):
+            # transformers reshapes this checkpoint while loading it (mixtral's experts are merged): the on-disk
+            # names are not the modules', so the whole model is loaded through transformers instead
+            self.whole = _whole_model_moments(model_dir, where, tokens, device, dtype, batch_size)
+            return
+        # everything outside the blocks but the LM head (the forward stops before it): embeddings, positions, norms
+        head = _module_name(model, model.get_output_embeddings())
+        outside = [n for n, _ in model.named_parameters()
+                   if not n.startswith(where.container + ".") and not (head and n.startswith(head + "."))]
+        _materialise(model, [n for n in outside if weights.find(n) is not None], weights, device, dtype)
+        self.calls: list = []
+        first = blocks[0]
+        blocks[0] = _Catcher(self.calls)
+        for start in range(0, len(tokens), batch_size):
+            try:
+                model(input_ids=tokens[start:start + batch_size].to(device), use_cache=False)
+            except _Caught:
+                pass
+        blocks[0] = first
 
-    calls: list = []
-    first = blocks[0]
-    blocks[0] = _Catcher(calls)
-    for start in range(0, len(tokens), batch_size):
-        try:
-            model(input_ids=tokens[start:start + batch_size].to(device), use_cache=False)
-        except _Caught:
-            pass
-    blocks[0] = first
+    @torch.no_grad()
+    def __iter__(self) -> Iterator[tuple[int, InputMoments]]:
+        if self.whole is not None:
+            yield from self.whole.items()
+            return
+        bar = self.progress(len(self.blocks)) if self.progress is not None else None
+        for i, layer in enumerate(self.blocks):
+            names = [f"{self.where.container}.{i}.{n}" for n, _ in layer.named_parameters()]
+            _materialise(self.model, names, self.weights, self.device, self.dtype)
+            query = layer.get_submodule(self.where.query)
+            moments = InputMoments(query.in_features)
+            hook = query.register_forward_pre_hook(lambda mod, args: moments.add(args[0]))
+            self.calls = [_with_hidden(call, _first_output(layer(*call[0], **call[1]))) for call in self.calls]
+            hook.remove()
+            _free(self.model, names)
+            if bar is not None:
+                bar.update()
+            yield i, moments
+        self.calls = []  # the activations go as soon as the last block has run
 
-    moments: dict[int, InputMoments] = {}
-    bar = progress(len(blocks)) if progress is not None else None
-    for i, layer in enumerate(blocks):
-        names = [f"{where.container}.{i}.{n}" for n, _ in layer.named_parameters()]
-        _materialise(model, names, weights, device, dtype)
-        query = layer.get_submodule(where.query)
-        moments[i] = InputMoments(query.in_features)
-        hook = query.register_forward_pre_hook(lambda mod, args, m=moments[i]: m.add(args[0]))
-        calls = [_with_hidden(call, _first_output(layer(*call[0], **call[1]))) for call in calls]
-        hook.remove()
-        _free(model, names)
-        if bar is not None:
-            bar.update()
-    return moments
+
+class StreamedMoments(Mapping):
+    """Layer -> moments, computed when first asked for and handed out once: the converter asks layer by layer,
+    so the stream runs only as far as the layer being converted and each layer's moments are freed after use."""
+
+    def __init__(self, stream: BlockStream):
+        self._stream, self._ready, self._layers = iter(stream), {}, len(stream.blocks)
+
+    def __getitem__(self, layer: int) -> InputMoments:
+        while layer not in self._ready:
+            try:
+                i, moments = next(self._stream)
+            except StopIteration:
+                raise KeyError(layer) from None
+            self._ready[i] = moments
+        return self._ready.pop(layer)
+
+    def __iter__(self):
+        return iter(range(self._layers))
+
+    def __len__(self) -> int:
+        return self._layers
 
 
 def _module_name(model: nn.Module, module: nn.Module | None) -> str | None:

@@ -40,12 +40,23 @@ def _reference_moments(model_dir, tokens):
 def test_blockwise_moments_equal_a_full_forward(family, family_dirs):
     src = family_dirs[family.model_type]
     tokens = _tokens()
-    ours = blockwise.collect_moments(src, spec_for(family.model_type).block, tokens)
+    ours = dict(blockwise.BlockStream(src, spec_for(family.model_type).block, tokens))
     reference = _reference_moments(src, tokens)
     assert sorted(ours) == sorted(reference)
     for i in reference:
         assert ours[i].count == len(tokens) * tokens.shape[1]
         torch.testing.assert_close(ours[i].total, reference[i], rtol=1e-9, atol=1e-9)
+
+
+def test_streamed_moments_run_only_as_far_as_asked(family_dirs):
+    stream = blockwise.BlockStream(family_dirs["llama"], spec_for("llama").block, _tokens())
+    streamed = blockwise.StreamedMoments(stream)
+    expected = dict(blockwise.BlockStream(family_dirs["llama"], spec_for("llama").block, _tokens()))
+    torch.testing.assert_close(streamed[0].total, expected[0].total, rtol=0, atol=0)
+    assert stream.calls, "layer 1 has not run yet"
+    torch.testing.assert_close(streamed[1].total, expected[1].total, rtol=0, atol=0)
+    with pytest.raises(KeyError):
+        streamed[1]  # handed out once, then freed
 
 
 def test_one_block_at_a_time(family_dirs, monkeypatch):
@@ -67,6 +78,6 @@ def test_one_block_at_a_time(family_dirs, monkeypatch):
 
     monkeypatch.setattr(blockwise, "_materialise", remember_model)
     monkeypatch.setattr(blockwise, "_first_output", counting)
-    blockwise.collect_moments(src, spec_for("llama").block, _tokens())
+    dict(blockwise.BlockStream(src, spec_for("llama").block, _tokens()))
     assert live_per_call and all(len(live) == 1 for live in live_per_call), live_per_call
     assert [live[0] for live in live_per_call][::2] == ["0", "1"]  # 10 sequences: two batches per block

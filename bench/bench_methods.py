@@ -33,10 +33,10 @@ FRACTIONS = (0.0, 0.01, 0.05)
 
 
 def recipe(results: Path, full_original: bool, methods=METHODS, lr: float | None = None,
-           original: str | None = None) -> AblationRecipe:
+           original: str | None = None, fractions=FRACTIONS) -> AblationRecipe:
     raw = yaml.safe_load(Path(__file__).resolve().parents[1].joinpath("recipes/tiny-ablation.yaml").read_text())
     raw.update(results_dir=str(results), methods=list(methods), groups=[raw["original"]["build"]["num_heads"] // 4, 1],
-               fractions=list(FRACTIONS),
+               fractions=list(fractions),
                speed={"contexts": [32], "batch_sizes": [1], "decode_steps": 4, "repeats": 1})
     if not full_original:
         raw["original"]["build"].update(SMALL)
@@ -95,9 +95,12 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated method names")
     parser.add_argument("--uptrain-lr", type=float, default=None, help="[default: the tiny ablation's 5e-4]")
     parser.add_argument("--original", default=None, help="an original built by an earlier run (its results/original)")
+    parser.add_argument("--fractions", default=",".join(map(str, FRACTIONS)),
+                        help="uptraining fractions, a subset of 0,0.01,0.05 (0 alone: fidelity only)")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args()
-    r = recipe(Path(args.results), args.full_original, tuple(args.methods.split(",")), args.uptrain_lr, args.original)
+    r = recipe(Path(args.results), args.full_original, tuple(args.methods.split(",")), args.uptrain_lr, args.original,
+               tuple(float(f) for f in args.fractions.split(",")))
     started = time.perf_counter()
     Ablation(r, progress=not args.quiet).run()
     text, rows = table(Path(args.results).resolve() / "cells", list(r.groups))

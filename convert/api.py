@@ -20,7 +20,7 @@ from .geometry import check_groups, read_geometries
 from .blockwise import BlockStream, StreamedMoments
 from .calibration import BUILTIN, calibration_tokens
 from .grouping import GROUPINGS
-from .layer_plan import LayerSettings, check_block_support
+from .layer_plan import ConvertedLayers, LayerSettings, check_block_support
 from .methods import LAYER_METHODS, get_method
 from .output_dir import atomic_directory, check_output_free
 from .plan import ByteSpan, ConversionSettings, SourceTensor, plan_conversion
@@ -94,7 +94,7 @@ def parse_device(name: str | torch.device) -> torch.device:
 
 def _layer_settings(model_dir: Path, config: ConfigReader, raw_config: dict, spec, names: list[str], geometries, *,
                     method: str, grouping: str, preserve_norm: bool, calibration, samples: int, length: int,
-                    device: torch.device, progress: bool):
+                    device: torch.device, progress: bool, calibration_mode: str):
     """What the per-layer path needs, with the calibration moments collected; None when the per-tensor path
     does the job (mean, first, random with contiguous groups)."""
     if grouping not in GROUPINGS:
@@ -112,19 +112,32 @@ def _layer_settings(model_dir: Path, config: ConfigReader, raw_config: dict, spe
     geo = geometries[spec.block.attention]
     if calibration is None:
         calibration = BUILTIN if layer_method is not None and layer_method.calibrated else "none"
-    moments = None
+    if calibration_mode not in CALIBRATION_MODES:
+        raise ConversionError(f"unknown --calibration-mode {calibration_mode!r}; choose one of: "
+                              f"{', '.join(CALIBRATION_MODES)}")
+    moments, converted = None, None
     if not (isinstance(calibration, str) and calibration == "none"):
         check_calibration_shape(samples, length)
         tokens = calibration if isinstance(calibration, torch.Tensor) else calibration_tokens(
             model_dir, calibration, samples, length)
         bar = (lambda n: tqdm(total=n, unit="block", desc=f"calibration on {device}")) if progress else None
-        moments = StreamedMoments(BlockStream(model_dir, spec.block, tokens, device=device, progress=bar))
+        converted = ConvertedLayers() if calibration_mode == "sequential" else None
+        moments = StreamedMoments(BlockStream(model_dir, spec.block, tokens, device=device, progress=bar,
+                                              converted=converted.take if converted else None,
+                                              kv_head_dim=geo.head_dim))
     described = "token ids" if isinstance(calibration, torch.Tensor) else calibration
     record = {"grouping": grouping, "calibration": described,
               "calibration_sequences": 0 if moments is None else int(len(tokens)),
               "calibration_tokens": 0 if moments is None else int(tokens.numel())}
+    if moments is not None:
+        record["calibration_mode"] = calibration_mode
     return LayerSettings(method, grouping, preserve_norm, rope_layout(spec.block.rope, config, geo.head_dim),
-                         moments), record
+                         moments, converted), record
+
+
+# source: every layer calibrated on the source's activations; sequential: each layer on the outputs of the
+# converted layers before it, so later layers make up for earlier ones' errors
+CALIBRATION_MODES = ("source", "sequential")
 
 
 def convert_checkpoint(src: str | Path, dst: str | Path | None = None, *, method: str = "mean", groups: int,
@@ -132,7 +145,8 @@ def convert_checkpoint(src: str | Path, dst: str | Path | None = None, *, method
                        attention: str | None = None, force: bool = False, progress: bool = True,
                        grouping: str = "contiguous", preserve_norm: bool = False,
                        calibration: str | torch.Tensor | None = None, calibration_samples: int = 256,
-                       calibration_length: int = 128, device: str | torch.device = "auto") -> Path:
+                       calibration_length: int = 128, device: str | torch.device = "auto",
+                       calibration_mode: str = "source") -> Path:
     """Convert the checkpoint at `src` (a model directory or hub id) to `groups` KV heads; returns the output dir.
 
     `attention` picks which attention the family converts (T5: "decoder", the default and the paper's choice, or
@@ -165,7 +179,8 @@ def convert_checkpoint(src: str | Path, dst: str | Path | None = None, *, method
     layer, options = _layer_settings(model_dir, config, raw_config, spec, list(sources), geometries, method=method,
                                      grouping=grouping, preserve_norm=preserve_norm, calibration=calibration,
                                      samples=calibration_samples, length=calibration_length,
-                                     device=parse_device(device), progress=progress)
+                                     device=parse_device(device), progress=progress,
+                                     calibration_mode=calibration_mode)
     if preserve_norm:
         options["preserve_norm"] = True
     settings = ConversionSettings(method=method_fn, groups=groups, seed=seed, dtype=target_dtype,

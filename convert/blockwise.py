@@ -109,11 +109,15 @@ class BlockStream:
     @torch.no_grad()
     def __init__(self, model_dir: Path, block: AttentionBlock, tokens: torch.Tensor, *,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, batch_size: int = 8,
-                 progress: Callable[[int], object] | None = None):
+                 progress: Callable[[int], object] | None = None,
+                 converted: Callable[[int], dict[str, torch.Tensor]] | None = None, kv_head_dim: int | None = None):
         from accelerate import init_empty_weights
         from transformers import AutoConfig, AutoModelForCausalLM
 
         self.device, self.dtype, self.progress = device, dtype, progress
+        # sequential mode: block i's outputs come from its converted weights, so later layers are calibrated on
+        # what the converted model computes (`converted(i)`: on-disk name -> tensor, K/V with G heads)
+        self.converted, self.kv_head_dim = converted, kv_head_dim
         config = from_pretrained(AutoConfig, model_dir)
         with init_empty_weights(include_buffers=False):
             self.model = model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
@@ -152,6 +156,9 @@ class BlockStream:
     @torch.no_grad()
     def __iter__(self) -> Iterator[tuple[int, InputMoments]]:
         if self.whole is not None:
+            if self.converted is not None:
+                raise ConversionError("sequential calibration needs a checkpoint whose on-disk names are the "
+                                      "model's; use --calibration-mode source")
             yield from self.whole.items()
             return
         bar = self.progress(len(self.blocks)) if self.progress is not None else None
@@ -161,13 +168,33 @@ class BlockStream:
             query = layer.get_submodule(self.where.query)
             moments = InputMoments(query.in_features)
             hook = query.register_forward_pre_hook(lambda mod, args: moments.add(args[0]))
-            self.calls = [_with_hidden(call, _first_output(layer(*call[0], **call[1]))) for call in self.calls]
+            outputs = [_first_output(layer(*call[0], **call[1])) for call in self.calls]
             hook.remove()
+            yield i, moments
+            if self.converted is not None:
+                self._load_converted(names, self.converted(i))
+                outputs = [_first_output(layer(*call[0], **call[1])) for call in self.calls]
+            self.calls = [_with_hidden(call, out) for call, out in zip(self.calls, outputs)]
             _free(self.model, names)
             if bar is not None:
                 bar.update()
-            yield i, moments
         self.calls = []  # the activations go as soon as the last block has run
+
+
+    def _load_converted(self, names: list[str], tensors: dict[str, torch.Tensor]) -> None:
+        """Put a converted layer's projections into the (MHA-shaped) block: K/V with G heads are repeated to the
+        block's K/V heads, group j serving the contiguous heads it replaced, which computes the same attention."""
+        from accelerate.utils import set_module_tensor_to_device
+
+        for name in names:
+            key = self.weights.find(name)
+            if key not in tensors:
+                continue
+            value, shape = tensors[key], self.model.get_parameter(name).shape
+            if tuple(value.shape) != tuple(shape):
+                heads = value.view(-1, self.kv_head_dim, *value.shape[1:])  # (G, hd, ...)
+                value = heads.repeat_interleave(shape[0] // value.shape[0], dim=0).reshape(shape)  # (G0 * hd, ...)
+            set_module_tensor_to_device(self.model, name, self.device, value=value.to(self.dtype))
 
 
 class StreamedMoments(Mapping):

@@ -32,6 +32,9 @@ from .methods import all_method_names
                                                   f"otherwise]")
 @click.option("--calibration-samples", type=int, default=256, help="Calibration sequences.")
 @click.option("--calibration-length", type=int, default=128, help="Tokens per calibration sequence.")
+@click.option("--calibration-mode", default="source", type=click.Choice(["source", "sequential"]),
+              help="Calibrate each layer on the source's activations, or on the outputs of the already converted "
+                   "layers before it (sequential).")
 @click.option("--device", default="auto", help="Where calibration runs the source, one block at a time: auto (the GPU "
                                                "when there is one), cpu, cuda or cuda:N.")
 @click.option("--output", "-o", default=None,
@@ -50,7 +53,7 @@ from .methods import all_method_names
                                                        "earlier t5, gpt_neox, gpt2 or opt output, with this "
                                                        "version's.")
 def main(model_dir, groups, method, grouping, preserve_norm, calibration, calibration_samples, calibration_length,
-         device, output, attention, seed, dtype, max_shard_size, force, quiet, refresh_modeling):
+         calibration_mode, device, output, attention, seed, dtype, max_shard_size, force, quiet, refresh_modeling):
     """Convert the Hugging Face checkpoint MODEL_DIR (a local directory, or a hub id when online) to
     grouped-query attention with G key/value heads."""
     from .api import convert_checkpoint, refresh_modeling as refresh
@@ -68,7 +71,8 @@ def main(model_dir, groups, method, grouping, preserve_norm, calibration, calibr
                                  max_shard_size=max_shard_size, attention=attention, force=force,
                                  progress=not quiet, grouping=grouping, preserve_norm=preserve_norm,
                                  calibration=calibration, calibration_samples=calibration_samples,
-                                 calibration_length=calibration_length, device=device)
+                                 calibration_length=calibration_length, device=device,
+                                 calibration_mode=calibration_mode)
     except ConversionError as exc:
         click.echo(f"gqa-convert: error: {exc}", err=True)
         sys.exit(2)

@@ -22,6 +22,21 @@ from .rope import RopeLayout
 ROLES = ("q", "k", "v", "o")
 
 
+class ConvertedLayers:
+    """Each converted layer's projections by on-disk name, for sequential calibration: held from conversion until
+    the calibration stream has run the converted block (`take`), which converts a layer itself if the writer has
+    not reached it yet."""
+
+    def __init__(self):
+        self.groups: dict[int, "_LayerGroup"] = {}
+        self.ready: dict[int, dict[str, torch.Tensor]] = {}
+
+    def take(self, layer: int) -> dict[str, torch.Tensor]:
+        if layer not in self.ready:
+            self.groups[layer].convert()
+        return self.ready.pop(layer)
+
+
 @dataclass(frozen=True)
 class LayerSettings:
     method: str
@@ -29,6 +44,7 @@ class LayerSettings:
     preserve_norm: bool
     rope: RopeLayout
     calibration: Mapping[int, InputMoments] | None = None
+    converted: ConvertedLayers | None = None  # sequential calibration: tell it of every converted layer
 
 
 def _find(templates, names, suffix: str) -> dict[tuple[str, int], str]:
@@ -82,10 +98,15 @@ class _LayerGroup:
                                    for r, n in self.names.items() if n is not None})
         return {n: getattr(out, role) for role, n in self.names.items() if n is not None}
 
+    def convert(self) -> None:
+        if self.outputs is None and self.pending:
+            self.outputs = self._convert()
+            if self.layer_settings.converted is not None:
+                self.layer_settings.converted.ready[self.layer] = self.outputs
+
     def producer(self, name: str, dtype: torch.dtype) -> Callable[[], torch.Tensor]:
         def produce() -> torch.Tensor:
-            if self.outputs is None:
-                self.outputs = self._convert()
+            self.convert()
             out = self.outputs[name].to(dtype).contiguous()
             self.pending.discard(name)
             if not self.pending:
@@ -113,6 +134,8 @@ def plan_layers(sources: Mapping, read, spec: ArchitectureSpec, geo: Geometry, s
             raise ConversionError(f"layer {key[1]} has no {' or '.join(missing)} projection among "
                                   f"{[getattr(spec.block, r) for r in missing]}")
         group = _LayerGroup(group_names, key[1], read, geo, settings, layer_settings)
+        if layer_settings.converted is not None:
+            layer_settings.converted.groups[key[1]] = group
         rows = settings.groups * geo.head_dim
         for role, name in group_names.items():
             if name is None:

@@ -2,7 +2,7 @@
 `methods`): `aligned+similarity+norm` is `--method aligned --grouping similarity --preserve-norm`.
 
 Options: `similarity` (grouping), `norm` (preserve_norm), `weights` (calibration none: weights only), `calib`
-(calibration python-stdlib).
+(calibration python-stdlib), `sequential` (calibration_mode sequential).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "norm": {"preserve_norm": True},
     "weights": {"calibration": "none"},
     "calib": {"calibration": BUILTIN},
+    "sequential": {"calibration_mode": "sequential"},
 }
 
 

@@ -81,3 +81,29 @@ def test_one_block_at_a_time(family_dirs, monkeypatch):
     dict(blockwise.BlockStream(src, spec_for("llama").block, _tokens()))
     assert live_per_call and all(len(live) == 1 for live in live_per_call), live_per_call
     assert [live[0] for live in live_per_call][::2] == ["0", "1"]  # 10 sequences: two batches per block
+
+
+def test_sequential_mode_calibrates_each_layer_on_the_converted_model(family_dirs, tmp_path, monkeypatch):
+    """In sequential mode layer i's moments are those of the converted checkpoint itself (loaded by stock
+    transformers, K/V with G heads), not of the source: the layers before it are the converted ones."""
+    import gqa_toolkit.convert.api as api
+    from gqa_toolkit.convert import convert_checkpoint
+
+    seen = {}
+
+    class Recording(blockwise.StreamedMoments):
+        def __getitem__(self, layer):
+            seen[layer] = super().__getitem__(layer)
+            return seen[layer]
+
+    monkeypatch.setattr(api, "StreamedMoments", Recording)
+    src, tokens = family_dirs["llama"], _tokens()
+    out = convert_checkpoint(src, tmp_path / "out", method="fit", groups=2, calibration=tokens,
+                             calibration_mode="sequential", progress=False)
+    converted = _reference_moments(out, tokens)
+    source = _reference_moments(src, tokens)
+    torch.testing.assert_close(seen[0].total, source[0], rtol=1e-9, atol=1e-9)  # nothing before layer 0
+    torch.testing.assert_close(seen[1].total, converted[1], rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(converted[1], source[1], rtol=1e-3)
+    record = __import__("json").loads((out / "config.json").read_text())["gqa_conversion"]
+    assert record["calibration_mode"] == "sequential"

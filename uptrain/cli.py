@@ -5,6 +5,7 @@ The same command runs under `accelerate launch -m gqa_toolkit.uptrain RECIPE.yam
 
 from __future__ import annotations
 
+import logging
 import sys
 
 import click
@@ -24,6 +25,7 @@ def main(recipe: str, overrides: tuple[str, ...], print_recipe: bool) -> None:
     """
     from .recipe import load_recipe
 
+    _print_warnings()
     try:
         loaded = load_recipe(recipe, overrides)
         if print_recipe:
@@ -42,3 +44,11 @@ def main(recipe: str, overrides: tuple[str, ...], print_recipe: bool) -> None:
 
     if PartialState().is_main_process:
         click.echo(f"uptrained model written to {out}", err=True)
+
+
+def _print_warnings() -> None:
+    """The library's warnings (such as a damaged block cache being rebuilt) as `warning:` lines on stderr."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("warning: %(message)s"))
+    log = logging.getLogger("gqa_toolkit.uptrain")
+    log.handlers, log.propagate = [handler], False

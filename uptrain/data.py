@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import shutil
 from collections.abc import Iterator
@@ -19,13 +20,15 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from . import corpus
-from .errors import UptrainError
+from .errors import UptrainError, first_line
 from .recipe import DataSection
 from .sources import TextSource, load_text
+from .storage import disk_writes
 from .tasks import Task
 
 PACK_FORMAT = "v1"  # bump when packing changes, so old caches are not reused
 HELDOUT_SEED = 1_000_003  # held-out examples are made once, with this seed, so every evaluation sees the same ones
+log = logging.getLogger("gqa_toolkit.uptrain")
 
 
 @dataclass(frozen=True)
@@ -54,17 +57,37 @@ def task_rows(src: TextSource, tokenizer, task: Task, cfg: DataSection, main_fir
             return task.rows(ds, tokenizer, src.text_column)
         key = hashlib.sha1(f"{PACK_FORMAT}|{text_fp}|{_tokenizer_fingerprint(tokenizer)}|{task.format_key}".encode())
         path = cache_root(cfg) / key.hexdigest()[:20]
-        if not path.exists():
-            tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        cached = _read_cache(path)
+        if cached is None:
             rows = task.rows(ds, tokenizer, src.text_column)
             if len(rows) == 0:  # datasets cannot reload a saved dataset with no rows
                 raise UptrainError(f"{src.name} (split {src.split}) gives no block of {task.row_length} tokens; give "
                                    f"more text or a smaller block size")
-            rows.save_to_disk(str(tmp))
-            with contextlib.suppress(OSError):  # another run may have finished the same cache first
-                tmp.rename(path)
-            shutil.rmtree(tmp, ignore_errors=True)
+            _write_cache(rows, path)
+            cached = datasets.load_from_disk(str(path))
+        return cached
+
+
+def _read_cache(path: Path) -> datasets.Dataset | None:
+    """The cached rows at `path`; None when there are none, or when they are damaged (then removed, to be rebuilt)."""
+    if not path.exists():
+        return None
+    try:
         return datasets.load_from_disk(str(path))
+    except (OSError, ValueError) as e:  # a truncated arrow file: pyarrow's ArrowInvalid (a ValueError) or OSError
+        log.warning(f"the block cache {path} is damaged ({first_line(e)}); deleted it and rebuilding it")
+        shutil.rmtree(path, ignore_errors=True)
+        return None
+
+
+def _write_cache(rows: datasets.Dataset, path: Path) -> None:
+    """Save rows to `path` whole or not at all: into a temporary sibling, renamed into place."""
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with disk_writes(path, "the block cache", "data.cache_dir", cleanup=lambda: shutil.rmtree(tmp, ignore_errors=True)):
+        rows.save_to_disk(str(tmp))
+    with contextlib.suppress(OSError):  # another run may have finished the same cache first
+        tmp.rename(path)
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def rows_as_tensors(rows) -> dict[str, torch.Tensor]:

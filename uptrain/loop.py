@@ -22,15 +22,16 @@ from gqa_toolkit.convert.loading import allow_remote_code
 from gqa_toolkit.convert.transformers_names import enable_activation_checkpointing
 
 from .budget import lr_at, plan_budget
-from .checkpointing import claim_run_dir, latest_checkpoint, load_checkpoint, save_checkpoint, write_recipe
+from .checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
 from .data import example_batches, global_batches, load_blocks, process_micro_batches
 from .errors import UptrainError
 from .metrics import MetricsLog
-from .model import (check_block_size, check_model_dir, load_config, load_model, load_teacher, load_tokenizer,
-                    teacher_dir)
+from .model import (check_block_size, check_model_dir, check_tokenizer_fits, load_config, load_model, load_teacher,
+                    load_tokenizer, teacher_dir)
 from .objective import ce_loss, objective, predictions
 from .output import save_output
 from .recipe import Recipe
+from .run_dir import claim_run_dir, clear_partial_saves, write_recipe
 from .tasks import IGNORE, build_task
 from .trainable import make_optimizer, select_trainable
 
@@ -60,6 +61,18 @@ def heldout_loss(model, heldout: dict[str, torch.Tensor], micro_batch: int, devi
     return total / tokens
 
 
+def folders_read(recipe: Recipe, student_dir: Path, teacher_path: Path | None) -> dict[str, Path]:
+    """The folders and files a run reads (role -> path), which its output.dir must stay clear of."""
+    found = {"model.path": student_dir}
+    if teacher_path is not None:
+        found["the distillation teacher"] = teacher_path
+    for key in ("source", "eval_source"):
+        name = getattr(recipe.data, key)
+        if name is not None and Path(name).is_absolute() and Path(name).exists():  # resolved(): local paths only
+            found[f"data.{key}"] = Path(name)
+    return found
+
+
 def train(recipe: Recipe, *, stop_after: int | None = None) -> Path | None:
     """Uptrain as `recipe` says and return the output dir. `stop_after=N` stops after step N without writing the
     final model, as a killed run would (tests use it); rerunning the same recipe resumes."""
@@ -81,8 +94,9 @@ def train(recipe: Recipe, *, stop_after: int | None = None) -> Path | None:
     AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(mixed_precision=mixed_precision(cfg.precision))
     budget = plan_budget(cfg, data.block_size, accelerator.num_processes)
-    out = claim_run_dir(recipe)
+    out = claim_run_dir(recipe, folders_read(recipe, student_dir, teacher_path))
     tokenizer = load_tokenizer(student_dir)
+    check_tokenizer_fits(tokenizer, config, student_dir)
     task = build_task(obj, data, config, tokenizer)
 
     # 2. Data: tokenized and cached rows (the main process makes them; the others read its cache).
@@ -103,6 +117,7 @@ def train(recipe: Recipe, *, stop_after: int | None = None) -> Path | None:
 
     # 4. Resume from the last checkpoint of this same run, if any.
     if accelerator.is_main_process:
+        clear_partial_saves(out)  # what a save cut short by a full disk or SIGKILL left
         write_recipe(out, recipe)
     accelerator.wait_for_everyone()
     state = {"step": 0, "tokens": 0, "loss": None, "heldout_loss": None}

@@ -1,16 +1,20 @@
 """Progress and logs: a progress bar (loss, lr, tokens/s), a JSONL metrics log, and tensorboard when installed.
 
 Only the main process writes. On resume, log lines past the restored step are dropped, so the log of a run that
-was killed and resumed reads the same as the log of a run that never stopped.
+was killed and resumed reads the same as the log of a run that never stopped. A disk fault while logging is a
+one-line error and leaves no torn line behind.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 from tqdm.auto import tqdm
+
+from .storage import disk_writes, write_text_atomic
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -34,15 +38,23 @@ class MetricsLog:
         if not self.path.exists():
             return
         lines = self.path.read_text().splitlines()
-        kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= start_step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        kept = [line for line in lines if (step := _step(line)) is not None and step <= start_step]
+        with disk_writes(self.path, "the metrics log", "output.dir"):
+            write_text_atomic(self.path, "".join(line + "\n" for line in kept))
 
     def log(self, step: int, metrics: dict) -> None:
         """Write one record for optimizer step `step` (1-based: the number of steps done)."""
         if not self.is_main:
             return
-        with self.path.open("a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        size = self.path.stat().st_size if self.path.exists() else 0
+
+        def drop_torn_line() -> None:
+            if self.path.exists():
+                os.truncate(self.path, size)
+
+        with disk_writes(self.path, "the metrics log", "output.dir", cleanup=drop_torn_line):
+            with self.path.open("a") as f:
+                f.write(json.dumps({"step": step, **metrics}) + "\n")
         if self.writer is not None:
             for key, value in metrics.items():
                 if isinstance(value, (int, float)):
@@ -56,6 +68,14 @@ class MetricsLog:
         self.bar.close()
         if self.writer is not None:
             self.writer.close()
+
+
+def _step(line: str) -> int | None:
+    """The step of a log line; None for a torn line (a write cut short by SIGKILL) or a blank one."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def read_metrics(out: Path) -> list[dict]:

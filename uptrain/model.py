@@ -16,15 +16,17 @@ from .errors import UptrainError
 CONVERSION_KEY = "gqa_conversion"
 UPTRAINING_KEY = "gqa_uptraining"
 WEIGHT_FILES = ("*.safetensors", "*.bin")
+CONVERTED = "a converted checkpoint (the output of gqa-convert)"
+TEACHER = "the MHA source checkpoint that model.path was converted from"
 
 
-def check_model_dir(path: str | Path, role: str = "model.path") -> Path:
-    """The model directory at `path`, or a one-line error saying why it is not one."""
+def check_model_dir(path: str | Path, role: str = "model.path", wanted: str = CONVERTED) -> Path:
+    """The model directory at `path`, or a one-line error saying why it is not one and to pass `wanted`."""
     path = Path(path).expanduser()
     if not path.is_dir():
-        raise UptrainError(f"{role}: {path} is not a directory; pass a converted checkpoint (the output of gqa-convert)")
+        raise UptrainError(f"{role}: {path} is not a directory; pass {wanted}")
     if not (path / "config.json").is_file():
-        raise UptrainError(f"{role}: {path} is not a model checkpoint (no config.json); pass the output of gqa-convert")
+        raise UptrainError(f"{role}: {path} is not a model checkpoint (no config.json); pass {wanted}")
     if not any(any(path.glob(p)) for p in WEIGHT_FILES):
         raise UptrainError(f"{role}: {path} holds no weights (*.safetensors or *.bin); pass a complete checkpoint")
     return path.resolve()
@@ -69,6 +71,16 @@ def load_tokenizer(path: Path):
     return tokenizer
 
 
+def check_tokenizer_fits(tokenizer, config, path: Path) -> None:
+    """Refuse a tokenizer with ids the model has no embedding for: they would fail in the middle of a step."""
+    vocab_size = getattr(config, "vocab_size", None)
+    ids = max(tokenizer.get_vocab().values(), default=-1) + 1
+    if isinstance(vocab_size, int) and ids > vocab_size:
+        raise UptrainError(f"the tokenizer in {path} has {ids} token ids but the model's vocab_size is {vocab_size}, "
+                           f"so ids {vocab_size} and up have no embedding; put the tokenizer the model was trained "
+                           "with (the source checkpoint's tokenizer files) in model.path")
+
+
 def model_class(path: Path):
     """The Auto class with the language-model head: seq2seq for encoder-decoders (T5), causal for the rest."""
     return AutoModelForSeq2SeqLM if getattr(load_config(path), "is_encoder_decoder", False) else AutoModelForCausalLM
@@ -84,12 +96,13 @@ def load_model(path: Path, dtype: torch.dtype = torch.float32):
 def teacher_dir(student_dir: Path, override: str | None) -> Path:
     """The distillation teacher: the recipe's objective.teacher, else the source recorded by gqa-convert."""
     if override is not None:
-        return check_model_dir(override, role="objective.teacher")
+        return check_model_dir(override, role="objective.teacher", wanted=TEACHER)
     record = read_config_json(student_dir).get(CONVERSION_KEY)
     if not record or not record.get("source"):
         raise UptrainError(f"{student_dir} records no conversion source ({CONVERSION_KEY}.source in config.json); "
-                           "set objective.teacher to the MHA checkpoint to distill from")
-    return check_model_dir(record["source"], role=f"teacher ({CONVERSION_KEY}.source)")
+                           f"set objective.teacher to {TEACHER}")
+    return check_model_dir(record["source"], role=f"teacher ({CONVERSION_KEY}.source in {student_dir / 'config.json'})",
+                           wanted=f"{TEACHER} as objective.teacher")
 
 
 def load_teacher(path: Path, student_config, dtype: torch.dtype):

@@ -10,9 +10,10 @@ import torch
 
 import gqa_toolkit
 
-from .checkpointing import RECIPE_FILE
 from .model import CONVERSION_KEY, UPTRAINING_KEY, read_config_json
 from .recipe import Recipe
+from .run_dir import MODEL_TMP, RECIPE_FILE
+from .storage import disk_writes
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _MODEL_FILES = ("*.safetensors", "model.safetensors.index.json")
@@ -66,17 +67,24 @@ def save_output(accelerator, model, tokenizer, recipe: Recipe, state: dict, stud
         if CONVERSION_KEY in source:
             setattr(config, CONVERSION_KEY, source[CONVERSION_KEY])
         setattr(config, UPTRAINING_KEY, record)
-        tmp = out / ".model.tmp"
+        tmp = out / MODEL_TMP
         shutil.rmtree(tmp, ignore_errors=True)
-        unwrapped.save_pretrained(tmp, state_dict={k: v.to(dtype) for k, v in state_dict.items()})
-        tokenizer.save_pretrained(tmp)
-        card = student_dir / "README.md"
-        (tmp / "README.md").write_text((card.read_text() if card.is_file() else "") + model_card_section(record))
-        for pattern in _MODEL_FILES:  # a previous save may have used a different number of shards
-            for old in out.glob(pattern):
-                old.unlink()
-        for f in tmp.iterdir():
-            f.replace(out / f.name)
-        tmp.rmdir()
+        with disk_writes(out, "the uptrained model into", "output.dir",
+                         cleanup=lambda: shutil.rmtree(tmp, ignore_errors=True)):
+            unwrapped.save_pretrained(tmp, state_dict={k: v.to(dtype) for k, v in state_dict.items()})
+            tokenizer.save_pretrained(tmp)
+            card = student_dir / "README.md"
+            (tmp / "README.md").write_text((card.read_text() if card.is_file() else "") + model_card_section(record))
+            _move_into(tmp, out)
     accelerator.wait_for_everyone()
     return out
+
+
+def _move_into(tmp: Path, out: Path) -> None:
+    """Rename the saved files into `out` (same disk: no space needed), replacing an earlier save's."""
+    for pattern in _MODEL_FILES:  # a previous save may have used a different number of shards
+        for old in out.glob(pattern):
+            old.unlink()
+    for f in tmp.iterdir():
+        f.replace(out / f.name)
+    tmp.rmdir()

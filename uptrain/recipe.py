@@ -70,7 +70,8 @@ class TrainSection(_Section):
                 "train.max_steps or train.max_tokens"
             )
         if len(given) > 1:
-            raise ValueError(f"set only one of train.original_steps, train.max_steps, train.max_tokens (got {given})")
+            raise ValueError(f"set only one of train.original_steps, train.max_steps, train.max_tokens (got {given}); "
+                             "remove the others (a budget key=value override replaces the recipe's own budget)")
         return self
 
 
@@ -130,21 +131,59 @@ class Recipe(_Section):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `a.b=value` overrides (value parsed as YAML) to a nested dict, returning a new dict."""
-    out = yaml.safe_load(yaml.safe_dump(raw))  # deep copy
+BUDGET_KEYS = ("original_steps", "max_steps", "max_tokens")
+
+
+def yaml_problem(error: yaml.YAMLError) -> str:
+    """What PyYAML found wrong, and where, in one line."""
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    mark = getattr(error, "problem_mark", None)
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
+
+
+def _override_value(item: str, value: str) -> Any:
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError as e:
+        raise UptrainError(f"override {item!r}: the value {value!r} is not valid YAML ({yaml_problem(e)}); write a "
+                           "number, true/false, null, a complete [list] or a quoted string, e.g. train.lr=3e-4"
+                           ) from None
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, list[str], Any]]:
+    """`a.b=value` overrides as (the override as written, ['a', 'b'], value parsed as YAML)."""
+    parsed = []
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise UptrainError(f"override {item!r} is not key=value; write e.g. train.lr=3e-4")
-        *parents, leaf = key.split(".")
+        parsed.append((item, key.split("."), _override_value(item, value)))
+    return parsed
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b=value` overrides (value parsed as YAML) to a nested dict, returning a new dict."""
+    out = yaml.safe_load(yaml.safe_dump(raw))  # deep copy
+    for item, (*parents, leaf), value in parse_overrides(overrides):
         node = out
         for part in parents:
-            node = node.setdefault(part, {})
+            if node.get(part) is None:  # a missing section, or an empty one (`train:` in YAML)
+                node[part] = {}
+            node = node[part]
             if not isinstance(node, dict):
                 raise UptrainError(f"override {item!r}: {part} is not a section; write section.key=value")
-        node[leaf] = yaml.safe_load(value)
+        node[leaf] = value
     return out
+
+
+def budget_overrides_win(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """A step budget given as an override (train.max_steps=5) replaces the budget the recipe file sets
+    (train.original_steps), instead of clashing with it."""
+    given = {keys[1] for _, keys, value in parse_overrides(overrides)
+             if len(keys) == 2 and keys[0] == "train" and keys[1] in BUDGET_KEYS and value is not None}
+    if not given or not isinstance(raw.get("train"), dict):
+        return raw
+    return {**raw, "train": {k: v for k, v in raw["train"].items() if k not in BUDGET_KEYS or k in given}}
 
 
 def _describe(err: dict[str, Any]) -> str:
@@ -184,7 +223,7 @@ def read_recipe_yaml(path: str | Path, overrides: list[str] = (), example: str =
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise UptrainError(f"recipe {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        raise UptrainError(f"recipe {path} is not valid YAML ({yaml_problem(e)}); fix that line") from None
     if not isinstance(raw, dict):
         raise UptrainError(f"recipe {path} must be a YAML mapping of sections")
     return apply_overrides(raw, list(overrides))
@@ -192,4 +231,6 @@ def read_recipe_yaml(path: str | Path, overrides: list[str] = (), example: str =
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     """Read, override and validate a YAML recipe. Paths are left as written; call `.resolved()` to anchor them."""
-    return validate_recipe(read_recipe_yaml(path, overrides), name=f"recipe {path}")
+    overrides = list(overrides)
+    raw = apply_overrides(budget_overrides_win(read_recipe_yaml(path), overrides), overrides)
+    return validate_recipe(raw, name=f"recipe {path}")

@@ -12,9 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
+from huggingface_hub.utils import get_session
 
 from . import corpus
-from .errors import UptrainError
+from .errors import UptrainError, first_line
 
 # file suffix -> datasets builder; plain text files are read one document per file
 BUILDERS = {".txt": "text", ".text": "text", ".md": "text", ".py": "text",
@@ -54,6 +55,40 @@ def _looks_local(name: str) -> bool:
     return name.startswith(("/", "./", "../", "~")) or Path(name).suffix in BUILDERS
 
 
+def _not_found(src: TextSource, where: str, also: str = "") -> UptrainError:
+    return UptrainError(
+        f"could not load hub dataset {src.name!r} (config {src.config!r}, split {src.split!r}): it is neither a local "
+        f"path nor {where}; fix data.source (or data.eval_source): the built-in corpus is {corpus.NAME!r}, or give a "
+        f"local file or folder{also}"
+    )
+
+
+def _hub_unreachable() -> str | None:
+    """Why the hub cannot be reached now, or None. One request without retries: with no network, datasets would
+    retry for half a minute before saying anything."""
+    try:
+        get_session().head(datasets.config.HF_ENDPOINT, timeout=5)
+    except Exception as e:  # whichever HTTP library this huggingface_hub release uses
+        return first_line(e)
+    return None
+
+
+def _hub_dataset(src: TextSource) -> datasets.Dataset | datasets.IterableDataset:
+    offline = datasets.config.HF_HUB_OFFLINE
+    if not offline and (why := _hub_unreachable()):
+        raise _not_found(src, f"reachable on the hub ({datasets.config.HF_ENDPOINT}: {why})",
+                         " (or set HF_HUB_OFFLINE=1 to use a hub dataset that is already cached)")
+    try:
+        return datasets.load_dataset(src.name, src.config, split=src.split, streaming=src.streaming)
+    except (FileNotFoundError, ConnectionError):  # no such dataset, or offline and not in the cache
+        raise _not_found(src, "a hub dataset in the local cache (HF_HUB_OFFLINE is set)" if offline
+                         else "a dataset on the hub") from None
+    except Exception as e:  # gated, no such config or split, ...: datasets raises many types here
+        raise UptrainError(f"could not load hub dataset {src.name!r} (config {src.config!r}, split {src.split!r}): "
+                           f"{first_line(e)}; check data.config and data.split, or point data.source at local files"
+                           ) from None
+
+
 def load_text(src: TextSource) -> tuple[datasets.Dataset | datasets.IterableDataset, str]:
     """The texts of `src` and a fingerprint of them; raises UptrainError for a missing path or text column."""
     if src.name == corpus.NAME:
@@ -79,13 +114,7 @@ def load_text(src: TextSource) -> tuple[datasets.Dataset | datasets.IterableData
     elif _looks_local(src.name):
         raise UptrainError(f"data path {src.name} does not exist; fix data.source (or data.eval_source)")
     else:
-        try:
-            ds = datasets.load_dataset(src.name, src.config, split=src.split, streaming=src.streaming)
-        except Exception as e:
-            raise UptrainError(
-                f"could not load hub dataset {src.name!r} (config {src.config!r}, split {src.split!r}): "
-                f"{str(e).splitlines()[0]}; check the name and the network, or point data.source at local files"
-            ) from None
+        ds = _hub_dataset(src)
         fp = f"hub:{src.name}:{src.config}:{src.split}"
 
     columns = ds.column_names if ds.column_names is not None else list(next(iter(ds), {}).keys())

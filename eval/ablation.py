@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import json
 import shlex
+import shutil
 import subprocess
 import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
-
-import yaml
 
 from gqa_toolkit.convert import convert_checkpoint
 from gqa_toolkit.convert.geometry import divisors
@@ -32,12 +31,12 @@ from .errors import EvalError
 from .fidelity import fidelity
 from .heldout import EvalData, check_context, eval_task, heldout_set
 from .original import Original, new_tokenizer, resolve_original
+from .outputs import write_files
 from .perplexity import perplexity
 from .placement import load_for_eval
 from .report import render
-from .speed import kv_cache_bytes_per_token, measure_speed
-
-RECIPE_FILE = "ablation-recipe.yaml"
+from .results_dir import DESTINATION, check_apart_from_original, check_results_dir, claim_results_dir
+from .speed import check_speed_context, kv_cache_bytes_per_token, measure_speed
 
 
 def cell_id(method: str, groups: int, fraction: float) -> str:
@@ -53,19 +52,9 @@ class Ablation:
 
     # -- checks that run before any long work --------------------------------------------------------------------
     def check_results_dir(self) -> None:
-        """The results dir is new, or holds this same recipe (to continue); nothing is written."""
-        saved = self.root / RECIPE_FILE
-        if saved.is_file():
-            if yaml.safe_load(saved.read_text()) != yaml.safe_load(self.recipe.to_yaml()):
-                raise EvalError(f"{self.root} holds results of a different recipe ({saved}); choose another "
-                                f"results_dir, or delete it to start over")
-        elif self.root.exists() and any(self.root.iterdir()):
-            raise EvalError(f"{self.root} is not empty and holds no ablation ({RECIPE_FILE} is missing); choose "
-                            f"another results_dir")
-
-    def claim_results_dir(self) -> None:
-        self.cells.mkdir(parents=True, exist_ok=True)
-        (self.root / RECIPE_FILE).write_text(self.recipe.to_yaml())
+        """A safe destination: apart from the original, and new, empty or this recipe's own; nothing is written."""
+        check_apart_from_original(self.root, self.recipe.original.path)
+        check_results_dir(self.root, self.recipe.to_yaml())
 
     def check_geometry(self, heads: int, kv_heads: int, context: int | None) -> None:
         bad = [g for g in self.recipe.groups if kv_heads % g]
@@ -75,16 +64,20 @@ class Ablation:
         if context is not None and self.recipe.data.block_size > context:
             raise EvalError(f"data.block_size {self.recipe.data.block_size} is longer than the model's context of "
                             f"{context} tokens; lower data.block_size")
-        too_long = [c for c in self.recipe.speed.contexts if context is not None and c + self.recipe.speed.decode_steps
-                    > context]
-        if too_long:
-            raise EvalError(f"speed context {too_long[0]} plus {self.recipe.speed.decode_steps} decode steps is past "
-                            f"the model's context of {context} tokens; lower speed.contexts")
+        check_speed_context(context, max(self.recipe.speed.contexts), self.recipe.speed.decode_steps,
+                            "speed.contexts")
+
+    def check_launcher(self) -> None:
+        program = shlex.split(self.recipe.launcher)[0] if self.recipe.launcher else None
+        if program is not None and shutil.which(program) is None:
+            raise EvalError(f"launcher {self.recipe.launcher!r}: {program} is not an installed command; install it "
+                            f"(pip install accelerate) or fix the launcher")
 
     def preflight(self):
         """Everything checkable before training, nothing written: geometry, context, a non-empty held-out set and
         the uptrain keys. Returns the tokenizer a built original will use (None for a given original)."""
         self.uptrain_recipe(Path("/nonexistent"), 0.05, 100, self.root / "probe")  # validates uptrain keys
+        self.check_launcher()
         build = self.recipe.original.build
         tokenizer = None
         if build is not None:
@@ -93,7 +86,7 @@ class Ablation:
             self.heldout(None, tokenizer)
         else:
             original = resolve_original(self.recipe, self.root)
-            config = load_config(original.path)
+            config = load_config(original.path, role="original.path")
             kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
             self.check_geometry(config.num_attention_heads, kv, getattr(config, "max_position_embeddings", None))
             self.heldout(config, load_tokenizer(original.path))
@@ -136,7 +129,7 @@ class Ablation:
         recipe = self.uptrain_recipe(converted, fraction, original.original_steps, out)
         if self.recipe.launcher:
             recipe_file = out.parent / f"f{fraction:g}.uptrain.yaml"
-            recipe_file.write_text(recipe.to_yaml())
+            write_files({recipe_file: recipe.to_yaml()}, DESTINATION)
             command = [*shlex.split(self.recipe.launcher), "-m", "gqa_toolkit.uptrain", str(recipe_file)]
             if subprocess.run(command).returncode != 0:
                 raise EvalError(f"uptraining {out} failed under {self.recipe.launcher!r}; rerun to resume it")
@@ -165,7 +158,7 @@ class Ablation:
     def run(self) -> Path:
         self.check_results_dir()
         tokenizer = self.preflight()
-        self.claim_results_dir()
+        claim_results_dir(self.root, self.recipe.to_yaml())
         original = resolve_original(self.recipe, self.root, self.progress, tokenizer)
         tokenizer = load_tokenizer(original.path)
         config = load_config(original.path)
@@ -206,6 +199,4 @@ class Ablation:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
+    write_files({path: json.dumps(data, indent=2) + "\n"}, DESTINATION)

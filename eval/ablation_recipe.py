@@ -3,6 +3,7 @@ measure them. Typed and frozen; unknown keys are errors and every problem is rep
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -64,13 +65,20 @@ class SpeedSection(_Section):
     decode_steps: int = Field(16, ge=1)
     repeats: int = Field(3, ge=1)
 
+    @field_validator("contexts", "batch_sizes")
+    @classmethod
+    def _positive(cls, values: tuple[int, ...]) -> tuple[int, ...]:
+        if not values or any(v < 1 for v in values):
+            raise ValueError(f"give one or more positive integers, e.g. [128, 512] (got {list(values)})")
+        return values
+
 
 class AblationRecipe(_Section):
     results_dir: str
     original: OriginalSection
-    methods: tuple[str, ...] = ("mean", "first", "random")
-    groups: tuple[int, ...] = (1,)
-    fractions: tuple[float, ...] = (0.0, 0.05)
+    methods: tuple[str, ...] = Field(("mean", "first", "random"), min_length=1)
+    groups: tuple[int, ...] = Field((1,), min_length=1)
+    fractions: tuple[float, ...] = Field((0.0, 0.05), min_length=1)
     seed: int = 0
     data: DataSection = DataSection()
     uptrain: dict[str, Any] = Field(default_factory=dict, description="train.* keys of the uptrain recipe")
@@ -90,6 +98,20 @@ class AblationRecipe(_Section):
             except ConversionError as exc:
                 raise ValueError(str(exc)) from None
         return methods
+
+    @field_validator("launcher")
+    @classmethod
+    def _launcher_command(cls, launcher: str | None) -> str | None:
+        if launcher is None:
+            return None
+        try:
+            words = shlex.split(launcher)
+        except ValueError as exc:
+            raise ValueError(f"launcher {launcher!r} is not a command line ({exc}); write e.g. 'accelerate launch "
+                             f"--config_file fsdp.yaml'") from None
+        if not words:
+            raise ValueError("launcher is empty; remove it to uptrain in this process")
+        return launcher
 
     @field_validator("fractions")
     @classmethod

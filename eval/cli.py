@@ -9,33 +9,11 @@
 from __future__ import annotations
 
 import json
-import sys
-from functools import wraps
-from pathlib import Path
 
 import click
 
-
-def _user_errors(fn):
-    """Turn the stages' input errors into one line on stderr and exit status 2."""
-
-    @wraps(fn)
-    def run(*args, **kwargs):
-        from gqa_toolkit.convert.errors import ConversionError
-        from gqa_toolkit.uptrain.errors import UptrainError
-
-        from .errors import EvalError
-
-        try:
-            return fn(*args, **kwargs)
-        except (EvalError, UptrainError, ConversionError) as exc:
-            click.echo(f"gqa-eval: error: {exc}", err=True)
-            sys.exit(2)
-        except KeyboardInterrupt:
-            click.echo("gqa-eval: interrupted; rerun the same command to continue", err=True)
-            sys.exit(130)
-
-    return run
+from .cli_errors import OneLineErrorsGroup, emit, user_errors
+from .options import IntAtLeast, PositiveInts
 
 
 def data_options(fn):
@@ -46,9 +24,9 @@ def data_options(fn):
         click.option("--text-column", default="text", show_default=True),
         click.option("--target-column", default=None,
                      help="encoder-decoders: score (text, target) pairs [default: span corruption of the text]"),
-        click.option("--block-size", type=int, default=256, show_default=True),
-        click.option("--max-blocks", type=int, default=64, show_default=True),
-        click.option("--batch-size", type=int, default=8, show_default=True),
+        click.option("--block-size", type=IntAtLeast(2), default=256, show_default=True),
+        click.option("--max-blocks", type=IntAtLeast(1), default=64, show_default=True),
+        click.option("--batch-size", type=IntAtLeast(1), default=8, show_default=True),
     ]):
         fn = option(fn)
     return fn
@@ -82,20 +60,7 @@ def _load(model_dir, role: str = "MODEL_DIR"):
     return load_for_eval(check_model_dir(model_dir, role=role))
 
 
-def _source_of(model_dir: str, source: str | None) -> str:
-    from .errors import EvalError
-
-    from gqa_toolkit.uptrain.model import check_model_dir, read_config_json
-
-    if source:
-        return source
-    record = read_config_json(check_model_dir(model_dir, role="MODEL_DIR")).get("gqa_conversion") or {}
-    if not record.get("source"):
-        raise EvalError(f"{model_dir} records no conversion source; pass --source SOURCE_DIR")
-    return record["source"]
-
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=OneLineErrorsGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--trust-remote-code", is_flag=True,
               help="Run the Python files of model folders. Never needed for the toolkit's own families.")
 def main(trust_remote_code):
@@ -108,84 +73,101 @@ def main(trust_remote_code):
 @main.command("perplexity")
 @click.argument("model_dir")
 @data_options
-@_user_errors
+@user_errors
 def perplexity_cmd(model_dir, source, split, text_column, target_column, block_size, max_blocks, batch_size):
     """Held-out loss and perplexity of MODEL_DIR."""
     from .perplexity import perplexity
 
     data = _eval_data(source, split, text_column, target_column, block_size, max_blocks)
     path, examples = _checked_examples(model_dir, "MODEL_DIR", data)
-    click.echo(json.dumps(perplexity(_load(path), examples, batch_size, progress=True)))
+    emit(json.dumps(perplexity(_load(path), examples, batch_size, progress=True)))
 
 
 @main.command("fidelity")
 @click.argument("model_dir")
 @click.option("--source", "source_dir", default=None, help="MHA checkpoint [default: the one recorded by gqa-convert]")
 @data_options
-@_user_errors
+@user_errors
 def fidelity_cmd(model_dir, source_dir, source, split, text_column, target_column, block_size, max_blocks,
                  batch_size):
     """KL(source || MODEL_DIR) per token and top-1 agreement on held-out text."""
-    from gqa_toolkit.uptrain.model import check_model_dir
+    from gqa_toolkit.uptrain.model import check_model_dir, load_config
 
     from .fidelity import fidelity
+    from .sources import check_comparable, source_dir as checked_source
 
-    reference = check_model_dir(_source_of(model_dir, source_dir), role="--source")
+    converted = check_model_dir(model_dir, role="MODEL_DIR")
+    config = load_config(converted, role="MODEL_DIR")  # a readable config.json, before its record is read
+    reference = checked_source(converted, source_dir)
+    check_comparable(config, load_config(reference, role="--source"), reference)
     data = _eval_data(source, split, text_column, target_column, block_size, max_blocks)
     path, examples = _checked_examples(model_dir, "MODEL_DIR", data)
-    click.echo(json.dumps(fidelity(_load(path), _load(reference), examples, batch_size, progress=True)))
+    emit(json.dumps(fidelity(_load(path), _load(reference), examples, batch_size, progress=True)))
 
 
 @main.command("speed")
 @click.argument("model_dir")
 @click.option("--source", "source_dir", default=None, help="compare with this checkpoint [default: the recorded "
                                                            "source, when there is one]")
-@click.option("--contexts", default="128,512", show_default=True)
-@click.option("--batch-sizes", default="1,8", show_default=True)
-@click.option("--decode-steps", type=int, default=16, show_default=True)
-@_user_errors
+@click.option("--contexts", type=PositiveInts("128,512"), default="128,512", show_default=True)
+@click.option("--batch-sizes", type=PositiveInts("1,8"), default="1,8", show_default=True)
+@click.option("--decode-steps", type=IntAtLeast(1), default=16, show_default=True)
+@user_errors
 def speed_cmd(model_dir, source_dir, contexts, batch_sizes, decode_steps):
     """KV-cache bytes per token, prefill and decode tokens/s, side by side with the source."""
     from dataclasses import asdict
 
     from .speed import kv_cache_bytes_per_token, measure_speed
 
-    models = {"converted": model_dir}
-    recorded = json.loads((Path(model_dir) / "config.json").read_text()).get("gqa_conversion") or {}
-    if source_dir or recorded.get("source"):
-        models["source"] = source_dir or recorded["source"]
     rows = []
-    for name, path in models.items():
+    for name, path in _speed_models(model_dir, source_dir, contexts, decode_steps).items():
         model = _load(path, name)
         kv = kv_cache_bytes_per_token(model)
-        for c in map(int, contexts.split(",")):
-            for b in map(int, batch_sizes.split(",")):
+        for c in contexts:
+            for b in batch_sizes:
                 rows.append({"model": name, "kv_bytes_per_token": kv, **asdict(measure_speed(model, c, b, decode_steps))})
     header = f"{'model':>10} {'KV B/token':>11} {'context':>8} {'batch':>6} {'prefill tok/s':>14} {'decode tok/s':>13}"
-    click.echo(header)
-    for r in rows:
-        click.echo(f"{r['model']:>10} {r['kv_bytes_per_token']:>11.0f} {r['context']:>8} {r['batch_size']:>6} "
-                   f"{r['prefill_tokens_per_s']:>14.0f} {r['decode_tokens_per_s']:>13.0f}")
+    emit("\n".join([header, *(f"{r['model']:>10} {r['kv_bytes_per_token']:>11.0f} {r['context']:>8} "
+                                f"{r['batch_size']:>6} {r['prefill_tokens_per_s']:>14.0f} "
+                                f"{r['decode_tokens_per_s']:>13.0f}" for r in rows)]))
+
+
+def _speed_models(model_dir: str, source_dir: str | None, contexts, decode_steps: int) -> dict:
+    """{'converted': dir, 'source': dir (given or recorded, if any)}, each checked to hold the longest context plus
+    the decode steps, before any weights load."""
+    from gqa_toolkit.uptrain.model import check_model_dir, context_length, load_config
+
+    from .sources import source_dir as checked_source
+    from .speed import check_speed_context
+
+    converted = check_model_dir(model_dir, role="MODEL_DIR")
+    models = {"converted": (converted, load_config(converted, role="MODEL_DIR"))}  # readable before its record is
+    source = checked_source(converted, source_dir, required=False)
+    if source is not None:
+        models["source"] = (source, load_config(source, role="--source"))
+    for _, config in models.values():
+        check_speed_context(context_length(config), max(contexts), decode_steps, "--contexts")
+    return {name: path for name, (path, _) in models.items()}
 
 
 @main.command("tasks")
 @click.argument("model_dir")
 @click.option("--tasks", "task_names", required=True, help="comma-separated lm-eval-harness task names")
-@click.option("--batch-size", type=int, default=8, show_default=True)
-@click.option("--limit", type=int, default=None, help="examples per task")
-@_user_errors
+@click.option("--batch-size", type=IntAtLeast(1), default=8, show_default=True)
+@click.option("--limit", type=IntAtLeast(1), default=None, help="examples per task")
+@user_errors
 def tasks_cmd(model_dir, task_names, batch_size, limit):
     """Downstream tasks through lm-eval-harness (pip install 'gqa-toolkit[tasks]')."""
     from .tasks import run_tasks
 
-    click.echo(json.dumps(run_tasks(model_dir, task_names.split(","), batch_size, limit), indent=2))
+    emit(json.dumps(run_tasks(model_dir, task_names.split(","), batch_size, limit), indent=2))
 
 
 @main.command("ablation")
 @click.argument("recipe")
 @click.argument("overrides", nargs=-1)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-@_user_errors
+@user_errors
 def ablation_cmd(recipe, overrides, quiet):
     """Run the conversion ablation in RECIPE (methods x groups x fractions) and print its table.
 
@@ -194,7 +176,7 @@ def ablation_cmd(recipe, overrides, quiet):
     from .ablation_recipe import load_ablation_recipe
 
     table = Ablation(load_ablation_recipe(recipe, list(overrides)), progress=not quiet).run()
-    click.echo(table.read_text())
+    emit(table.read_text())
     click.echo(f"results, csv and plots in {table.parent}", err=True)
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from gqa_toolkit.convert.output_dir import atomic_directory
 from gqa_toolkit.convert.source import resolve_model_dir
 from gqa_toolkit.uptrain import train, validate_recipe
 from gqa_toolkit.uptrain.corpus import NAME as STDLIB, iter_texts
@@ -18,6 +19,9 @@ from gqa_toolkit.uptrain.tokenizer import train_tokenizer
 
 from .ablation_recipe import AblationRecipe, BuildOriginal
 from .errors import EvalError
+from .outputs import disk_writes, write_files
+from .results_dir import DESTINATION
+from .sources import checkpoint_problem
 
 DONE_MARKER = ".original-complete"
 
@@ -41,7 +45,8 @@ def new_tokenizer(recipe: AblationRecipe, build: BuildOriginal):
 
 
 def write_initial_model(directory: Path, build: BuildOriginal, tokenizer) -> None:
-    """A random MHA llama with the given tokenizer, saved as a Hugging Face model directory."""
+    """A random MHA llama with the given tokenizer, saved as a Hugging Face model directory that appears whole or
+    not at all."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
@@ -51,8 +56,10 @@ def write_initial_model(directory: Path, build: BuildOriginal, tokenizer) -> Non
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(build.seed)
-    LlamaForCausalLM(config).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
+    model = LlamaForCausalLM(config)
+    with disk_writes(directory, DESTINATION), atomic_directory(directory) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
 
 
 def build_original(recipe: AblationRecipe, root: Path, progress: bool = True, tokenizer=None) -> Original:
@@ -73,11 +80,16 @@ def build_original(recipe: AblationRecipe, root: Path, progress: bool = True, to
                    "eval_every": max(1, build.steps // 4), "progress": progress, "tensorboard": False},
     }, name="original.build")
     train(pretrain)
-    (out / DONE_MARKER).write_text(f"{build.steps}\n")
+    write_files({out / DONE_MARKER: f"{build.steps}\n"}, DESTINATION)
     return Original(out, build.steps)
 
 
 def resolve_original(recipe: AblationRecipe, root: Path, progress: bool = True, tokenizer=None) -> Original:
     if recipe.original.build is not None:
         return build_original(recipe, root, progress, tokenizer)
-    return Original(resolve_model_dir(recipe.original.path), recipe.original.original_steps)
+    path = resolve_model_dir(recipe.original.path)
+    problem = checkpoint_problem(path)
+    if problem:
+        raise EvalError(f"original.path {path} {problem}; set original.path to the MHA checkpoint to convert, or "
+                        f"use original.build to train one here")
+    return Original(path, recipe.original.original_steps)

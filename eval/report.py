@@ -8,8 +8,13 @@ Writes results.csv, results.json, results.md, speed.csv and three figures after 
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
+
+from .errors import EvalError
+from .outputs import write_files
+from .results_dir import DESTINATION
 
 QUALITY_COLUMNS = ["method", "groups", "fraction", "uptrain_steps", "heldout_loss", "perplexity", "kl",
                    "top1_agreement"]
@@ -20,7 +25,7 @@ SPEED_COLUMNS = ["model", "kv_heads", "kv_bytes_per_token", "context", "batch_si
 def load_cells(root: Path) -> tuple[dict | None, list[dict], list[dict]]:
     original, cells, speed = None, [], []
     for path in sorted((root / "cells").glob("*.json")):
-        data = json.loads(path.read_text())
+        data = _read_cell(path)
         if data["kind"] == "original":
             original = data
         elif data["kind"] == "cell":
@@ -32,17 +37,29 @@ def load_cells(root: Path) -> tuple[dict | None, list[dict], list[dict]]:
     return original, cells, speed
 
 
+def _read_cell(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise EvalError(f"cannot read the stored cell {path} ({exc}); delete it and rerun to measure it again") \
+            from None
+    if not isinstance(data, dict) or data.get("kind") not in ("original", "cell", "speed"):
+        raise EvalError(f"{path} is not a stored ablation cell; delete it and rerun to measure it again")
+    return data
+
+
 def _fmt(value) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return "" if value is None else str(value)
 
 
-def _write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+def csv_text(rows: list[dict], columns: list[str]) -> str:
+    out = io.StringIO(newline="")
+    writer = csv.DictWriter(out, columns, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
 
 
 def markdown(original: dict | None, cells: list[dict], speed: list[dict]) -> str:
@@ -64,13 +81,14 @@ def markdown(original: dict | None, cells: list[dict], speed: list[dict]) -> str
     return "\n".join(lines) + "\n"
 
 
-def plot(root: Path, original: dict | None, cells: list[dict], speed: list[dict]) -> list[Path]:
+def plot(original: dict | None, cells: list[dict], speed: list[dict]) -> dict[str, bytes]:
+    """The figures as PNG bytes by file name."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    written = []
+    figures = {}
     methods = sorted({c["method"] for c in cells})
     groups = sorted({c["groups"] for c in cells})
     fractions = sorted({c["fraction"] for c in cells})
@@ -92,7 +110,7 @@ def plot(root: Path, original: dict | None, cells: list[dict], speed: list[dict]
     ax.set_ylabel("held-out loss")
     ax.set_title("Conversion method (cf. GQA paper, Figure 4)")
     ax.legend(fontsize=8)
-    written.append(_save(fig, root / "fig4_methods.png"))
+    figures["fig4_methods.png"] = _png(fig)
 
     # Figure 5: held-out loss against uptraining fraction
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -106,7 +124,7 @@ def plot(root: Path, original: dict | None, cells: list[dict], speed: list[dict]
     ax.set_ylabel("held-out loss")
     ax.set_title("Uptraining proportion (cf. GQA paper, Figure 5)")
     ax.legend(fontsize=8)
-    written.append(_save(fig, root / "fig5_fractions.png"))
+    figures["fig5_fractions.png"] = _png(fig)
 
     # Figure 6: decode time per step and KV bytes per token against KV heads
     if speed:
@@ -124,28 +142,31 @@ def plot(root: Path, original: dict | None, cells: list[dict], speed: list[dict]
         ax2.set_xlabel("KV heads (G)")
         ax2.set_ylabel("KV cache KiB per token")
         fig.suptitle("Number of groups (cf. GQA paper, Figure 6)")
-        written.append(_save(fig, root / "fig6_speed.png"))
-    return written
+        figures["fig6_speed.png"] = _png(fig)
+    return figures
 
 
-def _save(fig, path: Path) -> Path:
+def _png(fig) -> bytes:
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    out = io.BytesIO()
+    fig.savefig(out, format="png", dpi=120)
     import matplotlib.pyplot as plt
 
     plt.close(fig)
-    return path
+    return out.getvalue()
 
 
 def render(root: Path) -> Path:
-    """Write the tables and plots into `root`; returns the markdown table's path."""
+    """Write the tables and plots into `root`, all of them or (on a disk fault) none; returns the markdown table's
+    path."""
     original, cells, speed = load_cells(root)
     rows = ([{**original, "method": "original"}] if original else []) + cells
-    _write_csv(root / "results.csv", rows, QUALITY_COLUMNS)
-    _write_csv(root / "speed.csv", speed, SPEED_COLUMNS)
-    (root / "results.json").write_text(json.dumps({"original": original, "cells": cells, "speed": speed},
-                                                  indent=2) + "\n")
-    table = root / "results.md"
-    table.write_text(markdown(original, cells, speed))
-    plot(root, original, cells, speed)
-    return table
+    files = {
+        "results.csv": csv_text(rows, QUALITY_COLUMNS),
+        "speed.csv": csv_text(speed, SPEED_COLUMNS),
+        "results.json": json.dumps({"original": original, "cells": cells, "speed": speed}, indent=2) + "\n",
+        "results.md": markdown(original, cells, speed),
+        **plot(original, cells, speed),
+    }
+    write_files({root / name: data for name, data in files.items()}, DESTINATION)
+    return root / "results.md"

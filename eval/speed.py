@@ -13,6 +13,16 @@ from dataclasses import dataclass
 import torch
 
 from gqa_toolkit.convert.transformers_names import cache_argument, output_cache
+from gqa_toolkit.uptrain.model import context_length
+
+from .errors import EvalError
+
+
+def check_speed_context(limit: int | None, context: int, decode_steps: int, option: str) -> None:
+    """Refuse a context that, with the decode steps after it, runs past the model's `limit` positions."""
+    if limit is not None and context + decode_steps > limit:
+        raise EvalError(f"{option} {context} plus {decode_steps} decode steps is past the model's context of {limit} "
+                        f"tokens; lower {option} to at most {limit - decode_steps} or take fewer decode steps")
 
 
 def _cache_tensors(cache) -> list[torch.Tensor]:

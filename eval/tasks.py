@@ -8,12 +8,12 @@ from .errors import EvalError
 
 
 def run_tasks(model_dir: str, tasks: list[str], batch_size: int = 8, limit: int | None = None) -> dict:
+    if not (Path(model_dir) / "config.json").is_file():
+        raise EvalError(f"MODEL_DIR {model_dir} is not a model directory (no config.json); pass a checkpoint folder")
     try:
         import lm_eval
     except ImportError:
         raise EvalError("lm-eval-harness is not installed; pip install 'gqa-toolkit[tasks]'") from None
-    if not (Path(model_dir) / "config.json").is_file():
-        raise EvalError(f"{model_dir} is not a model directory (no config.json)")
     from gqa_toolkit.convert.loading import register_own_modeling, remote_code_allowed
 
     register_own_modeling(model_dir)  # lm-eval's from_pretrained then finds the toolkit's classes, not the folder's

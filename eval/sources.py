@@ -1,0 +1,64 @@
+"""The MHA source checkpoint that `fidelity` and `speed` compare a converted model with: `--source`, else the one
+gqa-convert recorded in the converted model's config.json (gqa_conversion.source)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from gqa_toolkit.uptrain.model import CONVERSION_KEY, WEIGHT_FILES, read_config_json
+
+from .errors import EvalError
+
+FIX = "pass --source MHA_DIR, the MHA checkpoint it was converted from"
+FIX_GIVEN = "give --source the MHA checkpoint it was converted from"
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why `path` is not a model checkpoint, or None when it is one."""
+    if not path.exists():
+        return "is missing"
+    if not path.is_dir():
+        return "is a file, not a model directory"
+    if not (path / "config.json").is_file():
+        return "has no config.json"
+    if not any(any(path.glob(p)) for p in WEIGHT_FILES):
+        return "holds no weights (*.safetensors or *.bin)"
+    return None
+
+
+def recorded_source(model_dir: Path) -> str | None:
+    """The source path gqa-convert recorded in `model_dir`, if any."""
+    record = read_config_json(model_dir).get(CONVERSION_KEY)
+    return record.get("source") if isinstance(record, dict) else None
+
+
+def source_dir(model_dir: Path, given: str | None, required: bool = True) -> Path | None:
+    """The checked source checkpoint of the converted `model_dir`; None when none is given, none is recorded and
+    `required` is false."""
+    if given:
+        problem = checkpoint_problem(Path(given).expanduser())
+        if problem:
+            raise EvalError(f"--source {given} {problem}; {FIX_GIVEN}")
+        return Path(given).expanduser().resolve()
+    recorded = recorded_source(model_dir)
+    if not recorded:
+        if not required:
+            return None
+        raise EvalError(f"{model_dir} records no conversion source ({CONVERSION_KEY}.source in config.json); {FIX}")
+    problem = checkpoint_problem(Path(recorded))
+    if problem:
+        raise EvalError(f"the MHA source checkpoint recorded by gqa-convert ({CONVERSION_KEY}.source in "
+                        f"{model_dir / 'config.json'}), {recorded}, {problem}; {FIX}")
+    return Path(recorded).resolve()
+
+
+def check_comparable(config, source_config, source: Path) -> None:
+    """Fidelity compares the two models' distributions token by token: they must be of one kind and vocabulary."""
+    kinds = [("an encoder-decoder" if getattr(c, "is_encoder_decoder", False) else "a decoder-only model")
+             for c in (config, source_config)]
+    if kinds[0] != kinds[1]:
+        raise EvalError(f"the source {source} is {kinds[1]} but MODEL_DIR is {kinds[0]}, so their predictions "
+                        f"cannot be compared; {FIX}")
+    if config.vocab_size != source_config.vocab_size:
+        raise EvalError(f"the source {source} has vocab_size {source_config.vocab_size} but MODEL_DIR has "
+                        f"{config.vocab_size}, so their predictions cannot be compared; {FIX}")

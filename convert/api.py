@@ -6,7 +6,6 @@ headers and every K/V shape. Then tensors stream from the source into an atomic 
 
 from __future__ import annotations
 
-import errno
 import re
 import shutil
 from pathlib import Path
@@ -15,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .architectures.spec import spec_for
+from .disk import disk_writes
 from .errors import ConversionError
 from .geometry import check_groups, read_geometries
 from .blockwise import BlockStream, StreamedMoments
@@ -192,27 +192,13 @@ def convert_checkpoint(src: str | Path, dst: str | Path | None = None, *, method
 
     total = sum(t.dtype.itemsize * torch.Size(t.shape).numel() for t in planned)
     check_free_space(out, total)
-    try:
-        with atomic_directory(out, force, model_dir) as tmp, tqdm(total=total, unit="B", unit_scale=True,
-                                                                  disable=not progress,
-                                                                  desc=f"gqa-convert {method} G={groups}") as bar:
-            write_checkpoint(tmp, planned, shard_bytes, on_bytes=bar.update)
-            write_metadata(model_dir, tmp, raw_config, spec, record)
-    except OSError as exc:
-        if exc.errno not in WRITE_FAULTS:
-            raise
-        raise ConversionError(f"cannot write the output at {out.parent}: {WRITE_FAULTS[exc.errno]} (the weights "
-                              f"need {_gb(total)}); nothing was written; {_WRITE_FIX[exc.errno]}") from None
+    with disk_writes(f"the output {out}", "--output", ConversionError, path=out.parent), \
+            atomic_directory(out, force, model_dir) as tmp, \
+            tqdm(total=total, unit="B", unit_scale=True, disable=not progress,
+                 desc=f"gqa-convert {method} G={groups}") as bar:
+        write_checkpoint(tmp, planned, shard_bytes, on_bytes=bar.update)
+        write_metadata(model_dir, tmp, raw_config, spec, record)
     return out
-
-
-# What a write to the output can meet on a real machine, and what the user can do about it.
-WRITE_FAULTS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
-                errno.EROFS: "the filesystem is read-only", errno.EACCES: "permission denied",
-                errno.EPERM: "permission denied"}
-_WRITE_FIX = {errno.ENOSPC: "free space or choose another --output", errno.EDQUOT: "free space or choose another "
-              "--output", errno.EROFS: "choose a writable --output", errno.EACCES: "choose a writable --output",
-              errno.EPERM: "choose a writable --output"}
 
 
 def _gb(n: int) -> str:

@@ -168,7 +168,7 @@ def test_disk_too_small_is_refused_before_writing(llama_dir, tmp_path, tmpfs):
 def test_read_only_destination(llama_dir, tmp_path, tmpfs):
     read_only = tmpfs("4m", "ro")
     assert_refused(tmp_path, [llama_dir, "--groups", "2", "-o", read_only / "out"], "read-only",
-                   "choose a writable --output")
+                   "choose --output on a writable disk")
 
 
 def test_disk_full_while_writing_leaves_nothing(llama_dir, tmp_path, tmpfs, monkeypatch):

@@ -221,7 +221,7 @@ def _ablation_recipe(folder: Path, uptrain_models, results: Path) -> Path:
     return recipe
 
 
-@pytest.mark.parametrize("fault, needle", [("full", "the disk is full"), ("ro", "the file system is read-only")])
+@pytest.mark.parametrize("fault, needle", [("full", "the disk is full"), ("ro", "the filesystem is read-only")])
 def test_fresh_results_dir_on_a_faulty_disk(fault, needle, uptrain_models, tmp_path):
     with tmpfs(tmp_path / "mnt", *(["ro"] if fault == "ro" else [])) as point:
         results = point / "results"
@@ -243,7 +243,7 @@ def finished_on_tmpfs(uptrain_models, tmp_path_factory):
         yield recipe, point
 
 
-@pytest.mark.parametrize("fault, needle", [("full", "the disk is full"), ("ro", "the file system is read-only")])
+@pytest.mark.parametrize("fault, needle", [("full", "the disk is full"), ("ro", "the filesystem is read-only")])
 def test_rendering_results_on_a_faulty_disk_keeps_the_old_ones(fault, needle, finished_on_tmpfs):
     recipe, point = finished_on_tmpfs
     results = point / "results"
@@ -257,7 +257,7 @@ def test_rendering_results_on_a_faulty_disk_keeps_the_old_ones(fault, needle, fi
 def test_write_files_is_all_or_nothing_on_a_full_disk(tmp_path):
     with tmpfs(tmp_path / "mnt") as point:
         (point / "results.md").write_text("old table\n")
-        with full(point), pytest.raises(EvalError, match="cannot write .*: the disk is full; free some space"):
+        with full(point), pytest.raises(EvalError, match="cannot write .*: the disk is full; free space there"):
             write_files({point / "results.md": "new table\n" * 1000, point / "results.csv": "a,b\n"})
         assert sorted(p.name for p in point.iterdir()) == ["results.md"]
         assert (point / "results.md").read_text() == "old table\n"

@@ -14,7 +14,9 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .storage import disk_writes, write_text_atomic
+from gqa_toolkit.convert.disk import write_files
+
+from .storage import disk_writes
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -40,7 +42,7 @@ class MetricsLog:
         lines = self.path.read_text().splitlines()
         kept = [line for line in lines if (step := _step(line)) is not None and step <= start_step]
         with disk_writes(self.path, "the metrics log", "output.dir"):
-            write_text_atomic(self.path, "".join(line + "\n" for line in kept))
+            write_files({self.path: "".join(line + "\n" for line in kept)})
 
     def log(self, step: int, metrics: dict) -> None:
         """Write one record for optimizer step `step` (1-based: the number of steps done)."""

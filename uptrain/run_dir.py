@@ -14,12 +14,14 @@ import yaml
 
 from .errors import UptrainError
 from .recipe import Recipe, yaml_problem
-from .storage import disk_writes, write_text_atomic
+from gqa_toolkit.convert.disk import write_files
+
+from .storage import disk_writes
 
 RECIPE_FILE = "uptrain_recipe.yaml"
 MODEL_TMP = ".model.tmp"  # the final model is written here, then moved into output.dir
-# What saves cut short by a full disk or SIGKILL leave behind (write_text_atomic names its temporaries `.NAME.tmp`).
-PARTIAL_SAVES = (MODEL_TMP, f".{RECIPE_FILE}.tmp", ".metrics.jsonl.tmp", "checkpoints/step-*.tmp")
+# What saves cut short by a full disk or SIGKILL leave behind (write_files stages files as `.NAME.partial-PID`).
+PARTIAL_SAVES = (MODEL_TMP, f".{RECIPE_FILE}.partial-*", ".metrics.jsonl.partial-*", "checkpoints/step-*.tmp")
 # Keys that change only bookkeeping, never the weights: a resumed run may change them.
 NEUTRAL_KEYS = {"output": {"save_every", "keep_last", "eval_every", "log_every", "tensorboard", "progress"},
                 "data": {"cache_dir"}}
@@ -82,7 +84,7 @@ def claim_run_dir(recipe: Recipe, protected: dict[str, Path]) -> Path:
     check_destination(out, protected)
     if out.exists() and not out.is_dir():
         raise UptrainError(f"output.dir {out} is a file; choose a directory")
-    entries = [p for p in out.iterdir() if p.name != f".{RECIPE_FILE}.tmp"] if out.exists() else []
+    entries = [p for p in out.iterdir() if not p.name.startswith(f".{RECIPE_FILE}.partial-")] if out.exists() else []
     if not entries:
         return out
     saved = out / RECIPE_FILE
@@ -118,4 +120,4 @@ def write_recipe(out: Path, recipe: Recipe) -> None:
 
     with disk_writes(out / RECIPE_FILE, "the recipe", "output.dir", cleanup=undo):
         out.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(out / RECIPE_FILE, recipe.to_yaml())
+        write_files({out / RECIPE_FILE: recipe.to_yaml()})

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from .architectures.spec import spec_for
+from .architectures.spec import ArchitectureSpec, spec_for
 from .disk import disk_writes
 from .errors import ConversionError
 from .geometry import check_groups, read_geometries
@@ -94,7 +95,7 @@ def parse_device(name: str | torch.device) -> torch.device:
 
 def _layer_settings(model_dir: Path, config: ConfigReader, raw_config: dict, spec, names: list[str], geometries, *,
                     method: str, grouping: str, preserve_norm: bool, calibration, samples: int, length: int,
-                    device: torch.device, progress: bool, calibration_mode: str):
+                    device: torch.device, progress: bool, calibration_mode: str, calibrate: bool = True):
     """What the per-layer path needs, with the calibration moments collected; None when the per-tensor path
     does the job (mean, first, random with contiguous groups)."""
     if grouping not in GROUPINGS:
@@ -116,7 +117,9 @@ def _layer_settings(model_dir: Path, config: ConfigReader, raw_config: dict, spe
         raise ConversionError(f"unknown --calibration-mode {calibration_mode!r}; choose one of: "
                               f"{', '.join(CALIBRATION_MODES)}")
     moments, converted = None, None
-    if not (isinstance(calibration, str) and calibration == "none"):
+    if not (isinstance(calibration, str) and calibration == "none") and not calibrate:
+        check_calibration_shape(samples, length)  # a dry run: checked, not run
+    elif not (isinstance(calibration, str) and calibration == "none"):
         check_calibration_shape(samples, length)
         tokens = calibration if isinstance(calibration, torch.Tensor) else calibration_tokens(
             model_dir, calibration, samples, length)
@@ -140,22 +143,24 @@ def _layer_settings(model_dir: Path, config: ConfigReader, raw_config: dict, spe
 CALIBRATION_MODES = ("source", "sequential")
 
 
-def convert_checkpoint(src: str | Path, dst: str | Path | None = None, *, method: str = "mean", groups: int,
-                       seed: int = 0, dtype: str | torch.dtype | None = None, max_shard_size: str | int | None = None,
-                       attention: str | None = None, force: bool = False, progress: bool = True,
-                       grouping: str = "contiguous", preserve_norm: bool = False,
-                       calibration: str | torch.Tensor | None = None, calibration_samples: int = 256,
-                       calibration_length: int = 128, device: str | torch.device = "auto",
-                       calibration_mode: str = "source") -> Path:
-    """Convert the checkpoint at `src` (a model directory or hub id) to `groups` KV heads; returns the output dir.
+@dataclass(frozen=True)
+class Prepared:
+    """Everything a conversion will do, known before any output is written."""
 
-    `attention` picks which attention the family converts (T5: "decoder", the default and the paper's choice, or
-    "all" to include the encoder); None is the family's default.
-    `grouping`: "contiguous" (repeat_kv order) or "similarity" (heads grouped by similarity, with query rows and
-    output columns permuted to match). `preserve_norm`: scale pooled heads to their group's mean norm.
-    `calibration`: text for the activations that `fit` (by default) and similarity/alignment (when given) weigh
-    errors by: "python-stdlib", a text file or folder, token ids `(N, T)`, or "none" (weights only);
-    `calibration_samples` sequences of `calibration_length` tokens."""
+    model_dir: Path
+    out: Path
+    raw_config: dict
+    spec: ArchitectureSpec
+    planned: list
+    shard_bytes: int
+    record: dict
+    sources: dict
+    calibration: dict | None  # samples, length, device, mode of the calibration forward; None without one
+
+
+def _prepare(src, dst, *, method: str, groups: int, seed: int, dtype, max_shard_size, attention, force: bool,
+             progress: bool, grouping: str, preserve_norm: bool, calibration, calibration_samples: int,
+             calibration_length: int, device, calibration_mode: str, calibrate: bool = True) -> Prepared:
     model_dir = resolve_model_dir(src)
     raw_config = read_raw_config(model_dir)
     spec = spec_for(raw_config["model_type"])
@@ -180,7 +185,7 @@ def convert_checkpoint(src: str | Path, dst: str | Path | None = None, *, method
                                      grouping=grouping, preserve_norm=preserve_norm, calibration=calibration,
                                      samples=calibration_samples, length=calibration_length,
                                      device=parse_device(device), progress=progress,
-                                     calibration_mode=calibration_mode)
+                                     calibration_mode=calibration_mode, calibrate=calibrate)
     if preserve_norm:
         options["preserve_norm"] = True
     settings = ConversionSettings(method=method_fn, groups=groups, seed=seed, dtype=target_dtype,
@@ -189,16 +194,58 @@ def convert_checkpoint(src: str | Path, dst: str | Path | None = None, *, method
     shard_bytes = shard_bytes or max(p.stat().st_size for p in reader.files)
     record = conversion_record(method=method, groups=groups, source=str(model_dir), geometries=geometries,
                                scope=scope, seed=seed, dtype=target_dtype, options=options)
+    calibrated = "calibration" in options and options["calibration"] != "none"
+    calibration_run = dict(samples=calibration_samples, length=calibration_length, device=parse_device(device),
+                           mode=calibration_mode) if calibrated else None
+    return Prepared(model_dir, out, raw_config, spec, planned, shard_bytes, record, sources, calibration_run)
 
-    total = sum(t.dtype.itemsize * torch.Size(t.shape).numel() for t in planned)
-    check_free_space(out, total)
-    with disk_writes(f"the output {out}", "--output", ConversionError, path=out.parent), \
-            atomic_directory(out, force, model_dir) as tmp, \
+
+def convert_checkpoint(src: str | Path, dst: str | Path | None = None, *, method: str = "mean", groups: int,
+                       seed: int = 0, dtype: str | torch.dtype | None = None, max_shard_size: str | int | None = None,
+                       attention: str | None = None, force: bool = False, progress: bool = True,
+                       grouping: str = "contiguous", preserve_norm: bool = False,
+                       calibration: str | torch.Tensor | None = None, calibration_samples: int = 256,
+                       calibration_length: int = 128, device: str | torch.device = "auto",
+                       calibration_mode: str = "source") -> Path:
+    """Convert the checkpoint at `src` (a model directory or hub id) to `groups` KV heads; returns the output dir.
+
+    `attention` picks which attention the family converts (T5: "decoder", the default and the paper's choice, or
+    "all" to include the encoder); None is the family's default.
+    `grouping`: "contiguous" (repeat_kv order) or "similarity" (heads grouped by similarity, with query rows and
+    output columns permuted to match). `preserve_norm`: scale pooled heads to their group's mean norm.
+    `calibration`: text for the activations that `fit` (by default) and similarity/alignment (when given) weigh
+    errors by: "python-stdlib", a text file or folder, token ids `(N, T)`, or "none" (weights only);
+    `calibration_samples` sequences of `calibration_length` tokens, run on `device` block by block, in
+    `calibration_mode` "source" or "sequential". `describe_conversion` takes the same arguments and writes
+    nothing."""
+    p = _prepare(src, dst, method=method, groups=groups, seed=seed, dtype=dtype, max_shard_size=max_shard_size,
+                 attention=attention, force=force, progress=progress, grouping=grouping, preserve_norm=preserve_norm,
+                 calibration=calibration, calibration_samples=calibration_samples,
+                 calibration_length=calibration_length, device=device, calibration_mode=calibration_mode)
+    total = _nbytes(p.planned)
+    check_free_space(p.out, total)
+    with disk_writes(f"the output {p.out}", "--output", ConversionError, path=p.out.parent), \
+            atomic_directory(p.out, force, p.model_dir) as tmp, \
             tqdm(total=total, unit="B", unit_scale=True, disable=not progress,
                  desc=f"gqa-convert {method} G={groups}") as bar:
-        write_checkpoint(tmp, planned, shard_bytes, on_bytes=bar.update)
-        write_metadata(model_dir, tmp, raw_config, spec, record)
-    return out
+        write_checkpoint(tmp, p.planned, p.shard_bytes, on_bytes=bar.update)
+        write_metadata(p.model_dir, tmp, p.raw_config, p.spec, p.record)
+    return p.out
+
+
+def describe_conversion(src: str | Path, dst: str | Path | None = None, **options) -> list[str]:
+    """What `convert_checkpoint(src, dst, **options)` would do, as lines, with nothing written and no calibration
+    run; a ConversionError when the disk or the calibration device has too little room, with the numbers."""
+    defaults = dict(method="mean", seed=0, dtype=None, max_shard_size=None, attention=None, force=False,
+                    progress=False, grouping="contiguous", preserve_norm=False, calibration=None,
+                    calibration_samples=256, calibration_length=128, device="auto", calibration_mode="source")
+    from .dry_run import describe
+
+    return describe(_prepare(src, dst, **{**defaults, **options}, calibrate=False))
+
+
+def _nbytes(planned) -> int:
+    return sum(t.dtype.itemsize * torch.Size(t.shape).numel() for t in planned)
 
 
 def _gb(n: int) -> str:

@@ -49,14 +49,17 @@ from .methods import all_method_names
                                                      "[default: the source's largest weight file]")
 @click.option("--force", is_flag=True, help="Replace the output directory if it exists.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option("--dry-run", is_flag=True, help="Write nothing: print the tensors and bytes to copy and compute, the "
+                                              "calibration and its peak memory, and refuse if they will not fit.")
 @click.option("--refresh-modeling", is_flag=True, help="Convert nothing: rewrite the modeling files of MODEL_DIR, an "
                                                        "earlier t5, gpt_neox, gpt2 or opt output, with this "
                                                        "version's.")
 def main(model_dir, groups, method, grouping, preserve_norm, calibration, calibration_samples, calibration_length,
-         calibration_mode, device, output, attention, seed, dtype, max_shard_size, force, quiet, refresh_modeling):
+         calibration_mode, device, output, attention, seed, dtype, max_shard_size, force, quiet, dry_run,
+         refresh_modeling):
     """Convert the Hugging Face checkpoint MODEL_DIR (a local directory, or a hub id when online) to
     grouped-query attention with G key/value heads."""
-    from .api import convert_checkpoint, refresh_modeling as refresh
+    from .api import convert_checkpoint, describe_conversion, refresh_modeling as refresh
 
     _print_warnings()
 
@@ -67,12 +70,14 @@ def main(model_dir, groups, method, grouping, preserve_norm, calibration, calibr
             return
         if groups is None:
             raise ConversionError("--groups is required: the number of KV heads in the output, e.g. --groups 8")
-        out = convert_checkpoint(model_dir, output, method=method, groups=groups, seed=seed, dtype=dtype,
-                                 max_shard_size=max_shard_size, attention=attention, force=force,
-                                 progress=not quiet, grouping=grouping, preserve_norm=preserve_norm,
-                                 calibration=calibration, calibration_samples=calibration_samples,
-                                 calibration_length=calibration_length, device=device,
-                                 calibration_mode=calibration_mode)
+        options = dict(method=method, groups=groups, seed=seed, dtype=dtype, max_shard_size=max_shard_size,
+                       attention=attention, force=force, grouping=grouping, preserve_norm=preserve_norm,
+                       calibration=calibration, calibration_samples=calibration_samples,
+                       calibration_length=calibration_length, device=device, calibration_mode=calibration_mode)
+        if dry_run:
+            click.echo("\n".join(describe_conversion(model_dir, output, **options)))
+            return
+        out = convert_checkpoint(model_dir, output, progress=not quiet, **options)
     except ConversionError as exc:
         click.echo(f"gqa-convert: error: {exc}", err=True)
         sys.exit(2)

@@ -200,3 +200,27 @@ def test_sigkill_leftovers_are_removed_by_the_next_run(llama_dir, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     assert torch.equal(load_file(out / "model.safetensors")["model.embed_tokens.weight"],
                        load_file(llama_dir / "model.safetensors")["model.embed_tokens.weight"])
+
+
+def test_dry_run_describes_and_writes_nothing(llama_dir, tmp_path):
+    before = set(tmp_path.rglob("*")) | set(llama_dir.parent.rglob("*"))
+    code, out = _run_stdout(llama_dir, "--groups", "2", "--method", "fit", "--dry-run", "-o", tmp_path / "out")
+    assert code == 0, out
+    text = "\n".join(out)
+    assert "copied unchanged" in text and "computed" in text and "one block at a time on cpu" in text
+    assert "peak memory (estimate" in text and "available on cpu" in text
+    assert set(tmp_path.rglob("*")) | set(llama_dir.parent.rglob("*")) == before
+
+
+def test_dry_run_refuses_what_will_not_fit(llama_dir, tmp_path, tmpfs):
+    small = tmpfs("64k")
+    assert_refused(small, [llama_dir, "--groups", "2", "--dry-run", "-o", small / "out"], "needs", "free")
+
+
+def _run_stdout(*args):
+    from click.testing import CliRunner
+
+    from gqa_toolkit.convert.cli import main
+
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    return result.exit_code, result.stdout.splitlines()

@@ -1,0 +1,101 @@
+"""`gqa-convert --dry-run`: what a conversion will do, before it does it: tensors and bytes to copy and to compute,
+the shards, the calibration forward and an estimate of its peak memory on its device, against the room there is.
+
+The estimate counts what the toolkit holds at its peak, not the interpreter (about 0.25 GB with torch): for the
+per-tensor methods, the largest computed tensor with its source in float32; with calibration, the embeddings and
+one block in float32, the calibration activations (inputs and outputs of a block), two layers' input moments in
+float64 and one layer's float64 solve.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+from .architectures.spec import key_pattern
+from .errors import ConversionError
+from .writer import split_into_shards
+
+FLOAT32, FLOAT64 = 4, 8
+
+
+def _size(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
+
+
+def _numel(shape) -> int:
+    return torch.Size(shape).numel()
+
+
+def _available_memory(device: torch.device) -> int | None:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _calibration_peak(prepared, run: dict) -> tuple[int, str]:
+    """Bytes and their breakdown for the block-by-block calibration and the layer solve."""
+    container = prepared.spec.block.q[0].split("{layer}")[0]  # e.g. "layers."
+    first = re.compile(rf"^(?:.+\.)?{re.escape(container)}0\.")
+    block = [s for name, s in prepared.sources.items() if first.match(name)]
+    outside = [s for name, s in prepared.sources.items() if not re.search(rf"{re.escape(container)}\d+\.", name)]
+    embeddings = max((_numel(s.shape) for s in outside), default=0) * FLOAT32
+    width = max((s.shape[-1] for s in outside if len(s.shape) == 2), default=0)
+    block_bytes = sum(_numel(s.shape) for s in block) * FLOAT32
+    activations = 2 * run["samples"] * run["length"] * width * FLOAT32
+    moments = 2 * (width + 1) ** 2 * FLOAT64
+    patterns = [key_pattern(t + ".weight") for role in "qkvo" for t in getattr(prepared.spec.block, role)]
+    attention = [_numel(s.shape) for name, s in prepared.sources.items()
+                 if any((m := p.match(name)) and m["layer"] == "0" for p in patterns)]
+    solve = 3 * sum(attention) * FLOAT64
+    total = embeddings + block_bytes + activations + moments + solve
+    return total, (f"embeddings {_size(embeddings)} + one block {_size(block_bytes)} + activations "
+                   f"{_size(activations)} + moments {_size(moments)} + solve {_size(solve)}")
+
+
+def describe(prepared) -> list[str]:
+    planned, record = prepared.planned, prepared.record
+    copied = [t for t in planned if t.copy_from is not None]
+    computed = [t for t in planned if t.copy_from is None]
+    nbytes = lambda ts: sum(t.dtype.itemsize * _numel(t.shape) for t in ts)  # noqa: E731
+    total = nbytes(planned)
+    shards = split_into_shards(planned, prepared.shard_bytes)
+    lines = [
+        f"source: {prepared.model_dir} ({prepared.raw_config['model_type']}, {record['num_attention_heads']} query "
+        f"heads, {record['source_kv_heads']} KV heads) -> {record['groups']} KV heads by {record['method']}",
+        f"output: {prepared.out} (nothing written by this dry run)",
+        f"tensors: {len(copied)} copied unchanged ({_size(nbytes(copied))}), {len(computed)} computed "
+        f"({_size(nbytes(computed))}), in {len(shards)} shard(s) of at most {_size(prepared.shard_bytes)}",
+    ]
+    run = prepared.calibration
+    if run is None:
+        largest = max((_numel(t.shape) for t in computed), default=0)
+        peak, where, breakdown = 3 * largest * FLOAT32, torch.device("cpu"), "the largest computed tensor in float32"
+        lines.append("calibration: none")
+    else:
+        peak, breakdown = _calibration_peak(prepared, run)
+        where = run["device"]
+        lines.append(f"calibration: {run['samples']} x {run['length']} tokens of {record.get('calibration')}, "
+                     f"{run['mode']} mode, one block at a time on {where}")
+    lines.append(f"peak memory (estimate, beyond the interpreter): {_size(peak)} on {where} ({breakdown})")
+    free_disk = shutil.disk_usage(next(p for p in (prepared.out, *prepared.out.parents) if p.exists())).free
+    lines.append(f"disk: {_size(total)} to write, {_size(free_disk)} free at {prepared.out.parent}")
+    memory = _available_memory(where)
+    if memory is not None:
+        lines.append(f"memory: {_size(memory)} available on {where}")
+    if free_disk < total:
+        raise ConversionError(f"the output needs {_size(total)} and {prepared.out.parent} has {_size(free_disk)} "
+                              f"free; free space or choose another --output")
+    if memory is not None and memory < peak:
+        raise ConversionError(f"the conversion needs about {_size(peak)} on {where} and {_size(memory)} is "
+                              f"available; use --device cuda, fewer --calibration-samples, or a bigger machine")
+    return lines

@@ -3,10 +3,10 @@ calibration activations, whatever the depth.
 
 The model's skeleton is built from its config with every parameter on the meta device (buffers, such as rotary
 frequencies, are real). The modules before the blocks (embeddings, positions) are materialised from the shards
-through the lazy reader; a catcher in place of the first block records what the model hands it (hidden states,
-masks, position tensors) and stops the forward. Each block is then materialised on the device, the recorded inputs
-are run through it, its outputs become the next block's inputs, and it goes back to the meta device. The same
-mechanism serves every family: it asks the spec only where the blocks and their query projections are.
+through the lazy reader, and one forward with recorders in place of the blocks notes what the model hands each
+block (hidden states, masks, position tensors). Each block is then materialised on the device, run on its
+recorded arguments with the previous block's outputs, and sent back to the meta device. The same mechanism
+serves every family: it asks the spec only where the blocks and their query projections are.
 """
 
 from __future__ import annotations
@@ -27,17 +27,27 @@ from .reader import CheckpointReader
 
 
 class _Caught(Exception):
-    """Raised by the catcher to stop the forward once the first block's inputs are recorded."""
+    """Raised to stop a forward once what is needed has been recorded."""
 
 
-class _Catcher(nn.Module):
-    def __init__(self, calls: list):
+class _Recorder(nn.Module):
+    """Stands in for one block during the capture pass: records what the model hands it (each block may get its
+    own mask: gemma2 alternates sliding and full attention) and passes the hidden states on; the last one stops
+    the forward."""
+
+    def __init__(self, calls: list, last: bool):
         super().__init__()
-        self.calls = calls
+        self.calls, self.last = calls, last
 
     def forward(self, *args, **kwargs):
         self.calls.append((args, kwargs))
-        raise _Caught
+        if self.last:
+            raise _Caught
+        return args[0] if args else kwargs["hidden_states"]
+
+
+def _stop(module, args):
+    raise _Caught
 
 
 @dataclass(frozen=True)
@@ -95,6 +105,19 @@ def _first_output(out) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+def _run(layer: nn.Module, call: tuple) -> torch.Tensor | None:
+    """The block's output hidden states, or None when a hook stopped it early."""
+    try:
+        return _first_output(layer(*call[0], **call[1]))
+    except _Caught:
+        return None
+
+
+def _hidden_of(call: tuple) -> torch.Tensor:
+    args, kwargs = call
+    return args[0] if args else kwargs["hidden_states"]
+
+
 def _with_hidden(call: tuple, hidden: torch.Tensor) -> tuple:
     args, kwargs = call
     if args:
@@ -103,7 +126,7 @@ def _with_hidden(call: tuple, hidden: torch.Tensor) -> tuple:
 
 
 class BlockStream:
-    """The source, ready to run block by block: built, checked and its first block's inputs recorded when made
+    """The source, ready to run block by block: built, checked and every block's arguments recorded when made
     (so bad input fails before any output is written); iterating runs the blocks and yields (layer, moments)."""
 
     @torch.no_grad()
@@ -136,50 +159,61 @@ class BlockStream:
         if any(weights.find(f"{where.container}.0.{n}") is None for n, _ in blocks[0].named_parameters()):
             # transformers reshapes this checkpoint while loading it (mixtral's experts are merged): the on-disk
             # names are not the modules', so the whole model is loaded through transformers instead
+            if converted is not None:
+                raise ConversionError("sequential calibration needs a checkpoint whose on-disk names are the "
+                                      "model's, and transformers reshapes this one while loading it; use "
+                                      "--calibration-mode source")
             self.whole = _whole_model_moments(model_dir, where, tokens, device, dtype, batch_size)
             return
         # everything outside the blocks but the LM head (the forward stops before it): embeddings, positions, norms
         head = _module_name(model, model.get_output_embeddings())
-        outside = [n for n, _ in model.named_parameters()
-                   if not n.startswith(where.container + ".") and not (head and n.startswith(head + "."))]
-        _materialise(model, [n for n in outside if weights.find(n) is not None], weights, device, dtype)
-        self.calls: list = []
-        first = blocks[0]
-        blocks[0] = _Catcher(self.calls)
+        outside = [n for n, _ in model.named_parameters() if weights.find(n) is not None
+                   and not n.startswith(where.container + ".") and not (head and n.startswith(head + "."))]
+        _materialise(model, outside, weights, device, dtype)
+        self.calls: list[list] = [[] for _ in blocks]  # per block, per batch: (args, kwargs) as the model passed them
+        originals = list(blocks)
+        for i in range(len(blocks)):
+            blocks[i] = _Recorder(self.calls[i], last=i == len(blocks) - 1)
         for start in range(0, len(tokens), batch_size):
             try:
                 model(input_ids=tokens[start:start + batch_size].to(device), use_cache=False)
             except _Caught:
                 pass
-        blocks[0] = first
+        for i, original in enumerate(originals):
+            blocks[i] = original
+        _free(model, outside)  # only the capture pass needed the embeddings
+        self.hidden = [_hidden_of(call) for call in self.calls[0]]  # per batch: the first block's input
 
     @torch.no_grad()
     def __iter__(self) -> Iterator[tuple[int, InputMoments]]:
         if self.whole is not None:
-            if self.converted is not None:
-                raise ConversionError("sequential calibration needs a checkpoint whose on-disk names are the "
-                                      "model's; use --calibration-mode source")
             yield from self.whole.items()
             return
         bar = self.progress(len(self.blocks)) if self.progress is not None else None
         for i, layer in enumerate(self.blocks):
             names = [f"{self.where.container}.{i}.{n}" for n, _ in layer.named_parameters()]
             _materialise(self.model, names, self.weights, self.device, self.dtype)
+            calls = [_with_hidden(call, hidden) for call, hidden in zip(self.calls[i], self.hidden)]
+            self.calls[i] = None
             query = layer.get_submodule(self.where.query)
             moments = InputMoments(query.in_features)
-            hook = query.register_forward_pre_hook(lambda mod, args: moments.add(args[0]))
-            outputs = [_first_output(layer(*call[0], **call[1])) for call in self.calls]
-            hook.remove()
+            hooks = [query.register_forward_pre_hook(lambda mod, args: moments.add(args[0]))]
+            if self.converted is not None:  # this pass only measures the inputs: stop at the query projection
+                hooks.append(query.register_forward_pre_hook(_stop))
+            outputs = [_run(layer, call) for call in calls]
+            for hook in hooks:
+                hook.remove()
             yield i, moments
             if self.converted is not None:
                 self._load_converted(names, self.converted(i))
-                outputs = [_first_output(layer(*call[0], **call[1])) for call in self.calls]
-            self.calls = [_with_hidden(call, out) for call, out in zip(self.calls, outputs)]
+                outputs = [_run(layer, call) for call in calls]
+            self.hidden = outputs
             _free(self.model, names)
             if bar is not None:
                 bar.update()
-        self.calls = []  # the activations go as soon as the last block has run
-
+        self.hidden = []  # the activations go as soon as the last block has run
+        if bar is not None:
+            bar.close()
 
     def _load_converted(self, names: list[str], tensors: dict[str, torch.Tensor]) -> None:
         """Put a converted layer's projections into the (MHA-shaped) block: K/V with G heads are repeated to the

@@ -44,7 +44,7 @@ def fault_errno(error: BaseException, path: Path | None = None) -> int | None:
     (safetensors: 'No space left on device (os error 28)'), or, with `path`, what its filesystem says now (torch's
     zip writer reports a full disk only as 'unexpected pos')."""
     for e in _chain(error):
-        if isinstance(e, OSError) and e.errno in PROBLEMS:
+        if isinstance(e, OSError) and e.errno in PROBLEMS and not _elsewhere(e, path):
             return e.errno
         if not isinstance(e, OSError):
             text = str(e)
@@ -52,6 +52,15 @@ def fault_errno(error: BaseException, path: Path | None = None) -> int | None:
                 if os.strerror(code) in text or f"(os error {code})" in text:
                     return code
     return _filesystem_fault(path) if path is not None else None
+
+
+def _elsewhere(error: OSError, path: Path | None) -> bool:
+    """A permission error on a file outside `path` (an unreadable source shard, say) is not a fault of the
+    output being written."""
+    if error.errno not in (errno.EACCES, errno.EPERM) or path is None or not error.filename:
+        return False
+    target = Path(os.fsdecode(error.filename)).resolve()
+    return not (target == path.resolve() or target.is_relative_to(path.resolve()))
 
 
 def _filesystem_fault(path: Path) -> int | None:

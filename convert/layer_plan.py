@@ -90,7 +90,7 @@ class _LayerGroup:
         weights = AttentionWeights(read["q"], read["k"], read["v"], read["o"], read["q_bias"], read["k_bias"],
                                    read["v_bias"])
         ls = self.layer_settings
-        moments = ls.calibration.get(self.layer) if ls.calibration is not None else None
+        moments = ls.calibration[self.layer] if ls.calibration is not None else None
         out = convert_layer(weights, heads=self.geo.heads, kv_heads=self.geo.kv_heads, groups=self.settings.groups,
                             method=ls.method, rope=ls.rope, grouping=ls.grouping, preserve_norm=ls.preserve_norm,
                             calibration=moments, seed=self.settings.seed, init_std=self.geo.init_std,

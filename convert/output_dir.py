@@ -7,10 +7,12 @@ it or below it; an existing directory is replaced only with `force=True`, and on
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
 import signal
+import socket
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -50,10 +52,17 @@ def check_output_free(dst: Path, force: bool, source: Path | None = None) -> Non
                               f"to replace it or choose another --output")
 
 
+def _partial_name(dst: Path, pid: int | str) -> str:
+    """The temporary sibling's name: the host is in it, so a run on another machine sharing the filesystem never
+    takes a live conversion's directory for a dead one."""
+    return f".{dst.name}.partial-{socket.gethostname()}-{pid}"
+
+
 def _remove_stale_partials(dst: Path) -> None:
-    """Remove the temporary siblings that killed conversions (SIGKILL, power loss) left behind."""
-    for partial in dst.parent.glob(f".{dst.name}.partial-*"):
-        pid = partial.name.rsplit("-", 1)[-1]
+    """Remove the temporary siblings that conversions killed on this host (SIGKILL, power loss) left behind."""
+    prefix = _partial_name(dst, "")
+    for partial in dst.parent.glob(glob.escape(prefix) + "*"):
+        pid = partial.name[len(prefix):]
         if pid.isdigit() and not _alive(int(pid)):
             shutil.rmtree(partial, ignore_errors=True)
 
@@ -78,7 +87,7 @@ def atomic_directory(dst: Path, force: bool = False, source: Path | None = None)
     check_output_free(dst, force, source)
     dst.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_partials(dst)
-    tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}"
+    tmp = dst.parent / _partial_name(dst, os.getpid())
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     previous = signal.getsignal(signal.SIGTERM)
@@ -89,6 +98,7 @@ def atomic_directory(dst: Path, force: bool = False, source: Path | None = None)
         in_main_thread = False
     try:
         yield tmp
+        check_output_free(dst, force, source)  # again: the user may have put files there during a long run
         if dst.exists():
             old = dst.parent / f".{dst.name}.replaced-{os.getpid()}"
             os.rename(dst, old)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from importlib import resources
 from pathlib import Path
@@ -15,6 +14,7 @@ import torch
 import gqa_toolkit
 
 from .architectures.spec import ArchitectureSpec
+from .disk import write_files
 from .reader import stays_inside_source
 
 log = logging.getLogger("gqa_toolkit.convert")
@@ -150,13 +150,9 @@ def write_metadata(src: Path, dst: Path, raw_config: dict[str, Any], spec: Archi
 
 
 def write_modeling(dst: Path, spec: ArchitectureSpec) -> list[Path]:
-    """Write the family's modeling files into `dst`, each replaced atomically (a reader sees the old file or the
-    new one, never half of one); returns their paths."""
-    written = []
-    for name in spec.modeling.files:
-        text = (resources.files("gqa_toolkit.convert.modeling") / name).read_text()
-        partial = dst / f".{name}.partial-{os.getpid()}"
-        partial.write_text(text)
-        os.replace(partial, dst / name)
-        written.append(dst / name)
-    return written
+    """Write the family's modeling files into `dst`, all replaced atomically (a reader sees the old files or the
+    new ones, never half of one); returns their paths."""
+    files = {dst / name: (resources.files("gqa_toolkit.convert.modeling") / name).read_text()
+             for name in spec.modeling.files}
+    write_files(files)
+    return list(files)

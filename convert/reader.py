@@ -148,8 +148,16 @@ def stays_inside_source(path: Path, model_dir: Path) -> bool:
     return path.resolve().is_relative_to(root)
 
 
+def _hub_blob(path: Path) -> bool:
+    """A file in a hub cache's blob store (`models--org--name/blobs/`), where `--local-dir` downloads of older
+    huggingface_hub releases and other caches link weights to."""
+    target = path.resolve()
+    return target.parent.name == "blobs" and target.parent.parent.name.startswith("models--")
+
+
 def check_inside_source(path: Path, model_dir: Path) -> Path:
-    if not stays_inside_source(path, model_dir):
+    """Weights are read only from the source directory, or from a hub cache's blob store it links into."""
+    if not stays_inside_source(path, model_dir) and not _hub_blob(path):
         raise ConversionError(f"{path} is a link to {path.resolve()}, outside the source directory; copy the file "
                               f"into {model_dir} if it belongs to this checkpoint")
     return path

@@ -107,3 +107,18 @@ def test_sequential_mode_calibrates_each_layer_on_the_converted_model(family_dir
     assert not torch.allclose(converted[1], source[1], rtol=1e-3)
     record = __import__("json").loads((out / "config.json").read_text())["gqa_conversion"]
     assert record["calibration_mode"] == "sequential"
+
+
+def test_each_block_gets_its_own_mask(tmp_path):
+    """gemma2 alternates sliding-window and full attention: with calibration longer than the window, each block
+    must be replayed with the mask the model gives it, not the first block's."""
+    from conftest import save_tiny_model
+    from families import BASE
+
+    src = save_tiny_model(tmp_path / "gemma2", "gemma2", {**BASE, "head_dim": 16, "num_hidden_layers": 3,
+                                                          "sliding_window": 4})
+    tokens = _tokens()
+    ours = dict(blockwise.BlockStream(src, spec_for("gemma2").block, tokens))
+    reference = _reference_moments(src, tokens)
+    for i in reference:
+        torch.testing.assert_close(ours[i].total, reference[i], rtol=1e-9, atol=1e-9)

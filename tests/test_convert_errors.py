@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -167,12 +168,14 @@ def test_output_on_another_filesystem(llama_dir, tmp_path):
 def test_a_killed_conversions_leftovers_are_removed(llama_dir, tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    leftover = tmp_path / f".out.partial-{dead.pid}"
+    leftover = tmp_path / f".out.partial-{socket.gethostname()}-{dead.pid}"
+    elsewhere = tmp_path / f".out.partial-another-host-{dead.pid}"  # a conversion on another machine: kept
+    elsewhere.mkdir()
     leftover.mkdir()
     (leftover / "model.safetensors").write_bytes(b"half")
     code, err = run_cli(llama_dir, "--groups", "2", "-o", tmp_path / "out", "-q")
     assert code == 0, err
-    assert not leftover.exists()
+    assert not leftover.exists() and elsewhere.is_dir()
 
 
 def test_bin_that_needs_unsafe_unpickling(llama_dir, tmp_path):

@@ -39,7 +39,11 @@ def eager_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, v
     query (B, H, T, hd), key and value (B, G, S, hd) -> (B, T, H, hd) and the weights (B, H, T, S)."""
     key = repeat_kv(key, module.num_key_value_groups)  # (B, H, S, hd)
     value = repeat_kv(value, module.num_key_value_groups)
-    weights = torch.matmul(query, key.transpose(2, 3)) * scaling  # (B, H, T, S)
+    if module.upcast_scores:  # scores in float32 even under fp16 autocast, where Q K^T can overflow
+        with torch.autocast(query.device.type, enabled=False):
+            weights = torch.matmul(query.float(), key.float().transpose(2, 3)) * scaling  # (B, H, T, S)
+    else:
+        weights = torch.matmul(query, key.transpose(2, 3)) * scaling  # (B, H, T, S)
     if position_bias is not None:
         weights = weights + position_bias
     if attention_mask is not None:
@@ -83,6 +87,7 @@ class GroupedAttention(nn.Module):
     """Mixed into a stock attention class before it: `class GQAOPTAttention(GroupedAttention, OPTAttention)`."""
 
     stock_forward: StockForward
+    upcast_scores = False  # the eager attention's Q K^T in float32 (GPT-2's reorder_and_upcast_attn)
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

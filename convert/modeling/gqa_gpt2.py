@@ -27,6 +27,7 @@ class GQAGPT2Attention(GroupedAttention, GPT2Attention):
         super().__init__(config, is_cross_attention=False, layer_idx=layer_idx)
         self.kv_dim = self.group_heads(self.num_heads, config.num_key_value_heads, self.head_dim)
         self.c_attn = Conv1D(self.embed_dim + 2 * self.kv_dim, self.embed_dim)
+        self.upcast_scores = self.reorder_and_upcast_attn
 
     def attend(self, hidden_states, cache=None, attention_mask=None, encoder_hidden_states=None,
                encoder_attention_mask=None, output_attentions=False, **kwargs):
@@ -34,7 +35,6 @@ class GQAGPT2Attention(GroupedAttention, GPT2Attention):
             raise ValueError("gqa_gpt2 supports self-attention only")
         query, key, value = self.c_attn(hidden_states).split([self.embed_dim, self.kv_dim, self.kv_dim], dim=2)
         key, value = self.cached_kv(cache, lambda: (self.split_heads(key), self.split_heads(value)))  # (B, G, S, hd)
-        # reorder_and_upcast_attn needs nothing of its own: the core's eager softmax runs in float32 already
         out, weights = self.grouped_attention(self.split_heads(query), key, value, attention_mask,
                                               scaling=self.scaling, dropout=self.attn_dropout.p, **kwargs)
         return self.resid_dropout(self.c_proj(out)), weights

@@ -124,6 +124,9 @@ def _layer_settings(model_dir: Path, config: ConfigReader, raw_config: dict, spe
         tokens = calibration if isinstance(calibration, torch.Tensor) else calibration_tokens(
             model_dir, calibration, samples, length)
         bar = (lambda n: tqdm(total=n, unit="block", desc=f"calibration on {device}")) if progress else None
+        if calibration_mode == "sequential" and spec.block.qkv:
+            raise ConversionError(f"--calibration-mode sequential supports separate q, k and v projections; "
+                                  f"{raw_config['model_type']} fuses them, use --calibration-mode source")
         converted = ConvertedLayers() if calibration_mode == "sequential" else None
         moments = StreamedMoments(BlockStream(model_dir, spec.block, tokens, device=device, progress=bar,
                                               converted=converted.take if converted else None,
@@ -135,7 +138,7 @@ def _layer_settings(model_dir: Path, config: ConfigReader, raw_config: dict, spe
     if moments is not None:
         record["calibration_mode"] = calibration_mode
     return LayerSettings(method, grouping, preserve_norm, rope_layout(spec.block.rope, config, geo.head_dim),
-                         moments, converted), record
+                         moments, converted, spec.block.fused_layout), record
 
 
 # source: every layer calibrated on the source's activations; sequential: each layer on the outputs of the

@@ -59,13 +59,13 @@ class Blocks:
 
 
 def find_blocks(model: nn.Module, block: AttentionBlock) -> Blocks:
-    patterns = [(t, key_pattern(t)) for t in block.q]
+    patterns = [(t, key_pattern(t)) for t in block.inputs]
     for name, _ in model.named_modules():
         for template, pattern in patterns:
             if m := pattern.match(name):
                 before, after = template.split("{layer}")
                 return Blocks(container=m["prefix"] + before.rstrip("."), query=after.lstrip("."))
-    raise ConversionError(f"no module of the model matches the family's query projection {block.q}; "
+    raise ConversionError(f"no module of the model matches the family's attention input {block.inputs}; "
                           f"calibration cannot see the attention inputs")
 
 

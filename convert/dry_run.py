@@ -44,7 +44,7 @@ def _available_memory(device: torch.device) -> int | None:
 
 def _calibration_peak(prepared, run: dict) -> tuple[int, str]:
     """Bytes and their breakdown for the block-by-block calibration and the layer solve."""
-    container = prepared.spec.block.q[0].split("{layer}")[0]  # e.g. "layers."
+    container = prepared.spec.block.inputs[0].split("{layer}")[0]  # e.g. "layers."
     first = re.compile(rf"^(?:.+\.)?{re.escape(container)}0\.")
     block = [s for name, s in prepared.sources.items() if first.match(name)]
     outside = [s for name, s in prepared.sources.items() if not re.search(rf"{re.escape(container)}\d+\.", name)]
@@ -53,7 +53,8 @@ def _calibration_peak(prepared, run: dict) -> tuple[int, str]:
     block_bytes = sum(_numel(s.shape) for s in block) * FLOAT32
     activations = 2 * run["samples"] * run["length"] * width * FLOAT32
     moments = 2 * (width + 1) ** 2 * FLOAT64
-    patterns = [key_pattern(t + ".weight") for role in "qkvo" for t in getattr(prepared.spec.block, role)]
+    patterns = [key_pattern(t + ".weight") for role in ("q", "k", "v", "qkv", "o")
+                for t in getattr(prepared.spec.block, role)]
     attention = [_numel(s.shape) for name, s in prepared.sources.items()
                  if any((m := p.match(name)) and m["layer"] == "0" for p in patterns)]
     solve = 3 * sum(attention) * FLOAT64

@@ -17,6 +17,7 @@ from .errors import ConversionError
 from .geometry import Geometry
 from .layer_api import AttentionWeights, convert_layer
 from .layer_block import InputMoments
+from .layouts import Heads, fused_layout
 from .rope import RopeLayout
 
 ROLES = ("q", "k", "v", "o")
@@ -45,6 +46,7 @@ class LayerSettings:
     rope: RopeLayout
     calibration: Mapping[int, InputMoments] | None = None
     converted: ConvertedLayers | None = None  # sequential calibration: tell it of every converted layer
+    fused: str | None = None  # the block's fused q/k/v layout, when it has one
 
 
 def _find(templates, names, suffix: str) -> dict[tuple[str, int], str]:
@@ -67,15 +69,32 @@ def check_block_support(spec: ArchitectureSpec, model_type: str, names: list[str
                                   f"or random with --grouping contiguous")
     if block is None or model_type not in block.model_types:
         raise ConversionError(f"{what} changes Q and O with K and V and supports model types "
-                              f"{', '.join(supported)}; {model_type!r} is not one (fused q/k/v layouts and "
-                              f"families without a tested layer spec are refused); use --method mean, first or "
-                              f"random with --grouping contiguous")
+                              f"{', '.join(supported)}; {model_type!r} is not one (families without a tested "
+                              f"layer spec are refused); use --method mean, first or random with --grouping "
+                              f"contiguous")
 
 
 def _all_specs():
     from .architectures.spec import all_specs
 
     return all_specs().values()
+
+
+def _split(layout: str, fused: torch.Tensor | None, geo: Geometry, kv_heads: int, kind: str) -> dict:
+    """A fused q/k/v weight `[rows, d]` or bias `[rows]` -> q, k, v in nn.Linear's layout (`q_bias`... for biases)."""
+    suffix = "" if kind == "weight" else "_bias"
+    if fused is None:
+        return {f"{r}{suffix}": None for r in "qkv"}
+    heads = fused_layout(layout).split(fused, geo.heads, kv_heads, geo.head_dim)  # q (H, hd, ...), k, v (G0, hd, ...)
+    return {f"{r}{suffix}": t.flatten(0, 1) for r, t in zip("qkv", heads)}
+
+
+def _fuse(layout: str, q, k, v, geo: Geometry, groups: int) -> torch.Tensor | None:
+    if q is None:
+        return None
+    hd = geo.head_dim
+    return fused_layout(layout).fuse(Heads(q.view(geo.heads, hd, *q.shape[1:]), k.view(groups, hd, *k.shape[1:]),
+                                           v.view(groups, hd, *v.shape[1:])))
 
 
 class _LayerGroup:
@@ -87,6 +106,10 @@ class _LayerGroup:
 
     def _convert(self) -> dict[str, torch.Tensor]:
         read = {role: self.read(n) if n is not None else None for role, n in self.names.items()}
+        layout = self.layer_settings.fused
+        if layout is not None:  # one fused q/k/v tensor (and bias): split into the roles convert_layer takes
+            read.update(_split(layout, read.pop("qkv"), self.geo, self.geo.kv_heads, "weight"))
+            read.update(_split(layout, read.pop("qkv_bias"), self.geo, self.geo.kv_heads, "bias"))
         weights = AttentionWeights(read["q"], read["k"], read["v"], read["o"], read["q_bias"], read["k_bias"],
                                    read["v_bias"])
         ls = self.layer_settings
@@ -94,9 +117,14 @@ class _LayerGroup:
         out = convert_layer(weights, heads=self.geo.heads, kv_heads=self.geo.kv_heads, groups=self.settings.groups,
                             method=ls.method, rope=ls.rope, grouping=ls.grouping, preserve_norm=ls.preserve_norm,
                             calibration=moments, seed=self.settings.seed, init_std=self.geo.init_std,
-                            names={f"{r[0]}.{'bias' if r.endswith('bias') else 'weight'}": n
+                            names={f"{r.split('_')[0]}.{'bias' if r.endswith('bias') else 'weight'}": n
                                    for r, n in self.names.items() if n is not None})
-        return {n: getattr(out, role) for role, n in self.names.items() if n is not None}
+        if layout is None:
+            return {n: getattr(out, role) for role, n in self.names.items() if n is not None}
+        fused = {"qkv": _fuse(layout, out.q, out.k, out.v, self.geo, self.settings.groups),
+                 "qkv_bias": _fuse(layout, out.q_bias, out.k_bias, out.v_bias, self.geo, self.settings.groups),
+                 "o": out.o}
+        return {n: fused[role] for role, n in self.names.items() if n is not None}
 
     def convert(self) -> None:
         if self.outputs is None and self.pending:
@@ -120,16 +148,18 @@ def plan_layers(sources: Mapping, read, spec: ArchitectureSpec, geo: Geometry, s
                 layer_settings: LayerSettings, out_dtype) -> dict[str, tuple[tuple[int, ...], Callable]]:
     """On-disk name -> (output shape, producer) for every q, k, v, o weight and q, k, v bias of every layer."""
     names = list(sources)
-    found = {role: _find(getattr(spec.block, role), names, ".weight") for role in ROLES}
-    found.update({f"{role}_bias": _find(getattr(spec.block, role), names, ".bias") for role in "qkv"})
-    layers = sorted(found["k"])
+    roles = ("qkv", "o") if spec.block.qkv else ROLES
+    biased = ("qkv",) if spec.block.qkv else ("q", "k", "v")
+    found = {role: _find(getattr(spec.block, role), names, ".weight") for role in roles}
+    found.update({f"{role}_bias": _find(getattr(spec.block, role), names, ".bias") for role in biased})
+    layers = sorted(found[roles[-2]])  # k, or the fused qkv
     if [layer for _, layer in layers] != list(range(geo.num_layers)):
         raise ConversionError(f"found k projections for layers {[l for _, l in layers][:8]} but config.json has "
                               f"{geo.num_layers} layers; the weight files do not match config.json")
     planned = {}
     for key in layers:
         group_names = {role: found[role].get(key) for role in found}
-        missing = [r for r in ROLES if group_names[r] is None]
+        missing = [r for r in roles if group_names[r] is None]
         if missing:
             raise ConversionError(f"layer {key[1]} has no {' or '.join(missing)} projection among "
                                   f"{[getattr(spec.block, r) for r in missing]}")
@@ -137,11 +167,15 @@ def plan_layers(sources: Mapping, read, spec: ArchitectureSpec, geo: Geometry, s
         if layer_settings.converted is not None:
             layer_settings.converted.groups[key[1]] = group
         rows = settings.groups * geo.head_dim
+        fused_rows = fused_layout(spec.block.fused_layout).rows(geo.heads, settings.groups, geo.head_dim) \
+            if spec.block.qkv else None
         for role, name in group_names.items():
             if name is None:
                 continue
             shape = tuple(sources[name].shape)
-            if role[0] in "kv":
+            if role.startswith("qkv"):
+                shape = (fused_rows, *shape[1:])
+            elif role[0] in "kv":
                 shape = (rows, *shape[1:])
             dtype = out_dtype(sources[name].dtype, settings)
             planned[name] = (shape, dtype, group.producer(name, dtype))

@@ -16,13 +16,18 @@ def _tokens():
     return torch.randint(0, 128, (10, 16), generator=torch.Generator().manual_seed(0))
 
 
-def _reference_moments(model_dir, tokens):
-    """E[[x; 1][x; 1]^T] of every q_proj input, from hooks on the stock model run whole: written independently."""
+def _q_projections(model):
+    return [layer.self_attn.q_proj for layer in model.model.layers]
+
+
+def _reference_moments(model_dir, tokens, attention_inputs=_q_projections):
+    """E[[x; 1][x; 1]^T] of every attention input (q_proj's, by default), from hooks on the stock model run
+    whole: written independently."""
     model = load_model(model_dir)
     inputs = {}
-    hooks = [layer.self_attn.q_proj.register_forward_pre_hook(
+    hooks = [module.register_forward_pre_hook(
         lambda mod, args, i=i: inputs.setdefault(i, []).append(args[0].reshape(-1, args[0].shape[-1])))
-        for i, layer in enumerate(model.model.layers)]
+        for i, module in enumerate(attention_inputs(model))]
     with torch.no_grad():
         for start in range(0, len(tokens), 8):
             model(input_ids=tokens[start:start + 8])
@@ -120,5 +125,14 @@ def test_each_block_gets_its_own_mask(tmp_path):
     tokens = _tokens()
     ours = dict(blockwise.BlockStream(src, spec_for("gemma2").block, tokens))
     reference = _reference_moments(src, tokens)
+    for i in reference:
+        torch.testing.assert_close(ours[i].total, reference[i], rtol=1e-9, atol=1e-9)
+
+
+def test_blockwise_moments_of_a_fused_family(no_native_dirs):
+    src, tokens = no_native_dirs["gpt_neox"], _tokens()
+    ours = dict(blockwise.BlockStream(src, spec_for("gpt_neox").block, tokens))
+    reference = _reference_moments(src, tokens, lambda m: [l.attention.query_key_value for l in m.gpt_neox.layers])
+    assert sorted(ours) == sorted(reference)
     for i in reference:
         torch.testing.assert_close(ours[i].total, reference[i], rtol=1e-9, atol=1e-9)

@@ -111,14 +111,27 @@ class AttentionBlock(_Strict):
     and refuse a checkpoint holding any `refuse_if_present` tensor (per-head q/k norms do not commute with
     rotations)."""
 
-    q: tuple[str, ...]
-    k: tuple[str, ...]
-    v: tuple[str, ...]
+    q: tuple[str, ...] = ()
+    k: tuple[str, ...] = ()
+    v: tuple[str, ...] = ()
+    qkv: tuple[str, ...] = ()  # instead of q, k, v: one fused module, split and re-fused by `fused_layout`
+    fused_layout: str | None = None  # a layout of convert/layouts.py
     o: tuple[str, ...]
     rope: Rope
     model_types: tuple[str, ...]
     refuse_if_present: tuple[str, ...] = ()
     attention: str = "self"
+
+    @model_validator(mode="after")
+    def _separate_or_fused(self) -> "AttentionBlock":
+        if bool(self.qkv) == bool(self.q and self.k and self.v) or bool(self.qkv) != bool(self.fused_layout):
+            raise ValueError("a block names either q, k and v, or qkv with its fused_layout")
+        return self
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        """The module(s) whose input is the attention input: q's, or the fused projection's."""
+        return self.q or self.qkv
 
 
 ConfigValue = bool | int | float | str | None

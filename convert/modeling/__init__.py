@@ -1,7 +1,7 @@
 """GQA modeling code for families whose transformers modeling has no KV-head count: t5, gpt2, gpt_neox, opt.
 
-Each `gqa_<family>.py` is self-contained (torch and transformers only) because the converter copies it into every
-output directory for `trust_remote_code=True` loading. Importing this package registers the classes with the Auto
+Each `gqa_<family>.py` imports only torch, transformers and the shared attention core `gqa_attention.py`, because
+the converter copies both files into every output directory for `trust_remote_code=True` loading. Importing this package registers the classes with the Auto
 classes, so the process then loads converted checkpoints without `trust_remote_code`; `convert_checkpoint` imports
 it for these families. It is not imported by `gqa_toolkit.convert` itself: it pulls in transformers' modeling
 stacks (about 4 s), which converting any other family does not need.

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from safetensors import safe_open
 
 from conftest import save_tiny_model
-from families import BASE
+from faults import mounted_tmpfs
 from gqa_toolkit.convert.cli import main
 
 
@@ -149,11 +149,7 @@ def test_output_never_replaces_holds_or_sits_in_the_source(llama_dir, tmp_path, 
 
 def test_output_on_another_filesystem(llama_dir, tmp_path):
     """copy_file_range refuses to cross filesystems (EXDEV); unchanged tensors are then copied through a buffer."""
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mnt)]).returncode:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    try:
+    with mounted_tmpfs(tmp_path / "mnt", size="64m") as mnt:
         code, err = run_cli(llama_dir, "--groups", "2", "-o", mnt / "out", "-q")
         assert code == 0, err
         with safe_open(mnt / "out" / "model.safetensors", "pt") as f, \
@@ -161,8 +157,6 @@ def test_output_on_another_filesystem(llama_dir, tmp_path):
             for name in g.keys():
                 if "k_proj" not in name and "v_proj" not in name:
                     assert torch.equal(f.get_tensor(name), g.get_tensor(name)), name
-    finally:
-        subprocess.run(["umount", str(mnt)], check=True)
 
 
 def test_a_killed_conversions_leftovers_are_removed(llama_dir, tmp_path):

@@ -4,6 +4,7 @@ Every case exits 2 with one `gqa-convert: error:` line naming the problem and th
 was, and writes nothing (assert_refused compares the whole tree before and after).
 """
 
+import itertools
 import json
 import os
 import shutil
@@ -12,11 +13,13 @@ import struct
 import subprocess
 import sys
 import textwrap
+from contextlib import ExitStack
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from faults import mounted_tmpfs
 from test_convert_errors import assert_refused, run_cli
 
 
@@ -143,20 +146,10 @@ def test_hub_cache_snapshot_links_into_its_blobs_still_convert(llama_dir, tmp_pa
 @pytest.fixture
 def tmpfs(tmp_path):
     """mount(size, *options) -> a real tmpfs mount point; unmounted afterwards."""
-    mounts = []
-
-    def mount(size: str, *options: str):
-        point = tmp_path / f"mnt{len(mounts)}"
-        point.mkdir()
-        opts = ",".join((f"size={size}", *options))
-        if subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(point)]).returncode:
-            pytest.skip("cannot mount a tmpfs here (needs root)")
-        mounts.append(point)
-        return point
-
-    yield mount
-    for point in mounts:
-        subprocess.run(["umount", str(point)], check=True)
+    numbers = itertools.count()
+    with ExitStack() as mounts:
+        yield lambda size, *options: mounts.enter_context(
+            mounted_tmpfs(tmp_path / f"mnt{next(numbers)}", *options, size=size))
 
 
 def test_disk_too_small_is_refused_before_writing(llama_dir, tmp_path, tmpfs):

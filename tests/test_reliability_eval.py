@@ -17,6 +17,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
+from faults import mounted_tmpfs, remount
 from gqa_toolkit.eval.cli import main
 from gqa_toolkit.eval.ablation_recipe import BuildOriginal
 from gqa_toolkit.eval.errors import EvalError
@@ -174,19 +175,6 @@ def test_bad_input_is_one_error_line(case, inputs):
 
 # -- real disk faults -------------------------------------------------------------------------------------------
 @contextmanager
-def tmpfs(point: Path, *options: str, size: str = "2m"):
-    """A real tmpfs at `point`, unmounted afterwards; the test is skipped where mounting is not allowed."""
-    point.mkdir()
-    command = ["mount", "-t", "tmpfs", "-o", ",".join([f"size={size}", *options]), "tmpfs", str(point)]
-    if shutil.which("mount") is None or subprocess.run(command, capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    try:
-        yield point
-    finally:
-        subprocess.run(["umount", str(point)], check=True)
-
-
-@contextmanager
 def full(folder: Path):
     """The file system under `folder` with no byte left, while the block runs."""
     filler = folder / "filler"
@@ -204,11 +192,11 @@ def full(folder: Path):
 
 @contextmanager
 def read_only(point: Path):
-    subprocess.run(["mount", "-o", "remount,ro", str(point)], check=True)
+    remount(point, "ro")
     try:
         yield
     finally:
-        subprocess.run(["mount", "-o", "remount,rw", str(point)], check=True)
+        remount(point, "rw")
 
 
 def _ablation_recipe(folder: Path, uptrain_models, results: Path) -> Path:
@@ -223,7 +211,7 @@ def _ablation_recipe(folder: Path, uptrain_models, results: Path) -> Path:
 
 @pytest.mark.parametrize("fault, needle", [("full", "the disk is full"), ("ro", "the filesystem is read-only")])
 def test_fresh_results_dir_on_a_faulty_disk(fault, needle, uptrain_models, tmp_path):
-    with tmpfs(tmp_path / "mnt", *(["ro"] if fault == "ro" else [])) as point:
+    with mounted_tmpfs(tmp_path / "mnt", *(["ro"] if fault == "ro" else [])) as point:
         results = point / "results"
         recipe = _ablation_recipe(tmp_path, uptrain_models, results)
         with full(point) if fault == "full" else nullcontext():
@@ -236,7 +224,7 @@ def test_fresh_results_dir_on_a_faulty_disk(fault, needle, uptrain_models, tmp_p
 def finished_on_tmpfs(uptrain_models, tmp_path_factory):
     """A finished tiny ablation whose results_dir is on a 2 MB tmpfs."""
     root = tmp_path_factory.mktemp("faults")
-    with tmpfs(root / "mnt") as point:
+    with mounted_tmpfs(root / "mnt") as point:
         recipe = _ablation_recipe(root, uptrain_models, point / "results")
         code, stderr = invoke(["ablation", recipe, "-q"])
         assert code == 0, stderr
@@ -255,7 +243,7 @@ def test_rendering_results_on_a_faulty_disk_keeps_the_old_ones(fault, needle, fi
 
 
 def test_write_files_is_all_or_nothing_on_a_full_disk(tmp_path):
-    with tmpfs(tmp_path / "mnt") as point:
+    with mounted_tmpfs(tmp_path / "mnt") as point:
         (point / "results.md").write_text("old table\n")
         with full(point), pytest.raises(EvalError, match="cannot write .*: the disk is full; free space there"):
             write_files({point / "results.md": "new table\n" * 1000, point / "results.csv": "a,b\n"})
@@ -266,14 +254,14 @@ def test_write_files_is_all_or_nothing_on_a_full_disk(tmp_path):
 def test_built_original_on_a_disk_too_small_leaves_nothing(uptrain_models, tmp_path):
     build = BuildOriginal(vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128,
                           max_position_embeddings=128)
-    with tmpfs(tmp_path / "mnt", size="64k") as point:  # room for config.json, not for the weights
+    with mounted_tmpfs(tmp_path / "mnt", size="64k") as point:  # room for config.json, not for the weights
         with pytest.raises(EvalError, match="cannot write .*original-init: the disk is full"):
             write_initial_model(point / "original-init", build, load_tokenizer(uptrain_models["mha"]))
         assert list(point.iterdir()) == []
 
 
 def test_result_to_stdout_on_a_full_disk(uptrain_models, tmp_path):
-    with tmpfs(tmp_path / "mnt") as point, full(point):
+    with mounted_tmpfs(tmp_path / "mnt") as point, full(point):
         with open(point / "speed.txt", "w") as out:
             done = subprocess.run([sys.executable, "-m", "gqa_toolkit.eval", "speed", str(uptrain_models["mha"]),
                                    "--contexts", "4", "--batch-sizes", "1", "--decode-steps", "1"],

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import subprocess
 import time
 import traceback
 from collections.abc import Callable
@@ -21,6 +20,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
+from faults import fill, mounted_tmpfs, remount
 from gqa_toolkit.uptrain import corpus, load_recipe
 from gqa_toolkit.uptrain import loop as loop_module
 from gqa_toolkit.uptrain.cli import main
@@ -248,24 +248,8 @@ def test_a_damaged_block_cache_is_rebuilt_and_said_so(recipe, tmp_path):
 
 @pytest.fixture
 def tmpfs(tmp_path):
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)], capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    try:
+    with mounted_tmpfs(tmp_path / "mnt", size="8m") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", str(mnt)], check=True)
-
-
-def fill(mnt: Path, leave: int = 0) -> None:
-    """Take the free space of the mount but `leave` bytes: later writes get ENOSPC from the kernel."""
-    with open(mnt / "filler", "wb") as f:
-        f.write(bytes(shutil.disk_usage(mnt).free - leave))
-
-
-def remount(mnt: Path, mode: str) -> None:
-    subprocess.run(["mount", "-o", f"remount,{mode}", str(mnt)], check=True)
 
 
 def _model_file_fits(mnt: Path) -> int:

@@ -186,8 +186,8 @@ def test_new_methods_lose_less_than_mean_pooling(tmp_path):
 
 
 def test_layer_methods_refuse_unsupported_families(family_dirs, tmp_path):
-    with pytest.raises(ConversionError, match="supports model types .*llama.*'phi3' is not one"):
-        convert_checkpoint(family_dirs["phi3"], tmp_path / "o", method="aligned", groups=2, progress=False)
+    with pytest.raises(ConversionError, match="supports model types .*llama.*'gpt_bigcode' is not one"):
+        convert_checkpoint(family_dirs["gpt_bigcode"], tmp_path / "o", method="aligned", groups=1, progress=False)
     with pytest.raises(ConversionError, match="per-head query/key norms"):
         convert_checkpoint(family_dirs["qwen3"], tmp_path / "o", method="fit", groups=2, progress=False,
                            calibration="none")
@@ -205,13 +205,14 @@ def _kl_to(source, model_dir, ids):
     return (p.exp() * (p - q)).sum(-1).mean().item()
 
 
-def test_layer_methods_on_a_fused_layout(no_native_dirs, tmp_path):
-    """gpt_neox fuses q, k and v per head: the layer path splits the fused tensor by the spec's layout and
-    re-fuses it with G heads. `fit` keeping every head is exact; at G = 2 and at MQA, alignment and fitting keep
-    more of the function than mean-pooling. Measured against the stock (MHA) source, loaded by transformers."""
+@pytest.mark.parametrize("model_type", ["gpt_neox", "phi3", "falcon"])
+def test_layer_methods_on_a_fused_layout(model_type, no_native_dirs, family_dirs, tmp_path):
+    """gpt_neox and falcon fuse q, k and v per group, phi3 as [q | k | v]: the layer path splits the fused tensor
+    by the spec's layout and re-fuses it with G heads. `fit` keeping every head is exact; at G = 2 and at MQA,
+    alignment and fitting keep more of the function than mean-pooling. Measured against the stock source."""
     from transformers import AutoModelForCausalLM
 
-    src = no_native_dirs["gpt_neox"]
+    src = {**family_dirs, **no_native_dirs}[model_type]
     source = AutoModelForCausalLM.from_pretrained(src).eval()
     ids = torch.randint(0, 128, (4, 24), generator=torch.Generator().manual_seed(5))
 
@@ -223,4 +224,4 @@ def test_layer_methods_on_a_fused_layout(no_native_dirs, tmp_path):
     assert abs(kl("fit", 4)) < 1e-6
     for groups in (2, 1):
         mean = kl("mean", groups)
-        assert kl("aligned", groups) < mean and kl("fit", groups) < mean / 10
+        assert kl("aligned", groups) < mean and kl("fit", groups) < mean / 3

@@ -138,7 +138,7 @@ def _layer_settings(model_dir: Path, config: ConfigReader, raw_config: dict, spe
     if moments is not None:
         record["calibration_mode"] = calibration_mode
     return LayerSettings(method, grouping, preserve_norm, rope_layout(spec.block.rope, config, geo.head_dim),
-                         moments, converted, spec.block.fused_layout), record
+                         moments, converted, spec.block.fused_layout, spec.block.transposed), record
 
 
 # source: every layer calibrated on the source's activations; sequential: each layer on the outputs of the

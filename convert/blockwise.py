@@ -183,6 +183,7 @@ class BlockStream:
             blocks[i] = original
         _free(model, outside)  # only the capture pass needed the embeddings
         self.hidden = [_hidden_of(call) for call in self.calls[0]]  # per batch: the first block's input
+        self.width = self.hidden[0].shape[-1]  # d: the attention input's width, whatever the projection's class
 
     @torch.no_grad()
     def __iter__(self) -> Iterator[tuple[int, InputMoments]]:
@@ -196,7 +197,7 @@ class BlockStream:
             calls = [_with_hidden(call, hidden) for call, hidden in zip(self.calls[i], self.hidden)]
             self.calls[i] = None
             query = layer.get_submodule(self.where.query)
-            moments = InputMoments(query.in_features)
+            moments = InputMoments(self.width)
             hooks = [query.register_forward_pre_hook(lambda mod, args: moments.add(args[0]))]
             if self.converted is not None:  # this pass only measures the inputs: stop at the query projection
                 hooks.append(query.register_forward_pre_hook(_stop))
@@ -264,9 +265,8 @@ def _whole_model_moments(model_dir: Path, where: Blocks, tokens: torch.Tensor, d
     model = from_pretrained(AutoModelForCausalLM, model_dir, dtype=dtype).to(device).eval()
     moments, hooks = {}, []
     for i, layer in enumerate(model.get_submodule(where.container)):
-        query = layer.get_submodule(where.query)
-        moments[i] = InputMoments(query.in_features)
-        hooks.append(query.register_forward_pre_hook(lambda mod, args, m=moments[i]: m.add(args[0])))
+        hooks.append(layer.get_submodule(where.query).register_forward_pre_hook(
+            lambda mod, args, i=i: moments.setdefault(i, InputMoments(args[0].shape[-1])).add(args[0])))
     for start in range(0, len(tokens), batch_size):
         model(input_ids=tokens[start:start + batch_size].to(device), use_cache=False)
     for hook in hooks:

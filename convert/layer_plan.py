@@ -47,6 +47,7 @@ class LayerSettings:
     calibration: Mapping[int, InputMoments] | None = None
     converted: ConvertedLayers | None = None  # sequential calibration: tell it of every converted layer
     fused: str | None = None  # the block's fused q/k/v layout, when it has one
+    transposed: bool = False  # the block's weights are `[in, out]` (Conv1D)
 
 
 def _find(templates, names, suffix: str) -> dict[tuple[str, int], str]:
@@ -80,6 +81,11 @@ def _all_specs():
     return all_specs().values()
 
 
+def _resized(shape: tuple[int, ...], rows: int, transposed: bool) -> tuple[int, ...]:
+    """The shape with its output axis (the first, or the last of a transposed weight) set to `rows`."""
+    return (*shape[:-1], rows) if transposed else (rows, *shape[1:])
+
+
 def _split(layout: str, fused: torch.Tensor | None, geo: Geometry, kv_heads: int, kind: str) -> dict:
     """A fused q/k/v weight `[rows, d]` or bias `[rows]` -> q, k, v in nn.Linear's layout (`q_bias`... for biases)."""
     suffix = "" if kind == "weight" else "_bias"
@@ -106,6 +112,9 @@ class _LayerGroup:
 
     def _convert(self) -> dict[str, torch.Tensor]:
         read = {role: self.read(n) if n is not None else None for role, n in self.names.items()}
+        transposed = self.layer_settings.transposed
+        if transposed:  # Conv1D weights `[in, out]`: to nn.Linear's layout and back afterwards
+            read = {role: t.T if t is not None and not role.endswith("bias") else t for role, t in read.items()}
         layout = self.layer_settings.fused
         if layout is not None:  # one fused q/k/v tensor (and bias): split into the roles convert_layer takes
             read.update(_split(layout, read.pop("qkv"), self.geo, self.geo.kv_heads, "weight"))
@@ -120,11 +129,15 @@ class _LayerGroup:
                             names={f"{r.split('_')[0]}.{'bias' if r.endswith('bias') else 'weight'}": n
                                    for r, n in self.names.items() if n is not None})
         if layout is None:
-            return {n: getattr(out, role) for role, n in self.names.items() if n is not None}
-        fused = {"qkv": _fuse(layout, out.q, out.k, out.v, self.geo, self.settings.groups),
-                 "qkv_bias": _fuse(layout, out.q_bias, out.k_bias, out.v_bias, self.geo, self.settings.groups),
-                 "o": out.o}
-        return {n: fused[role] for role, n in self.names.items() if n is not None}
+            result = {role: getattr(out, role) for role in self.names}
+        else:
+            result = {"qkv": _fuse(layout, out.q, out.k, out.v, self.geo, self.settings.groups),
+                      "qkv_bias": _fuse(layout, out.q_bias, out.k_bias, out.v_bias, self.geo, self.settings.groups),
+                      "o": out.o}
+        if transposed:
+            result = {role: t.T.contiguous() if t is not None and not role.endswith("bias") else t
+                      for role, t in result.items()}
+        return {n: result[role] for role, n in self.names.items() if n is not None}
 
     def convert(self) -> None:
         if self.outputs is None and self.pending:
@@ -174,9 +187,9 @@ def plan_layers(sources: Mapping, read, spec: ArchitectureSpec, geo: Geometry, s
                 continue
             shape = tuple(sources[name].shape)
             if role.startswith("qkv"):
-                shape = (fused_rows, *shape[1:])
+                shape = _resized(shape, fused_rows, spec.block.transposed and role == "qkv")
             elif role[0] in "kv":
-                shape = (rows, *shape[1:])
+                shape = _resized(shape, rows, spec.block.transposed and not role.endswith("bias"))
             dtype = out_dtype(sources[name].dtype, settings)
             planned[name] = (shape, dtype, group.producer(name, dtype))
     return planned

@@ -133,6 +133,7 @@ FUSED_INPUTS = {  # where each fused family's attention input is, written from t
     "gpt_neox": lambda m: [layer.attention.query_key_value for layer in m.gpt_neox.layers],
     "phi3": lambda m: [layer.self_attn.qkv_proj for layer in m.model.layers],
     "falcon": lambda m: [layer.self_attention.query_key_value for layer in m.transformer.h],
+    "gpt2": lambda m: [block.attn.c_attn for block in m.transformer.h],
 }
 
 

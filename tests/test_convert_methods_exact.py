@@ -205,10 +205,10 @@ def _kl_to(source, model_dir, ids):
     return (p.exp() * (p - q)).sum(-1).mean().item()
 
 
-@pytest.mark.parametrize("model_type", ["gpt_neox", "phi3", "falcon"])
+@pytest.mark.parametrize("model_type", ["gpt_neox", "phi3", "falcon", "gpt2"])
 def test_layer_methods_on_a_fused_layout(model_type, no_native_dirs, family_dirs, tmp_path):
-    """gpt_neox and falcon fuse q, k and v per group, phi3 as [q | k | v]: the layer path splits the fused tensor
-    by the spec's layout and re-fuses it with G heads. `fit` keeping every head is exact; at G = 2 and at MQA,
+    """gpt_neox and falcon fuse q, k and v per group, phi3 as [q | k | v], gpt2 as [q | k | v] columns of a
+    transposed Conv1D: the layer path splits the fused tensor by the spec's layout and re-fuses it with G heads. `fit` keeping every head is exact; at G = 2 and at MQA,
     alignment and fitting keep more of the function than mean-pooling. Measured against the stock source."""
     from transformers import AutoModelForCausalLM
 

@@ -116,6 +116,7 @@ class AttentionBlock(_Strict):
     v: tuple[str, ...] = ()
     qkv: tuple[str, ...] = ()  # instead of q, k, v: one fused module, split and re-fused by `fused_layout`
     fused_layout: str | None = None  # a layout of convert/layouts.py
+    transposed: bool = False  # weights stored `[in, out]` (GPT-2's Conv1D), not nn.Linear's `[out, in]`
     o: tuple[str, ...]
     rope: Rope
     model_types: tuple[str, ...]

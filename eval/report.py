@@ -63,7 +63,7 @@ def csv_text(rows: list[dict], columns: list[str]) -> str:
 
 
 def markdown(original: dict | None, cells: list[dict], speed: list[dict]) -> str:
-    lines = ["| method | KV heads | fraction | uptrain steps | held-out loss | perplexity | KL(orig || conv) | "
+    lines = ["| method | KV heads | fraction | uptrain steps | held-out loss | perplexity | KL to original | "
              "top-1 agreement |", "|---|---|---|---|---|---|---|---|"]
     if original:
         lines.append(f"| original (MHA) | {original['groups']} | | {original['original_steps']} (pretraining) | "

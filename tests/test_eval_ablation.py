@@ -58,6 +58,10 @@ def test_micro_ablation_writes_tables_and_plots(finished):
     assert cells[("random", 1, 0.2)]["heldout_loss"] < cells[("random", 1, 0)]["heldout_loss"]
     # before uptraining, mean-pooling keeps more of the original's function than a random initialisation
     assert cells[("mean", 1, 0)]["kl"] < cells[("random", 1, 0)]["kl"]
+    # results.md is valid markdown: every row of each table has as many cells as its header
+    for table in (results / "results.md").read_text().split("\n\n"):
+        rows = [line for line in table.splitlines() if line.startswith("|")]
+        assert len({line.count("|") for line in rows}) <= 1, table
     assert data["original"]["kl"] == 0 and data["original"]["groups"] == 4
     kv = {s["kv_heads"]: s["kv_bytes_per_token"] for s in data["speed"]}
     assert kv[4] / kv[1] == 4

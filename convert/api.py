@@ -29,7 +29,7 @@ from .rope import rope_layout
 from .loading import own_model_types
 from .provenance import conversion_record, write_metadata, write_modeling
 from .reader import CheckpointReader
-from .source import read_raw_config, resolve_model_dir
+from .source import hub_cache_repo, read_raw_config, resolve_model_dir
 from .source_config import ConfigReader, SourceConfig, load_transformers_config
 from .writer import write_checkpoint
 
@@ -69,7 +69,12 @@ def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
 
 def default_output(model_dir: Path, groups: int, method: str, grouping: str = "contiguous",
                    preserve_norm: bool = False) -> Path:
+    """Beside the source, or, for a snapshot in the hub cache, in the current directory named after the repository
+    (never inside the cache)."""
     options = ("-similarity" if grouping == "similarity" else "") + ("-norm" if preserve_norm else "")
+    repo = hub_cache_repo(model_dir)
+    if repo is not None:
+        return Path.cwd() / f"{repo.name.split('--')[-1]}-gqa{groups}-{method}{options}"
     return model_dir.parent / f"{model_dir.name}-gqa{groups}-{method}{options}"
 
 

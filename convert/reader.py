@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from .errors import ConversionError
+from .source import hub_cache_repo
 
 SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -138,9 +139,7 @@ def _weight_map(index: Path) -> dict[str, str]:
 def source_root(model_dir: Path) -> Path:
     """The folder a source's files may live in: the directory itself, or for a hub cache snapshot
     (`models--org--name/snapshots/<revision>`) the repository's cache folder, whose `blobs/` its links point into."""
-    if model_dir.parent.name == "snapshots" and model_dir.parent.parent.name.startswith("models--"):
-        return model_dir.parent.parent.resolve()
-    return model_dir.resolve()
+    return (hub_cache_repo(model_dir) or model_dir).resolve()
 
 
 def stays_inside_source(path: Path, model_dir: Path) -> bool:

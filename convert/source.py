@@ -24,6 +24,13 @@ def resolve_model_dir(model: str | Path) -> Path:
                           f"(or a hub id like org/name on a machine with network)")
 
 
+def hub_cache_repo(model_dir: Path) -> Path | None:
+    """The repository folder (`models--org--name`) when `model_dir` is a snapshot in a hub cache, else None."""
+    if model_dir.parent.name == "snapshots" and model_dir.parent.parent.name.startswith("models--"):
+        return model_dir.parent.parent
+    return None
+
+
 def _looks_local(path: Path) -> bool:
     """`runs/model` whose `runs/` exists here is a mistyped local path, not a hub id."""
     return str(path).startswith((".", "~")) or path.parent.is_dir() and path.parent != Path(".")

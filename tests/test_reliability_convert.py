@@ -143,6 +143,17 @@ def test_hub_cache_snapshot_links_into_its_blobs_still_convert(llama_dir, tmp_pa
     assert (tmp_path / "out" / "model.safetensors").is_file() and not (tmp_path / "out" / "model.safetensors").is_symlink()
 
 
+def test_default_output_of_a_hub_snapshot_is_never_inside_the_cache(llama_dir, tmp_path, monkeypatch):
+    snapshot = tmp_path / "hub" / "models--org--tiny" / "snapshots" / ("b" * 40)
+    shutil.copytree(llama_dir, snapshot)
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    code, err = run_cli(snapshot, "--groups", "2", "-q")
+    assert code == 0, err
+    assert (tmp_path / "work" / "tiny-gqa2-mean" / "model.safetensors").is_file()
+    assert sorted(p.name for p in (tmp_path / "hub" / "models--org--tiny" / "snapshots").iterdir()) == ["b" * 40]
+
+
 @pytest.fixture
 def tmpfs(tmp_path):
     """mount(size, *options) -> a real tmpfs mount point; unmounted afterwards."""

@@ -6,8 +6,8 @@ headers and every K/V shape. Then tensors stream from the source into an atomic 
 
 from __future__ import annotations
 
+import inspect
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .architectures.spec import ArchitectureSpec, spec_for
-from .disk import disk_writes
+from .disk import check_free_space, disk_writes
 from .errors import ConversionError
 from .geometry import check_groups, read_geometries
 from .blockwise import BlockStream, StreamedMoments
@@ -31,7 +31,7 @@ from .provenance import conversion_record, write_metadata, write_modeling
 from .reader import CheckpointReader
 from .source import hub_cache_repo, read_raw_config, resolve_model_dir
 from .source_config import ConfigReader, SourceConfig, load_transformers_config
-from .writer import write_checkpoint
+from .writer import planned_bytes, write_checkpoint
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -122,10 +122,10 @@ def _layer_settings(model_dir: Path, config: ConfigReader, raw_config: dict, spe
         raise ConversionError(f"unknown --calibration-mode {calibration_mode!r}; choose one of: "
                               f"{', '.join(CALIBRATION_MODES)}")
     moments, converted = None, None
-    if not (isinstance(calibration, str) and calibration == "none") and not calibrate:
-        check_calibration_shape(samples, length)  # a dry run: checked, not run
-    elif not (isinstance(calibration, str) and calibration == "none"):
+    calibrated = not (isinstance(calibration, str) and calibration == "none")
+    if calibrated:
         check_calibration_shape(samples, length)
+    if calibrated and calibrate:  # a dry run checks the calibration and does not run it
         tokens = calibration if isinstance(calibration, torch.Tensor) else calibration_tokens(
             model_dir, calibration, samples, length)
         bar = (lambda n: tqdm(total=n, unit="block", desc=f"calibration on {device}")) if progress else None
@@ -189,10 +189,11 @@ def _prepare(src, dst, *, method: str, groups: int, seed: int, dtype, max_shard_
     reader = CheckpointReader(model_dir)
     sources = {name: SourceTensor(info.dtype, info.shape, ByteSpan(info.file, *info.offsets) if info.offsets else None)
                for name, info in reader.infos.items()}
+    device = parse_device(device)
     layer, options = _layer_settings(model_dir, config, raw_config, spec, list(sources), geometries, method=method,
                                      grouping=grouping, preserve_norm=preserve_norm, calibration=calibration,
                                      samples=calibration_samples, length=calibration_length,
-                                     device=parse_device(device), progress=progress,
+                                     device=device, progress=progress,
                                      calibration_mode=calibration_mode, calibrate=calibrate)
     if preserve_norm:
         options["preserve_norm"] = True
@@ -203,7 +204,7 @@ def _prepare(src, dst, *, method: str, groups: int, seed: int, dtype, max_shard_
     record = conversion_record(method=method, groups=groups, source=str(model_dir), geometries=geometries,
                                scope=scope, seed=seed, dtype=target_dtype, options=options)
     calibrated = "calibration" in options and options["calibration"] != "none"
-    calibration_run = dict(samples=calibration_samples, length=calibration_length, device=parse_device(device),
+    calibration_run = dict(samples=calibration_samples, length=calibration_length, device=device,
                            mode=calibration_mode) if calibrated else None
     return Prepared(model_dir, out, raw_config, spec, planned, shard_bytes, record, sources, calibration_run)
 
@@ -230,8 +231,8 @@ def convert_checkpoint(src: str | Path, dst: str | Path | None = None, *, method
                  attention=attention, force=force, progress=progress, grouping=grouping, preserve_norm=preserve_norm,
                  calibration=calibration, calibration_samples=calibration_samples,
                  calibration_length=calibration_length, device=device, calibration_mode=calibration_mode)
-    total = _nbytes(p.planned)
-    check_free_space(p.out, total)
+    total = planned_bytes(p.planned)
+    check_free_space(p.out, total, "--output", ConversionError)
     with disk_writes(f"the output {p.out}", "--output", ConversionError, path=p.out.parent), \
             atomic_directory(p.out, force, p.model_dir) as tmp, \
             tqdm(total=total, unit="B", unit_scale=True, disable=not progress,
@@ -244,29 +245,11 @@ def convert_checkpoint(src: str | Path, dst: str | Path | None = None, *, method
 def describe_conversion(src: str | Path, dst: str | Path | None = None, **options) -> list[str]:
     """What `convert_checkpoint(src, dst, **options)` would do, as lines, with nothing written and no calibration
     run; a ConversionError when the disk or the calibration device has too little room, with the numbers."""
-    defaults = dict(method="mean", seed=0, dtype=None, max_shard_size=None, attention=None, force=False,
-                    progress=False, grouping="contiguous", preserve_norm=False, calibration=None,
-                    calibration_samples=256, calibration_length=128, device="auto", calibration_mode="source")
     from .dry_run import describe
 
-    return describe(_prepare(src, dst, **{**defaults, **options}, calibrate=False))
-
-
-def _nbytes(planned) -> int:
-    return sum(t.dtype.itemsize * torch.Size(t.shape).numel() for t in planned)
-
-
-def _gb(n: int) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
-
-
-def check_free_space(out: Path, needed: int) -> None:
-    """Refuse before writing when the output's filesystem has less room than the weights need."""
-    existing = next(p for p in (out, *out.parents) if p.exists())
-    free = shutil.disk_usage(existing).free
-    if free < needed:
-        raise ConversionError(f"the output at {out} needs {_gb(needed)} and its filesystem has {_gb(free)} free; "
-                              f"free space or choose another --output")
+    defaults = {name: p.default for name, p in inspect.signature(convert_checkpoint).parameters.items()
+                if p.kind is p.KEYWORD_ONLY and p.default is not p.empty}
+    return describe(_prepare(src, dst, **{**defaults, **options, "progress": False}, calibrate=False))
 
 
 def refresh_modeling(model_dir: str | Path) -> list[Path]:

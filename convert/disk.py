@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -100,6 +101,23 @@ def disk_writes(where: str | Path, setting: str, error: type[Exception], path: P
         if code is None:
             raise
         raise error(fault_message(code, where, setting)) from None
+
+
+def format_bytes(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
+
+
+def free_bytes(path: Path) -> int:
+    """Free space on the filesystem that holds `path` (or would: its nearest existing parent)."""
+    return shutil.disk_usage(next(p for p in (path, *path.parents) if p.exists())).free
+
+
+def check_free_space(path: Path, needed: int, setting: str, error: type[Exception]) -> None:
+    """Refuse before writing when `path`'s filesystem has less room than the write needs."""
+    free = free_bytes(path)
+    if free < needed:
+        raise error(f"the output at {path} needs {format_bytes(needed)} and its filesystem has "
+                    f"{format_bytes(free)} free; free space or choose another {setting}")
 
 
 def partial_path(path: Path) -> Path:

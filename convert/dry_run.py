@@ -10,20 +10,16 @@ float64 and one layer's float64 solve.
 from __future__ import annotations
 
 import re
-import shutil
 from pathlib import Path
 
 import torch
 
 from .architectures.spec import key_pattern
+from .disk import check_free_space, format_bytes, free_bytes
 from .errors import ConversionError
-from .writer import split_into_shards
+from .writer import planned_bytes, split_into_shards
 
 FLOAT32, FLOAT64 = 4, 8
-
-
-def _size(n: float) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
 
 
 def _numel(shape) -> int:
@@ -59,23 +55,23 @@ def _calibration_peak(prepared, run: dict) -> tuple[int, str]:
                  if any((m := p.match(name)) and m["layer"] == "0" for p in patterns)]
     solve = 3 * sum(attention) * FLOAT64
     total = embeddings + block_bytes + activations + moments + solve
-    return total, (f"embeddings {_size(embeddings)} + one block {_size(block_bytes)} + activations "
-                   f"{_size(activations)} + moments {_size(moments)} + solve {_size(solve)}")
+    return total, (f"embeddings {format_bytes(embeddings)} + one block {format_bytes(block_bytes)} + activations "
+                   f"{format_bytes(activations)} + moments {format_bytes(moments)} + solve {format_bytes(solve)}")
 
 
 def describe(prepared) -> list[str]:
     planned, record = prepared.planned, prepared.record
     copied = [t for t in planned if t.copy_from is not None]
     computed = [t for t in planned if t.copy_from is None]
-    nbytes = lambda ts: sum(t.dtype.itemsize * _numel(t.shape) for t in ts)  # noqa: E731
-    total = nbytes(planned)
+    total = planned_bytes(planned)
     shards = split_into_shards(planned, prepared.shard_bytes)
     lines = [
         f"source: {prepared.model_dir} ({prepared.raw_config['model_type']}, {record['num_attention_heads']} query "
         f"heads, {record['source_kv_heads']} KV heads) -> {record['groups']} KV heads by {record['method']}",
         f"output: {prepared.out} (nothing written by this dry run)",
-        f"tensors: {len(copied)} copied unchanged ({_size(nbytes(copied))}), {len(computed)} computed "
-        f"({_size(nbytes(computed))}), in {len(shards)} shard(s) of at most {_size(prepared.shard_bytes)}",
+        f"tensors: {len(copied)} copied unchanged ({format_bytes(planned_bytes(copied))}), {len(computed)} "
+        f"computed ({format_bytes(planned_bytes(computed))}), in {len(shards)} shard(s) of at most "
+        f"{format_bytes(prepared.shard_bytes)}",
     ]
     run = prepared.calibration
     if run is None:
@@ -87,16 +83,15 @@ def describe(prepared) -> list[str]:
         where = run["device"]
         lines.append(f"calibration: {run['samples']} x {run['length']} tokens of {record.get('calibration')}, "
                      f"{run['mode']} mode, one block at a time on {where}")
-    lines.append(f"peak memory (estimate, beyond the interpreter): {_size(peak)} on {where} ({breakdown})")
-    free_disk = shutil.disk_usage(next(p for p in (prepared.out, *prepared.out.parents) if p.exists())).free
-    lines.append(f"disk: {_size(total)} to write, {_size(free_disk)} free at {prepared.out.parent}")
+    lines.append(f"peak memory (estimate, beyond the interpreter): {format_bytes(peak)} on {where} ({breakdown})")
+    lines.append(f"disk: {format_bytes(total)} to write, {format_bytes(free_bytes(prepared.out))} free at "
+                 f"{prepared.out.parent}")
     memory = _available_memory(where)
     if memory is not None:
-        lines.append(f"memory: {_size(memory)} available on {where}")
-    if free_disk < total:
-        raise ConversionError(f"the output needs {_size(total)} and {prepared.out.parent} has {_size(free_disk)} "
-                              f"free; free space or choose another --output")
+        lines.append(f"memory: {format_bytes(memory)} available on {where}")
+    check_free_space(prepared.out, total, "--output", ConversionError)
     if memory is not None and memory < peak:
-        raise ConversionError(f"the conversion needs about {_size(peak)} on {where} and {_size(memory)} is "
-                              f"available; use --device cuda, fewer --calibration-samples, or a bigger machine")
+        raise ConversionError(f"the conversion needs about {format_bytes(peak)} on {where} and "
+                              f"{format_bytes(memory)} is available; use --device cuda, fewer "
+                              f"--calibration-samples, or a bigger machine")
     return lines

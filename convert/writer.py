@@ -36,6 +36,11 @@ def _nbytes(t: PlannedTensor) -> int:
     return numel * t.dtype.itemsize
 
 
+def planned_bytes(tensors: list[PlannedTensor]) -> int:
+    """What the tensors take on disk."""
+    return sum(_nbytes(t) for t in tensors)
+
+
 def split_into_shards(planned: list[PlannedTensor], max_shard_bytes: int) -> list[list[PlannedTensor]]:
     """Greedy, in plan order; a tensor larger than the cap gets a shard of its own."""
     shards: list[list[PlannedTensor]] = [[]]

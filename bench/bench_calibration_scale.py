@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/bench_calibration_scale.py [--work runs/bench-calibration] [--samples 64] [--device cpu]
 
-Calibration streams the source one block at a time (convert/blockwise.py), so fit's peak RSS should barely grow
+Calibration streams the source one block at a time (convert/methods/block_stream.py), so fit's peak RSS should barely grow
 with depth: the target is at most 1.25x from 2 to 8 layers and under 2 GiB at 8. Each conversion runs in its own
 process; its peak RSS is the kernel's maxrss for that process. Also printed: how long fit spent in the calibration
 forward and in the rest (the least-squares solves and writing), the second target being rest <= forward.

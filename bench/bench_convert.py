@@ -195,7 +195,7 @@ def check_output(out: Path, groups: int, config) -> list[str]:
     """Config and every K/V shape from the output's headers, no tensor data read; returns the problems found."""
     from transformers import AutoConfig
 
-    from gqa_toolkit.convert.reader import read_safetensors_header
+    from gqa_toolkit.convert.io.reader import read_safetensors_header
 
     problems = []
     loaded = AutoConfig.from_pretrained(out)

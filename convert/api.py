@@ -14,24 +14,26 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .architectures.spec import ArchitectureSpec, spec_for
-from .disk import check_free_space, disk_writes
+from .families.spec import ArchitectureSpec, spec_for
+from .io.disk import check_free_space, disk_writes
 from .errors import ConversionError
-from .geometry import check_groups, read_geometries
-from .blockwise import BlockStream, StreamedMoments
-from .calibration import BUILTIN, calibration_tokens
-from .grouping import GROUPINGS
-from .layer_plan import ConvertedLayers, LayerSettings, check_block_support
-from .methods import LAYER_METHODS, get_method
-from .output_dir import atomic_directory, check_output_free
-from .plan import ByteSpan, ConversionSettings, SourceTensor, plan_conversion
-from .rope import rope_layout
-from .loading import own_model_types
+from .families.geometry import check_groups, read_geometries
+from .methods.block_stream import BlockStream, StreamedMoments
+from .methods.calibration import BUILTIN, calibration_tokens
+from .methods.grouping import GROUPINGS
+from .plan.layers import ConvertedLayers, LayerSettings, check_block_support
+from .methods.registry import LAYER_METHODS, get_method
+from .io.output_dir import atomic_directory, check_output_free
+from .io.tensors import ByteSpan, SourceTensor
+from .plan.checkpoint import ConversionSettings, plan_conversion
+from .families.rope import rope_layout
+from .families.loading import own_model_types
 from .provenance import conversion_record, write_metadata, write_modeling
-from .reader import CheckpointReader
-from .source import hub_cache_repo, read_raw_config, resolve_model_dir
-from .source_config import ConfigReader, SourceConfig, load_transformers_config
-from .writer import planned_bytes, write_checkpoint
+from .io.reader import CheckpointReader
+from .io.model_dir import hub_cache_repo, read_raw_config, resolve_model_dir
+from .families.config import ConfigReader, SourceConfig
+from .families.loading import load_transformers_config
+from .io.writer import planned_bytes, write_checkpoint
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -173,7 +175,7 @@ def _prepare(src, dst, *, method: str, groups: int, seed: int, dtype, max_shard_
     raw_config = read_raw_config(model_dir)
     spec = spec_for(raw_config["model_type"])
     if spec.modeling is not None:
-        from . import modeling  # noqa: F401  registers the GQA classes (4 s of imports only families like gpt2 need)
+        from .families import modeling  # noqa: F401  registers the GQA classes (4 s of imports only families like gpt2 need)
     method_fn = get_method(method)
     target_dtype = parse_dtype(dtype)
     shard_bytes = parse_size(max_shard_size) if max_shard_size is not None else None
@@ -245,7 +247,7 @@ def convert_checkpoint(src: str | Path, dst: str | Path | None = None, *, method
 def describe_conversion(src: str | Path, dst: str | Path | None = None, **options) -> list[str]:
     """What `convert_checkpoint(src, dst, **options)` would do, as lines, with nothing written and no calibration
     run; a ConversionError when the disk or the calibration device has too little room, with the numbers."""
-    from .dry_run import describe
+    from .plan.dry_run import describe
 
     defaults = {name: p.default for name, p in inspect.signature(convert_checkpoint).parameters.items()
                 if p.kind is p.KEYWORD_ONLY and p.default is not p.empty}

@@ -11,9 +11,9 @@ import sys
 import click
 
 from .errors import ConversionError
-from .calibration import BUILTIN
-from .grouping import GROUPINGS
-from .methods import all_method_names
+from .methods.calibration import BUILTIN
+from .methods.grouping import GROUPINGS
+from .methods.registry import all_method_names
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})

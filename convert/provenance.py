@@ -13,9 +13,9 @@ import torch
 
 import gqa_toolkit
 
-from .architectures.spec import ArchitectureSpec
-from .disk import write_files
-from .reader import stays_inside_source
+from .families.spec import ArchitectureSpec
+from .io.disk import write_files
+from .io.reader import stays_inside_source
 
 log = logging.getLogger("gqa_toolkit.convert")
 
@@ -152,7 +152,7 @@ def write_metadata(src: Path, dst: Path, raw_config: dict[str, Any], spec: Archi
 def write_modeling(dst: Path, spec: ArchitectureSpec) -> list[Path]:
     """Write the family's modeling files into `dst`, all replaced atomically (a reader sees the old files or the
     new ones, never half of one); returns their paths."""
-    files = {dst / name: (resources.files("gqa_toolkit.convert.modeling") / name).read_text()
+    files = {dst / name: (resources.files("gqa_toolkit.convert.families.modeling") / name).read_text()
              for name in spec.modeling.files}
     write_files(files)
     return list(files)

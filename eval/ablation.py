@@ -19,8 +19,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from gqa_toolkit.convert import convert_checkpoint
-from gqa_toolkit.convert.geometry import divisors
-from gqa_toolkit.convert.variants import parse_variant
+from gqa_toolkit.convert.families.geometry import divisors
+from gqa_toolkit.convert.methods.variants import parse_variant
 from gqa_toolkit.uptrain import train, validate_recipe
 from gqa_toolkit.uptrain.model import load_config, load_tokenizer
 from gqa_toolkit.uptrain.recipe import ObjectiveSection

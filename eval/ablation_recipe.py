@@ -11,7 +11,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gqa_toolkit.convert.errors import ConversionError
-from gqa_toolkit.convert.variants import parse_variant
+from gqa_toolkit.convert.methods.variants import parse_variant
 from gqa_toolkit.uptrain.recipe import DataSection, describe_problems, read_recipe_yaml
 
 from .errors import EvalError

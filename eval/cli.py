@@ -65,7 +65,7 @@ def _load(model_dir, role: str = "MODEL_DIR"):
               help="Run the Python files of model folders. Never needed for the toolkit's own families.")
 def main(trust_remote_code):
     """Measure what a GQA conversion cost."""
-    from gqa_toolkit.convert.loading import allow_remote_code
+    from gqa_toolkit.convert.families.loading import allow_remote_code
 
     allow_remote_code(trust_remote_code)
 

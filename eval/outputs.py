@@ -1,12 +1,12 @@
-"""gqa-eval's writes go through gqa_toolkit.convert.disk: files appear whole or not at all, and a disk fault while
+"""gqa-eval's writes go through gqa_toolkit.convert.io.disk: files appear whole or not at all, and a disk fault while
 writing is one EvalError line naming the file and the setting to change (e.g. 'another results_dir')."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from gqa_toolkit.convert import disk
-from gqa_toolkit.convert.disk import WRITE_ONLY_FAULTS, fault_errno  # noqa: F401  (re-exported for the CLI)
+from gqa_toolkit.convert.io import disk
+from gqa_toolkit.convert.io.disk import WRITE_ONLY_FAULTS, fault_errno  # noqa: F401  (re-exported for the CLI)
 
 from .errors import EvalError
 

@@ -14,7 +14,7 @@ def run_tasks(model_dir: str, tasks: list[str], batch_size: int = 8, limit: int 
         import lm_eval
     except ImportError:
         raise EvalError("lm-eval-harness is not installed; pip install 'gqa-toolkit[tasks]'") from None
-    from gqa_toolkit.convert.loading import register_own_modeling, remote_code_allowed
+    from gqa_toolkit.convert.families.loading import register_own_modeling, remote_code_allowed
 
     register_own_modeling(model_dir)  # lm-eval's from_pretrained then finds the toolkit's classes, not the folder's
     model_args = f"pretrained={Path(model_dir).resolve()},trust_remote_code={remote_code_allowed()}"

@@ -6,8 +6,8 @@ import torch
 
 from conftest import load_model
 from families import FAMILIES
-from gqa_toolkit.convert import blockwise
-from gqa_toolkit.convert.architectures.spec import spec_for
+from gqa_toolkit.convert.methods import block_stream as blockwise
+from gqa_toolkit.convert.families.spec import spec_for
 
 LAYER_METHOD_FAMILIES = [f for f in FAMILIES if f.model_type in spec_for("llama").block.model_types]
 

@@ -11,7 +11,7 @@ import transformers
 
 from families import FAMILIES, NO_NATIVE_FAMILIES
 from gqa_toolkit.convert import convert_checkpoint
-from gqa_toolkit.convert.transformers_names import cache_argument, output_cache
+from gqa_toolkit.convert.families.transformers_names import cache_argument, output_cache
 
 GROUPS_NO_NATIVE = 2
 STEPS = 4

@@ -18,8 +18,8 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 
-from gqa_toolkit.convert.loading import allow_remote_code
-from gqa_toolkit.convert.transformers_names import enable_activation_checkpointing
+from gqa_toolkit.convert.families.loading import allow_remote_code
+from gqa_toolkit.convert.families.transformers_names import enable_activation_checkpointing
 
 from .budget import lr_at, plan_budget
 from .checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
-from gqa_toolkit.convert.loading import from_pretrained
+from gqa_toolkit.convert.families.loading import from_pretrained
 
 from .errors import UptrainError
 

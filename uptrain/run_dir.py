@@ -14,7 +14,7 @@ import yaml
 
 from .errors import UptrainError
 from .recipe import Recipe, yaml_problem
-from gqa_toolkit.convert.disk import write_files
+from gqa_toolkit.convert.io.disk import write_files
 
 from .storage import disk_writes
 

@@ -1,7 +1,7 @@
 """The layer-level API: convert one attention layer's q, k, v, o weights, from any attention implementation.
 
-    from gqa_toolkit.convert.layer_api import AttentionWeights, convert_layer
-    from gqa_toolkit.convert.rope import RopeLayout
+    from gqa_toolkit.convert.methods.layer import AttentionWeights, convert_layer
+    from gqa_toolkit.convert.families.rope import RopeLayout
     new = convert_layer(AttentionWeights(q=Wq, k=Wk, v=Wv, o=Wo), heads=32, kv_heads=32, groups=8,
                         method="aligned", rope=RopeLayout(head_dim=128, rotary_dims=128))
 
@@ -17,11 +17,11 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .errors import ConversionError
+from ..errors import ConversionError
 from .grouping import GROUPINGS, similarity_permutation
-from .layer_block import HeadBlock, InputMoments, LayerContext, LayerResult
-from .methods import LAYER_METHODS, METHODS, MethodContext, all_method_names, method_choices
-from .rope import KeyMap, RopeLayout
+from .layer_types import HeadBlock, InputMoments, LayerContext, LayerResult
+from .registry import LAYER_METHODS, METHODS, MethodContext, all_method_names, method_choices
+from ..families.rope import KeyMap, RopeLayout
 
 __all__ = ["AttentionWeights", "InputMoments", "RopeLayout", "convert_layer"]
 

@@ -1,5 +1,5 @@
 """Calibration text: a few hundred token sequences whose activations weigh the layer methods' errors (the moments
-themselves come from convert/blockwise.py, which runs the source one block at a time).
+themselves come from convert/methods/block_stream.py, which runs the source one block at a time).
 
 Text comes from the built-in `python-stdlib` corpus (training files only: the same path-hash split as
 gqa_toolkit.uptrain.corpus, so held-out text never calibrates), from a file or folder of text files, or as token
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import ConversionError
-from .loading import from_pretrained
+from ..errors import ConversionError
+from ..families.loading import from_pretrained
 
 BUILTIN = "python-stdlib"
 HELDOUT_PERCENT = 5  # must equal gqa_toolkit.uptrain.corpus.HELDOUT_PERCENT (a test checks the split agrees)

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import ConversionError
-from .source import hub_cache_repo
+from ..errors import ConversionError
+from .model_dir import hub_cache_repo
 
 SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,

@@ -17,8 +17,8 @@ from typing import Callable
 
 import torch
 
-from .errors import ConversionError
-from .plan import ByteSpan, PlannedTensor
+from ..errors import ConversionError
+from .tensors import ByteSpan, PlannedTensor
 from .reader import SAFETENSORS_DTYPES
 
 DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}

@@ -10,8 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 from .calibration import BUILTIN
-from .errors import ConversionError
-from .methods import all_method_names, method_choices
+from ..errors import ConversionError
+from .registry import all_method_names, method_choices
 
 OPTIONS: dict[str, dict[str, Any]] = {
     "similarity": {"grouping": "similarity"},

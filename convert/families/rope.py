@@ -11,12 +11,15 @@ families with no RoPE). `KeyMap` holds exactly that, so no code path can build a
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from .architectures.spec import Rope
-from .errors import ConversionError
-from .source_config import ConfigReader
+from ..errors import ConversionError
+
+if TYPE_CHECKING:
+    from .config import ConfigReader
+    from .spec import Rope
 
 
 @dataclass(frozen=True)

@@ -19,11 +19,11 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .architectures.spec import AttentionBlock, key_pattern
-from .errors import ConversionError
-from .layer_block import InputMoments
-from .loading import from_pretrained
-from .reader import CheckpointReader
+from ..families.spec import AttentionBlock, key_pattern
+from ..errors import ConversionError
+from .layer_types import InputMoments
+from ..families.loading import from_pretrained
+from ..io.reader import CheckpointReader
 
 
 class _Caught(Exception):

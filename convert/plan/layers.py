@@ -12,13 +12,13 @@ from typing import Callable, Mapping
 
 import torch
 
-from .architectures.spec import ArchitectureSpec, key_pattern
-from .errors import ConversionError
-from .geometry import Geometry
-from .layer_api import AttentionWeights, convert_layer
-from .layer_block import InputMoments
-from .layouts import Heads, fused_layout
-from .rope import RopeLayout
+from ..families.spec import ArchitectureSpec, key_pattern
+from ..errors import ConversionError
+from ..families.geometry import Geometry
+from ..methods.layer import AttentionWeights, convert_layer
+from ..methods.layer_types import InputMoments
+from ..families.fused import Heads, fused_layout
+from ..families.rope import RopeLayout
 
 ROLES = ("q", "k", "v", "o")
 
@@ -76,7 +76,7 @@ def check_block_support(spec: ArchitectureSpec, model_type: str, names: list[str
 
 
 def _all_specs():
-    from .architectures.spec import all_specs
+    from ..families.spec import all_specs
 
     return all_specs().values()
 

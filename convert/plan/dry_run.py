@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
-from .architectures.spec import key_pattern
-from .disk import check_free_space, format_bytes, free_bytes
-from .errors import ConversionError
-from .writer import planned_bytes, split_into_shards
+from ..families.spec import key_pattern
+from ..io.disk import check_free_space, format_bytes, free_bytes
+from ..errors import ConversionError
+from ..io.writer import planned_bytes, split_into_shards
 
 FLOAT32, FLOAT64 = 4, 8
 

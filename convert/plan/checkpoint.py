@@ -14,35 +14,13 @@ from typing import Callable, Iterable, Mapping
 
 import torch
 
-from .architectures.spec import ArchitectureSpec, KVTensor, key_pattern
-from .errors import ConversionError
-from .geometry import Geometry
-from .layouts import Heads, fused_layout
-from .layer_plan import LayerSettings, plan_layers
-from .methods import Method, MethodContext, preserve_norms
-
-
-@dataclass(frozen=True)
-class ByteSpan:
-    file: Path
-    begin: int
-    end: int
-
-
-@dataclass(frozen=True)
-class SourceTensor:
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    span: ByteSpan | None = None  # where its bytes lie on disk, when they can be copied as they are
-
-
-@dataclass(frozen=True)
-class PlannedTensor:
-    name: str
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    produce: Callable[[], torch.Tensor]
-    copy_from: ByteSpan | None = None  # an unchanged tensor: the writer copies these bytes without reading them
+from ..families.spec import ArchitectureSpec, KVTensor, key_pattern
+from ..errors import ConversionError
+from ..families.geometry import Geometry
+from ..families.fused import Heads, fused_layout
+from .layers import LayerSettings, plan_layers
+from ..io.tensors import ByteSpan, PlannedTensor, SourceTensor
+from ..methods.registry import Method, MethodContext, preserve_norms
 
 
 @dataclass(frozen=True)

@@ -12,9 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
-from .architectures.spec import ConfigSchema
-from .errors import ConversionError
-from .loading import from_pretrained
+from .spec import ConfigSchema
 
 _UNANSWERED = object()
 
@@ -39,17 +37,6 @@ class TransformersConfig:
         for part in path.split("."):
             value = value.get(part) if isinstance(value, dict) else getattr(value, part, None)
         return value
-
-
-def load_transformers_config(model_dir: Path) -> TransformersConfig:
-    from huggingface_hub.errors import StrictDataclassError  # a value of the wrong type, or one out of range
-    from transformers import AutoConfig
-
-    try:
-        return TransformersConfig(from_pretrained(AutoConfig, model_dir))
-    except (ValueError, OSError, TypeError, StrictDataclassError) as exc:
-        reason = " ".join(str(exc).split())
-        raise ConversionError(f"transformers cannot read {model_dir / 'config.json'}: {reason}") from None
 
 
 class SourceConfig:

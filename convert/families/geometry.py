@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from dataclasses import dataclass
 
-from .architectures.spec import ArchitectureSpec
-from .errors import ConversionError
-from .source_config import ConfigReader
+from .spec import ArchitectureSpec
+from ..errors import ConversionError
+
+if TYPE_CHECKING:
+    from .config import ConfigReader
 
 
 @dataclass(frozen=True)
@@ -19,7 +23,7 @@ class Geometry:
 
 
 def read_geometry(config: ConfigReader, spec: ArchitectureSpec, kind: str | None = None) -> Geometry:
-    """`config` answers as the family's transformers config would (see source_config.py); `kind` one of the spec's
+    """`config` answers as the family's transformers config would (see families/config.py); `kind` one of the spec's
     attention kinds (default: its first)."""
     kind = kind or next(iter(spec.attention))
     for attr, wanted in spec.requires.items():

@@ -14,7 +14,7 @@ from typing import Callable, Protocol
 
 import torch
 
-from .errors import ConversionError
+from ..errors import ConversionError
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ def register_method(name: str) -> Callable[[Method], Method]:
 @dataclass(frozen=True)
 class LayerMethod:
     """A method that converts one layer's whole attention block (K, V and the compensating Q, O changes); see
-    layer_api.py. `fn(block, groups, ctx) -> LayerResult`. `pools`: it averages heads (so norm preservation
+    methods/layer.py. `fn(block, groups, ctx) -> LayerResult`. `pools`: it averages heads (so norm preservation
     applies); `calibrated`: the converter feeds it calibration activations by default."""
 
     fn: Callable

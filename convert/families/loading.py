@@ -13,6 +13,9 @@ import json
 import sys
 from pathlib import Path
 
+from ..errors import ConversionError
+from .config import TransformersConfig
+
 _remote_code_allowed = False
 
 
@@ -31,7 +34,7 @@ def remote_code_allowed() -> bool:
 
 def own_model_types() -> set[str]:
     """The model types the toolkit has modeling code for (gqa_t5, gqa_opt, ...)."""
-    from .architectures.spec import all_specs
+    from .spec import all_specs
 
     return {spec.modeling.model_type for spec in all_specs().values() if spec.modeling is not None}
 
@@ -56,3 +59,14 @@ def from_pretrained(auto_class, model_dir: str | Path, **kwargs):
     if not _remote_code_allowed:
         register_own_modeling(model_dir)
     return auto_class.from_pretrained(model_dir, trust_remote_code=_remote_code_allowed, **kwargs)
+
+
+def load_transformers_config(model_dir: Path) -> TransformersConfig:
+    from huggingface_hub.errors import StrictDataclassError  # a value of the wrong type, or one out of range
+    from transformers import AutoConfig
+
+    try:
+        return TransformersConfig(from_pretrained(AutoConfig, model_dir))
+    except (ValueError, OSError, TypeError, StrictDataclassError) as exc:
+        reason = " ".join(str(exc).split())
+        raise ConversionError(f"transformers cannot read {model_dir / 'config.json'}: {reason}") from None

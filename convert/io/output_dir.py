@@ -17,8 +17,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from .errors import ConversionError
-from .provenance import CONVERSION_KEY
+from ..errors import ConversionError
+from ..provenance import CONVERSION_KEY
 
 
 def is_own_output(path: Path) -> bool:

@@ -10,7 +10,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from .errors import ConversionError
+from ..errors import ConversionError
 
 
 class Heads(NamedTuple):

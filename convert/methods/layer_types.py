@@ -7,10 +7,12 @@ as one matrix `(hd, d + 1)`. All arithmetic is float64; `convert_layer` casts ba
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
-from .rope import KeyMap, RopeLayout
+if TYPE_CHECKING:
+    from ..families.rope import KeyMap, RopeLayout
 
 RIDGE = 1e-6  # relative ridge on the input second moment: keeps its Cholesky factor invertible
 

@@ -5,18 +5,16 @@
 
 from __future__ import annotations
 
-import logging
-import sys
-
 import click
 
+from .command import HELP, Command, print_warnings, user_errors
 from .errors import ConversionError
 from .methods.calibration import BUILTIN
 from .methods.grouping import GROUPINGS
 from .methods.registry import all_method_names
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.command(cls=Command, context_settings={**HELP, "show_default": True})
 @click.argument("model_dir")
 @click.option("--groups", "-g", type=int, default=None, help="KV heads (G) in the output; must divide the source's. "
                                                             "[required]")
@@ -54,6 +52,7 @@ from .methods.registry import all_method_names
 @click.option("--refresh-modeling", is_flag=True, help="Convert nothing: rewrite the modeling files of MODEL_DIR, an "
                                                        "earlier t5, gpt_neox, gpt2 or opt output, with this "
                                                        "version's.")
+@user_errors("gqa-convert", "nothing was written")
 def main(model_dir, groups, method, grouping, preserve_norm, calibration, calibration_samples, calibration_length,
          calibration_mode, device, output, attention, seed, dtype, max_shard_size, force, quiet, dry_run,
          refresh_modeling):
@@ -61,38 +60,23 @@ def main(model_dir, groups, method, grouping, preserve_norm, calibration, calibr
     grouped-query attention with G key/value heads."""
     from .api import convert_checkpoint, describe_conversion, refresh_modeling as refresh
 
-    _print_warnings()
+    print_warnings("gqa-convert", "gqa_toolkit.convert")
 
-    try:
-        if refresh_modeling:
-            for path in refresh(model_dir):
-                click.echo(f"rewrote {path}")
-            return
-        if groups is None:
-            raise ConversionError("--groups is required: the number of KV heads in the output, e.g. --groups 8")
-        options = dict(method=method, groups=groups, seed=seed, dtype=dtype, max_shard_size=max_shard_size,
-                       attention=attention, force=force, grouping=grouping, preserve_norm=preserve_norm,
-                       calibration=calibration, calibration_samples=calibration_samples,
-                       calibration_length=calibration_length, device=device, calibration_mode=calibration_mode)
-        if dry_run:
-            click.echo("\n".join(describe_conversion(model_dir, output, **options)))
-            return
-        out = convert_checkpoint(model_dir, output, progress=not quiet, **options)
-    except ConversionError as exc:
-        click.echo(f"gqa-convert: error: {exc}", err=True)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        click.echo("gqa-convert: interrupted; nothing was written", err=True)
-        sys.exit(130)
+    if refresh_modeling:
+        for path in refresh(model_dir):
+            click.echo(f"rewrote {path}")
+        return
+    if groups is None:
+        raise ConversionError("--groups is required: the number of KV heads in the output, e.g. --groups 8")
+    options = dict(method=method, groups=groups, seed=seed, dtype=dtype, max_shard_size=max_shard_size,
+                   attention=attention, force=force, grouping=grouping, preserve_norm=preserve_norm,
+                   calibration=calibration, calibration_samples=calibration_samples,
+                   calibration_length=calibration_length, device=device, calibration_mode=calibration_mode)
+    if dry_run:
+        click.echo("\n".join(describe_conversion(model_dir, output, **options)))
+        return
+    out = convert_checkpoint(model_dir, output, progress=not quiet, **options)
     click.echo(str(out))
-
-
-def _print_warnings() -> None:
-    """The library's warnings (links skipped, code carried over from the source) as `gqa-convert: warning:` lines."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("gqa-convert: warning: %(message)s"))
-    log = logging.getLogger("gqa_toolkit.convert")
-    log.handlers, log.propagate = [handler], False
 
 
 if __name__ == "__main__":

@@ -12,8 +12,16 @@ import json
 
 import click
 
-from .cli_errors import OneLineErrorsGroup, emit, user_errors
+from gqa_toolkit.convert.command import HELP, Group, emit as emit_line, user_errors as one_line_errors
 from .options import IntAtLeast, PositiveInts
+
+
+PROG = "gqa-eval"
+user_errors = one_line_errors(PROG, "rerun the same command to continue")
+
+
+def emit(text: str) -> None:
+    emit_line(PROG, text)
 
 
 def data_options(fn):
@@ -60,7 +68,7 @@ def _load(model_dir, role: str = "MODEL_DIR"):
     return load_for_eval(check_model_dir(model_dir, role=role))
 
 
-@click.group(cls=OneLineErrorsGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=Group, context_settings=HELP)
 @click.option("--trust-remote-code", is_flag=True,
               help="Run the Python files of model folders. Never needed for the toolkit's own families.")
 def main(trust_remote_code):

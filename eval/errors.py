@@ -1,5 +1,7 @@
-"""The exception the eval stage raises for bad input; the CLI prints it as one line."""
+"""The exception the eval stage raises for bad input; the command prints it as one line."""
+
+from gqa_toolkit.convert.errors import ToolkitError
 
 
-class EvalError(Exception):
+class EvalError(ToolkitError):
     """A problem with the user's input, stated with what was found and how to fix it."""

@@ -6,18 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from gqa_toolkit.convert.io import disk
-from gqa_toolkit.convert.io.disk import WRITE_ONLY_FAULTS, fault_errno  # noqa: F401  (re-exported for the CLI)
 
 from .errors import EvalError
 
 
 def write_fault(where: Path | str | None, exc: BaseException, destination: str = "another destination") -> EvalError:
     """The one-line error for a write that failed: what was being written, why, and what to do."""
-    where = where or getattr(exc, "filename", None) or "the output"
-    code = fault_errno(exc)
-    if code is None:
-        return EvalError(f"cannot write {where}: {getattr(exc, 'strerror', None) or exc}; choose {destination}")
-    return EvalError(disk.fault_message(code, where, destination))
+    return EvalError(disk.write_fault_message(where, exc, destination))
 
 
 def disk_writes(path: Path, destination: str):

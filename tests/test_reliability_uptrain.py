@@ -36,7 +36,7 @@ def one_error(result) -> str:
     """The single `error:` line of a refused run, after checking the exit code and that nothing else was printed."""
     assert result.exit_code == 2, (result.output, result.exc_info and traceback.format_exception(*result.exc_info))
     assert "Traceback" not in result.output, result.output
-    errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    errors = [line for line in result.output.splitlines() if line.startswith("gqa-uptrain: error: ")]
     assert len(errors) == 1 and result.output.strip() == errors[0], result.output
     return errors[0]
 
@@ -238,7 +238,7 @@ def test_a_damaged_block_cache_is_rebuilt_and_said_so(recipe, tmp_path):
     shutil.rmtree(tmp_path / "run")
     result = invoke(recipe)
     assert result.exit_code == 0, result.output
-    warnings = [line for line in result.output.splitlines() if line.startswith("warning: ")]
+    warnings = [line for line in result.output.splitlines() if line.startswith("gqa-uptrain: warning: ")]
     assert len(warnings) == len(arrows) and "Traceback" not in result.output
     assert all("block cache" in w and str(tmp_path / "cache") in w and "rebuilding it" in w for w in warnings)
     assert invoke(recipe, f"output.dir={tmp_path / 'again'}").output.count("warning:") == 0

@@ -16,7 +16,7 @@ def run_error(recipe, *overrides) -> str:
     result = CliRunner().invoke(main, [str(recipe), *overrides])
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output
-    lines = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    lines = [line for line in result.output.splitlines() if line.startswith("gqa-uptrain: error: ")]
     assert len(lines) == 1 and result.output.strip().endswith(lines[0]), result.output
     return lines[0]
 

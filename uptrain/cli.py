@@ -5,18 +5,16 @@ The same command runs under `accelerate launch -m gqa_toolkit.uptrain RECIPE.yam
 
 from __future__ import annotations
 
-import logging
-import sys
-
 import click
 
-from .errors import UptrainError
+from gqa_toolkit.convert.command import HELP, Command, print_warnings, user_errors
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(cls=Command, context_settings=HELP)
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.argument("overrides", nargs=-1)
 @click.option("--print-recipe", is_flag=True, help="Print the resolved recipe and exit without training.")
+@user_errors("gqa-uptrain", "rerun the same command to resume from the last checkpoint")
 def main(recipe: str, overrides: tuple[str, ...], print_recipe: bool) -> None:
     """Uptrain the converted checkpoint named in RECIPE (YAML).
 
@@ -25,30 +23,15 @@ def main(recipe: str, overrides: tuple[str, ...], print_recipe: bool) -> None:
     """
     from .recipe import load_recipe
 
-    _print_warnings()
-    try:
-        loaded = load_recipe(recipe, overrides)
-        if print_recipe:
-            click.echo(loaded.resolved().to_yaml(), nl=False)
-            return
-        from .loop import train  # imports torch and transformers: only when there is training to do
+    print_warnings("gqa-uptrain", "gqa_toolkit.uptrain")
+    loaded = load_recipe(recipe, overrides)
+    if print_recipe:
+        click.echo(loaded.resolved().to_yaml(), nl=False)
+        return
+    from .loop import train  # imports torch and transformers: only when there is training to do
 
-        out = train(loaded)
-    except UptrainError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        click.echo("interrupted; rerun the same command to resume from the last checkpoint", err=True)
-        sys.exit(130)
+    out = train(loaded)
     from accelerate import PartialState
 
     if PartialState().is_main_process:
         click.echo(f"uptrained model written to {out}", err=True)
-
-
-def _print_warnings() -> None:
-    """The library's warnings (such as a damaged block cache being rebuilt) as `warning:` lines on stderr."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("warning: %(message)s"))
-    log = logging.getLogger("gqa_toolkit.uptrain")
-    log.handlers, log.propagate = [handler], False

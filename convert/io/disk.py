@@ -84,6 +84,16 @@ def fault_message(code: int, where: str | Path, setting: str) -> str:
     return f"cannot write {where}: {PROBLEMS[code]}; {FIXES[code].format(setting=setting)}"
 
 
+def write_fault_message(where: str | Path | None, exc: BaseException, setting: str = "another destination") -> str:
+    """The one line for a write that failed: what was being written (default: the file the error names), why,
+    and what to do."""
+    where = where or getattr(exc, "filename", None) or "the output"
+    code = fault_errno(exc)
+    if code is None:
+        return f"cannot write {where}: {getattr(exc, 'strerror', None) or exc}; choose {setting}"
+    return fault_message(code, where, setting)
+
+
 @contextmanager
 def disk_writes(where: str | Path, setting: str, error: type[Exception], path: Path | None = None,
                 cleanup: Callable[[], None] | None = None) -> Iterator[None]:

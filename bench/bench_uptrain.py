@@ -26,8 +26,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from gqa_toolkit.convert import convert_checkpoint
 from gqa_toolkit.uptrain import train, validate_recipe
 from gqa_toolkit.uptrain.data import global_batches, load_blocks
-from gqa_toolkit.uptrain.tasks import CausalLM
 from gqa_toolkit.uptrain.metrics import read_metrics
+from gqa_toolkit.uptrain.tasks import CausalLM
 from gqa_toolkit.uptrain.tiny import build_tiny_mha
 
 

@@ -14,26 +14,26 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .errors import ConversionError
+from .families.config import ConfigReader, SourceConfig
+from .families.geometry import check_groups, read_geometries
+from .families.loading import load_transformers_config, own_model_types
+from .families.rope import rope_layout
 from .families.spec import ArchitectureSpec, spec_for
 from .io.disk import check_free_space, disk_writes
-from .errors import ConversionError
-from .families.geometry import check_groups, read_geometries
+from .io.model_dir import hub_cache_repo, read_raw_config, resolve_model_dir
+from .io.output_dir import atomic_directory, check_output_free
+from .io.reader import CheckpointReader
+from .io.tensors import ByteSpan, SourceTensor
+from .io.writer import planned_bytes, write_checkpoint
 from .methods.block_stream import BlockStream, StreamedMoments
 from .methods.calibration import BUILTIN, calibration_tokens
 from .methods.grouping import GROUPINGS
-from .plan.layers import ConvertedLayers, LayerSettings, check_block_support
 from .methods.registry import LAYER_METHODS, get_method
-from .io.output_dir import atomic_directory, check_output_free
-from .io.tensors import ByteSpan, SourceTensor
-from .plan.checkpoint import ConversionSettings, plan_conversion
-from .families.rope import rope_layout
-from .families.loading import own_model_types
+from .plan.checkpoint import plan_conversion
+from .plan.layers import check_block_support
+from .plan.settings import ConversionSettings, ConvertedLayers, LayerSettings
 from .provenance import conversion_record, write_metadata, write_modeling
-from .io.reader import CheckpointReader
-from .io.model_dir import hub_cache_repo, read_raw_config, resolve_model_dir
-from .families.config import ConfigReader, SourceConfig
-from .families.loading import load_transformers_config
-from .io.writer import planned_bytes, write_checkpoint
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,

@@ -12,9 +12,11 @@ import json
 
 import click
 
-from gqa_toolkit.convert.command import HELP, Group, emit as emit_line, user_errors as one_line_errors
-from .options import IntAtLeast, PositiveInts
+from gqa_toolkit.convert.command import HELP, Group
+from gqa_toolkit.convert.command import emit as emit_line
+from gqa_toolkit.convert.command import user_errors as one_line_errors
 
+from .options import IntAtLeast, PositiveInts
 
 PROG = "gqa-eval"
 user_errors = one_line_errors(PROG, "rerun the same command to continue")
@@ -102,7 +104,8 @@ def fidelity_cmd(model_dir, source_dir, source, split, text_column, target_colum
     from gqa_toolkit.uptrain.model import check_model_dir, load_config
 
     from .fidelity import fidelity
-    from .sources import check_comparable, source_dir as checked_source
+    from .sources import check_comparable
+    from .sources import source_dir as checked_source
 
     converted = check_model_dir(model_dir, role="MODEL_DIR")
     config = load_config(converted, role="MODEL_DIR")  # a readable config.json, before its record is read

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 import torch
 
 from gqa_toolkit.convert.families.transformers_names import cache_argument, output_cache
-from gqa_toolkit.uptrain.model import context_length
 
 from .errors import EvalError
 

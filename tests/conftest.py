@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
-
 from families import FAMILIES, Family, family_config
+from transformers import AutoConfig, AutoModelForCausalLM
 
 pytest_plugins = ["fixtures_uptrain"]
 

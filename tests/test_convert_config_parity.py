@@ -11,16 +11,16 @@ import json
 from functools import partial
 
 import pytest
+from families import FAMILIES, NO_NATIVE_FAMILIES, family_config
 from transformers import AutoConfig
 
 import gqa_toolkit.convert.families.modeling  # noqa: F401  registers the gqa_* config classes with AutoConfig
-from families import FAMILIES, NO_NATIVE_FAMILIES, family_config
-from gqa_toolkit.convert.families.spec import spec_for
 from gqa_toolkit.convert.errors import ConversionError
-from gqa_toolkit.convert.families.geometry import read_geometries
-from gqa_toolkit.convert.families.rope import rope_layout
 from gqa_toolkit.convert.families.config import SourceConfig, TransformersConfig
+from gqa_toolkit.convert.families.geometry import read_geometries
 from gqa_toolkit.convert.families.loading import load_transformers_config
+from gqa_toolkit.convert.families.rope import rope_layout
+from gqa_toolkit.convert.families.spec import spec_for
 
 CASES = {f.model_type: (f.model_type, family_config(f)) for f in FAMILIES}
 CASES.update({f.model_type: (f.model_type, f.config) for f in NO_NATIVE_FAMILIES})

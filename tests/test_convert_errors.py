@@ -9,10 +9,10 @@ import sys
 import pytest
 import torch
 from click.testing import CliRunner
-from safetensors import safe_open
-
 from conftest import save_tiny_model
 from faults import mounted_tmpfs
+from safetensors import safe_open
+
 from gqa_toolkit.convert.cli import main
 
 

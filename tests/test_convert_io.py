@@ -3,10 +3,10 @@
 import json
 
 import torch
-from safetensors import safe_open
-
 from conftest import load_model, logits, read_config, save_tiny_model
 from families import BASE
+from safetensors import safe_open
+
 from gqa_toolkit.convert import convert_checkpoint
 
 

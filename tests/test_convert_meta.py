@@ -2,11 +2,12 @@
 
 import torch
 
-from gqa_toolkit.convert.families.spec import spec_for
 from gqa_toolkit.convert.families.geometry import Geometry
-from gqa_toolkit.convert.methods.registry import get_method
+from gqa_toolkit.convert.families.spec import spec_for
 from gqa_toolkit.convert.io.tensors import SourceTensor
-from gqa_toolkit.convert.plan.checkpoint import ConversionSettings, plan_conversion
+from gqa_toolkit.convert.methods.registry import get_method
+from gqa_toolkit.convert.plan.checkpoint import plan_conversion
+from gqa_toolkit.convert.plan.settings import ConversionSettings
 
 
 def _llama_65b_shapes(layers=80, d=8192, heads=64, ffn=22016, vocab=32000):

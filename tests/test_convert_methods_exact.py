@@ -8,12 +8,12 @@ rotations of one another with no loss, which mean-pooling cannot.
 
 import pytest
 import torch
-
 from conftest import build_tiny_model, load_model, logits
 from families import FAMILIES, family_config
+
 from gqa_toolkit.convert import AttentionWeights, ConversionError, align_layer, convert_checkpoint
-from gqa_toolkit.convert.methods.layer import permute_layer
 from gqa_toolkit.convert.families.rope import RopeLayout
+from gqa_toolkit.convert.methods.layer import permute_layer
 
 # model_type -> (config changes, rotary dims of a 16-dim head): full RoPE, RoPE with GQA and q/k/v biases,
 # partial RoPE with phi's `dense` output, and OPT with no RoPE (every key dim free)

@@ -6,12 +6,12 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import load_model, logits
 from safetensors.torch import load_file
 
-from conftest import load_model, logits
 from gqa_toolkit.convert import AttentionWeights, ConversionError, convert_checkpoint, convert_layer
-from gqa_toolkit.convert.methods.calibration import stdlib_train_files
 from gqa_toolkit.convert.cli import main as convert_cli
+from gqa_toolkit.convert.methods.calibration import stdlib_train_files
 from gqa_toolkit.convert.methods.variants import parse_variant
 from gqa_toolkit.eval.ablation_recipe import AblationRecipe
 
@@ -95,12 +95,12 @@ def test_layer_api_names_bad_shapes():
 
 def test_layer_plan_shapes_of_a_70b_shaped_checkpoint():
     """The per-layer plan knows every output shape before reading data (producers are not called here)."""
-    from gqa_toolkit.convert.families.spec import spec_for
     from gqa_toolkit.convert.families.geometry import Geometry
-    from gqa_toolkit.convert.plan.layers import LayerSettings
-    from gqa_toolkit.convert.io.tensors import SourceTensor
-    from gqa_toolkit.convert.plan.checkpoint import ConversionSettings, plan_conversion
     from gqa_toolkit.convert.families.rope import RopeLayout
+    from gqa_toolkit.convert.families.spec import spec_for
+    from gqa_toolkit.convert.io.tensors import SourceTensor
+    from gqa_toolkit.convert.plan.checkpoint import plan_conversion
+    from gqa_toolkit.convert.plan.settings import ConversionSettings, LayerSettings
 
     d, layers = 8192, 80
     shapes = {"model.embed_tokens.weight": (32000, d)}

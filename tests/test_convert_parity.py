@@ -3,11 +3,11 @@ equal those of the independently built reference (or of the source itself when G
 
 import pytest
 import torch
-
 from conftest import load_model, logits, read_config
 from families import FAMILIES, FAMILY_IDS
-from gqa_toolkit.convert import convert_checkpoint
 from reference import apply_reference
+
+from gqa_toolkit.convert import convert_checkpoint
 
 pytest.importorskip("transformers")
 

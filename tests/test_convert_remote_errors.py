@@ -4,13 +4,13 @@ import json
 
 import pytest
 import torch
-from pydantic import ValidationError
-
 from conftest import build_tiny_no_native
 from families import NO_NATIVE_FAMILIES, NO_NATIVE_IDS
+from pydantic import ValidationError
+from test_convert_errors import assert_refused
+
 from gqa_toolkit.convert.families.spec import ArchitectureSpec, all_specs
 from gqa_toolkit.convert.families.transformers_names import output_cache
-from test_convert_errors import assert_refused
 
 
 def test_unknown_attention_scope_lists_choices(no_native_dirs, llama_dir, tmp_path):

@@ -13,13 +13,13 @@ import textwrap
 import pytest
 import torch
 import transformers
-from safetensors import safe_open
-
 from conftest import read_config
 from families import NO_NATIVE_FAMILIES, NO_NATIVE_IDS
+from reference import apply_reference_no_native
+from safetensors import safe_open
+
 from gqa_toolkit.convert import convert_checkpoint
 from gqa_toolkit.convert.families.transformers_names import output_cache
-from reference import apply_reference_no_native
 
 GROUPS = 2
 
@@ -220,11 +220,12 @@ def test_loads_with_trust_remote_code_without_the_toolkit(no_native_dirs, tmp_pa
 
 def test_gpt2_xl_and_t5_11b_shaped_plans_on_meta():
     """Output shapes of the transposed fused layout and of T5's scopes, on the meta device with no memory."""
-    from gqa_toolkit.convert.families.spec import spec_for
     from gqa_toolkit.convert.families.geometry import Geometry
-    from gqa_toolkit.convert.methods.registry import get_method
+    from gqa_toolkit.convert.families.spec import spec_for
     from gqa_toolkit.convert.io.tensors import SourceTensor
-    from gqa_toolkit.convert.plan.checkpoint import ConversionSettings, plan_conversion
+    from gqa_toolkit.convert.methods.registry import get_method
+    from gqa_toolkit.convert.plan.checkpoint import plan_conversion
+    from gqa_toolkit.convert.plan.settings import ConversionSettings
 
     def plan(shapes, spec, geos, groups):
         sources = {n: SourceTensor(torch.bfloat16, s) for n, s in shapes.items()}

@@ -8,8 +8,8 @@ by full forwards; the cache holds G heads, read from the cache object itself.
 import pytest
 import torch
 import transformers
-
 from families import FAMILIES, NO_NATIVE_FAMILIES
+
 from gqa_toolkit.convert import convert_checkpoint
 from gqa_toolkit.convert.families.transformers_names import cache_argument, output_cache
 

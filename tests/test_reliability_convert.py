@@ -17,9 +17,8 @@ from contextlib import ExitStack
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
 from faults import mounted_tmpfs
+from safetensors.torch import load_file, save_file
 from test_convert_errors import assert_refused, run_cli
 
 

@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import yaml
 from click.testing import CliRunner
-
 from faults import mounted_tmpfs, remount
-from gqa_toolkit.eval.cli import main
+
 from gqa_toolkit.eval.ablation_recipe import BuildOriginal
+from gqa_toolkit.eval.cli import main
 from gqa_toolkit.eval.errors import EvalError
 from gqa_toolkit.eval.original import write_initial_model
 from gqa_toolkit.eval.outputs import write_files

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import yaml
 from click.testing import CliRunner
-
 from faults import fill, mounted_tmpfs, remount
+
 from gqa_toolkit.uptrain import corpus, load_recipe
 from gqa_toolkit.uptrain import loop as loop_module
 from gqa_toolkit.uptrain.cli import main

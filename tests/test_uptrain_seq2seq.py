@@ -9,8 +9,8 @@ import pytest
 import torch
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, T5ForConditionalGeneration
 
-from gqa_toolkit.eval.fidelity import fidelity
 from gqa_toolkit.convert.families.transformers_names import output_cache
+from gqa_toolkit.eval.fidelity import fidelity
 from gqa_toolkit.eval.heldout import EvalData, eval_task, heldout_set
 from gqa_toolkit.eval.perplexity import perplexity
 from gqa_toolkit.eval.speed import kv_cache_bytes_per_token, measure_speed

@@ -26,8 +26,16 @@ from .checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
 from .data import example_batches, global_batches, load_blocks, process_micro_batches
 from .errors import UptrainError
 from .metrics import MetricsLog
-from .model import (check_block_size, check_model_dir, check_tokenizer_fits, load_config, load_model, load_teacher,
-                    load_tokenizer, teacher_dir)
+from .model import (
+    check_block_size,
+    check_model_dir,
+    check_tokenizer_fits,
+    load_config,
+    load_model,
+    load_teacher,
+    load_tokenizer,
+    teacher_dir,
+)
 from .objective import ce_loss, objective, predictions
 from .output import save_output
 from .recipe import Recipe

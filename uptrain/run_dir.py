@@ -12,10 +12,10 @@ from pathlib import Path
 
 import yaml
 
-from .errors import UptrainError
-from .recipe import Recipe, yaml_problem
 from gqa_toolkit.convert.io.disk import write_files
 
+from .errors import UptrainError
+from .recipe import Recipe, yaml_problem
 from .storage import disk_writes
 
 RECIPE_FILE = "uptrain_recipe.yaml"

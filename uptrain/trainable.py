@@ -13,8 +13,8 @@ from .recipe import TrainSection
 
 def _kv_patterns(model_type: str) -> list[re.Pattern[str]]:
     """Regexes for the converted K/V tensors (and their norms), from the convert stage's architecture spec."""
-    from gqa_toolkit.convert.families.spec import key_pattern, spec_for
     from gqa_toolkit.convert.errors import ConversionError
+    from gqa_toolkit.convert.families.spec import key_pattern, spec_for
 
     try:
         spec = spec_for(model_type)

@@ -9,7 +9,6 @@ transformers'. `TransformersConfig` gives the same interface over a loaded confi
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Callable, Protocol
 
 from .spec import ConfigSchema

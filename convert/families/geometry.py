@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from dataclasses import dataclass
-
-from .spec import ArchitectureSpec
 from ..errors import ConversionError
+from .spec import ArchitectureSpec
 
 if TYPE_CHECKING:
     from .config import ConfigReader

@@ -18,8 +18,8 @@ from typing import Callable
 import torch
 
 from ..errors import ConversionError
-from .tensors import ByteSpan, PlannedTensor
 from .reader import SAFETENSORS_DTYPES
+from .tensors import ByteSpan, PlannedTensor
 
 DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 SINGLE_FILE = "model.safetensors"

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import torch
 
+from ..families.rope import KeyMap
 from .layer_types import HeadBlock, LayerContext, LayerResult
 from .registry import register_layer_method
-from ..families.rope import KeyMap
 
 ITERATIONS = 8  # generalised Procrustes: align to the group's mean, recompute the mean, repeat
 

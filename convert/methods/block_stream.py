@@ -19,11 +19,11 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..families.spec import AttentionBlock, key_pattern
 from ..errors import ConversionError
-from .layer_types import InputMoments
 from ..families.loading import from_pretrained
+from ..families.spec import AttentionBlock, key_pattern
 from ..io.reader import CheckpointReader
+from .layer_types import InputMoments
 
 
 class _Caught(Exception):

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import torch
 
+from ..families.rope import KeyMap
 from .layer_types import HeadBlock, LayerContext, LayerResult
 from .registry import register_layer_method
-from ..families.rope import KeyMap
 
 RIDGE = 1e-6
 

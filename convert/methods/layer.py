@@ -18,10 +18,10 @@ from dataclasses import dataclass, replace
 import torch
 
 from ..errors import ConversionError
+from ..families.rope import KeyMap, RopeLayout
 from .grouping import GROUPINGS, similarity_permutation
 from .layer_types import HeadBlock, InputMoments, LayerContext, LayerResult
-from .registry import LAYER_METHODS, METHODS, MethodContext, all_method_names, method_choices
-from ..families.rope import KeyMap, RopeLayout
+from .registry import LAYER_METHODS, METHODS, MethodContext, all_method_names, method_choices, preserve_norms
 
 __all__ = ["AttentionWeights", "InputMoments", "RopeLayout", "convert_layer"]
 
@@ -73,17 +73,6 @@ def _per_head_method(name: str, block: HeadBlock, groups: int, ctx: LayerContext
     return LayerResult(pool("k", block.k), KeyMap.identity(G0, ctx.layout), pool("v", block.v), eye)
 
 
-def _preserve_norms(result: LayerResult, block: HeadBlock, groups: int, ctx: LayerContext) -> LayerResult:
-    """Scale each pooled head so its norm (under the calibration metric, if any) is its group's mean head norm:
-    averaging k nearly orthogonal heads shrinks the norm by about 1/sqrt(k) and flattens attention."""
-    def scaled(shared: torch.Tensor, heads: torch.Tensor, metric: torch.Tensor) -> torch.Tensor:
-        norms = (heads @ metric).flatten(1).norm(dim=1).view(groups, -1).mean(1)  # (G,)
-        current = (shared @ metric).flatten(1).norm(dim=1).clamp_min(1e-30)  # (G,)
-        return shared * (norms / current)[:, None, None]
-
-    return replace(result, k=scaled(result.k, block.k, ctx.metric_k), v=scaled(result.v, block.v, ctx.metric_v))
-
-
 def convert_layer(weights: AttentionWeights, *, heads: int, kv_heads: int, groups: int, method: str = "mean",
                   rope: RopeLayout | None = None, grouping: str = "contiguous", preserve_norm: bool = False,
                   calibration: torch.Tensor | InputMoments | None = None, seed: int = 0, init_std: float = 0.02,
@@ -115,7 +104,8 @@ def convert_layer(weights: AttentionWeights, *, heads: int, kv_heads: int, group
     else:
         result = _per_head_method(method, block, groups, ctx)
     if preserve_norm:
-        result = _preserve_norms(result, block, groups, ctx)
+        result = replace(result, k=preserve_norms(block.k, result.k, groups, ctx.metric_k),
+                         v=preserve_norms(block.v, result.v, groups, ctx.metric_v))
     out = block.assembled(result, rope)
     dtype = weights.q.dtype
     return AttentionWeights(**{k: (v.to(dtype) if v is not None else None) for k, v in out.items()})

@@ -90,10 +90,16 @@ def get_method(name: str) -> Method | None:
     return METHODS[name]
 
 
-def preserve_norms(heads: torch.Tensor, pooled: torch.Tensor, groups: int) -> torch.Tensor:
-    """Scale each pooled head `(G, ...)` to the mean norm of its group's source heads `(G0, ...)`."""
-    target = heads.reshape(heads.shape[0], -1).norm(dim=1).view(groups, -1).mean(1)  # (G,)
-    current = pooled.reshape(groups, -1).norm(dim=1).clamp_min(1e-30)  # (G,)
+def preserve_norms(heads: torch.Tensor, pooled: torch.Tensor, groups: int,
+                   metric: torch.Tensor | None = None) -> torch.Tensor:
+    """Scale each pooled head `(G, ...)` to the mean norm of its group's source heads `(G0, ...)`: averaging k
+    nearly orthogonal heads shrinks the norm by about 1/sqrt(k) and flattens attention. `metric`: norms are taken
+    of `head @ metric` (the calibration's input metric on the last axis)."""
+    def norms(t: torch.Tensor) -> torch.Tensor:
+        return (t if metric is None else t @ metric).reshape(t.shape[0], -1).norm(dim=1)
+
+    target = norms(heads).view(groups, -1).mean(1)  # (G,)
+    current = norms(pooled).clamp_min(1e-30)  # (G,)
     return pooled * (target / current).view(groups, *[1] * (pooled.dim() - 1))
 
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .calibration import BUILTIN
 from ..errors import ConversionError
+from .calibration import BUILTIN
 from .registry import all_method_names, method_choices
 
 OPTIONS: dict[str, dict[str, Any]] = {

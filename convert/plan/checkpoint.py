@@ -9,18 +9,19 @@ the meta device with no memory.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
 import torch
 
-from ..families.spec import ArchitectureSpec, KVTensor, key_pattern
 from ..errors import ConversionError
-from ..families.geometry import Geometry
 from ..families.fused import Heads, fused_layout
-from .layers import LayerSettings, plan_layers
-from ..io.tensors import ByteSpan, PlannedTensor, SourceTensor
-from ..methods.registry import Method, MethodContext, preserve_norms
+from ..families.geometry import Geometry
+from ..families.spec import ArchitectureSpec, KVTensor, key_pattern
+from ..io.tensors import PlannedTensor, SourceTensor
+from ..methods.registry import MethodContext, preserve_norms
+from .layers import plan_layers
+from .settings import ConversionSettings
+from .shared import SharedResult
 
 
 @dataclass(frozen=True)
@@ -41,20 +42,6 @@ def match_names(names: list[str], entries: Iterable[KVTensor]) -> dict[str, Matc
                 matches[name] = Match(entry, int(m["layer"]), head, m["prefix"])
                 break
     return matches
-
-
-@dataclass(frozen=True)
-class ConversionSettings:
-    method: Method | None  # the per-head method; None when `layer` converts every K/V tensor
-    groups: int
-    seed: int = 0
-    dtype: torch.dtype | None = None  # None keeps each tensor's dtype
-    preserve_norm: bool = False  # scale each pooled head to its group's mean head norm
-    layer: LayerSettings | None = None  # set: q, k, v, o are produced per layer (layer methods, similarity grouping)
-
-
-def _out_dtype(dtype: torch.dtype, settings: ConversionSettings) -> torch.dtype:
-    return settings.dtype if settings.dtype is not None and dtype.is_floating_point else dtype
 
 
 def _expected_rows(entry: KVTensor, geo: Geometry, kv_heads: int, output: bool) -> int | None:
@@ -127,27 +114,14 @@ def _fused_producer(name: str, entry: KVTensor, read, geo: Geometry, settings, d
     return produce
 
 
-class _StackedGroup:
-    """The G0 per-head tensors of one stacked entry in one layer, converted once and handed out head by head."""
+def _stacked_heads(names_by_head: dict[int, str], entry: KVTensor, read, geo: Geometry, settings) -> SharedResult:
+    """The G0 per-head tensors of one stacked entry in one layer, converted together and handed out head by head."""
+    def compute() -> dict[int, torch.Tensor]:
+        stack = torch.stack([read(names_by_head[h]) for h in range(geo.kv_heads)])  # (G0, *shape)
+        converted = _convert_heads(stack, entry, names_by_head[0], geo, settings)  # (G, *shape)
+        return dict(enumerate(converted))
 
-    def __init__(self, names_by_head: dict[int, str], entry: KVTensor, read, geo: Geometry, settings):
-        self.names_by_head, self.entry, self.read, self.geo, self.settings = names_by_head, entry, read, geo, settings
-        self.converted: torch.Tensor | None = None
-        self.pending = set(range(settings.groups))  # heads not yet handed out; the stack is freed after the last
-
-    def producer(self, head: int, dtype: torch.dtype) -> Callable[[], torch.Tensor]:
-        def produce() -> torch.Tensor:
-            if self.converted is None:
-                stack = torch.stack([self.read(self.names_by_head[h]) for h in range(self.geo.kv_heads)])
-                key = self.names_by_head[0]
-                self.converted = _convert_heads(stack, self.entry, key, self.geo, self.settings)  # (G, *shape)
-            out = self.converted[head].to(dtype)
-            self.pending.discard(head)
-            if not self.pending:
-                self.converted = None
-            return out
-
-        return produce
+    return SharedResult(compute, range(settings.groups))
 
 
 def plan_conversion(sources: Mapping[str, SourceTensor], read: Callable[[str], torch.Tensor],
@@ -161,11 +135,11 @@ def plan_conversion(sources: Mapping[str, SourceTensor], read: Callable[[str], t
     validate(sources, matches, entries, geos)
     by_layer = {}
     if settings.layer is not None:
-        by_layer = plan_layers(sources, read, spec, geos[spec.block.attention], settings, settings.layer, _out_dtype)
-    stacked: dict[tuple[str, int, str], _StackedGroup] = {}
+        by_layer = plan_layers(sources, read, spec, geos[spec.block.attention], settings)
+    stacked: dict[tuple[str, int, str], SharedResult] = {}
     planned = []
     for name, source in sources.items():
-        dtype = _out_dtype(source.dtype, settings)
+        dtype = settings.output_dtype(source.dtype)
         m = matches.get(name)
         if name in by_layer:
             shape, dtype, produce = by_layer[name]
@@ -189,7 +163,7 @@ def plan_conversion(sources: Mapping[str, SourceTensor], read: Callable[[str], t
                 if sorted(names) != list(range(geo.kv_heads)):
                     raise ConversionError(f"{name}: expected one {m.entry.key!r} per KV head "
                                           f"(0..{geo.kv_heads - 1}), found heads {sorted(names)}")
-                stacked[key] = _StackedGroup(names, m.entry, read, geo, settings)
+                stacked[key] = _stacked_heads(names, m.entry, read, geo, settings)
             planned.append(PlannedTensor(name, dtype, source.shape, stacked[key].producer(m.head, dtype)))
             continue
         rows = _expected_rows(m.entry, geo, settings.groups, output=True)

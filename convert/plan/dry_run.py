@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
+from ..errors import ConversionError
 from ..families.spec import key_pattern
 from ..io.disk import check_free_space, format_bytes, free_bytes
-from ..errors import ConversionError
 from ..io.writer import planned_bytes, split_into_shards
 
 FLOAT32, FLOAT64 = 4, 8

@@ -7,47 +7,20 @@ one layer. Output shapes are known up front (q and o keep theirs, k and v get G 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from functools import partial
 from typing import Callable, Mapping
 
 import torch
 
-from ..families.spec import ArchitectureSpec, key_pattern
 from ..errors import ConversionError
-from ..families.geometry import Geometry
-from ..methods.layer import AttentionWeights, convert_layer
-from ..methods.layer_types import InputMoments
 from ..families.fused import Heads, fused_layout
-from ..families.rope import RopeLayout
+from ..families.geometry import Geometry
+from ..families.spec import ArchitectureSpec, key_pattern
+from ..methods.layer import AttentionWeights, convert_layer
+from .settings import ConversionSettings, LayerSettings
+from .shared import SharedResult
 
 ROLES = ("q", "k", "v", "o")
-
-
-class ConvertedLayers:
-    """Each converted layer's projections by on-disk name, for sequential calibration: held from conversion until
-    the calibration stream has run the converted block (`take`), which converts a layer itself if the writer has
-    not reached it yet."""
-
-    def __init__(self):
-        self.groups: dict[int, "_LayerGroup"] = {}
-        self.ready: dict[int, dict[str, torch.Tensor]] = {}
-
-    def take(self, layer: int) -> dict[str, torch.Tensor]:
-        if layer not in self.ready:
-            self.groups[layer].convert()
-        return self.ready.pop(layer)
-
-
-@dataclass(frozen=True)
-class LayerSettings:
-    method: str
-    grouping: str
-    preserve_norm: bool
-    rope: RopeLayout
-    calibration: Mapping[int, InputMoments] | None = None
-    converted: ConvertedLayers | None = None  # sequential calibration: tell it of every converted layer
-    fused: str | None = None  # the block's fused q/k/v layout, when it has one
-    transposed: bool = False  # the block's weights are `[in, out]` (Conv1D)
 
 
 def _find(templates, names, suffix: str) -> dict[tuple[str, int], str]:
@@ -103,63 +76,42 @@ def _fuse(layout: str, q, k, v, geo: Geometry, groups: int) -> torch.Tensor | No
                                            v.view(groups, hd, *v.shape[1:])))
 
 
-class _LayerGroup:
-    def __init__(self, names: dict[str, str | None], layer: int, read, geo: Geometry, settings, layer_settings):
-        self.names, self.layer, self.read, self.geo = names, layer, read, geo
-        self.settings, self.layer_settings = settings, layer_settings
-        self.outputs: dict[str, torch.Tensor] | None = None
-        self.pending = {n for n in names.values() if n is not None}
-
-    def _convert(self) -> dict[str, torch.Tensor]:
-        read = {role: self.read(n) if n is not None else None for role, n in self.names.items()}
-        transposed = self.layer_settings.transposed
-        if transposed:  # Conv1D weights `[in, out]`: to nn.Linear's layout and back afterwards
-            read = {role: t.T if t is not None and not role.endswith("bias") else t for role, t in read.items()}
-        layout = self.layer_settings.fused
-        if layout is not None:  # one fused q/k/v tensor (and bias): split into the roles convert_layer takes
-            read.update(_split(layout, read.pop("qkv"), self.geo, self.geo.kv_heads, "weight"))
-            read.update(_split(layout, read.pop("qkv_bias"), self.geo, self.geo.kv_heads, "bias"))
-        weights = AttentionWeights(read["q"], read["k"], read["v"], read["o"], read["q_bias"], read["k_bias"],
-                                   read["v_bias"])
-        ls = self.layer_settings
-        moments = ls.calibration[self.layer] if ls.calibration is not None else None
-        out = convert_layer(weights, heads=self.geo.heads, kv_heads=self.geo.kv_heads, groups=self.settings.groups,
-                            method=ls.method, rope=ls.rope, grouping=ls.grouping, preserve_norm=ls.preserve_norm,
-                            calibration=moments, seed=self.settings.seed, init_std=self.geo.init_std,
-                            names={f"{r.split('_')[0]}.{'bias' if r.endswith('bias') else 'weight'}": n
-                                   for r, n in self.names.items() if n is not None})
-        if layout is None:
-            result = {role: getattr(out, role) for role in self.names}
-        else:
-            result = {"qkv": _fuse(layout, out.q, out.k, out.v, self.geo, self.settings.groups),
-                      "qkv_bias": _fuse(layout, out.q_bias, out.k_bias, out.v_bias, self.geo, self.settings.groups),
-                      "o": out.o}
-        if transposed:
-            result = {role: t.T.contiguous() if t is not None and not role.endswith("bias") else t
-                      for role, t in result.items()}
-        return {n: result[role] for role, n in self.names.items() if n is not None}
-
-    def convert(self) -> None:
-        if self.outputs is None and self.pending:
-            self.outputs = self._convert()
-            if self.layer_settings.converted is not None:
-                self.layer_settings.converted.ready[self.layer] = self.outputs
-
-    def producer(self, name: str, dtype: torch.dtype) -> Callable[[], torch.Tensor]:
-        def produce() -> torch.Tensor:
-            self.convert()
-            out = self.outputs[name].to(dtype).contiguous()
-            self.pending.discard(name)
-            if not self.pending:
-                self.outputs = None
-            return out
-
-        return produce
+def _converted_layer(names: dict[str, str | None], layer: int, read, geo: Geometry, settings,
+                     layer_settings: LayerSettings) -> dict[str, torch.Tensor]:
+    """One layer's q, k, v, o (weights and biases) by on-disk name, converted through `convert_layer`."""
+    tensors = {role: read(n) if n is not None else None for role, n in names.items()}
+    transposed = layer_settings.transposed
+    if transposed:  # Conv1D weights `[in, out]`: to nn.Linear's layout and back afterwards
+        tensors = {role: t.T if t is not None and not role.endswith("bias") else t for role, t in tensors.items()}
+    layout = layer_settings.fused
+    if layout is not None:  # one fused q/k/v tensor (and bias): split into the roles convert_layer takes
+        tensors.update(_split(layout, tensors.pop("qkv"), geo, geo.kv_heads, "weight"))
+        tensors.update(_split(layout, tensors.pop("qkv_bias"), geo, geo.kv_heads, "bias"))
+    weights = AttentionWeights(tensors["q"], tensors["k"], tensors["v"], tensors["o"], tensors["q_bias"],
+                               tensors["k_bias"], tensors["v_bias"])
+    ls = layer_settings
+    moments = ls.calibration[layer] if ls.calibration is not None else None
+    out = convert_layer(weights, heads=geo.heads, kv_heads=geo.kv_heads, groups=settings.groups,
+                        method=ls.method, rope=ls.rope, grouping=ls.grouping, preserve_norm=ls.preserve_norm,
+                        calibration=moments, seed=settings.seed, init_std=geo.init_std,
+                        names={f"{r.split('_')[0]}.{'bias' if r.endswith('bias') else 'weight'}": n
+                               for r, n in names.items() if n is not None})
+    if layout is None:
+        result = {role: getattr(out, role) for role in names}
+    else:
+        result = {"qkv": _fuse(layout, out.q, out.k, out.v, geo, settings.groups),
+                  "qkv_bias": _fuse(layout, out.q_bias, out.k_bias, out.v_bias, geo, settings.groups),
+                  "o": out.o}
+    if transposed:
+        result = {role: t.T.contiguous() if t is not None and not role.endswith("bias") else t
+                  for role, t in result.items()}
+    return {n: result[role] for role, n in names.items() if n is not None}
 
 
-def plan_layers(sources: Mapping, read, spec: ArchitectureSpec, geo: Geometry, settings,
-                layer_settings: LayerSettings, out_dtype) -> dict[str, tuple[tuple[int, ...], Callable]]:
-    """On-disk name -> (output shape, producer) for every q, k, v, o weight and q, k, v bias of every layer."""
+def plan_layers(sources: Mapping, read, spec: ArchitectureSpec, geo: Geometry,
+                settings: ConversionSettings) -> dict[str, tuple[tuple[int, ...], torch.dtype, Callable]]:
+    """On-disk name -> (output shape, dtype, producer) for every q, k, v, o weight and q, k, v bias of every layer."""
+    layer_settings = settings.layer
     names = list(sources)
     roles = ("qkv", "o") if spec.block.qkv else ROLES
     biased = ("qkv",) if spec.block.qkv else ("q", "k", "v")
@@ -176,9 +128,12 @@ def plan_layers(sources: Mapping, read, spec: ArchitectureSpec, geo: Geometry, s
         if missing:
             raise ConversionError(f"layer {key[1]} has no {' or '.join(missing)} projection among "
                                   f"{[getattr(spec.block, r) for r in missing]}")
-        group = _LayerGroup(group_names, key[1], read, geo, settings, layer_settings)
-        if layer_settings.converted is not None:
-            layer_settings.converted.groups[key[1]] = group
+        converted = layer_settings.converted
+        group = SharedResult(partial(_converted_layer, group_names, key[1], read, geo, settings, layer_settings),
+                             [n for n in group_names.values() if n is not None],
+                             on_computed=partial(converted.ready.__setitem__, key[1]) if converted else None)
+        if converted is not None:
+            converted.groups[key[1]] = group
         rows = settings.groups * geo.head_dim
         fused_rows = fused_layout(spec.block.fused_layout).rows(geo.heads, settings.groups, geo.head_dim) \
             if spec.block.qkv else None
@@ -190,6 +145,6 @@ def plan_layers(sources: Mapping, read, spec: ArchitectureSpec, geo: Geometry, s
                 shape = _resized(shape, fused_rows, spec.block.transposed and role == "qkv")
             elif role[0] in "kv":
                 shape = _resized(shape, rows, spec.block.transposed and not role.endswith("bias"))
-            dtype = out_dtype(sources[name].dtype, settings)
+            dtype = settings.output_dtype(sources[name].dtype)
             planned[name] = (shape, dtype, group.producer(name, dtype))
     return planned

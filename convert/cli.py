@@ -10,8 +10,7 @@ import click
 from .command import HELP, Command, print_warnings, user_errors
 from .errors import ConversionError
 from .methods.calibration import BUILTIN
-from .methods.grouping import GROUPINGS
-from .methods.registry import all_method_names
+from .methods.registry import GROUPINGS, all_method_names
 
 
 @click.command(cls=Command, context_settings={**HELP, "show_default": True})
@@ -58,8 +57,8 @@ def main(model_dir, groups, method, grouping, preserve_norm, calibration, calibr
          refresh_modeling):
     """Convert the Hugging Face checkpoint MODEL_DIR (a local directory, or a hub id when online) to
     grouped-query attention with G key/value heads."""
-    from .api import convert_checkpoint, describe_conversion
-    from .api import refresh_modeling as refresh
+    from .api import convert_checkpoint, describe_conversion, refresh_modeling as refresh
+    from .options import ConversionOptions
 
     print_warnings("gqa-convert", "gqa_toolkit.convert")
 
@@ -69,14 +68,15 @@ def main(model_dir, groups, method, grouping, preserve_norm, calibration, calibr
         return
     if groups is None:
         raise ConversionError("--groups is required: the number of KV heads in the output, e.g. --groups 8")
-    options = dict(method=method, groups=groups, seed=seed, dtype=dtype, max_shard_size=max_shard_size,
-                   attention=attention, force=force, grouping=grouping, preserve_norm=preserve_norm,
-                   calibration=calibration, calibration_samples=calibration_samples,
-                   calibration_length=calibration_length, device=device, calibration_mode=calibration_mode)
+    options = ConversionOptions(method=method, groups=groups, seed=seed, dtype=dtype, max_shard_size=max_shard_size,
+                                attention=attention, force=force, grouping=grouping, preserve_norm=preserve_norm,
+                                calibration=calibration, calibration_samples=calibration_samples,
+                                calibration_length=calibration_length, device=device,
+                                calibration_mode=calibration_mode)
     if dry_run:
-        click.echo("\n".join(describe_conversion(model_dir, output, **options)))
+        click.echo("\n".join(describe_conversion(model_dir, output, options)))
         return
-    out = convert_checkpoint(model_dir, output, progress=not quiet, **options)
+    out = convert_checkpoint(model_dir, output, options, progress=not quiet)
     click.echo(str(out))
 
 

@@ -14,12 +14,12 @@ import torch
 import gqa_toolkit
 
 from .families.spec import ArchitectureSpec
+from .io.records import CONVERSION_KEY
 from .io.disk import write_files
 from .io.reader import stays_inside_source
 
 log = logging.getLogger("gqa_toolkit.convert")
 
-CONVERSION_KEY = "gqa_conversion"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 NOT_COPIED = {"config.json", "README.md", "model.safetensors.index.json", "pytorch_model.bin.index.json"}
 

@@ -10,11 +10,10 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
 from gqa_toolkit.convert.families.loading import from_pretrained
+from gqa_toolkit.convert.io.records import CONVERSION_KEY
 
 from .errors import UptrainError
 
-CONVERSION_KEY = "gqa_conversion"
-UPTRAINING_KEY = "gqa_uptraining"
 WEIGHT_FILES = ("*.safetensors", "*.bin")
 CONVERTED = "a converted checkpoint (the output of gqa-convert)"
 TEACHER = "the MHA source checkpoint that model.path was converted from"

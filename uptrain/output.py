@@ -10,12 +10,14 @@ import torch
 
 import gqa_toolkit
 
-from .model import CONVERSION_KEY, UPTRAINING_KEY, read_config_json
+from gqa_toolkit.convert.io.dtypes import DTYPES
+from gqa_toolkit.convert.io.records import CONVERSION_KEY, UPTRAINING_KEY
+
+from .model import read_config_json
 from .recipe import Recipe
 from .run_dir import MODEL_TMP, RECIPE_FILE
 from .storage import disk_writes
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _MODEL_FILES = ("*.safetensors", "model.safetensors.index.json")
 
 

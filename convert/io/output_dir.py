@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ..errors import ConversionError
-from ..provenance import CONVERSION_KEY
+from .records import CONVERSION_KEY
 
 
 def is_own_output(path: Path) -> bool:

@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 
 from ..errors import ConversionError
-from .reader import SAFETENSORS_DTYPES
+from .dtypes import SAFETENSORS_DTYPES
 from .tensors import ByteSpan, PlannedTensor
 
 DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}

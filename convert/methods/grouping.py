@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import torch
 
-GROUPINGS = ("contiguous", "similarity")
 
 
 def _plain_distances(x: torch.Tensor) -> torch.Tensor:

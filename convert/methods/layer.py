@@ -19,9 +19,9 @@ import torch
 
 from ..errors import ConversionError
 from ..families.rope import KeyMap, RopeLayout
-from .grouping import GROUPINGS, similarity_permutation
+from .grouping import similarity_permutation
 from .layer_types import HeadBlock, InputMoments, LayerContext, LayerResult
-from .registry import LAYER_METHODS, METHODS, MethodContext, all_method_names, method_choices, preserve_norms
+from .registry import LAYER_METHODS, METHODS, MethodContext, check_method, preserve_norms
 
 __all__ = ["AttentionWeights", "InputMoments", "RopeLayout", "convert_layer"]
 
@@ -82,16 +82,10 @@ def convert_layer(weights: AttentionWeights, *, heads: int, kv_heads: int, group
     rope: which key dimensions rotate (None: every dim, `RopeLayout(hd, hd)`; `RopeLayout(hd, 0)` for no RoPE).
     calibration: the layer's attention inputs `(N, d)` (normed hidden states) or their `InputMoments`; with them
     grouping, alignment and fitting weigh errors by the real activations instead of the raw weights."""
-    if method not in all_method_names():
-        raise ConversionError(f"unknown method {method!r}; choose one of: {method_choices()}")
-    if grouping not in GROUPINGS:
-        raise ConversionError(f"unknown grouping {grouping!r}; choose one of: {', '.join(GROUPINGS)}")
+    check_method(method, grouping, preserve_norm)
     hd = weights.q.shape[0] // heads
     rope = rope or RopeLayout(hd, hd)
     _check(weights, heads, kv_heads, groups, rope)
-    if preserve_norm and method in LAYER_METHODS and not LAYER_METHODS[method].pools:
-        raise ConversionError(f"--preserve-norm applies to pooling methods; {method!r} already fits each head's "
-                              f"scale, drop the option")
     block = HeadBlock.from_weights(weights, heads, kv_heads)
     if isinstance(calibration, torch.Tensor):
         calibration = InputMoments.from_inputs(calibration)

@@ -81,6 +81,20 @@ def method_choices() -> str:
     return f"{', '.join(sorted(METHODS))}, or a layer method: {', '.join(sorted(LAYER_METHODS))}"
 
 
+GROUPINGS = ("contiguous", "similarity")  # repeat_kv order, or the most alike heads together (methods/grouping.py)
+
+
+def check_method(method: str, grouping: str = "contiguous", preserve_norm: bool = False) -> None:
+    """A method, grouping and norm option that go together; a ConversionError naming the fix otherwise."""
+    if method not in all_method_names():
+        raise ConversionError(f"unknown method {method!r}; choose one of: {method_choices()}")
+    if grouping not in GROUPINGS:
+        raise ConversionError(f"unknown grouping {grouping!r}; choose one of: {', '.join(GROUPINGS)}")
+    if preserve_norm and method in LAYER_METHODS and not LAYER_METHODS[method].pools:
+        raise ConversionError(f"--preserve-norm applies to pooling methods (mean, first, random, aligned); "
+                              f"{method!r} fits each head's scale itself, drop the option")
+
+
 def get_method(name: str) -> Method | None:
     """The per-head method called `name`; None for a layer method (it runs through the per-layer plan)."""
     if name in LAYER_METHODS:

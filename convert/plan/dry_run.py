@@ -38,7 +38,7 @@ def _available_memory(device: torch.device) -> int | None:
     return None
 
 
-def _calibration_peak(prepared, run: dict) -> tuple[int, str]:
+def _calibration_peak(prepared, options) -> tuple[int, str]:
     """Bytes and their breakdown for the block-by-block calibration and the layer solve."""
     container = prepared.spec.block.inputs[0].split("{layer}")[0]  # e.g. "layers."
     first = re.compile(rf"^(?:.+\.)?{re.escape(container)}0\.")
@@ -47,7 +47,7 @@ def _calibration_peak(prepared, run: dict) -> tuple[int, str]:
     embeddings = max((_numel(s.shape) for s in outside), default=0) * FLOAT32
     width = max((s.shape[-1] for s in outside if len(s.shape) == 2), default=0)
     block_bytes = sum(_numel(s.shape) for s in block) * FLOAT32
-    activations = 2 * run["samples"] * run["length"] * width * FLOAT32
+    activations = 2 * options.calibration_samples * options.calibration_length * width * FLOAT32
     moments = 2 * (width + 1) ** 2 * FLOAT64
     patterns = [key_pattern(t + ".weight") for role in ("q", "k", "v", "qkv", "o")
                 for t in getattr(prepared.spec.block, role)]
@@ -73,16 +73,16 @@ def describe(prepared) -> list[str]:
         f"computed ({format_bytes(planned_bytes(computed))}), in {len(shards)} shard(s) of at most "
         f"{format_bytes(prepared.shard_bytes)}",
     ]
-    run = prepared.calibration
-    if run is None:
+    options = prepared.options
+    if not (options.per_layer and options.calibrated):
         largest = max((_numel(t.shape) for t in computed), default=0)
         peak, where, breakdown = 3 * largest * FLOAT32, torch.device("cpu"), "the largest computed tensor in float32"
         lines.append("calibration: none")
     else:
-        peak, breakdown = _calibration_peak(prepared, run)
-        where = run["device"]
-        lines.append(f"calibration: {run['samples']} x {run['length']} tokens of {record.get('calibration')}, "
-                     f"{run['mode']} mode, one block at a time on {where}")
+        peak, breakdown = _calibration_peak(prepared, options)
+        where = options.device
+        lines.append(f"calibration: {options.calibration_samples} x {options.calibration_length} tokens of "
+                     f"{record.get('calibration')}, {options.calibration_mode} mode, one block at a time on {where}")
     lines.append(f"peak memory (estimate, beyond the interpreter): {format_bytes(peak)} on {where} ({breakdown})")
     lines.append(f"disk: {format_bytes(total)} to write, {format_bytes(free_bytes(prepared.out))} free at "
                  f"{prepared.out.parent}")

@@ -1,0 +1,127 @@
+"""`ConversionOptions`: what a conversion is asked to do, validated once, from the CLI through the API to the planner.
+
+Every value is checked and normalised when the object is made (dtype and device names become torch objects, a
+shard size with its unit becomes bytes, the calibration default follows the method), so nothing downstream checks
+an option again.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import ConversionError
+from .io.dtypes import DTYPES
+from .methods.calibration import BUILTIN
+from .methods.registry import LAYER_METHODS, LayerMethod, check_method
+
+SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+# source: every layer calibrated on the source's activations; sequential: each layer on the outputs of the
+# converted layers before it, so later layers make up for earlier ones' errors
+CALIBRATION_MODES = ("source", "sequential")
+
+
+@dataclass(frozen=True, eq=False)
+class ConversionOptions:
+    groups: int  # KV heads in the output (checked against the source's heads when it is read)
+    method: str = "mean"
+    grouping: str = "contiguous"  # or "similarity": the most alike heads share a group
+    preserve_norm: bool = False  # scale each pooled head to its group's mean head norm
+    # text whose activations weigh the errors: BUILTIN, a text file or folder, token ids (N, T), or "none";
+    # None: BUILTIN for the calibrated methods (fit), "none" otherwise
+    calibration: str | Path | torch.Tensor | None = None
+    calibration_samples: int = 256
+    calibration_length: int = 128
+    calibration_mode: str = "source"
+    device: str | torch.device = "auto"  # where calibration runs: auto (the GPU when there is one), cpu, cuda[:N]
+    attention: str | None = None  # which attention kinds (the family's scopes); None: the family's default
+    seed: int = 0
+    dtype: str | torch.dtype | None = None  # output dtype of floating tensors; None keeps the source's
+    max_shard_size: str | int | None = None  # bytes, or with a unit ("5GB"); None: the source's largest file
+    force: bool = False  # replace an earlier output of the toolkit
+
+    def __post_init__(self):
+        check_method(self.method, self.grouping, self.preserve_norm)
+        if self.calibration_mode not in CALIBRATION_MODES:
+            raise ConversionError(f"unknown --calibration-mode {self.calibration_mode!r}; choose one of: "
+                                  f"{', '.join(CALIBRATION_MODES)}")
+        calibration = self.calibration
+        if calibration is None:
+            layer = self.layer_method
+            calibration = BUILTIN if layer is not None and layer.calibrated else "none"
+        normalised = dict(dtype=parse_dtype(self.dtype), device=parse_device(self.device), calibration=calibration,
+                          max_shard_size=parse_size(self.max_shard_size) if self.max_shard_size is not None else None)
+        for name, value in normalised.items():
+            object.__setattr__(self, name, value)
+        if self.calibrated:
+            if self.calibration_samples < 1:
+                raise ConversionError(f"--calibration-samples {self.calibration_samples} must be at least 1 "
+                                      f"(default 256)")
+            if self.calibration_length < 2:
+                raise ConversionError(f"--calibration-length {self.calibration_length} must be at least 2 tokens "
+                                      f"(default 128)")
+
+    @property
+    def layer_method(self) -> LayerMethod | None:
+        return LAYER_METHODS.get(self.method)
+
+    @property
+    def per_layer(self) -> bool:
+        """Q, K, V and O are converted together, a layer at a time (a layer method, or similarity grouping)."""
+        return self.layer_method is not None or self.grouping != "contiguous"
+
+    @property
+    def calibrated(self) -> bool:
+        return not (isinstance(self.calibration, str) and self.calibration == "none")
+
+    @property
+    def output_suffix(self) -> str:
+        """The default output's name after the source's: `-gqa8-mean`, plus `-similarity` and `-norm` when set."""
+        options = ("-similarity" if self.grouping == "similarity" else "") + ("-norm" if self.preserve_norm else "")
+        return f"-gqa{self.groups}-{self.method}{options}"
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes from an int, or from a size with its unit: "5000000B", "5MB", "2GiB", "1.5GB"."""
+    if isinstance(text, int) and text > 0:
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(text))
+    if m and not m[2]:
+        raise ConversionError(f"--max-shard-size {text!r} has no unit; write it with one, e.g. {m[1]}MB, {m[1]}GB "
+                              f"or {m[1]}B for bytes")
+    if not m or m[2].upper() not in SIZE_UNITS or float(m[1]) * SIZE_UNITS[m[2].upper()] < 1:
+        raise ConversionError(f"cannot read --max-shard-size {text!r}; write a positive size with a unit, like "
+                              f"500MB, 5GB or 2GiB")
+    return int(float(m[1]) * SIZE_UNITS[m[2].upper()])
+
+
+def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise ConversionError(f"unknown dtype {name!r}; choose one of: {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def parse_device(name: str | torch.device) -> torch.device:
+    """`auto` (the GPU when there is one), `cpu`, `cuda` or `cuda:N`."""
+    if isinstance(name, torch.device):
+        return name
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConversionError(f"unknown --device {name!r}; choose auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConversionError(f"--device {name} but this machine has no CUDA GPU; use --device cpu (or auto)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConversionError(f"--device {name} but this machine has {torch.cuda.device_count()} GPU(s); choose "
+                              f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    if device.type not in ("cpu", "cuda"):
+        raise ConversionError(f"unknown --device {name!r}; choose auto, cpu, cuda or cuda:N")
+    return device

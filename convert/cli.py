@@ -57,7 +57,8 @@ def main(model_dir, groups, method, grouping, preserve_norm, calibration, calibr
          refresh_modeling):
     """Convert the Hugging Face checkpoint MODEL_DIR (a local directory, or a hub id when online) to
     grouped-query attention with G key/value heads."""
-    from .api import convert_checkpoint, describe_conversion, refresh_modeling as refresh
+    from .api import convert_checkpoint, describe_conversion
+    from .api import refresh_modeling as refresh
     from .options import ConversionOptions
 
     print_warnings("gqa-convert", "gqa_toolkit.convert")

@@ -14,9 +14,9 @@ import torch
 import gqa_toolkit
 
 from .families.spec import ArchitectureSpec
-from .io.records import CONVERSION_KEY
 from .io.disk import write_files
 from .io.reader import stays_inside_source
+from .io.records import CONVERSION_KEY
 
 log = logging.getLogger("gqa_toolkit.convert")
 

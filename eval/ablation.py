@@ -19,7 +19,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from gqa_toolkit.convert import convert_checkpoint
-from gqa_toolkit.convert.families.geometry import divisors
+from gqa_toolkit.convert.families.geometry import check_context, divisors, model_geometry
 from gqa_toolkit.convert.methods.variants import parse_variant
 from gqa_toolkit.uptrain import train, validate_recipe
 from gqa_toolkit.uptrain.model import load_config, load_tokenizer
@@ -29,14 +29,14 @@ from gqa_toolkit.uptrain.tasks import CausalLM
 from .ablation_recipe import AblationRecipe
 from .errors import EvalError
 from .fidelity import fidelity
-from .heldout import EvalData, check_context, eval_task, heldout_set
-from .original import Original, new_tokenizer, resolve_original
+from .heldout import EvalData, eval_task, heldout_set
+from .original import Original, new_tokenizer, original_config, resolve_original
 from .outputs import write_files
 from .perplexity import perplexity
 from .placement import load_for_eval
 from .report import render
 from .results_dir import DESTINATION, check_apart_from_original, check_results_dir, claim_results_dir
-from .speed import check_speed_context, kv_cache_bytes_per_token, measure_speed
+from .speed import kv_cache_bytes_per_token, measure_speed
 
 
 def cell_id(method: str, groups: int, fraction: float) -> str:
@@ -56,16 +56,16 @@ class Ablation:
         check_apart_from_original(self.root, self.recipe.original.path)
         check_results_dir(self.root, self.recipe.to_yaml())
 
-    def check_geometry(self, heads: int, kv_heads: int, context: int | None) -> None:
+    def check_geometry(self, config) -> None:
+        geometry = model_geometry(config)
+        kv_heads = geometry.kv_heads
         bad = [g for g in self.recipe.groups if kv_heads % g]
         if bad:
-            raise EvalError(f"groups {bad[0]} does not divide the original's {kv_heads} KV heads ({heads} query "
-                            f"heads); choose from {', '.join(map(str, divisors(kv_heads)))}")
-        if context is not None and self.recipe.data.block_size > context:
-            raise EvalError(f"data.block_size {self.recipe.data.block_size} is longer than the model's context of "
-                            f"{context} tokens; lower data.block_size")
-        check_speed_context(context, max(self.recipe.speed.contexts), self.recipe.speed.decode_steps,
-                            "speed.contexts")
+            raise EvalError(f"groups {bad[0]} does not divide the original's {kv_heads} KV heads ({geometry.heads} "
+                            f"query heads); choose from {', '.join(map(str, divisors(kv_heads)))}")
+        check_context(config, self.recipe.data.block_size, "data.block_size", EvalError)
+        check_context(config, max(self.recipe.speed.contexts), "speed.contexts", EvalError,
+                      self.recipe.speed.decode_steps)
 
     def check_launcher(self) -> None:
         program = shlex.split(self.recipe.launcher)[0] if self.recipe.launcher else None
@@ -81,14 +81,13 @@ class Ablation:
         build = self.recipe.original.build
         tokenizer = None
         if build is not None:
-            self.check_geometry(build.num_heads, build.num_heads, build.max_position_embeddings)
+            self.check_geometry(original_config(build))
             tokenizer = new_tokenizer(self.recipe, build)
             self.heldout(None, tokenizer)
         else:
             original = resolve_original(self.recipe, self.root)
             config = load_config(original.path, role="original.path")
-            kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-            self.check_geometry(config.num_attention_heads, kv, getattr(config, "max_position_embeddings", None))
+            self.check_geometry(config)
             self.heldout(config, load_tokenizer(original.path))
         return tokenizer
 
@@ -162,11 +161,11 @@ class Ablation:
         original = resolve_original(self.recipe, self.root, self.progress, tokenizer)
         tokenizer = load_tokenizer(original.path)
         config = load_config(original.path)
-        check_context(config, self.recipe.data.block_size)
+        check_context(config, self.recipe.data.block_size, "data.block_size", EvalError)
         blocks = self.heldout(config, tokenizer)
         original_model = load_for_eval(original.path)
-        heads = config.num_attention_heads
-        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        geometry = model_geometry(config)
+        heads, kv_heads = geometry.heads, geometry.kv_heads
 
         baseline = self.cells / "original.json"
         if not baseline.is_file():

@@ -51,13 +51,15 @@ def _eval_data(source, split, text_column, target_column, block_size, max_blocks
 
 def _checked_examples(model_dir: str, role: str, data):
     """The model dir and its held-out examples, after every check that needs no weights."""
+    from gqa_toolkit.convert.families.geometry import check_context
     from gqa_toolkit.uptrain.model import check_model_dir, load_config, load_tokenizer
 
-    from .heldout import check_context, eval_task, heldout_set
+    from .errors import EvalError
+    from .heldout import eval_task, heldout_set
 
     path = check_model_dir(model_dir, role=role)
     config = load_config(path, role=role)
-    check_context(config, data.block_size)
+    check_context(config, data.block_size, "--block-size", EvalError)
     tokenizer = load_tokenizer(path)
     return path, heldout_set(tokenizer, data, eval_task(config, tokenizer, data))
 
@@ -146,10 +148,11 @@ def speed_cmd(model_dir, source_dir, contexts, batch_sizes, decode_steps):
 def _speed_models(model_dir: str, source_dir: str | None, contexts, decode_steps: int) -> dict:
     """{'converted': dir, 'source': dir (given or recorded, if any)}, each checked to hold the longest context plus
     the decode steps, before any weights load."""
-    from gqa_toolkit.uptrain.model import check_model_dir, context_length, load_config
+    from gqa_toolkit.convert.families.geometry import check_context
+    from gqa_toolkit.uptrain.model import check_model_dir, load_config
 
+    from .errors import EvalError
     from .sources import source_dir as checked_source
-    from .speed import check_speed_context
 
     converted = check_model_dir(model_dir, role="MODEL_DIR")
     models = {"converted": (converted, load_config(converted, role="MODEL_DIR"))}  # readable before its record is
@@ -157,7 +160,7 @@ def _speed_models(model_dir: str, source_dir: str | None, contexts, decode_steps
     if source is not None:
         models["source"] = (source, load_config(source, role="--source"))
     for _, config in models.values():
-        check_speed_context(context_length(config), max(contexts), decode_steps, "--contexts")
+        check_context(config, max(contexts), "--contexts", EvalError, decode_steps)
     return {name: path for name, (path, _) in models.items()}
 
 

@@ -9,7 +9,6 @@ import torch
 
 from gqa_toolkit.uptrain.data import heldout_examples, task_rows
 from gqa_toolkit.uptrain.errors import UptrainError
-from gqa_toolkit.uptrain.model import context_length
 from gqa_toolkit.uptrain.recipe import DataSection, ObjectiveSection
 from gqa_toolkit.uptrain.sources import TextSource
 from gqa_toolkit.uptrain.tasks import Task, build_task
@@ -29,13 +28,6 @@ class EvalData:
     cache_dir: str | None = None
     target_column: str | None = None
     target_length: int = 128
-
-
-def check_context(config, block_size: int) -> None:
-    limit = context_length(config)
-    if limit is not None and block_size > limit:
-        raise EvalError(f"block size {block_size} is longer than the model's context of {limit} tokens; "
-                        f"use a block size of at most {limit}")
 
 
 def eval_task(config, tokenizer, data: EvalData, objective: ObjectiveSection = ObjectiveSection()) -> Task:

@@ -45,17 +45,27 @@ def new_tokenizer(recipe: AblationRecipe, build: BuildOriginal):
     return train_tokenizer(_tokenizer_texts(recipe, build), vocab_size=build.vocab_size)
 
 
+def original_config(build: BuildOriginal, tokenizer=None):
+    """The config of the MHA llama that `build` describes, with the tokenizer's vocabulary and special tokens
+    (None: the vocabulary size `build` asks for, before the tokenizer is trained)."""
+    from transformers import LlamaConfig
+
+    special = {} if tokenizer is None else dict(bos_token_id=tokenizer.bos_token_id,
+                                                eos_token_id=tokenizer.eos_token_id,
+                                                pad_token_id=tokenizer.pad_token_id)
+    return LlamaConfig(
+        vocab_size=build.vocab_size if tokenizer is None else len(tokenizer), hidden_size=build.hidden_size,
+        intermediate_size=build.intermediate_size, num_hidden_layers=build.num_layers,
+        num_attention_heads=build.num_heads, num_key_value_heads=build.num_heads,
+        max_position_embeddings=build.max_position_embeddings, tie_word_embeddings=True, **special)
+
+
 def write_initial_model(directory: Path, build: BuildOriginal, tokenizer) -> None:
     """A random MHA llama with the given tokenizer, saved as a Hugging Face model directory that appears whole or
     not at all."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=build.hidden_size, intermediate_size=build.intermediate_size,
-        num_hidden_layers=build.num_layers, num_attention_heads=build.num_heads, num_key_value_heads=build.num_heads,
-        max_position_embeddings=build.max_position_embeddings, tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
+    config = original_config(build, tokenizer)
     torch.manual_seed(build.seed)
     model = LlamaForCausalLM(config)
     with disk_writes(directory, DESTINATION), atomic_directory(directory) as tmp:

@@ -17,13 +17,6 @@ from gqa_toolkit.convert.families.transformers_names import cache_argument, outp
 from .errors import EvalError
 
 
-def check_speed_context(limit: int | None, context: int, decode_steps: int, option: str) -> None:
-    """Refuse a context that, with the decode steps after it, runs past the model's `limit` positions."""
-    if limit is not None and context + decode_steps > limit:
-        raise EvalError(f"{option} {context} plus {decode_steps} decode steps is past the model's context of {limit} "
-                        f"tokens; lower {option} to at most {limit - decode_steps} or take fewer decode steps")
-
-
 def _cache_tensors(cache) -> list[torch.Tensor]:
     parts = [getattr(cache, name) for name in ("self_attention_cache", "cross_attention_cache") if hasattr(cache, name)]
     if parts:  # an encoder-decoder's cache holds two caches

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
+from gqa_toolkit.convert.families.geometry import check_context
 from gqa_toolkit.convert.families.loading import from_pretrained
 from gqa_toolkit.convert.io.records import CONVERSION_KEY
 
@@ -43,19 +44,8 @@ def load_config(path: Path, role: str = "model.path"):
     return config
 
 
-def context_length(config) -> int | None:
-    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = getattr(config, attr, None)
-        if isinstance(value, int):
-            return value
-    return None
-
-
 def check_block_size(config, block_size: int) -> None:
-    limit = context_length(config)
-    if limit is not None and block_size > limit:
-        raise UptrainError(f"data.block_size={block_size} is longer than the model's context ({limit} positions); "
-                           f"set data.block_size to at most {limit}")
+    check_context(config, block_size, "data.block_size", UptrainError)
 
 
 def load_tokenizer(path: Path):

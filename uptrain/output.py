@@ -9,7 +9,6 @@ from pathlib import Path
 import torch
 
 import gqa_toolkit
-
 from gqa_toolkit.convert.io.dtypes import DTYPES
 from gqa_toolkit.convert.io.records import CONVERSION_KEY, UPTRAINING_KEY
 

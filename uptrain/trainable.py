@@ -11,38 +11,36 @@ from .errors import UptrainError
 from .recipe import TrainSection
 
 
-def _kv_patterns(model_type: str) -> list[re.Pattern[str]]:
-    """Regexes for the converted K/V tensors (and their norms), from the convert stage's architecture spec."""
+def _spec(model_type: str, which: str):
     from gqa_toolkit.convert.errors import ConversionError
-    from gqa_toolkit.convert.families.spec import key_pattern, spec_for
+    from gqa_toolkit.convert.families.spec import spec_for
 
     try:
-        spec = spec_for(model_type)
+        return spec_for(model_type)
     except ConversionError as e:
-        raise UptrainError(f"trainable: kv needs to know where K/V live: {e}; use trainable: attention") from None
+        raise UptrainError(f"trainable: {which} needs to know where attention lives: {e}; use trainable: all") from None
+
+
+def _patterns(model_type: str, which: str) -> list[re.Pattern[str]]:
+    """Regexes for the parameters that train: the attention modules, or the converted K/V tensors (and their
+    norms), from the family's spec."""
+    from gqa_toolkit.convert.families.spec import key_pattern
+
+    spec = _spec(model_type, which)
+    if which == "attention":
+        return spec.attention_patterns()
     if any(t.part == "qkv" for t in spec.tensors):
         raise UptrainError(f"{model_type} fuses Q, K and V in one tensor, so K/V cannot train alone; use "
                            "trainable: attention")
     return [key_pattern(t.key) for t in spec.tensors]
 
 
-def _attention_names(model: nn.Module) -> set[str]:
-    """Parameters inside attention modules, recognised by class name (LlamaAttention, Qwen2Attention, ...)."""
-    names = set()
-    for prefix, module in model.named_modules():
-        if type(module).__name__.endswith("Attention"):
-            names.update(f"{prefix}.{n}" for n, _ in module.named_parameters())
-    return names
-
-
 def select_trainable(model: nn.Module, which: str) -> list[str]:
     """Freeze everything but `which`; returns the names of the parameters left trainable."""
     if which == "all":
         chosen = {n for n, _ in model.named_parameters()}
-    elif which == "attention":
-        chosen = _attention_names(model)
     else:
-        patterns = _kv_patterns(model.config.model_type)
+        patterns = _patterns(model.config.model_type, which)
         chosen = {n for n, _ in model.named_parameters() if any(p.match(n) for p in patterns)}
     if not chosen:
         raise UptrainError(f"trainable: {which} matches no parameter of this {model.config.model_type} model; "

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..errors import ConversionError
-from .spec import ArchitectureSpec
+from .config import TransformersConfig
+from .spec import ArchitectureSpec, all_specs, spec_for
 
 if TYPE_CHECKING:
     from .config import ConfigReader
@@ -83,3 +84,30 @@ def check_groups(groups: int, geometry: Geometry, spec: ArchitectureSpec) -> Non
     if groups not in valid:
         raise ConversionError(f"this family's config can only express {', '.join(map(str, valid))} KV heads, "
                               f"not {groups}; choose one of: {', '.join(map(str, valid))}")
+
+
+def model_geometry(config, kind: str | None = None) -> Geometry:
+    """The geometry of a loaded transformers config (a model's `.config`), read through its family's spec."""
+    return read_geometry(TransformersConfig(config), spec_for(config.model_type), kind)
+
+
+def context_length(config) -> int | None:
+    """The positions a loaded transformers config's model attends over, from its family's context attribute; None
+    when the family has no limit (T5's relative positions) or the toolkit does not know the family."""
+    spec = all_specs().get(config.model_type)
+    value = getattr(config, spec.context_attr, None) if spec is not None and spec.context_attr else None
+    return value if isinstance(value, int) else None
+
+
+def check_context(config, tokens: int, setting: str, error: type[Exception], decode_steps: int = 0) -> None:
+    """Refuse `tokens` positions (plus `decode_steps` generated after them) past the model's context, naming the
+    setting that chose them."""
+    limit = context_length(config)
+    if limit is None or tokens + decode_steps <= limit:
+        return
+    given = f"{setting} {tokens}" if setting.startswith("--") else f"{setting}={tokens}"  # an option, a recipe key
+    if decode_steps:
+        raise error(f"{given} plus {decode_steps} decode steps is past the model's context of {limit} "
+                    f"tokens; lower {setting} to at most {limit - decode_steps} or take fewer decode steps")
+    raise error(f"{given} is longer than the model's context of {limit} tokens; set {setting} to at most "
+                f"{limit}")

@@ -16,10 +16,6 @@ from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from ..errors import ConversionError
 
-# Families whose transformers config accepts `num_key_value_heads` but whose modeling code ignores it.
-# t5, gpt2, gpt_neox and opt are supported through the toolkit's own modeling code (see `modeling` below).
-NO_NATIVE_GQA = ("bloom", "gptj", "bart", "bert")
-
 # How a per-KV-head tensor is laid out on disk:
 #   rows     leading dim is G*hd (projection weights [G*hd, d], biases [G*hd], olmo2's k_norm [G*hd])
 #   heads    leading dim is G (cohere's k_norm [G, hd])
@@ -62,6 +58,8 @@ class AttentionKind(_Strict):
     """One kind of attention in a model (T5 has three: encoder, decoder self-attention and cross-attention)."""
 
     layers_attr: str = "num_hidden_layers"  # config attribute counting the layers that hold it
+    module: str = "layers.{layer}.self_attn"  # the attention module's on-disk name (with {layer}): what trains as
+    # `trainable: attention`
     kv_heads_attr: str | None = None  # config attribute counting its KV heads; default the spec's kv_heads_attr
 
 
@@ -172,6 +170,8 @@ class ArchitectureSpec(_Strict):
     tensors: tuple[KVTensor, ...]
     block: AttentionBlock | None = None  # where Q and O live, for the layer methods; None: they refuse the family
     config: ConfigSchema = ConfigSchema()
+    # config attribute holding the positions the model can attend over; None: no limit (T5's relative buckets)
+    context_attr: str | None = "max_position_embeddings"
 
     @model_validator(mode="after")
     def _has_required_k_and_v(self) -> "ArchitectureSpec":
@@ -186,6 +186,9 @@ class ArchitectureSpec(_Strict):
                                  f"tensor)")
         if not self.scopes:
             raise ValueError("'scopes' needs at least one entry")
+        outside = [t.key for t in self.tensors if not t.key.startswith(self.attention[t.attention].module + ".")]
+        if outside:
+            raise ValueError(f"tensors {outside} lie outside their attention kind's module")
         if unknown := set(self.config.model_type_defaults) - set(self.model_types):
             raise ValueError(f"config.model_type_defaults names model types {sorted(unknown)} that are not in "
                              f"'model_types'")
@@ -208,6 +211,11 @@ class ArchitectureSpec(_Strict):
 
     def kv_heads_attr_of(self, kind: str) -> str | None:
         return self.attention[kind].kv_heads_attr or self.kv_heads_attr
+
+    def attention_patterns(self) -> list[re.Pattern[str]]:
+        """Regexes matching the parameters of every attention module the spec names, whatever the model prefix."""
+        return [re.compile(key_pattern(kind.module).pattern.removesuffix("$") + r"\.")
+                for kind in self.attention.values()]
 
 
 def key_pattern(template: str) -> re.Pattern[str]:
@@ -242,16 +250,19 @@ def supported_model_types() -> list[str]:
     return sorted(all_specs())
 
 
+@lru_cache(maxsize=None)
+def refused_model_types() -> dict[str, str]:
+    """model_type -> why the toolkit does not convert it (refused.json)."""
+    return json.loads((resources.files(__package__) / "refused.json").read_text())
+
+
 def spec_for(model_type: str) -> ArchitectureSpec:
     specs = all_specs()
     if model_type in specs:
         return specs[model_type]
-    if model_type in NO_NATIVE_GQA:
-        raise ConversionError(
-            f"model_type {model_type!r} has no grouped-query attention in transformers (its config ignores "
-            f"num_key_value_heads), so a converted checkpoint would silently run as MHA; supported model types: "
-            f"{', '.join(supported_model_types())}"
-        )
+    if model_type in refused_model_types():
+        raise ConversionError(f"model_type {model_type!r} {refused_model_types()[model_type]}; supported model "
+                              f"types: {', '.join(supported_model_types())}")
     raise ConversionError(
         f"unsupported model_type {model_type!r}; supported model types: {', '.join(supported_model_types())}"
     )

@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch
 
 
-
 def _plain_distances(x: torch.Tensor) -> torch.Tensor:
     """x `(G0, ...)` -> squared distances `(G0, G0)`, scaled by the mean squared head norm."""
     f = x.flatten(1)

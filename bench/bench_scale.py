@@ -41,7 +41,7 @@ SHAPES = {  # config class, model class, config kwargs (t5-large is t5-v1.1-larg
 def write_source(shape: str, out: Path, vocab: int) -> Path:
     import transformers
 
-    from gqa_toolkit.uptrain import corpus
+    from gqa_toolkit.convert import corpus
     from gqa_toolkit.uptrain.tokenizer import train_tokenizer
 
     config_name, model_name, kwargs = SHAPES[shape]

@@ -14,8 +14,8 @@ import torch
 from gqa_toolkit.convert.io.model_dir import resolve_model_dir
 from gqa_toolkit.convert.io.output_dir import atomic_directory
 from gqa_toolkit.uptrain import train, validate_recipe
-from gqa_toolkit.uptrain.corpus import NAME as STDLIB
-from gqa_toolkit.uptrain.corpus import iter_texts
+from gqa_toolkit.convert.corpus import NAME as STDLIB
+from gqa_toolkit.convert.corpus import iter_texts
 from gqa_toolkit.uptrain.tokenizer import train_tokenizer
 
 from .ablation_recipe import AblationRecipe, BuildOriginal

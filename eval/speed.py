@@ -14,7 +14,6 @@ import torch
 
 from gqa_toolkit.convert.families.transformers_names import cache_argument, output_cache
 
-from .errors import EvalError
 
 
 def _cache_tensors(cache) -> list[torch.Tensor]:

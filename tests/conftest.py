@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from families import FAMILIES, Family, family_config
+from families import FAMILIES, family_config
 from transformers import AutoConfig, AutoModelForCausalLM
 
 pytest_plugins = ["fixtures_uptrain"]

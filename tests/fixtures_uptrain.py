@@ -11,7 +11,7 @@ import torch
 import yaml
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from gqa_toolkit.uptrain import corpus
+from gqa_toolkit.convert import corpus
 from gqa_toolkit.uptrain.tokenizer import train_tokenizer
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

@@ -11,7 +11,6 @@ from safetensors.torch import load_file
 
 from gqa_toolkit.convert import AttentionWeights, ConversionError, convert_checkpoint, convert_layer
 from gqa_toolkit.convert.cli import main as convert_cli
-from gqa_toolkit.convert.methods.calibration import stdlib_train_files
 from gqa_toolkit.convert.methods.variants import parse_variant
 from gqa_toolkit.eval.ablation_recipe import AblationRecipe
 
@@ -41,9 +40,11 @@ def test_preserve_norm_on_the_layer_path(llama_dir, tmp_path):
 
 
 def test_calibration_uses_only_the_corpus_training_files():
-    from gqa_toolkit.uptrain.corpus import stdlib_files
+    from gqa_toolkit.convert.corpus import stdlib_files
+    from gqa_toolkit.convert.methods.calibration import BUILTIN, _text_files
 
-    assert stdlib_train_files() == stdlib_files("train")
+    calibration = set(_text_files(BUILTIN))
+    assert calibration and calibration.isdisjoint(stdlib_files("heldout"))
 
 
 def test_calibration_needs_a_tokenizer_or_none(llama_dir, tmp_path):

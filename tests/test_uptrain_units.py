@@ -9,7 +9,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from gqa_toolkit.uptrain import corpus, data, tasks
+from gqa_toolkit.convert import corpus
+from gqa_toolkit.uptrain import data, tasks
 from gqa_toolkit.uptrain.budget import lr_at, plan_budget
 from gqa_toolkit.uptrain.errors import UptrainError
 from gqa_toolkit.uptrain.objective import distill_loss, lm_loss, objective

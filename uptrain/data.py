@@ -19,7 +19,7 @@ import datasets
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from . import corpus
+from gqa_toolkit.convert import corpus
 from .errors import UptrainError, first_line
 from .recipe import DataSection
 from .sources import TextSource, load_text

@@ -23,7 +23,7 @@ from gqa_toolkit.convert.families.transformers_names import enable_activation_ch
 
 from .budget import lr_at, plan_budget
 from .checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
-from .data import example_batches, global_batches, load_blocks, process_micro_batches
+from .data import global_batches, load_blocks, process_micro_batches
 from .errors import UptrainError
 from .metrics import MetricsLog
 from .model import (
@@ -36,11 +36,11 @@ from .model import (
     load_tokenizer,
     teacher_dir,
 )
-from .objective import ce_loss, objective, predictions
+from .objective import heldout_loss, objective
 from .output import save_output
 from .recipe import Recipe
 from .run_dir import claim_run_dir, clear_partial_saves, write_recipe
-from .tasks import IGNORE, build_task
+from .tasks import build_task
 from .trainable import make_optimizer, select_trainable
 
 
@@ -54,19 +54,11 @@ def on_device(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]
     return {k: v.to(device) for k, v in batch.items()}
 
 
-@torch.no_grad()
-def heldout_loss(model, heldout: dict[str, torch.Tensor], micro_batch: int, device) -> float:
-    """Mean loss over the held-out examples, weighted by predicted tokens. Every process evaluates all of them
-    (FSDP needs equal calls)."""
-    model.eval()
-    total, tokens = 0.0, 0
-    for batch in example_batches(heldout, micro_batch, device):
-        logits, targets = predictions(model, batch)
-        n = int((targets != IGNORE).sum())
-        total += ce_loss(logits, targets).item() * n
-        tokens += n
+def evaluate_heldout(model, heldout: dict[str, torch.Tensor], micro_batch: int, device) -> float:
+    """Every process evaluates all the held-out examples (FSDP needs equal calls); training resumes after."""
+    loss, _ = heldout_loss(model, heldout, micro_batch, device)
     model.train()
-    return total / tokens
+    return loss
 
 
 def folders_read(recipe: Recipe, student_dir: Path, teacher_path: Path | None) -> dict[str, Path]:
@@ -135,7 +127,7 @@ def train(recipe: Recipe, *, stop_after: int | None = None) -> Path | None:
     log = MetricsLog(out, is_main=accelerator.is_main_process, start_step=state["step"], total_steps=budget.steps,
                      progress=recipe.output.progress, tensorboard=recipe.output.tensorboard)
     if state["step"] == 0 and blocks.heldout:
-        state["heldout_loss"] = heldout_loss(model, blocks.heldout, budget.micro_batch_size, accelerator.device)
+        state["heldout_loss"] = evaluate_heldout(model, blocks.heldout, budget.micro_batch_size, accelerator.device)
         log.log(0, {"heldout_loss": state["heldout_loss"]})
 
     # 5. Train.
@@ -184,8 +176,8 @@ def train(recipe: Recipe, *, stop_after: int | None = None) -> Path | None:
                 record["grad_norm"] = float(grad_norm)
             eval_seconds = 0.0
             if evaluate:
-                state["heldout_loss"] = heldout_loss(model, blocks.heldout, budget.micro_batch_size,
-                                                     accelerator.device)
+                state["heldout_loss"] = evaluate_heldout(model, blocks.heldout, budget.micro_batch_size,
+                                                         accelerator.device)
                 record["heldout_loss"] = state["heldout_loss"]
                 eval_seconds = time.perf_counter() - now
             log.log(state["step"], record)

@@ -7,6 +7,8 @@ over the predicted tokens (positions whose target is IGNORE are skipped).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+
 import torch
 import torch.nn.functional as F
 
@@ -53,3 +55,20 @@ def objective(model, batch: dict[str, torch.Tensor], teacher=None, weight: float
         teacher_logits, _ = predictions(teacher, batch)
     kd = distill_loss(logits, teacher_logits, targets, temperature)
     return (1.0 - weight) * ce + weight * kd, {"ce": ce.detach(), "kd": kd.detach()}
+
+
+@torch.no_grad()
+def heldout_loss(model, examples: dict[str, torch.Tensor], batch_size: int, device,
+                 progress: Callable[[Iterable], Iterable] = iter) -> tuple[float, int]:
+    """Mean cross-entropy over the predicted tokens of held-out examples (token-weighted across batches), and how
+    many tokens that was; the model is left in eval mode. `progress` wraps the batches (a progress bar)."""
+    from .data import example_batches
+
+    model.eval()
+    total, tokens = 0.0, 0
+    for batch in progress(example_batches(examples, batch_size, device)):
+        logits, targets = predictions(model, batch)  # (B, T', V), (B, T')
+        total += F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE,
+                                 reduction="sum").item()
+        tokens += int((targets != IGNORE).sum())
+    return total / tokens, tokens

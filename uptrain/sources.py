@@ -14,7 +14,7 @@ from pathlib import Path
 import datasets
 from huggingface_hub.utils import get_session
 
-from . import corpus
+from gqa_toolkit.convert import corpus
 from .errors import UptrainError, first_line
 
 # file suffix -> datasets builder; plain text files are read one document per file

@@ -31,7 +31,7 @@ def build_tiny_mha(out: str | Path, vocab_size: int = 2048, tokenizer_files: int
     import torch
     import transformers
 
-    from . import corpus
+    from gqa_toolkit.convert import corpus
     from .tokenizer import train_tokenizer
 
     config_class, model_class, config, sentinels = FAMILIES[family]

@@ -1,42 +1,26 @@
 """Calibration text: a few hundred token sequences whose activations weigh the layer methods' errors (the moments
 themselves come from convert/methods/block_stream.py, which runs the source one block at a time).
 
-Text comes from the built-in `python-stdlib` corpus (training files only: the same path-hash split as
-gqa_toolkit.uptrain.corpus, so held-out text never calibrates), from a file or folder of text files, or as token
+Text comes from the built-in `python-stdlib` corpus (its training files only, so held-out text never calibrates), from a file or folder of text files, or as token
 ids given directly.
 """
 
 from __future__ import annotations
 
-import hashlib
-import sysconfig
 from pathlib import Path
 
 import torch
 
+from .. import corpus
 from ..errors import ConversionError
 from ..families.loading import from_pretrained
 
-BUILTIN = "python-stdlib"
-HELDOUT_PERCENT = 5  # must equal gqa_toolkit.uptrain.corpus.HELDOUT_PERCENT (a test checks the split agrees)
-_SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
-
-
-def stdlib_train_files() -> list[Path]:
-    root = Path(sysconfig.get_paths()["stdlib"])
-    files = []
-    for f in sorted(root.rglob("*.py")):
-        rel = f.relative_to(root)
-        if _SKIP_DIRS.intersection(rel.parts):
-            continue
-        if int(hashlib.sha1(rel.as_posix().encode()).hexdigest(), 16) % 100 >= HELDOUT_PERCENT:
-            files.append(f)
-    return files
+BUILTIN = corpus.NAME
 
 
 def _text_files(source: str) -> list[Path]:
     if source == BUILTIN:
-        return stdlib_train_files()
+        return corpus.stdlib_files("train")
     path = Path(source).expanduser()
     if path.is_file():
         return [path]

@@ -18,15 +18,11 @@ import sys
 import time
 from pathlib import Path
 
-WIDTH = dict(hidden_size=2048, intermediate_size=5504, num_attention_heads=16, num_key_value_heads=16,
-             vocab_size=8192, tie_word_embeddings=False, max_position_embeddings=2048)
-
 _BUILD = """
 import sys, torch
-from transformers import LlamaConfig, LlamaForCausalLM
-config = LlamaConfig(**{width}, num_hidden_layers=int(sys.argv[2]))
+from gqa_toolkit.convert.families.presets import PRESETS
 torch.manual_seed(0)
-LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(sys.argv[1])
+PRESETS["llama-2048-wide"].model(num_hidden_layers=int(sys.argv[2])).to(torch.bfloat16).save_pretrained(sys.argv[1])
 """
 
 _CONVERT = """
@@ -85,7 +81,7 @@ def main() -> None:
     for layers in (2, 8):
         src = work / f"llama-2048-{layers}l"
         if not (src / "config.json").exists():
-            run_measured(_BUILD.format(width=WIDTH), str(src), str(layers))
+            run_measured(_BUILD, str(src), str(layers))
         size = sum(p.stat().st_size for p in src.glob("*.safetensors")) / 2**30
         for method in ("mean", "fit"):
             t0 = time.perf_counter()

@@ -22,38 +22,24 @@ from pathlib import Path
 
 import torch
 
-SHAPES = {  # config class, model class, config kwargs (t5-large is t5-v1.1-large's shape)
-    "t5-large": ("T5Config", "T5ForConditionalGeneration",
-                 dict(d_model=1024, d_ff=2816, d_kv=64, num_heads=16, num_layers=24, num_decoder_layers=24,
-                      feed_forward_proj="gated-gelu", tie_word_embeddings=False)),
-    "t5-base": ("T5Config", "T5ForConditionalGeneration",
-                dict(d_model=768, d_ff=2048, d_kv=64, num_heads=12, num_layers=12, num_decoder_layers=12,
-                     feed_forward_proj="gated-gelu", tie_word_embeddings=False)),
-    "t5-small": ("T5Config", "T5ForConditionalGeneration",
-                 dict(d_model=512, d_ff=1024, d_kv=64, num_heads=6, num_layers=8, num_decoder_layers=8,
-                      feed_forward_proj="gated-gelu", tie_word_embeddings=False)),
-    "llama-1b": ("LlamaConfig", "LlamaForCausalLM",
-                 dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=16,
-                      num_key_value_heads=16, max_position_embeddings=16384)),
-}
+SHAPES = {"t5-large": "t5-v1.1-large", "t5-base": "t5-v1.1-base", "t5-small": "t5-v1.1-small",
+          "llama-1b": "llama-1b-mha"}  # name here -> preset (gqa_toolkit.convert.families.presets)
 
 
 def write_source(shape: str, out: Path, vocab: int) -> Path:
-    import transformers
-
     from gqa_toolkit.convert import corpus
+    from gqa_toolkit.convert.families.presets import PRESETS
     from gqa_toolkit.uptrain.tokenizer import train_tokenizer
 
-    config_name, model_name, kwargs = SHAPES[shape]
+    preset = PRESETS[SHAPES[shape]]
     tokenizer = train_tokenizer((r["text"] for r in corpus.iter_texts("train", limit=400)), vocab_size=vocab,
                                 sentinels=100 if shape.startswith("t5") else 0)
     ids = dict(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     if shape.startswith("t5"):
         ids["decoder_start_token_id"] = tokenizer.pad_token_id
-    config = getattr(transformers, config_name)(**kwargs, vocab_size=len(tokenizer), **ids)
     torch.manual_seed(0)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        model = getattr(transformers, model_name)(config).to(torch.bfloat16)
+        model = preset.model(vocab_size=len(tokenizer), **ids).to(torch.bfloat16)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out

@@ -6,8 +6,9 @@ transformers attention module; it is test-side knowledge, written without the co
 
 from dataclasses import dataclass, field
 
-BASE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, vocab_size=128,
-            max_position_embeddings=128, num_attention_heads=4, num_key_value_heads=4)
+from gqa_toolkit.convert.families.presets import PRESETS
+
+BASE = {**PRESETS["tiny-llama"].config, "vocab_size": 128, "max_position_embeddings": 128}
 
 
 @dataclass(frozen=True)

@@ -12,10 +12,10 @@ import yaml
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from gqa_toolkit.convert import corpus
+from gqa_toolkit.convert.families.presets import PRESETS
 from gqa_toolkit.uptrain.tokenizer import train_tokenizer
 
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            max_position_embeddings=256)
+TINY = {**PRESETS["tiny-llama"].config, "max_position_embeddings": 256}
 
 
 def mean_pool_kv(mha: LlamaForCausalLM, groups: int) -> dict[str, torch.Tensor]:
@@ -37,7 +37,7 @@ def uptrain_models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("uptrain_models")
     tokenizer = train_tokenizer((r["text"] for r in corpus.iter_texts("train", limit=150)), vocab_size=512)
     torch.manual_seed(0)
-    mha = LlamaForCausalLM(LlamaConfig(**TINY, num_key_value_heads=4, vocab_size=len(tokenizer),
+    mha = LlamaForCausalLM(LlamaConfig(**TINY, vocab_size=len(tokenizer),
                                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                                        pad_token_id=tokenizer.pad_token_id))
     mha.save_pretrained(root / "mha")
@@ -83,9 +83,7 @@ def write_recipe(uptrain_models, tmp_path):
     }, tmp_path, "recipe.yaml")
 
 
-TINY_T5 = dict(d_model=64, d_ff=128, d_kv=16, num_layers=2, num_decoder_layers=2, num_heads=4,
-               tie_word_embeddings=False, feed_forward_proj="gated-gelu",  # t5-v1.1's choices
-               dropout_rate=0.0)  # as T5.1.1 was pretrained; dropout draws differ per process, so runs would differ
+TINY_T5 = PRESETS["tiny-t5"].config
 
 
 @pytest.fixture(scope="session")

@@ -13,38 +13,31 @@ from pathlib import Path
 
 import click
 
-TINY_LLAMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=4, max_position_embeddings=512)
-TINY_T5 = dict(d_model=64, d_ff=128, d_kv=16, num_layers=2, num_decoder_layers=2, num_heads=4,
-               feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout_rate=0.0)
-
-# family -> (config class, model class, config, span-corruption sentinels in the tokenizer)
-FAMILIES = {
-    "llama": ("LlamaConfig", "LlamaForCausalLM", TINY_LLAMA, 0),
-    "t5": ("T5Config", "T5ForConditionalGeneration", TINY_T5, 100),
-}
+# family -> (preset, span-corruption sentinels in the tokenizer)
+FAMILIES = {"llama": ("tiny-llama", 0), "t5": ("tiny-t5", 100)}
 
 
 def build_tiny_mha(out: str | Path, vocab_size: int = 2048, tokenizer_files: int = 300, seed: int = 0,
                    family: str = "llama") -> Path:
     """Write a tiny MHA model of `family` plus its tokenizer into `out` and return the path."""
     import torch
-    import transformers
 
     from gqa_toolkit.convert import corpus
+    from gqa_toolkit.convert.families.presets import PRESETS
+
     from .tokenizer import train_tokenizer
 
-    config_class, model_class, config, sentinels = FAMILIES[family]
+    preset, sentinels = FAMILIES[family]
+    preset = PRESETS[preset]
     out = Path(out)
     tokenizer = train_tokenizer((r["text"] for r in corpus.iter_texts("train", limit=tokenizer_files)), vocab_size,
                                 sentinels=sentinels)
     special = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                    pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(seed)
-    model_config = getattr(transformers, config_class)(**config, vocab_size=len(tokenizer), **special)
-    if model_config.is_encoder_decoder:
-        model_config.decoder_start_token_id = tokenizer.pad_token_id  # T5 starts decoding from pad
-    getattr(transformers, model_class)(model_config).save_pretrained(out)
+    if preset.is_encoder_decoder:
+        special["decoder_start_token_id"] = tokenizer.pad_token_id  # T5 starts decoding from pad
+    preset.model(vocab_size=len(tokenizer), **special).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
 

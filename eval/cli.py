@@ -28,7 +28,7 @@ def emit(text: str) -> None:
 
 def data_options(fn):
     for option in reversed([
-        click.option("--data", "source", default="python-stdlib", show_default=True,
+        click.option("--data", "corpus", default="python-stdlib", show_default=True,
                      help="python-stdlib, a local file or folder, or a hub dataset"),
         click.option("--split", default="heldout", show_default=True),
         click.option("--text-column", default="text", show_default=True),
@@ -42,10 +42,10 @@ def data_options(fn):
     return fn
 
 
-def _eval_data(source, split, text_column, target_column, block_size, max_blocks):
+def _eval_data(corpus, split, text_column, target_column, block_size, max_blocks):
     from .heldout import EvalData
 
-    return EvalData(source=source, split=split, text_column=text_column, target_column=target_column,
+    return EvalData(source=corpus, split=split, text_column=text_column, target_column=target_column,
                     block_size=block_size, max_blocks=max_blocks)
 
 
@@ -86,11 +86,11 @@ def main(trust_remote_code):
 @click.argument("model_dir")
 @data_options
 @user_errors
-def perplexity_cmd(model_dir, source, split, text_column, target_column, block_size, max_blocks, batch_size):
+def perplexity_cmd(model_dir, corpus, split, text_column, target_column, block_size, max_blocks, batch_size):
     """Held-out loss and perplexity of MODEL_DIR."""
     from .perplexity import perplexity
 
-    data = _eval_data(source, split, text_column, target_column, block_size, max_blocks)
+    data = _eval_data(corpus, split, text_column, target_column, block_size, max_blocks)
     path, examples = _checked_examples(model_dir, "MODEL_DIR", data)
     emit(json.dumps(perplexity(_load(path), examples, batch_size, progress=True)))
 
@@ -100,7 +100,7 @@ def perplexity_cmd(model_dir, source, split, text_column, target_column, block_s
 @click.option("--source", "source_dir", default=None, help="MHA checkpoint [default: the one recorded by gqa-convert]")
 @data_options
 @user_errors
-def fidelity_cmd(model_dir, source_dir, source, split, text_column, target_column, block_size, max_blocks,
+def fidelity_cmd(model_dir, source_dir, corpus, split, text_column, target_column, block_size, max_blocks,
                  batch_size):
     """KL(source || MODEL_DIR) per token and top-1 agreement on held-out text."""
     from gqa_toolkit.uptrain.model import check_model_dir, load_config
@@ -111,11 +111,11 @@ def fidelity_cmd(model_dir, source_dir, source, split, text_column, target_colum
 
     converted = check_model_dir(model_dir, role="MODEL_DIR")
     config = load_config(converted, role="MODEL_DIR")  # a readable config.json, before its record is read
-    reference = checked_source(converted, source_dir)
-    check_comparable(config, load_config(reference, role="--source"), reference)
-    data = _eval_data(source, split, text_column, target_column, block_size, max_blocks)
+    source = checked_source(converted, source_dir)
+    check_comparable(config, load_config(source, role="--source"), source)
+    data = _eval_data(corpus, split, text_column, target_column, block_size, max_blocks)
     path, examples = _checked_examples(model_dir, "MODEL_DIR", data)
-    emit(json.dumps(fidelity(_load(path), _load(reference), examples, batch_size, progress=True)))
+    emit(json.dumps(fidelity(_load(path), _load(source), examples, batch_size, progress=True)))
 
 
 @main.command("speed")
@@ -172,7 +172,7 @@ def _speed_models(model_dir: str, source_dir: str | None, contexts, decode_steps
 @user_errors
 def tasks_cmd(model_dir, task_names, batch_size, limit):
     """Downstream tasks through lm-eval-harness (pip install 'gqa-toolkit[tasks]')."""
-    from .tasks import run_tasks
+    from .downstream import run_tasks
 
     emit(json.dumps(run_tasks(model_dir, task_names.split(","), batch_size, limit), indent=2))
 

@@ -10,7 +10,7 @@ import torch
 from gqa_toolkit.uptrain.data import heldout_examples, task_rows
 from gqa_toolkit.uptrain.errors import UptrainError
 from gqa_toolkit.uptrain.recipe import DataSection, ObjectiveSection
-from gqa_toolkit.uptrain.sources import TextSource
+from gqa_toolkit.uptrain.corpora import TextCorpus
 from gqa_toolkit.uptrain.tasks import Task, build_task
 
 from .errors import EvalError
@@ -42,7 +42,7 @@ def eval_task(config, tokenizer, data: EvalData, objective: ObjectiveSection = O
 
 def heldout_set(tokenizer, data: EvalData, task: Task) -> dict[str, torch.Tensor]:
     """The task's examples of up to data.max_blocks held-out rows (column -> (N, ...)); an empty set is an error."""
-    src = TextSource(data.source, data.split, data.config, data.text_column, data.max_documents, streaming=False,
+    src = TextCorpus(data.source, data.split, data.config, data.text_column, data.max_documents, streaming=False,
                      target_column=data.target_column)
     try:
         rows = task_rows(src, tokenizer, task, DataSection(cache_dir=data.cache_dir))

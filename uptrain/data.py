@@ -22,7 +22,7 @@ from transformers import PreTrainedTokenizerBase
 from gqa_toolkit.convert import corpus
 from .errors import UptrainError, first_line
 from .recipe import DataSection
-from .sources import TextSource, load_text
+from .corpora import TextCorpus, load_text
 from .storage import disk_writes
 from .tasks import Task
 
@@ -48,7 +48,7 @@ def _tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     return hashlib.sha1(f"{text}|{tokenizer.eos_token_id}".encode()).hexdigest()
 
 
-def task_rows(src: TextSource, tokenizer, task: Task, cfg: DataSection, main_first=contextlib.nullcontext):
+def task_rows(src: TextCorpus, tokenizer, task: Task, cfg: DataSection, main_first=contextlib.nullcontext):
     """Rows of `src` as `task` stores them: from the cache when this (text, tokenizer, row format) was made before,
     else made now. Streaming sources are tokenized on the fly and never cached."""
     with main_first():
@@ -112,8 +112,8 @@ def heldout_examples(rows, task: Task) -> dict[str, torch.Tensor]:
 
 def load_blocks(cfg: DataSection, tokenizer, task: Task, main_first=contextlib.nullcontext) -> Blocks:
     """Training rows and held-out examples as the recipe's data section asks for them."""
-    def source(name: str, split: str, streaming: bool) -> TextSource:
-        return TextSource(name, split, cfg.config, cfg.text_column, cfg.max_documents, streaming, cfg.target_column)
+    def source(name: str, split: str, streaming: bool) -> TextCorpus:
+        return TextCorpus(name, split, cfg.config, cfg.text_column, cfg.max_documents, streaming, cfg.target_column)
 
     train = task_rows(source(cfg.source, cfg.split, cfg.streaming), tokenizer, task, cfg, main_first)
     if cfg.eval_source or cfg.eval_split or cfg.source == corpus.NAME:

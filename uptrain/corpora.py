@@ -23,7 +23,7 @@ BUILDERS = {".txt": "text", ".text": "text", ".md": "text", ".py": "text",
 
 
 @dataclass(frozen=True)
-class TextSource:
+class TextCorpus:
     """One split of one corpus, as asked for in a recipe."""
 
     name: str  # 'python-stdlib', a local path or a hub id
@@ -55,7 +55,7 @@ def _looks_local(name: str) -> bool:
     return name.startswith(("/", "./", "../", "~")) or Path(name).suffix in BUILDERS
 
 
-def _not_found(src: TextSource, where: str, also: str = "") -> UptrainError:
+def _not_found(src: TextCorpus, where: str, also: str = "") -> UptrainError:
     return UptrainError(
         f"could not load hub dataset {src.name!r} (config {src.config!r}, split {src.split!r}): it is neither a local "
         f"path nor {where}; fix data.source (or data.eval_source): the built-in corpus is {corpus.NAME!r}, or give a "
@@ -73,7 +73,7 @@ def _hub_unreachable() -> str | None:
     return None
 
 
-def _hub_dataset(src: TextSource) -> datasets.Dataset | datasets.IterableDataset:
+def _hub_dataset(src: TextCorpus) -> datasets.Dataset | datasets.IterableDataset:
     offline = datasets.config.HF_HUB_OFFLINE
     if not offline and (why := _hub_unreachable()):
         raise _not_found(src, f"reachable on the hub ({datasets.config.HF_ENDPOINT}: {why})",
@@ -89,7 +89,7 @@ def _hub_dataset(src: TextSource) -> datasets.Dataset | datasets.IterableDataset
                            ) from None
 
 
-def load_text(src: TextSource) -> tuple[datasets.Dataset | datasets.IterableDataset, str]:
+def load_text(src: TextCorpus) -> tuple[datasets.Dataset | datasets.IterableDataset, str]:
     """The texts of `src` and a fingerprint of them; raises UptrainError for a missing path or text column."""
     if src.name == corpus.NAME:
         if src.split not in ("train", "heldout"):

@@ -23,7 +23,6 @@ from gqa_toolkit.convert.families.geometry import check_context, divisors, model
 from gqa_toolkit.convert.methods.variants import parse_variant
 from gqa_toolkit.uptrain import train, validate_recipe
 from gqa_toolkit.uptrain.model import load_config, load_tokenizer
-from gqa_toolkit.uptrain.recipe import ObjectiveSection
 from gqa_toolkit.uptrain.tasks import CausalLM
 
 from .ablation_recipe import AblationRecipe
@@ -75,8 +74,7 @@ class Ablation:
 
     def preflight(self):
         """Everything checkable before training, nothing written: geometry, context, a non-empty held-out set and
-        the uptrain keys. Returns the tokenizer a built original will use (None for a given original)."""
-        self.uptrain_recipe(Path("/nonexistent"), 0.05, 100, self.root / "probe")  # validates uptrain keys
+        the uptrain keys (typed sections, checked when the recipe loads). Returns the tokenizer a built original will use (None for a given original)."""
         self.check_launcher()
         build = self.recipe.original.build
         tokenizer = None
@@ -100,17 +98,17 @@ class Ablation:
     def heldout(self, config, tokenizer) -> dict:
         """The held-out examples every cell is scored on, made by the uptraining task (config None: a built llama)."""
         data = self.eval_data()
-        task = eval_task(config, tokenizer, data, ObjectiveSection(**self.recipe.objective)) if config else None
+        task = eval_task(config, tokenizer, data, self.recipe.objective) if config else None
         return heldout_set(tokenizer, data, task or CausalLM(data.block_size))
 
     def uptrain_recipe(self, model: Path, fraction: float, original_steps: int, out: Path):
-        train_keys = {"seed": self.recipe.seed, **self.recipe.uptrain, "fraction": fraction,
-                      "original_steps": original_steps}
+        train_keys = {"seed": self.recipe.seed, **self.recipe.uptrain.model_dump(mode="json", exclude_unset=True),
+                      "fraction": fraction, "original_steps": original_steps}
         return validate_recipe({
-            "model": {**self.recipe.model, "path": str(model)},
+            "model": {**self.recipe.model.model_dump(mode="json"), "path": str(model)},
             "data": self.recipe.data.model_dump(mode="json"),
             "train": train_keys,
-            "objective": dict(self.recipe.objective),
+            "objective": self.recipe.objective.model_dump(mode="json"),
             "output": {"dir": str(out), "keep_last": 1, "progress": self.progress, "tensorboard": False,
                        "save_every": 10_000, "eval_every": 10_000},
         }, name="ablation uptrain")

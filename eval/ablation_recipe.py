@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import shlex
 from pathlib import Path
-from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gqa_toolkit.convert.errors import ConversionError
 from gqa_toolkit.convert.methods.variants import parse_variant
-from gqa_toolkit.uptrain.recipe import DataSection, describe_problems, read_recipe_yaml
+from gqa_toolkit.uptrain.recipe import (DataSection, ModelOptions, ObjectiveSection, TrainOptions, describe_problems,
+                                        read_recipe_yaml)
 
 from .errors import EvalError
 
@@ -81,9 +81,10 @@ class AblationRecipe(_Section):
     fractions: tuple[float, ...] = Field((0.0, 0.05), min_length=1)
     seed: int = 0
     data: DataSection = DataSection()
-    uptrain: dict[str, Any] = Field(default_factory=dict, description="train.* keys of the uptrain recipe")
-    objective: dict[str, Any] = Field(default_factory=dict, description="objective.* keys of the uptrain recipe")
-    model: dict[str, Any] = Field(default_factory=dict, description="model.* keys of the uptrain recipe, but path")
+    uptrain: TrainOptions = Field(TrainOptions(), description="train.* keys of the uptrain recipe, but the budget: "
+                                                              "each cell uptrains fraction x original_steps")
+    objective: ObjectiveSection = ObjectiveSection()
+    model: ModelOptions = Field(ModelOptions(), description="model.* keys of the uptrain recipe, but path")
     launcher: str | None = Field(None, description="e.g. 'accelerate launch --config_file fsdp.yaml': run each "
                                                    "uptraining in that launcher instead of in this process")
     eval_batch_size: int = Field(16, ge=1)

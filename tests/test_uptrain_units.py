@@ -22,7 +22,9 @@ from gqa_toolkit.uptrain.tokenizer import train_tokenizer
 def test_budget_from_fraction_tokens_and_steps():
     assert plan_budget(TrainSection(original_steps=1000, fraction=0.05), 128, 1).steps == 50
     b = plan_budget(TrainSection(max_tokens=10_000, batch_size=8, micro_batch_size=2), 128, 2)
-    assert b.steps == 10 and b.accum_steps == 2 and b.tokens_per_step == 1024  # ceil(10000 / 1024)
+    assert b.steps == 10 and b.tokens_per_step == 1024  # ceil(10000 / 1024)
+    global_batch = {"input_ids": torch.arange(8)[:, None]}  # (batch_size, 1)
+    assert len(data.process_micro_batches(global_batch, 2, 0, b.micro_batch_size)) == 2  # micro-steps per process
     assert plan_budget(TrainSection(max_steps=7, warmup_fraction=0.3), 16, 1).warmup_steps == 2
     with pytest.raises(UptrainError, match="not a multiple"):
         plan_budget(TrainSection(max_steps=7, batch_size=6, micro_batch_size=4), 16, 1)

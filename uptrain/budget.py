@@ -15,7 +15,6 @@ class Budget:
     warmup_steps: int
     batch_size: int  # sequences per optimizer step, all processes together
     micro_batch_size: int  # sequences per forward pass on one process
-    accum_steps: int  # micro-steps per optimizer step on each process
     block_size: int
 
     @property
@@ -37,14 +36,13 @@ def plan_budget(cfg: TrainSection, block_size: int, num_processes: int) -> Budge
         steps = math.ceil(cfg.max_tokens / (cfg.batch_size * block_size))
     elif cfg.original_steps is not None:
         steps = max(1, round(cfg.fraction * cfg.original_steps))
-    else:  # the recipe validator already refuses this; kept for callers that build a TrainSection by hand
+    else:
         raise UptrainError("no way to compute the step budget: set train.original_steps, max_steps or max_tokens")
     return Budget(
         steps=steps,
         warmup_steps=round(cfg.warmup_fraction * steps),
         batch_size=cfg.batch_size,
         micro_batch_size=cfg.micro_batch_size,
-        accum_steps=cfg.batch_size // per_micro_step,
         block_size=block_size,
     )
 

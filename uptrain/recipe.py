@@ -18,12 +18,17 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class ModelSection(_Section):
-    path: str = Field(description="converted checkpoint to uptrain (the output of gqa-convert)")
+class ModelOptions(_Section):
+    """How the model trains, whichever model it is (the ablation gives these for every cell)."""
+
     trainable: Literal["all", "attention", "kv"] = "all"
     gradient_checkpointing: bool = False
     trust_remote_code: bool = Field(False, description="run the Python files of the model folders (never needed "
                                     "for the toolkit's own families, which load through its registered classes)")
+
+
+class ModelSection(ModelOptions):
+    path: str = Field(description="converted checkpoint to uptrain (the output of gqa-convert)")
 
 
 class DataSection(_Section):
@@ -43,11 +48,9 @@ class DataSection(_Section):
     cache_dir: str | None = None
 
 
-class TrainSection(_Section):
-    fraction: float = Field(0.05, gt=0, le=1)
-    original_steps: int | None = Field(None, ge=1)
-    max_steps: int | None = Field(None, ge=1)
-    max_tokens: int | None = Field(None, ge=1)
+class TrainOptions(_Section):
+    """How to train, apart from how long (the ablation sets the budget of each cell)."""
+
     batch_size: int = Field(32, ge=1, description="sequences per optimizer step, over all processes")
     micro_batch_size: int = Field(8, ge=1, description="sequences per forward pass on one process")
     lr: float = Field(1e-4, gt=0)
@@ -60,6 +63,13 @@ class TrainSection(_Section):
     max_grad_norm: float | None = Field(1.0, gt=0)
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     seed: int = 0
+
+
+class TrainSection(TrainOptions):
+    fraction: float = Field(0.05, gt=0, le=1)
+    original_steps: int | None = Field(None, ge=1)
+    max_steps: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")
     def _one_budget(self) -> TrainSection:

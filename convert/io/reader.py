@@ -183,9 +183,6 @@ class CheckpointReader:
             self._bin_path = path
         return self._bin_state
 
-    def names(self) -> list[str]:
-        return list(self.infos)
-
     def read(self, name: str) -> torch.Tensor:
         info = self.infos[name]
         if info.offsets is None:

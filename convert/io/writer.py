@@ -121,12 +121,12 @@ def _write_shard(path: Path, tensors: list[PlannedTensor], on_bytes: Callable[[i
 
 
 def write_checkpoint(out_dir: Path, planned: list[PlannedTensor], max_shard_bytes: int,
-                     on_bytes: Callable[[int], None] = lambda n: None) -> list[str]:
-    """Write the planned tensors into out_dir; returns the weight file names written."""
+                     on_bytes: Callable[[int], None] = lambda n: None) -> None:
+    """Write the planned tensors into out_dir: one model.safetensors, or shards and their index."""
     shards = split_into_shards(planned, max_shard_bytes)
     if len(shards) == 1:
         _write_shard(out_dir / SINGLE_FILE, shards[0], on_bytes)
-        return [SINGLE_FILE]
+        return
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     weight_map = {}
     for name, tensors in zip(names, shards):
@@ -134,4 +134,3 @@ def write_checkpoint(out_dir: Path, planned: list[PlannedTensor], max_shard_byte
         weight_map.update({t.name: name for t in tensors})
     index = {"metadata": {"total_size": sum(_nbytes(t) for t in planned)}, "weight_map": weight_map}
     (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-    return [*names, INDEX_FILE]

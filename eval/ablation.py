@@ -73,8 +73,9 @@ class Ablation:
                             f"(pip install accelerate) or fix the launcher")
 
     def preflight(self):
-        """Everything checkable before training, nothing written: geometry, context, a non-empty held-out set and
-        the uptrain keys (typed sections, checked when the recipe loads). Returns the tokenizer a built original will use (None for a given original)."""
+        """Everything checkable before training, nothing written: geometry, context, the launcher and a non-empty
+        held-out set (the uptrain keys are checked when the recipe loads). Returns the tokenizer a built original
+        will use (None for a given original)."""
         self.check_launcher()
         build = self.recipe.original.build
         tokenizer = None

@@ -81,7 +81,7 @@ def test_loss_equals_stock_t5_loss(t5_models):
 
 
 def test_pairs_are_truncated_padded_and_shifted():
-    task = Seq2SeqPairs(input_length=5, target_length=4, target_column="y", eos_id=2, pad_id=0, decoder_start_id=0)
+    task = Seq2SeqPairs(row_length=5, target_length=4, target_column="y", eos_id=2, pad_id=0, decoder_start_id=0)
 
     class Tok:
         def __call__(self, texts, add_special_tokens):

@@ -35,12 +35,8 @@ def pack(batch: dict, tokenizer, column: str, block_size: int) -> dict:
 class CausalLM:
     """Packed blocks of `block_size` tokens; each position predicts the next."""
 
-    block_size: int
+    row_length: int  # the block size
     name: str = "causal_lm"
-
-    @property
-    def row_length(self) -> int:
-        return self.block_size
 
     @property
     def format_key(self) -> str:
@@ -84,7 +80,7 @@ class SpanCorruption:
 class Seq2SeqPairs:
     """One (input, target) pair per row, each truncated and padded to a fixed length."""
 
-    input_length: int
+    row_length: int  # tokens of each input
     target_length: int
     target_column: str
     eos_id: int
@@ -93,12 +89,8 @@ class Seq2SeqPairs:
     name: str = "seq2seq"
 
     @property
-    def row_length(self) -> int:
-        return self.input_length
-
-    @property
     def format_key(self) -> str:
-        return f"pairs|{self.input_length}|{self.target_length}|{self.target_column}"
+        return f"pairs|{self.row_length}|{self.target_length}|{self.target_column}"
 
     def _fixed(self, ids: list[int], length: int, fill: int) -> list[int]:
         ids = [*ids[: length - 1], self.eos_id]
@@ -108,8 +100,8 @@ class Seq2SeqPairs:
         sources = tokenizer(batch[column], add_special_tokens=False)["input_ids"]
         targets = tokenizer(batch[self.target_column], add_special_tokens=False)["input_ids"]
         return {
-            "input_ids": [self._fixed(s, self.input_length, self.pad_id) for s in sources],
-            "attention_mask": [[1] * min(len(s) + 1, self.input_length) + [0] * max(self.input_length - len(s) - 1, 0)
+            "input_ids": [self._fixed(s, self.row_length, self.pad_id) for s in sources],
+            "attention_mask": [[1] * min(len(s) + 1, self.row_length) + [0] * max(self.row_length - len(s) - 1, 0)
                                for s in sources],
             "labels": [self._fixed(t, self.target_length, IGNORE) for t in targets],
         }

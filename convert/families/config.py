@@ -9,9 +9,10 @@ transformers'. `TransformersConfig` gives the same interface over a loaded confi
 
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
-from .spec import ConfigSchema
+if TYPE_CHECKING:
+    from .spec import ConfigSchema
 
 _UNANSWERED = object()
 

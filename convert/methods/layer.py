@@ -73,6 +73,22 @@ def _per_head_method(name: str, block: HeadBlock, groups: int, ctx: LayerContext
     return LayerResult(pool("k", block.k), KeyMap.identity(G0, ctx.layout), pool("v", block.v), eye)
 
 
+def _checked_block(weights: AttentionWeights, heads: int, kv_heads: int, groups: int, rope: RopeLayout | None,
+                   calibration: torch.Tensor | InputMoments | None):
+    """The layer's heads after its shapes are checked, the RoPE layout (None: every dim rotates) and the
+    calibration as moments."""
+    hd = weights.q.shape[0] // heads
+    rope = rope or RopeLayout(hd, hd)
+    _check(weights, heads, kv_heads, groups, rope)
+    if isinstance(calibration, torch.Tensor):
+        calibration = InputMoments.from_inputs(calibration)
+    return HeadBlock.from_weights(weights, heads, kv_heads), rope, calibration
+
+
+def _weights(tensors: dict[str, torch.Tensor | None], dtype: torch.dtype) -> AttentionWeights:
+    return AttentionWeights(**{k: (v.to(dtype) if v is not None else None) for k, v in tensors.items()})
+
+
 def convert_layer(weights: AttentionWeights, *, heads: int, kv_heads: int, groups: int, method: str = "mean",
                   rope: RopeLayout | None = None, grouping: str = "contiguous", preserve_norm: bool = False,
                   calibration: torch.Tensor | InputMoments | None = None, seed: int = 0, init_std: float = 0.02,
@@ -83,12 +99,7 @@ def convert_layer(weights: AttentionWeights, *, heads: int, kv_heads: int, group
     calibration: the layer's attention inputs `(N, d)` (normed hidden states) or their `InputMoments`; with them
     grouping, alignment and fitting weigh errors by the real activations instead of the raw weights."""
     check_method(method, grouping, preserve_norm)
-    hd = weights.q.shape[0] // heads
-    rope = rope or RopeLayout(hd, hd)
-    _check(weights, heads, kv_heads, groups, rope)
-    block = HeadBlock.from_weights(weights, heads, kv_heads)
-    if isinstance(calibration, torch.Tensor):
-        calibration = InputMoments.from_inputs(calibration)
+    block, rope, calibration = _checked_block(weights, heads, kv_heads, groups, rope, calibration)
     ctx = LayerContext.build(block, rope, calibration, seed=seed, init_std=init_std, names=names or {})
     if grouping == "similarity" and groups < kv_heads:
         block = block.permuted(similarity_permutation(block, groups, ctx, aligned=method in LAYER_METHODS))
@@ -100,9 +111,7 @@ def convert_layer(weights: AttentionWeights, *, heads: int, kv_heads: int, group
     if preserve_norm:
         result = replace(result, k=preserve_norms(block.k, result.k, groups, ctx.metric_k),
                          v=preserve_norms(block.v, result.v, groups, ctx.metric_v))
-    out = block.assembled(result, rope)
-    dtype = weights.q.dtype
-    return AttentionWeights(**{k: (v.to(dtype) if v is not None else None) for k, v in out.items()})
+    return _weights(block.assembled(result, rope), weights.q.dtype)
 
 
 def align_layer(weights: AttentionWeights, *, heads: int, kv_heads: int, groups: int,
@@ -113,15 +122,9 @@ def align_layer(weights: AttentionWeights, *, heads: int, kv_heads: int, groups:
     unchanged; `convert_layer(method="aligned")` then averages the aligned heads."""
     from .alignment import rotated_heads
 
-    hd = weights.q.shape[0] // heads
-    rope = rope or RopeLayout(hd, hd)
-    _check(weights, heads, kv_heads, groups, rope)
-    block = HeadBlock.from_weights(weights, heads, kv_heads)
-    if isinstance(calibration, torch.Tensor):
-        calibration = InputMoments.from_inputs(calibration)
+    block, rope, calibration = _checked_block(weights, heads, kv_heads, groups, rope, calibration)
     ctx = LayerContext.build(block, rope, calibration, seed=0, init_std=0.02, names={})
-    out = block.assembled(rotated_heads(block, groups, ctx), rope)
-    return AttentionWeights(**{k: (v.to(weights.q.dtype) if v is not None else None) for k, v in out.items()})
+    return _weights(block.assembled(rotated_heads(block, groups, ctx), rope), weights.q.dtype)
 
 
 def permute_layer(weights: AttentionWeights, *, heads: int, kv_heads: int, order: list[int]) -> AttentionWeights:

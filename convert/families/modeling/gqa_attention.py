@@ -12,6 +12,7 @@ Copied next to the family file into every converted directory; imports torch and
 from __future__ import annotations
 
 import inspect
+import operator
 from typing import Callable
 
 import torch
@@ -81,6 +82,21 @@ class StockForward:
         if len(caches) > 1:
             raise TypeError(f"{type(module).__name__} was given more than one cache argument")
         return {**arguments, "cache": caches[0] if caches else None}
+
+
+class GroupedModel:
+    """Put before a stock model class: builds it, then puts `gqa_attention` (a GroupedAttention class) in place of
+    the stock attention module `gqa_attribute` of each layer in `gqa_layers` (a dotted path from the model)."""
+
+    gqa_layers: str
+    gqa_attribute: str
+    gqa_attention: type
+
+    def __init__(self, config):
+        super().__init__(config)
+        for i, layer in enumerate(operator.attrgetter(self.gqa_layers)(self)):
+            setattr(layer, self.gqa_attribute, self.gqa_attention(config, layer_idx=i))
+        self.post_init()
 
 
 class GroupedAttention(nn.Module):

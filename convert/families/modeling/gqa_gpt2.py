@@ -12,7 +12,7 @@ from transformers import GPT2Config
 from transformers.models.gpt2.modeling_gpt2 import GPT2Attention, GPT2LMHeadModel
 from transformers.pytorch_utils import Conv1D
 
-from .gqa_attention import GroupedAttention
+from .gqa_attention import GroupedAttention, GroupedModel
 
 
 class GQAGPT2Config(GPT2Config):
@@ -40,14 +40,9 @@ class GQAGPT2Attention(GroupedAttention, GPT2Attention):
         return self.resid_dropout(self.c_proj(out)), weights
 
 
-class GQAGPT2LMHeadModel(GPT2LMHeadModel):
+class GQAGPT2LMHeadModel(GroupedModel, GPT2LMHeadModel):
     config_class = GQAGPT2Config
-
-    def __init__(self, config: GQAGPT2Config):
-        super().__init__(config)
-        for i, block in enumerate(self.transformer.h):
-            block.attn = GQAGPT2Attention(config, layer_idx=i)
-        self.post_init()
+    gqa_layers, gqa_attribute, gqa_attention = "transformer.h", "attn", GQAGPT2Attention
 
 
 # save_pretrained copies this file (and the core it imports) next to the weights and writes auto_map, so saved

@@ -14,7 +14,7 @@ from transformers.conversion_mapping import register_checkpoint_conversion_mappi
 from transformers.core_model_loading import WeightRenaming
 from transformers.models.gpt_neox.modeling_gpt_neox import GPTNeoXAttention, GPTNeoXForCausalLM, apply_rotary_pos_emb
 
-from .gqa_attention import GroupedAttention
+from .gqa_attention import GroupedAttention, GroupedModel
 
 
 class GQAGPTNeoXConfig(GPTNeoXConfig):
@@ -43,16 +43,11 @@ class GQAGPTNeoXAttention(GroupedAttention, GPTNeoXAttention):
         return self.dense(out), weights
 
 
-class GQAGPTNeoXForCausalLM(GPTNeoXForCausalLM):
+class GQAGPTNeoXForCausalLM(GroupedModel, GPTNeoXForCausalLM):
     config_class = GQAGPTNeoXConfig
     # transformers skips its own checkpoint renames for code outside the library; GPT-NeoX checkpoints name the LM
     # head `embed_out` on disk, so the rename is registered for this class explicitly (below).
-
-    def __init__(self, config: GQAGPTNeoXConfig):
-        super().__init__(config)
-        for i, layer in enumerate(self.gpt_neox.layers):
-            layer.attention = GQAGPTNeoXAttention(config, layer_idx=i)
-        self.post_init()
+    gqa_layers, gqa_attribute, gqa_attention = "gpt_neox.layers", "attention", GQAGPTNeoXAttention
 
 
 register_checkpoint_conversion_mapping(GQAGPTNeoXForCausalLM.__name__,

@@ -11,7 +11,7 @@ from torch import nn
 from transformers import OPTConfig
 from transformers.models.opt.modeling_opt import OPTAttention, OPTForCausalLM
 
-from .gqa_attention import GroupedAttention
+from .gqa_attention import GroupedAttention, GroupedModel
 
 
 class GQAOPTConfig(OPTConfig):
@@ -35,14 +35,9 @@ class GQAOPTAttention(GroupedAttention, OPTAttention):
         return self.out_proj(out), weights
 
 
-class GQAOPTForCausalLM(OPTForCausalLM):
+class GQAOPTForCausalLM(GroupedModel, OPTForCausalLM):
     config_class = GQAOPTConfig
-
-    def __init__(self, config: GQAOPTConfig):
-        super().__init__(config)
-        for i, layer in enumerate(self.model.decoder.layers):
-            layer.self_attn = GQAOPTAttention(config, layer_idx=i)
-        self.post_init()
+    gqa_layers, gqa_attribute, gqa_attention = "model.decoder.layers", "self_attn", GQAOPTAttention
 
 
 # save_pretrained copies this file (and the core it imports) next to the weights and writes auto_map, so saved

@@ -32,6 +32,8 @@ FAMILIES = [
     Family("gemma2", dict(head_dim=16)),
     Family("gemma3_text", dict(head_dim=16)),
     Family("qwen2"),
+    Family("qwen2_moe", dict(num_experts=2, num_experts_per_tok=1, moe_intermediate_size=32,
+                             shared_expert_intermediate_size=32)),
     Family("qwen3", dict(head_dim=16)),
     Family("olmo"),
     Family("olmo2", kv_norm="olmo2"),

@@ -23,12 +23,13 @@ from gqa_toolkit.convert.families.geometry import check_context, divisors, model
 from gqa_toolkit.convert.methods.variants import parse_variant
 from gqa_toolkit.uptrain import train, validate_recipe
 from gqa_toolkit.uptrain.model import load_config, load_tokenizer
+from gqa_toolkit.uptrain.recipe import DataSection
 from gqa_toolkit.uptrain.tasks import CausalLM
 
 from .ablation_recipe import AblationRecipe
 from .errors import EvalError
 from .fidelity import fidelity
-from .heldout import EvalData, eval_task, heldout_set
+from .heldout import eval_task, heldout_set
 from .original import Original, new_tokenizer, original_config, resolve_original
 from .outputs import write_files
 from .perplexity import perplexity
@@ -90,11 +91,11 @@ class Ablation:
             self.heldout(config, load_tokenizer(original.path))
         return tokenizer
 
-    def eval_data(self) -> EvalData:
+    def eval_data(self) -> DataSection:
+        """The recipe's data, read from its held-out source and split, every document of it."""
         d = self.recipe.data
-        return EvalData(source=d.eval_source or d.source, split=d.eval_split or "heldout", config=d.config,
-                        text_column=d.text_column, block_size=d.block_size, max_blocks=d.eval_blocks,
-                        cache_dir=d.cache_dir, target_column=d.target_column, target_length=d.target_length)
+        return d.model_copy(update={"source": d.eval_source or d.source, "split": d.eval_split or "heldout",
+                                    "max_documents": None})
 
     def heldout(self, config, tokenizer) -> dict:
         """The held-out examples every cell is scored on, made by the uptraining task (config None: a built llama)."""

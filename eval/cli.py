@@ -43,10 +43,10 @@ def data_options(fn):
 
 
 def _eval_data(corpus, split, text_column, target_column, block_size, max_blocks):
-    from .heldout import EvalData
+    from gqa_toolkit.uptrain.recipe import DataSection
 
-    return EvalData(source=corpus, split=split, text_column=text_column, target_column=target_column,
-                    block_size=block_size, max_blocks=max_blocks)
+    return DataSection(source=corpus, split=split, text_column=text_column, target_column=target_column,
+                       block_size=block_size, eval_blocks=max_blocks)
 
 
 def _checked_examples(model_dir: str, role: str, data):

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from gqa_toolkit.convert import convert_checkpoint
 from gqa_toolkit.eval.cli import main
 from gqa_toolkit.eval.fidelity import fidelity
-from gqa_toolkit.eval.heldout import EvalData, heldout_set
+from gqa_toolkit.eval.heldout import HELDOUT, heldout_set
 from gqa_toolkit.eval.perplexity import perplexity
 from gqa_toolkit.eval.speed import kv_cache_bytes_per_token, measure_speed
 from gqa_toolkit.uptrain.model import load_model, load_tokenizer
@@ -20,7 +20,7 @@ from gqa_toolkit.uptrain.tasks import CausalLM
 
 @pytest.fixture(scope="module")
 def blocks(uptrain_models):
-    data = EvalData(block_size=32, max_blocks=6, cache_dir=str(uptrain_models["cache"]))
+    data = HELDOUT.model_copy(update=dict(block_size=32, eval_blocks=6, cache_dir=str(uptrain_models["cache"])))
     return heldout_set(load_tokenizer(uptrain_models["mha"]), data, CausalLM(32))["input_ids"]
 
 

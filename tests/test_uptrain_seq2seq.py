@@ -11,7 +11,7 @@ from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, T5ForConditionalG
 
 from gqa_toolkit.convert.families.transformers_names import output_cache
 from gqa_toolkit.eval.fidelity import fidelity
-from gqa_toolkit.eval.heldout import EvalData, eval_task, heldout_set
+from gqa_toolkit.eval.heldout import HELDOUT, eval_task, heldout_set
 from gqa_toolkit.eval.perplexity import perplexity
 from gqa_toolkit.eval.speed import kv_cache_bytes_per_token, measure_speed
 from gqa_toolkit.uptrain import load_recipe, train
@@ -119,7 +119,7 @@ def test_t5_uptrains_to_mqa_with_span_corruption(write_t5_recipe, t5_models, tmp
 
     # heldout loss in the log is what gqa-eval measures on the same examples (to bf16 autocast's rounding on a GPU)
     tok = load_tokenizer(out)
-    data = EvalData(block_size=48, max_blocks=8, cache_dir=str(t5_models["cache"]), max_documents=40)
+    data = HELDOUT.model_copy(update=dict(block_size=48, eval_blocks=8, cache_dir=str(t5_models["cache"]), max_documents=40))
     examples = heldout_set(tok, data, eval_task(load_config(out), tok, data))
     assert perplexity(load_model(out), examples)["loss"] == pytest.approx(held[-1], rel=1e-3)
 
@@ -142,7 +142,7 @@ def test_t5_metrics_against_exact_facts(t5_models, tmp_path):
     from gqa_toolkit.convert import convert_checkpoint
 
     tok = load_tokenizer(t5_models["mha"])
-    data = EvalData(block_size=32, max_blocks=4, cache_dir=str(t5_models["cache"]), max_documents=20)
+    data = HELDOUT.model_copy(update=dict(block_size=32, eval_blocks=4, cache_dir=str(t5_models["cache"]), max_documents=20))
     examples = heldout_set(tok, data, eval_task(load_config(t5_models["mha"]), tok, data))
     source = load_model(t5_models["mha"])
     same = convert_checkpoint(t5_models["mha"], tmp_path / "g4", method="mean", groups=4, progress=False)

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from gqa_toolkit.convert.errors import ConversionError
 from gqa_toolkit.convert.methods.variants import parse_variant
+from gqa_toolkit.uptrain.shipped_recipes import resolve_recipe
 from gqa_toolkit.uptrain.recipe import (DataSection, ModelOptions, ObjectiveSection, TrainOptions, describe_problems,
                                         read_recipe_yaml)
 
@@ -134,7 +135,7 @@ class AblationRecipe(_Section):
 
 
 def load_ablation_recipe(path: str | Path, overrides: list[str] = ()) -> AblationRecipe:
-    raw = read_recipe_yaml(path, overrides, example="recipes/tiny-ablation.yaml")
+    raw = read_recipe_yaml(resolve_recipe(path), overrides, example="recipes/tiny-ablation.yaml")
     try:
         return AblationRecipe.model_validate(raw)
     except ValidationError as exc:

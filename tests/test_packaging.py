@@ -17,7 +17,7 @@ def test_wheel_imports_and_runs_outside_the_repo(llama_dir, tmp_path):
     src.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / name, src)
-    for folder in ("gqa_toolkit", "convert", "uptrain", "eval"):
+    for folder in ("gqa_toolkit", "convert", "uptrain", "eval", "recipes"):
         shutil.copytree(REPO / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run([sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(tmp_path / "dist"),
                     str(src)], check=True, capture_output=True)
@@ -37,3 +37,17 @@ def test_wheel_imports_and_runs_outside_the_repo(llama_dir, tmp_path):
                           env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"}, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "out" / "model.safetensors").is_file()
+
+    # the shipped recipes: listed, and the tiny one validated by name, from the installed package alone
+    run = ("import sys; from gqa_toolkit.uptrain.cli import main; sys.argv = ['gqa-uptrain', *sys.argv[1:]]; "
+           "main()")
+    env = {"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"}
+    listed = subprocess.run([sys.executable, "-c", run, "--list"], cwd=tmp_path, env=env, capture_output=True,
+                            text=True)
+    assert listed.returncode == 0, listed.stderr
+    assert {line.split()[0] for line in listed.stdout.splitlines()} == {p.name for p in (REPO / "recipes").glob("*.yaml")}
+    resolved = subprocess.run([sys.executable, "-c", run, "tiny-uptrain.yaml", "--print-recipe"], cwd=tmp_path,
+                              env=env, capture_output=True, text=True)
+    assert resolved.returncode == 0, resolved.stderr
+    assert f"dir: {tmp_path / 'runs'}" in resolved.stdout  # the recipe's relative paths, from where it runs
+    assert any(n.startswith("gqa_toolkit/recipes/accelerate/") for n in names)

@@ -55,3 +55,19 @@ def test_tiny_t5_recipe_runs_as_its_comment_says(tmp_path, monkeypatch):
     record = json.loads((out / "config.json").read_text())
     assert record["gqa_uptraining"]["objective"] == "span_corruption" and record["gqa_uptraining"]["steps"] == 4
     assert record["gqa_conversion"]["groups"] == 1 and record["model_type"] == "gqa_t5"
+
+
+def test_shipped_recipes_copy_out_and_never_overwrite(tmp_path):
+    from click.testing import CliRunner
+
+    from gqa_toolkit.uptrain.cli import main as uptrain_main
+
+    runner = CliRunner()
+    copied = runner.invoke(uptrain_main, ["--copy", "tiny-uptrain", str(tmp_path)])
+    assert copied.exit_code == 0, copied.output
+    shipped = Path(__file__).parent.parent / "recipes" / "tiny-uptrain.yaml"
+    assert (tmp_path / "tiny-uptrain.yaml").read_text() == shipped.read_text()
+    again = runner.invoke(uptrain_main, ["--copy", "tiny-uptrain", str(tmp_path)])
+    assert again.exit_code == 2 and "exists" in again.output
+    unknown = runner.invoke(uptrain_main, ["--copy", "tiny-nothing"])
+    assert unknown.exit_code == 2 and "tiny-uptrain.yaml" in unknown.output

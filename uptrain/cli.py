@@ -11,20 +11,36 @@ from gqa_toolkit.convert.command import HELP, Command, print_warnings, user_erro
 
 
 @click.command(cls=Command, context_settings=HELP)
-@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.argument("recipe", required=False)
 @click.argument("overrides", nargs=-1)
 @click.option("--print-recipe", is_flag=True, help="Print the resolved recipe and exit without training.")
+@click.option("--list", "list_recipes", is_flag=True, help="List the recipes shipped with the toolkit and exit.")
+@click.option("--copy", "copy_name", metavar="NAME", default=None,
+              help="Copy the shipped recipe NAME to RECIPE (default: ./NAME) to edit, and exit.")
 @user_errors("gqa-uptrain", "rerun the same command to resume from the last checkpoint")
-def main(recipe: str, overrides: tuple[str, ...], print_recipe: bool) -> None:
+def main(recipe: str | None, overrides: tuple[str, ...], print_recipe: bool, list_recipes: bool,
+         copy_name: str | None) -> None:
     """Uptrain the converted checkpoint named in RECIPE (YAML).
 
     OVERRIDES are dotted key=value pairs applied on top of the recipe, e.g. train.lr=3e-4 output.dir=runs/x.
-    Rerunning the same command resumes from the run's last checkpoint.
+    Rerunning the same command resumes from the run's last checkpoint. RECIPE may name a shipped recipe
+    (gqa-uptrain --list) when no such file exists.
     """
+    from .errors import UptrainError
     from .recipe import load_recipe
+    from .shipped_recipes import copy_recipe, resolve_recipe, shipped
 
     print_warnings("gqa-uptrain", "gqa_toolkit.uptrain")
-    loaded = load_recipe(recipe, overrides)
+    if list_recipes:
+        width = max(map(len, shipped()))
+        click.echo("\n".join(f"{name:<{width}}  {about}" for name, about in shipped().items()))
+        return
+    if copy_name is not None:
+        click.echo(f"copied to {copy_recipe(copy_name, recipe)}")
+        return
+    if recipe is None:
+        raise UptrainError("give a RECIPE (a YAML file, or a shipped recipe's name: gqa-uptrain --list)")
+    loaded = load_recipe(resolve_recipe(recipe), overrides)
     if print_recipe:
         click.echo(loaded.resolved().to_yaml(), nl=False)
         return

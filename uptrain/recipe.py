@@ -228,8 +228,11 @@ def validate_recipe(raw: Any, name: str = "recipe") -> Recipe:
 def read_recipe_yaml(path: str | Path, overrides: list[str] = (), example: str = "recipes/tiny-uptrain.yaml") -> dict:
     """A recipe file as a mapping with `key=value` overrides applied; a missing file or bad YAML is an UptrainError."""
     path = Path(path)
+    if path.is_dir():
+        raise UptrainError(f"recipe {path} is a directory; pass a YAML file such as {example}")
     if not path.is_file():
-        raise UptrainError(f"recipe {path} does not exist; pass a YAML file such as {example}")
+        raise UptrainError(f"recipe {path} does not exist; pass a YAML file such as {example}, or the name of a "
+                           f"shipped recipe (gqa-uptrain --list)")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:

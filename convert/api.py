@@ -91,6 +91,35 @@ class Prepared:
     record: dict
     sources: dict
     options: ConversionOptions
+    geometries: dict  # attention kind -> Geometry of the kinds converted
+
+
+@dataclass(frozen=True)
+class ConversionResult:
+    """What a conversion wrote, in figures (`gqa-convert --json` prints them)."""
+
+    output: Path
+    kv_heads_before: int
+    kv_heads_after: int
+    kv_cache_bytes_per_token_before: int  # K and V of every converted attention kind, all layers, one token
+    kv_cache_bytes_per_token_after: int
+    bytes_written: int
+
+    def as_json(self) -> dict:
+        before, after = self.kv_cache_bytes_per_token_before, self.kv_cache_bytes_per_token_after
+        return {"output": str(self.output), "kv_heads_before": self.kv_heads_before,
+                "kv_heads_after": self.kv_heads_after, "kv_cache_bytes_per_token_before": before,
+                "kv_cache_bytes_per_token_after": after, "kv_cache_saving": 1 - after / before,
+                "bytes_written": self.bytes_written}
+
+
+def _kv_cache_bytes_per_token(prepared: Prepared, kv_heads: int | None) -> int:
+    """K and V of one token in every layer of the converted kinds, in the output's floating dtype; `kv_heads`
+    None: the source's."""
+    floating = [t.dtype for t in prepared.planned if t.dtype.is_floating_point]
+    element = (floating[0] if floating else torch.float32).itemsize
+    return sum(2 * g.num_layers * (kv_heads or g.kv_heads) * g.head_dim * element
+               for g in prepared.geometries.values())
 
 
 def _prepare(src, dst, options: ConversionOptions, progress: bool, calibrate: bool = True) -> Prepared:
@@ -121,7 +150,7 @@ def _prepare(src, dst, options: ConversionOptions, progress: bool, calibrate: bo
     record = conversion_record(method=options.method, groups=options.groups, source=str(model_dir),
                                geometries=geometries, scope=scope, seed=options.seed, dtype=options.dtype,
                                options=record_options)
-    return Prepared(model_dir, out, raw_config, spec, planned, shard_bytes, record, sources, options)
+    return Prepared(model_dir, out, raw_config, spec, planned, shard_bytes, record, sources, options, geometries)
 
 
 def _options(options: ConversionOptions | None, kwargs: dict) -> ConversionOptions:
@@ -135,7 +164,13 @@ def convert_checkpoint(src: str | Path, dst: str | Path | None = None, options: 
     """Convert the checkpoint at `src` (a model directory or hub id) to `options.groups` KV heads; returns the
     output dir. The options come as a `ConversionOptions` or as its fields by keyword:
     `convert_checkpoint("llama-7b", method="mean", groups=8)`. `describe_conversion` takes the same arguments and
-    writes nothing."""
+    writes nothing; `convert` returns the figures of what was written."""
+    return convert(src, dst, options, progress=progress, **kwargs).output
+
+
+def convert(src: str | Path, dst: str | Path | None = None, options: ConversionOptions | None = None, *,
+            progress: bool = True, **kwargs) -> ConversionResult:
+    """`convert_checkpoint`, returning the output dir with its KV heads, KV-cache bytes and bytes written."""
     p = _prepare(src, dst, _options(options, kwargs), progress)
     total = planned_bytes(p.planned)
     check_free_space(p.out, total, "--output", ConversionError)
@@ -145,7 +180,8 @@ def convert_checkpoint(src: str | Path, dst: str | Path | None = None, options: 
                  desc=f"gqa-convert {p.options.method} G={p.options.groups}") as bar:
         write_checkpoint(tmp, p.planned, p.shard_bytes, on_bytes=bar.update)
         write_metadata(p.model_dir, tmp, p.raw_config, p.spec, p.record)
-    return p.out
+    return ConversionResult(p.out, p.record["source_kv_heads"], p.options.groups, _kv_cache_bytes_per_token(p, None),
+                            _kv_cache_bytes_per_token(p, p.options.groups), total)
 
 
 def describe_conversion(src: str | Path, dst: str | Path | None = None, options: ConversionOptions | None = None,

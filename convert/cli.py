@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import json
+
 import click
 
 from .command import HELP, Command, print_warnings, user_errors
@@ -46,6 +48,8 @@ from .methods.registry import GROUPINGS, all_method_names
                                                      "[default: the source's largest weight file]")
 @click.option("--force", is_flag=True, help="Replace the output directory if it exists.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option("--json", "as_json", is_flag=True, help="Print the output dir, KV heads and KV-cache bytes per token "
+                                                      "before and after, and the bytes written, as one JSON object.")
 @click.option("--dry-run", is_flag=True, help="Write nothing: print the tensors and bytes to copy and compute, the "
                                               "calibration and its peak memory, and refuse if they will not fit.")
 @click.option("--refresh-modeling", is_flag=True, help="Convert nothing: rewrite the modeling files of MODEL_DIR, an "
@@ -53,11 +57,11 @@ from .methods.registry import GROUPINGS, all_method_names
                                                        "version's.")
 @user_errors("gqa-convert", "nothing was written")
 def main(model_dir, groups, method, grouping, preserve_norm, calibration, calibration_samples, calibration_length,
-         calibration_mode, device, output, attention, seed, dtype, max_shard_size, force, quiet, dry_run,
+         calibration_mode, device, output, attention, seed, dtype, max_shard_size, force, quiet, as_json, dry_run,
          refresh_modeling):
     """Convert the Hugging Face checkpoint MODEL_DIR (a local directory, or a hub id when online) to
     grouped-query attention with G key/value heads."""
-    from .api import convert_checkpoint, describe_conversion
+    from .api import convert, describe_conversion
     from .api import refresh_modeling as refresh
     from .options import ConversionOptions
 
@@ -77,8 +81,8 @@ def main(model_dir, groups, method, grouping, preserve_norm, calibration, calibr
     if dry_run:
         click.echo("\n".join(describe_conversion(model_dir, output, options)))
         return
-    out = convert_checkpoint(model_dir, output, options, progress=not quiet)
-    click.echo(str(out))
+    result = convert(model_dir, output, options, progress=not quiet)
+    click.echo(json.dumps(result.as_json()) if as_json else str(result.output))
 
 
 if __name__ == "__main__":

@@ -125,9 +125,12 @@ def fidelity_cmd(model_dir, source_dir, corpus, split, text_column, target_colum
 @click.option("--contexts", type=PositiveInts("128,512"), default="128,512", show_default=True)
 @click.option("--batch-sizes", type=PositiveInts("1,8"), default="1,8", show_default=True)
 @click.option("--decode-steps", type=IntAtLeast(1), default=16, show_default=True)
+@click.option("--repeats", type=IntAtLeast(1), default=3, show_default=True,
+              help="Timed rounds per point, after a warm-up; the fastest counts.")
+@click.option("--json", "as_json", is_flag=True, help="Print the rows as a JSON list.")
 @user_errors
-def speed_cmd(model_dir, source_dir, contexts, batch_sizes, decode_steps):
-    """KV-cache bytes per token, prefill and decode tokens/s, side by side with the source."""
+def speed_cmd(model_dir, source_dir, contexts, batch_sizes, decode_steps, repeats, as_json):
+    """KV-cache bytes per token, prefill and decode tokens/s, side by side with the source (and their ratios)."""
     from dataclasses import asdict
 
     from .speed import kv_cache_bytes_per_token, measure_speed
@@ -138,11 +141,25 @@ def speed_cmd(model_dir, source_dir, contexts, batch_sizes, decode_steps):
         kv = kv_cache_bytes_per_token(model)
         for c in contexts:
             for b in batch_sizes:
-                rows.append({"model": name, "kv_bytes_per_token": kv, **asdict(measure_speed(model, c, b, decode_steps))})
-    header = f"{'model':>10} {'KV B/token':>11} {'context':>8} {'batch':>6} {'prefill tok/s':>14} {'decode tok/s':>13}"
+                point = asdict(measure_speed(model, c, b, decode_steps, repeats))
+                rows.append({"model": name, "kv_bytes_per_token": kv, **point})
+    source = {(r["context"], r["batch_size"]): r for r in rows if r["model"] == "source"}
+    for r in rows:  # decode speed-up over the source at the same point (1.0 for the source itself)
+        base = source.get((r["context"], r["batch_size"]))
+        r["decode_vs_source"] = r["decode_tokens_per_s"] / base["decode_tokens_per_s"] if base else None
+    if as_json:
+        emit(json.dumps(rows, indent=2))
+        return
+    header = (f"{'model':>10} {'KV B/token':>11} {'context':>8} {'batch':>6} {'prefill tok/s':>14} "
+              f"{'decode tok/s':>13} {'vs source':>10}")
     emit("\n".join([header, *(f"{r['model']:>10} {r['kv_bytes_per_token']:>11.0f} {r['context']:>8} "
                                 f"{r['batch_size']:>6} {r['prefill_tokens_per_s']:>14.0f} "
-                                f"{r['decode_tokens_per_s']:>13.0f}" for r in rows)]))
+                                f"{r['decode_tokens_per_s']:>13.0f} {_ratio(r['decode_vs_source']):>10}"
+                                for r in rows)]))
+
+
+def _ratio(value: float | None) -> str:
+    return "" if value is None else f"{value:.2f}x"
 
 
 def _speed_models(model_dir: str, source_dir: str | None, contexts, decode_steps: int) -> dict:

@@ -53,6 +53,39 @@ def test_speed_reports_positive_throughput(uptrain_models):
     assert math.isclose(point.decode_tokens_per_s, 2 * 1000 / point.decode_ms_per_step)
 
 
+def test_convert_json_reports_the_kv_cache_the_model_really_holds(uptrain_models, tmp_path):
+    from gqa_toolkit.convert.cli import main as convert_main
+
+    result = CliRunner().invoke(convert_main, [str(uptrain_models["mha"]), "--groups", "2", "-o", str(tmp_path / "g2"),
+                                               "-q", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert (report["kv_heads_before"], report["kv_heads_after"], report["output"]) == (4, 2, str(tmp_path / "g2"))
+    # measured from the caches of a prefill, independently of the converter's arithmetic
+    assert report["kv_cache_bytes_per_token_before"] == kv_cache_bytes_per_token(load_model(uptrain_models["mha"]))
+    assert report["kv_cache_bytes_per_token_after"] == kv_cache_bytes_per_token(load_model(tmp_path / "g2"))
+    assert report["kv_cache_saving"] == 0.5
+    assert report["bytes_written"] == (tmp_path / "g2" / "model.safetensors").stat().st_size - \
+        8 - int.from_bytes((tmp_path / "g2" / "model.safetensors").read_bytes()[:8], "little")
+
+
+def test_speed_json_has_a_row_per_point_and_ratios_to_the_source(uptrain_models, tmp_path):
+    out = convert_checkpoint(uptrain_models["mha"], tmp_path / "g1", groups=1, progress=False)
+    result = CliRunner().invoke(main, ["speed", str(out), "--contexts", "16", "--batch-sizes", "1,2",
+                                       "--decode-steps", "2", "--repeats", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert sorted((r["model"], r["batch_size"]) for r in rows) == [("converted", 1), ("converted", 2),
+                                                                     ("source", 1), ("source", 2)]
+    by = {(r["model"], r["batch_size"]): r for r in rows}
+    for b in (1, 2):
+        converted, source = by["converted", b], by["source", b]
+        assert source["decode_vs_source"] == 1.0
+        assert converted["decode_vs_source"] == pytest.approx(converted["decode_tokens_per_s"]
+                                                              / source["decode_tokens_per_s"])
+        assert converted["kv_bytes_per_token"] * 4 == source["kv_bytes_per_token"]
+
+
 def test_perplexity_is_exp_of_token_weighted_loss(uptrain_models, blocks):
     model = load_model(uptrain_models["mha"])
     result = perplexity(model, {"input_ids": blocks}, batch_size=4)

@@ -113,13 +113,12 @@ class ConversionResult:
                 "bytes_written": self.bytes_written}
 
 
-def _kv_cache_bytes_per_token(prepared: Prepared, kv_heads: int | None) -> int:
+def _kv_cache_bytes_per_token(planned: list, geometries: dict, kv_heads: int | None) -> int:
     """K and V of one token in every layer of the converted kinds, in the output's floating dtype; `kv_heads`
     None: the source's."""
-    floating = [t.dtype for t in prepared.planned if t.dtype.is_floating_point]
+    floating = [t.dtype for t in planned if t.dtype.is_floating_point]
     element = (floating[0] if floating else torch.float32).itemsize
-    return sum(2 * g.num_layers * (kv_heads or g.kv_heads) * g.head_dim * element
-               for g in prepared.geometries.values())
+    return sum(2 * g.num_layers * (kv_heads or g.kv_heads) * g.head_dim * element for g in geometries.values())
 
 
 def _prepare(src, dst, options: ConversionOptions, progress: bool, calibrate: bool = True) -> Prepared:
@@ -150,6 +149,10 @@ def _prepare(src, dst, options: ConversionOptions, progress: bool, calibrate: bo
     record = conversion_record(method=options.method, groups=options.groups, source=str(model_dir),
                                geometries=geometries, scope=scope, seed=options.seed, dtype=options.dtype,
                                options=record_options)
+    if (repo := hub_cache_repo(model_dir)) is not None:
+        record["source_repo"] = "/".join(repo.name.split("--")[1:])  # models--org--name -> org/name
+    record["kv_cache_bytes_per_token_source"] = _kv_cache_bytes_per_token(planned, geometries, None)
+    record["kv_cache_bytes_per_token"] = _kv_cache_bytes_per_token(planned, geometries, options.groups)
     return Prepared(model_dir, out, raw_config, spec, planned, shard_bytes, record, sources, options, geometries)
 
 
@@ -180,8 +183,8 @@ def convert(src: str | Path, dst: str | Path | None = None, options: ConversionO
                  desc=f"gqa-convert {p.options.method} G={p.options.groups}") as bar:
         write_checkpoint(tmp, p.planned, p.shard_bytes, on_bytes=bar.update)
         write_metadata(p.model_dir, tmp, p.raw_config, p.spec, p.record)
-    return ConversionResult(p.out, p.record["source_kv_heads"], p.options.groups, _kv_cache_bytes_per_token(p, None),
-                            _kv_cache_bytes_per_token(p, p.options.groups), total)
+    return ConversionResult(p.out, p.record["source_kv_heads"], p.options.groups,
+                            p.record["kv_cache_bytes_per_token_source"], p.record["kv_cache_bytes_per_token"], total)
 
 
 def describe_conversion(src: str | Path, dst: str | Path | None = None, options: ConversionOptions | None = None,

@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
+from huggingface_hub import ModelCard, ModelCardData
 
 import gqa_toolkit
 
@@ -17,6 +19,7 @@ from .families.spec import ArchitectureSpec
 from .io.disk import write_files
 from .io.reader import stays_inside_source
 from .io.records import CONVERSION_KEY
+from .methods.registry import LAYER_METHODS, METHODS
 
 log = logging.getLogger("gqa_toolkit.convert")
 
@@ -106,34 +109,99 @@ runs only under `trust_remote_code=True`; read it before you do.
 """
 
 
+UPTRAINING_SECTION = "## Uptraining"
+NOT_UPTRAINED = "Not uptrained since the conversion: expect a quality drop until it is (`gqa-uptrain`).\n"
+
+
+def _method_description(record: dict[str, Any]) -> str:
+    """What the conversion changed, true for the method and options the record names."""
+    H, G = record["num_attention_heads"], record["groups"]
+    method = record["method"]
+    if method in LAYER_METHODS:
+        what = (f"`{method}` ({LAYER_METHODS[method].doc.rstrip('.')}) converted each layer's attention as a "
+                f"whole: the shared K/V heads, and the queries and outputs that compensate for them, so Q and O "
+                f"change too")
+    else:
+        doc = (METHODS[method].__doc__ or "").strip().split("\n")[0].rstrip(".")
+        what = f"`{method}` ({doc.lower()}) made each group's K/V projections from the source's heads in the group"
+    grouping = record.get("grouping", "contiguous")
+    if grouping == "similarity":
+        what += ("; the KV heads were grouped by similarity, and the query rows and output columns permuted to "
+                 "match, so the function of every head is unchanged")
+    if record.get("preserve_norm"):
+        what += "; each pooled head was scaled to its group's mean head norm"
+    return f"{what}. Query head `h` uses KV head `h // {H // G}`."
+
+
+def _calibration(record: dict[str, Any]) -> str:
+    if not record.get("calibration_tokens"):
+        return "none (weights only)"
+    return (f"`{record['calibration']}`, {record['calibration_sequences']} sequences, "
+            f"{record['calibration_tokens']:,} tokens ({record.get('calibration_mode', 'source')} activations)")
+
+
+def card_data(record: dict[str, Any], model_type: str, source_card: ModelCardData | None) -> ModelCardData:
+    """Front matter: the source as base_model, transformers as the library, the source card's license,
+    pipeline_tag, datasets and language carried over."""
+    carried = {key: getattr(source_card, key, None) for key in ("license", "pipeline_tag", "datasets", "language")}
+    carried["pipeline_tag"] = carried["pipeline_tag"] or ("text2text-generation" if model_type == "t5"
+                                                          else "text-generation")
+    tags = ["gqa", "gqa-toolkit", *(getattr(source_card, "tags", None) or [])]
+    return ModelCardData(base_model=record.get("source_repo") or record["source"], library_name="transformers",
+                         tags=list(dict.fromkeys(tags)), **{k: v for k, v in carried.items() if v})
+
+
 def model_card(record: dict[str, Any], model_type: str, spec: ArchitectureSpec | None = None,
-               code: list[str] = ()) -> str:
+               code: list[str] = (), source_card: ModelCardData | None = None) -> ModelCard:
     H, G0, G = record["num_attention_heads"], record["source_kv_heads"], record["groups"]
     kinds = record.get("attention_kinds", ["self"])
     attention_row = f"| attention converted | {', '.join(kinds)} (`--attention {record['attention']}`) |\n" \
         if spec is not None and len(spec.attention) > 1 else ""
-    return f"""---
-tags:
-- gqa
-- gqa-toolkit
----
-# {model_type} with grouped-query attention ({G} KV heads)
+    before, after = record.get("kv_cache_bytes_per_token_source"), record.get("kv_cache_bytes_per_token")
+    kv_bytes = f"{before:,} -> {after:,} bytes ({G / G0:.3g}x)" if before else f"{G / G0:.3g}x the source's"
+    body = f"""# {model_type} with grouped-query attention ({G} KV heads)
 
-Converted from `{record['source']}` by gqa-toolkit {record['toolkit_version']}:
+Converted from `{record.get('source_repo') or record['source']}` by gqa-toolkit {record['toolkit_version']}.
+
+## Conversion
 
 | | |
 |---|---|
 | method | `{record['method']}` |
+| grouping | {record.get('grouping', 'contiguous')} |
+| norm preservation | {'yes' if record.get('preserve_norm') else 'no'} |
+| calibration | {_calibration(record)} |
 | query heads | {H} |
 | KV heads | {G0} -> {G} (each shared by {H // G} query heads) |
-| KV cache per token | {G / G0:.3g}x the source's |
+| KV cache per token | {kv_bytes} |
 {attention_row}| seed | {record['seed']} |
 | dtype | {record['dtype'] or 'as the source'} |
 
-Query head `h` uses KV head `h // {H // G}`. The `{record['method']}` method initialised each group's key/value
-projections from the source's heads in that group; the model has not been uptrained since, so expect a quality
-drop until it is (`gqa-uptrain`). The full record is under `{CONVERSION_KEY}` in config.json.
-{_modeling_note(spec) if spec is not None else ""}{_foreign_code_note(list(code))}"""
+{_method_description(record)} The full record is under `{CONVERSION_KEY}` in config.json.
+
+{UPTRAINING_SECTION}
+
+{NOT_UPTRAINED}{_modeling_note(spec) if spec is not None else ""}{_foreign_code_note(list(code))}"""
+    return ModelCard(f"---\n{card_data(record, model_type, source_card).to_yaml()}\n---\n{body}")
+
+
+def with_section(text: str, title: str, body: str) -> str:
+    """`text` with the markdown section `title` holding `body` (replacing what it held, or appended)."""
+    start = text.find(f"\n{title}\n")
+    if start < 0:
+        return text.rstrip("\n") + f"\n\n{title}\n\n{body}"
+    end = text.find("\n## ", start + len(title) + 2)
+    return text[:start] + f"\n{title}\n\n{body}" + (text[end:] if end >= 0 else "")
+
+
+def _source_card(src: Path) -> ModelCardData | None:
+    path = src / "README.md"
+    if not path.is_file():
+        return None
+    try:
+        return ModelCard.load(path).data
+    except (ValueError, OSError, yaml.YAMLError):  # front matter that is not valid YAML: carry nothing from it
+        return None
 
 
 def write_metadata(src: Path, dst: Path, raw_config: dict[str, Any], spec: ArchitectureSpec,
@@ -144,7 +212,7 @@ def write_metadata(src: Path, dst: Path, raw_config: dict[str, Any], spec: Archi
                     f"runs only under trust_remote_code)")
     config = converted_config(raw_config, spec, record)
     (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    (dst / "README.md").write_text(model_card(record, raw_config["model_type"], spec, code))
+    model_card(record, raw_config["model_type"], spec, code, _source_card(src)).save(dst / "README.md")
     if spec.modeling is not None:
         write_modeling(dst, spec)
 

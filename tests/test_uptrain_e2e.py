@@ -100,7 +100,12 @@ def test_uptrains_the_output_of_gqa_convert(write_recipe, uptrain_models, tmp_pa
     config = json.loads((out / "config.json").read_text())
     assert config["num_key_value_heads"] == 1 and config["gqa_conversion"]["groups"] == 1
     assert config["gqa_uptraining"]["steps"] == 2
-    assert (out / "README.md").read_text().startswith((converted / "README.md").read_text())
+    from gqa_toolkit.convert.provenance import NOT_UPTRAINED, UPTRAINING_SECTION
+
+    converted_card, card = (converted / "README.md").read_text(), (out / "README.md").read_text()
+    kept = converted_card[:converted_card.index(UPTRAINING_SECTION)]
+    assert card.startswith(kept) and NOT_UPTRAINED in converted_card and NOT_UPTRAINED not in card
+    assert "Uptrained with gqa-toolkit" in card and "2 steps" in card
     assert AutoModelForCausalLM.from_pretrained(out).config.num_key_value_heads == 1
 
 

@@ -11,6 +11,7 @@ import torch
 import gqa_toolkit
 from gqa_toolkit.convert.io.dtypes import DTYPES
 from gqa_toolkit.convert.io.records import CONVERSION_KEY, UPTRAINING_KEY
+from gqa_toolkit.convert.provenance import UPTRAINING_SECTION, with_section
 
 from .model import read_config_json
 from .recipe import Recipe
@@ -40,12 +41,12 @@ def uptraining_record(recipe: Recipe, state: dict, task: str) -> dict:
     }
 
 
-def model_card_section(record: dict) -> str:
+def uptraining_section(record: dict) -> str:
+    """The model card's Uptraining section (its body), which replaces the converter's "not uptrained"."""
     budget = (f"{record['fraction']:g} x {record['original_steps']} original steps = " if record["fraction"] else "")
     loss = "n/a" if record["final_loss"] is None else f"{record['final_loss']:.4f}"
     held = "n/a" if record["heldout_loss"] is None else f"{record['heldout_loss']:.4f}"
     return (
-        "\n## Uptraining\n\n"
         f"Uptrained with gqa-toolkit {record['toolkit_version']} for {budget}{record['steps']} steps "
         f"({record['tokens']:,} tokens) on `{record['data']}`, objective `{record['objective']}`, "
         f"training `{record['trainable']}` parameters.\n\n"
@@ -75,7 +76,9 @@ def save_output(accelerator, model, tokenizer, recipe: Recipe, state: dict, stud
             unwrapped.save_pretrained(tmp, state_dict={k: v.to(dtype) for k, v in state_dict.items()})
             tokenizer.save_pretrained(tmp)
             card = student_dir / "README.md"
-            (tmp / "README.md").write_text((card.read_text() if card.is_file() else "") + model_card_section(record))
+            text = with_section(card.read_text() if card.is_file() else "", UPTRAINING_SECTION,
+                                uptraining_section(record))
+            (tmp / "README.md").write_text(text)
             _move_into(tmp, out)
     accelerator.wait_for_everyone()
     return out

@@ -11,7 +11,7 @@ import click
 
 from .command import HELP, Command, print_warnings, user_errors
 from .errors import ConversionError
-from .methods.calibration import BUILTIN
+from .corpus import NAME as BUILTIN
 from .methods.registry import GROUPINGS, all_method_names
 
 

@@ -15,8 +15,8 @@ import torch
 
 from .errors import ConversionError
 from .io.dtypes import DTYPES
-from .methods.calibration import BUILTIN
-from .methods.registry import LAYER_METHODS, LayerMethod, check_method
+from .corpus import NAME as BUILTIN
+from .methods.registry import LayerMethod, check_method, layer_methods
 
 SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -67,7 +67,7 @@ class ConversionOptions:
 
     @property
     def layer_method(self) -> LayerMethod | None:
-        return LAYER_METHODS.get(self.method)
+        return layer_methods().get(self.method)
 
     @property
     def per_layer(self) -> bool:

@@ -19,7 +19,7 @@ from .families.spec import ArchitectureSpec
 from .io.disk import write_files
 from .io.reader import stays_inside_source
 from .io.records import CONVERSION_KEY
-from .methods.registry import LAYER_METHODS, METHODS
+from .methods.registry import layer_methods, per_head_methods
 
 log = logging.getLogger("gqa_toolkit.convert")
 
@@ -117,12 +117,12 @@ def _method_description(record: dict[str, Any]) -> str:
     """What the conversion changed, true for the method and options the record names."""
     H, G = record["num_attention_heads"], record["groups"]
     method = record["method"]
-    if method in LAYER_METHODS:
-        what = (f"`{method}` ({LAYER_METHODS[method].doc.rstrip('.')}) converted each layer's attention as a "
+    if method in layer_methods():
+        what = (f"`{method}` ({layer_methods()[method].doc.rstrip('.')}) converted each layer's attention as a "
                 f"whole: the shared K/V heads, and the queries and outputs that compensate for them, so Q and O "
                 f"change too")
     else:
-        doc = (METHODS[method].__doc__ or "").strip().split("\n")[0].rstrip(".")
+        doc = (per_head_methods()[method].__doc__ or "").strip().split("\n")[0].rstrip(".")
         what = f"`{method}` ({doc.lower()}) made each group's K/V projections from the source's heads in the group"
     grouping = record.get("grouping", "contiguous")
     if grouping == "similarity":

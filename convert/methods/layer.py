@@ -21,7 +21,8 @@ from ..errors import ConversionError
 from ..families.rope import KeyMap, RopeLayout
 from .grouping import similarity_permutation
 from .layer_types import HeadBlock, InputMoments, LayerContext, LayerResult
-from .registry import LAYER_METHODS, METHODS, MethodContext, check_method, preserve_norms
+from .per_head import preserve_norms
+from .registry import MethodContext, check_method, layer_methods, per_head_methods
 
 __all__ = ["AttentionWeights", "InputMoments", "RopeLayout", "convert_layer"]
 
@@ -57,7 +58,7 @@ def _check(w: AttentionWeights, heads: int, kv_heads: int, groups: int, rope: Ro
 def _per_head_method(name: str, block: HeadBlock, groups: int, ctx: LayerContext) -> LayerResult:
     """A registered per-head method (mean, first, random) on weight and bias separately, as the per-tensor path
     does; its maps are the identity."""
-    fn = METHODS[name]
+    fn = per_head_methods()[name]
 
     def pool(part: str, heads: torch.Tensor) -> torch.Tensor:
         weight, bias = block.split_bias(heads, part)  # (G0, hd, d), (G0, hd) or None
@@ -102,10 +103,10 @@ def convert_layer(weights: AttentionWeights, *, heads: int, kv_heads: int, group
     block, rope, calibration = _checked_block(weights, heads, kv_heads, groups, rope, calibration)
     ctx = LayerContext.build(block, rope, calibration, seed=seed, init_std=init_std, names=names or {})
     if grouping == "similarity" and groups < kv_heads:
-        block = block.permuted(similarity_permutation(block, groups, ctx, aligned=method in LAYER_METHODS))
+        block = block.permuted(similarity_permutation(block, groups, ctx, aligned=method in layer_methods()))
         ctx = LayerContext.build(block, rope, calibration, seed=seed, init_std=init_std, names=names or {})
-    if method in LAYER_METHODS:
-        result = LAYER_METHODS[method](block, groups, ctx)
+    if method in layer_methods():
+        result = layer_methods()[method](block, groups, ctx)
     else:
         result = _per_head_method(method, block, groups, ctx)
     if preserve_norm:

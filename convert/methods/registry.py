@@ -1,20 +1,24 @@
-"""K/V initialisers for the grouped heads, behind a registry.
+"""The conversion methods by name: per-head methods (per_head.py) and layer methods (alignment.py, fitting.py).
 
-Each method is a pure function from the source's per-head tensor `(G0, ...)` to the grouped one `(G, ...)`, with
-groups contiguous: source head j belongs to group j // (G0/G), the `repeat_kv` convention. Arithmetic runs in
-float32; the caller casts back to the checkpoint's dtype. A new method is a decorated function: the CLI lists
-whatever is registered.
+A new method is a decorated function, and the CLI lists whatever is registered. The built-in methods are named
+here and imported on first use, so that naming them (a command's --help) needs no torch.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib
 from dataclasses import dataclass
-from typing import Callable, Protocol
-
-import torch
+from typing import TYPE_CHECKING, Callable, Protocol
 
 from ..errors import ConversionError
+
+if TYPE_CHECKING:
+    import torch
+
+# name -> the module of this package that registers it
+BUILTIN_PER_HEAD = {"mean": "per_head", "first": "per_head", "random": "per_head"}
+BUILTIN_LAYER = {"aligned": "alignment", "fit": "fitting"}
 
 
 @dataclass(frozen=True)
@@ -27,6 +31,8 @@ class MethodContext:
     seed: int
 
     def generator(self) -> torch.Generator:
+        import torch
+
         digest = hashlib.sha256(f"{self.seed}:{self.name}".encode()).digest()
         return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
@@ -72,13 +78,29 @@ def register_layer_method(name: str, *, pools: bool, calibrated: bool = False) -
     return register
 
 
+def _load_builtins() -> None:
+    for module in {*BUILTIN_PER_HEAD.values(), *BUILTIN_LAYER.values()}:
+        importlib.import_module(f".{module}", __package__)
+
+
+def per_head_methods() -> dict[str, Method]:
+    _load_builtins()
+    return METHODS
+
+
+def layer_methods() -> dict[str, LayerMethod]:
+    _load_builtins()
+    return LAYER_METHODS
+
+
 def all_method_names() -> list[str]:
-    return sorted({*METHODS, *LAYER_METHODS})
+    return sorted({*BUILTIN_PER_HEAD, *BUILTIN_LAYER, *METHODS, *LAYER_METHODS})
 
 
 def method_choices() -> str:
-    """The registered methods, per-head ones first: 'first, mean, random, or a layer method: aligned, fit'."""
-    return f"{', '.join(sorted(METHODS))}, or a layer method: {', '.join(sorted(LAYER_METHODS))}"
+    """The methods, per-head ones first: 'first, mean, random, or a layer method: aligned, fit'."""
+    per_head, layer = sorted({*BUILTIN_PER_HEAD, *METHODS}), sorted({*BUILTIN_LAYER, *LAYER_METHODS})
+    return f"{', '.join(per_head)}, or a layer method: {', '.join(layer)}"
 
 
 GROUPINGS = ("contiguous", "similarity")  # repeat_kv order, or the most alike heads together (methods/grouping.py)
@@ -90,58 +112,16 @@ def check_method(method: str, grouping: str = "contiguous", preserve_norm: bool 
         raise ConversionError(f"unknown method {method!r}; choose one of: {method_choices()}")
     if grouping not in GROUPINGS:
         raise ConversionError(f"unknown grouping {grouping!r}; choose one of: {', '.join(GROUPINGS)}")
-    if preserve_norm and method in LAYER_METHODS and not LAYER_METHODS[method].pools:
+    layer = layer_methods().get(method)
+    if preserve_norm and layer is not None and not layer.pools:
         raise ConversionError(f"--preserve-norm applies to pooling methods (mean, first, random, aligned); "
                               f"{method!r} fits each head's scale itself, drop the option")
 
 
 def get_method(name: str) -> Method | None:
     """The per-head method called `name`; None for a layer method (it runs through the per-layer plan)."""
-    if name in LAYER_METHODS:
+    if name in layer_methods():
         return None
     if name not in METHODS:
         raise ConversionError(f"unknown method {name!r}; choose one of: {method_choices()}")
     return METHODS[name]
-
-
-def preserve_norms(heads: torch.Tensor, pooled: torch.Tensor, groups: int,
-                   metric: torch.Tensor | None = None) -> torch.Tensor:
-    """Scale each pooled head `(G, ...)` to the mean norm of its group's source heads `(G0, ...)`: averaging k
-    nearly orthogonal heads shrinks the norm by about 1/sqrt(k) and flattens attention. `metric`: norms are taken
-    of `head @ metric` (the calibration's input metric on the last axis)."""
-    def norms(t: torch.Tensor) -> torch.Tensor:
-        return (t if metric is None else t @ metric).reshape(t.shape[0], -1).norm(dim=1)
-
-    target = norms(heads).view(groups, -1).mean(1)  # (G,)
-    current = norms(pooled).clamp_min(1e-30)  # (G,)
-    return pooled * (target / current).view(groups, *[1] * (pooled.dim() - 1))
-
-
-def _grouped(heads: torch.Tensor, groups: int) -> torch.Tensor:
-    G0 = heads.shape[0]
-    return heads.reshape(groups, G0 // groups, *heads.shape[1:])  # (G, G0/G, ...)
-
-
-@register_method("mean")
-def mean_pool(heads: torch.Tensor, groups: int, ctx: MethodContext) -> torch.Tensor:
-    """Average the heads of each group (the paper's best conversion)."""
-    return _grouped(heads, groups).mean(dim=1)
-
-
-@register_method("first")
-def first_head(heads: torch.Tensor, groups: int, ctx: MethodContext) -> torch.Tensor:
-    """Keep the first head of each group."""
-    return _grouped(heads, groups)[:, 0].clone()
-
-
-@register_method("random")
-def random_init(heads: torch.Tensor, groups: int, ctx: MethodContext) -> torch.Tensor:
-    """Fresh weights from the model's own initialiser, reproducible by seed and tensor name."""
-    shape = (groups, *heads.shape[1:])
-    if ctx.init == "zeros":
-        return torch.zeros(shape, dtype=heads.dtype, device=heads.device)
-    if ctx.init == "ones":
-        return torch.ones(shape, dtype=heads.dtype, device=heads.device)
-    if heads.device.type == "meta":
-        return torch.empty(shape, dtype=heads.dtype, device="meta")
-    return torch.normal(0.0, ctx.init_std, shape, generator=ctx.generator()).to(heads.dtype)

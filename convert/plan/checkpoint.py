@@ -18,7 +18,8 @@ from ..families.fused import Heads, fused_layout
 from ..families.geometry import Geometry
 from ..families.spec import ArchitectureSpec, KVTensor, key_pattern
 from ..io.tensors import PlannedTensor, SourceTensor
-from ..methods.registry import MethodContext, preserve_norms
+from ..methods.per_head import preserve_norms
+from ..methods.registry import MethodContext
 from .layers import plan_layers
 from .settings import ConversionSettings
 from .shared import SharedResult

@@ -22,6 +22,17 @@ SPEED_COLUMNS = ["model", "kv_heads", "kv_bytes_per_token", "context", "batch_si
                  "decode_tokens_per_s", "decode_ms_per_step"]
 
 
+PAPER_ORDER = ("mean", "first", "random")  # the paper's ranking, best first; other methods follow by name
+
+
+def method_order(method: str) -> tuple[int, str]:
+    return (PAPER_ORDER.index(method) if method in PAPER_ORDER else len(PAPER_ORDER), method)
+
+
+def groups_label(groups: int) -> str:
+    return "G=1 (MQA)" if groups == 1 else f"G={groups}"
+
+
 def load_cells(root: Path) -> tuple[dict | None, list[dict], list[dict]]:
     original, cells, speed = None, [], []
     for path in sorted((root / "cells").glob("*.json")):
@@ -33,7 +44,7 @@ def load_cells(root: Path) -> tuple[dict | None, list[dict], list[dict]]:
         else:
             speed.extend({"model": data["model"], "kv_heads": data["kv_heads"],
                           "kv_bytes_per_token": data["kv_bytes_per_token"], **p} for p in data["points"])
-    cells.sort(key=lambda c: (c["groups"], c["method"], c["fraction"]))
+    cells.sort(key=lambda c: (-c["groups"], c["fraction"], method_order(c["method"])))  # the README's order
     return original, cells, speed
 
 
@@ -89,8 +100,10 @@ def plot(original: dict | None, cells: list[dict], speed: list[dict]) -> dict[st
     import matplotlib.pyplot as plt
 
     figures = {}
-    methods = sorted({c["method"] for c in cells})
-    groups = sorted({c["groups"] for c in cells})
+    methods = sorted({c["method"] for c in cells}, key=method_order)
+    groups = sorted({c["groups"] for c in cells}, reverse=True)
+    colours = {m: f"C{i}" for i, m in enumerate(methods)}
+    styles = {g: ("-", "--", ":", "-.")[i % 4] for i, g in enumerate(groups)}
     fractions = sorted({c["fraction"] for c in cells})
 
     # Figure 4: held-out loss by method, one bar group per (KV heads, fraction)
@@ -100,13 +113,14 @@ def plot(original: dict | None, cells: list[dict], speed: list[dict]) -> dict[st
     for i, method in enumerate(methods):
         values = [next((c["heldout_loss"] for c in cells if (c["method"], c["groups"], c["fraction"]) ==
                         (method, g, f)), float("nan")) for g, f in slots]
-        ax.bar([s + i * width for s in range(len(slots))], values, width, label=method)
+        ax.bar([s + i * width for s in range(len(slots))], values, width, label=method, color=colours[method])
     if original:
         ax.axhline(original["heldout_loss"], color="black", linestyle="--", label="original MHA")
     lowest = min([c["heldout_loss"] for c in cells] + ([original["heldout_loss"]] if original else []))
     ax.set_ylim(bottom=lowest - 0.1 * abs(lowest))  # losses differ in the first decimal: do not start at zero
     ax.set_xticks([s + width * (len(methods) - 1) / 2 for s in range(len(slots))])
-    ax.set_xticklabels([f"G={g}\nα={f:g}" for g, f in slots])
+    ax.set_xticklabels([f"{groups_label(g)}\nα={f:g}" for g, f in slots])
+    ax.set_xlabel("KV heads G and uptraining fraction α")
     ax.set_ylabel("held-out loss")
     ax.set_title("Conversion method (cf. GQA paper, Figure 4)")
     ax.legend(fontsize=8)
@@ -117,7 +131,8 @@ def plot(original: dict | None, cells: list[dict], speed: list[dict]) -> dict[st
     for method in methods:
         for g in groups:
             pts = sorted((c["fraction"], c["heldout_loss"]) for c in cells if c["method"] == method and c["groups"] == g)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{method}, G={g}")
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=colours[method], linestyle=styles[g],
+                    label=f"{method}, {groups_label(g)}")
     if original:
         ax.axhline(original["heldout_loss"], color="black", linestyle="--", label="original MHA")
     ax.set_xlabel("uptraining fraction α of original steps")
@@ -134,13 +149,17 @@ def plot(original: dict | None, cells: list[dict], speed: list[dict]) -> dict[st
                          if (s["context"], s["batch_size"]) == (context, batch))
             ax1.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"context {context}, batch {batch}")
         kv = sorted({(s["kv_heads"], s["kv_bytes_per_token"]) for s in speed})
-        ax2.bar([str(k) for k, _ in kv], [b / 1024 for _, b in kv])
-        ax1.set_xscale("log", base=2)
+        ax2.bar(range(len(kv)), [b / 1024 for _, b in kv])
+        heads = sorted({s["kv_heads"] for s in speed})
+        ax1.set_xticks(heads, [groups_label(k).removeprefix("G=") for k in heads])
         ax1.set_xlabel("KV heads (G)")
         ax1.set_ylabel("decode ms per step")
+        ax1.set_title("Decode time per step")
         ax1.legend(fontsize=8)
+        ax2.set_xticks(range(len(kv)), [groups_label(k).removeprefix("G=") for k, _ in kv])
         ax2.set_xlabel("KV heads (G)")
         ax2.set_ylabel("KV cache KiB per token")
+        ax2.set_title("KV cache per token")
         fig.suptitle("Number of groups (cf. GQA paper, Figure 6)")
         figures["fig6_speed.png"] = _png(fig)
     return figures

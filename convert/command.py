@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
+from contextlib import contextmanager
 from functools import wraps
 from typing import NoReturn
 
 import click
 
-from .errors import ToolkitError
+from .errors import Interrupted, ToolkitError
 from .io import disk
 
 HELP = {"help_option_names": ["-h", "--help"]}
@@ -91,7 +93,11 @@ def user_errors(prog: str, interrupted: str):
         @wraps(fn)
         def run(*args, **kwargs):
             try:
-                return fn(*args, **kwargs)
+                with _sigterm_interrupts():
+                    return fn(*args, **kwargs)
+            except Interrupted as exc:  # the run said what it kept
+                click.echo(f"{prog}: interrupted; {exc}", err=True)
+                sys.exit(130)
             except ToolkitError as exc:
                 fail(prog, exc)
             except KeyboardInterrupt:
@@ -105,6 +111,23 @@ def user_errors(prog: str, interrupted: str):
         return run
 
     return decorate
+
+
+@contextmanager
+def _sigterm_interrupts():
+    """SIGTERM (a scheduler's kill, `timeout`) stops the work as Ctrl-C does, so that it says what it kept."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def print_warnings(prog: str, logger: str) -> None:

@@ -6,6 +6,10 @@ class ToolkitError(Exception):
     Each stage raises its own subclass (ConversionError, UptrainError, EvalError); the commands catch this base."""
 
 
+class Interrupted(ToolkitError):
+    """Ctrl-C or SIGTERM stopped a run; the message says what was kept and how to go on."""
+
+
 class ConversionError(ToolkitError):
     """A problem with the checkpoint or the conversion options."""
 

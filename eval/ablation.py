@@ -19,6 +19,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from gqa_toolkit.convert import convert_checkpoint
+from gqa_toolkit.convert.errors import Interrupted
 from gqa_toolkit.convert.families.geometry import check_context, divisors, model_geometry
 from gqa_toolkit.convert.methods.variants import parse_variant
 from gqa_toolkit.uptrain import train, validate_recipe
@@ -30,7 +31,7 @@ from .ablation_recipe import AblationRecipe
 from .errors import EvalError
 from .fidelity import fidelity
 from .heldout import eval_task, heldout_set
-from .original import Original, new_tokenizer, original_config, resolve_original
+from .original import DONE_MARKER, Original, new_tokenizer, original_config, resolve_original
 from .outputs import write_files
 from .perplexity import perplexity
 from .placement import load_for_eval
@@ -103,7 +104,7 @@ class Ablation:
         task = eval_task(config, tokenizer, data, self.recipe.objective) if config else None
         return heldout_set(tokenizer, data, task or CausalLM(data.block_size))
 
-    def uptrain_recipe(self, model: Path, fraction: float, original_steps: int, out: Path):
+    def uptrain_recipe(self, model: Path, fraction: float, original_steps: int, out: Path, label: str = "uptrain"):
         train_keys = {"seed": self.recipe.seed, **self.recipe.uptrain.model_dump(mode="json", exclude_unset=True),
                       "fraction": fraction, "original_steps": original_steps}
         return validate_recipe({
@@ -112,6 +113,7 @@ class Ablation:
             "train": train_keys,
             "objective": self.recipe.objective.model_dump(mode="json"),
             "output": {"dir": str(out), "keep_last": 1, "progress": self.progress, "tensorboard": False,
+                       "progress_label": label,
                        "save_every": 10_000, "eval_every": 10_000},
         }, name="ablation uptrain")
 
@@ -125,7 +127,8 @@ class Ablation:
 
     def uptrained(self, converted: Path, original: Original, method: str, groups: int, fraction: float) -> Path:
         out = self.models / f"{method}-g{groups}" / f"f{fraction:g}"
-        recipe = self.uptrain_recipe(converted, fraction, original.original_steps, out)
+        recipe = self.uptrain_recipe(converted, fraction, original.original_steps, out,
+                                     f"uptrain {cell_id(method, groups, fraction)}")
         if self.recipe.launcher:
             recipe_file = out.parent / f"f{fraction:g}.uptrain.yaml"
             write_files({recipe_file: recipe.to_yaml()}, DESTINATION)
@@ -143,10 +146,17 @@ class Ablation:
         return {"heldout_loss": quality["loss"], "perplexity": quality["perplexity"], "kl": agreement["kl"],
                 "top1_agreement": agreement["top1_agreement"], "eval_tokens": quality["tokens"]}
 
+    def say(self, line: str) -> None:
+        if self.progress:
+            print(f"[ablation] {line}", file=sys.stderr, flush=True)
+
     def speed_cell(self, name: str, model_dir: Path, kv_heads: int) -> None:
         path = self.cells / f"speed-{name}.json"
         if path.is_file():
             return
+        s = self.recipe.speed
+        self.say(f"speed of {name}: contexts {list(s.contexts)} x batch sizes {list(s.batch_sizes)}, "
+                 f"{s.repeats} rounds each")
         model = load_for_eval(model_dir)
         s = self.recipe.speed
         points = [asdict(measure_speed(model, c, b, s.decode_steps, s.repeats))
@@ -158,6 +168,16 @@ class Ablation:
         self.check_results_dir()
         tokenizer = self.preflight()
         claim_results_dir(self.root, self.recipe.to_yaml())
+        try:
+            return self._run(tokenizer)
+        except KeyboardInterrupt:
+            stored = len(list(self.cells.glob("*.json")))
+            raise Interrupted(f"{stored} finished cells are stored in {self.cells}; rerun the same command to go "
+                              f"on from there") from None
+
+    def _run(self, tokenizer) -> Path:
+        if self.recipe.original.build is not None and not (self.root / "original" / DONE_MARKER).is_file():
+            self.say(f"stage 1/4: pretraining the original ({self.recipe.original.build.steps} steps)")
         original = resolve_original(self.recipe, self.root, self.progress, tokenizer)
         tokenizer = load_tokenizer(original.path)
         config = load_config(original.path)
@@ -167,6 +187,7 @@ class Ablation:
         geometry = model_geometry(config)
         heads, kv_heads = geometry.heads, geometry.kv_heads
 
+        self.say("stage 2/4: the original's held-out loss and speed")
         baseline = self.cells / "original.json"
         if not baseline.is_file():
             quality = perplexity(original_model, blocks, self.recipe.eval_batch_size)
@@ -175,12 +196,19 @@ class Ablation:
                                    "kl": 0.0, "top1_agreement": 1.0, "original_steps": original.original_steps})
         self.speed_cell("original", original.path, kv_heads)
 
+        cells = [(m, g, f) for m in self.recipe.methods for g in self.recipe.groups for f in self.recipe.fractions]
+        todo = [c for c in cells if not (self.cells / f"{cell_id(*c)}.json").is_file()]
+        self.say(f"stage 3/4: {len(cells)} cells (convert, uptrain, measure), {len(cells) - len(todo)} stored already")
+        spent: list[float] = []
         for method in self.recipe.methods:
             for groups in self.recipe.groups:
                 for fraction in self.recipe.fractions:
                     path = self.cells / f"{cell_id(method, groups, fraction)}.json"
                     if path.is_file():
                         continue
+                    eta = f", about {_duration(sum(spent) / len(spent) * (len(todo) - len(spent)))} left" \
+                        if spent else ""
+                    self.say(f"cell {len(spent) + 1}/{len(todo)}: {path.stem}{eta}")
                     started = time.perf_counter()
                     converted = self.converted(original, method, groups)
                     model_dir = converted if fraction == 0 else self.uptrained(converted, original, method,
@@ -190,11 +218,17 @@ class Ablation:
                            **self.measure(model_dir, original_model, blocks),
                            "seconds": round(time.perf_counter() - started, 1)}
                     _write_json(path, row)
-                    if self.progress:
-                        print(f"[ablation] {path.stem}: loss {row['heldout_loss']:.4f} kl {row['kl']:.4f}",
-                              file=sys.stderr)
+                    spent.append(row["seconds"])
+                    self.say(f"{path.stem}: loss {row['heldout_loss']:.4f} kl {row['kl']:.4f} in "
+                             f"{_duration(row['seconds'])}")
                 self.speed_cell(f"g{groups}", self.converted(original, method, groups), groups)
+        self.say("stage 4/4: tables and plots")
         return render(self.root)
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    return f"{minutes} min {secs:02d} s" if minutes else f"{secs} s"
 
 
 def _write_json(path: Path, data: dict) -> None:

@@ -88,6 +88,7 @@ def build_original(recipe: AblationRecipe, root: Path, progress: bool = True, to
                   "lr": build.lr, "warmup_fraction": build.warmup_fraction, "schedule": "cosine",
                   "seed": build.seed, "weight_decay": 0.1},
         "output": {"dir": str(out), "save_every": max(1, build.steps // 4), "keep_last": 1,
+                   "progress_label": "pretraining the original",
                    "eval_every": max(1, build.steps // 4), "progress": progress, "tensorboard": False},
     }, name="original.build")
     train(pretrain)

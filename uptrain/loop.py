@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 
+from gqa_toolkit.convert.errors import Interrupted
 from gqa_toolkit.convert.families.loading import allow_remote_code
 from gqa_toolkit.convert.families.transformers_names import enable_activation_checkpointing
 
@@ -73,6 +75,19 @@ def folders_read(recipe: Recipe, student_dir: Path, teacher_path: Path | None) -
     return found
 
 
+@contextlib.contextmanager
+def _interrupts_say_what_is_kept(out: Path, state: dict, total_steps: int, log: MetricsLog):
+    """Ctrl-C or SIGTERM while training: an Interrupted error that says which checkpoint a rerun resumes from."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        log.close()
+        kept = latest_checkpoint(out)
+        resume = (f"the checkpoint {kept} is kept: rerun the same command to resume from it" if kept is not None
+                  else "no checkpoint was saved yet: rerun the same command to start again")
+        raise Interrupted(f"stopped at step {state['step']} of {total_steps}; {resume}") from None
+
+
 def train(recipe: Recipe, *, stop_after: int | None = None) -> Path | None:
     """Uptrain as `recipe` says and return the output dir. `stop_after=N` stops after step N without writing the
     final model, as a killed run would (tests use it); rerunning the same recipe resumes."""
@@ -124,71 +139,75 @@ def train(recipe: Recipe, *, stop_after: int | None = None) -> Path | None:
     last = latest_checkpoint(out)
     if last is not None:
         state = load_checkpoint(accelerator, last)
+        if accelerator.is_main_process and recipe.output.progress:
+            print(f"resuming from step {state['step']} of {budget.steps} ({last})", file=sys.stderr)
     log = MetricsLog(out, is_main=accelerator.is_main_process, start_step=state["step"], total_steps=budget.steps,
-                     progress=recipe.output.progress, tensorboard=recipe.output.tensorboard)
+                     progress=recipe.output.progress, tensorboard=recipe.output.tensorboard,
+                     label=recipe.output.progress_label)
     if state["step"] == 0 and blocks.heldout:
         state["heldout_loss"] = evaluate_heldout(model, blocks.heldout, budget.micro_batch_size, accelerator.device)
         log.log(0, {"heldout_loss": state["heldout_loss"]})
 
     # 5. Train.
-    batches = global_batches(blocks.train, budget.batch_size, cfg.seed, state["step"], data.shuffle_buffer)
-    model.train()
-    window_start, window_steps = time.perf_counter(), 0
-    while state["step"] < budget.steps:
-        step = state["step"]  # 0-based index of the step being taken
-        lr = lr_at(step, cfg, budget)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        # the whole global batch's examples are made on every process, so they do not depend on the process count
-        examples = task.examples(next(batches), seed=cfg.seed * 1_000_003 + step)
-        micro = process_micro_batches(examples, accelerator.num_processes, accelerator.process_index,
-                                      budget.micro_batch_size)
-        sums = torch.zeros(3, device=accelerator.device)  # loss, ce, kd summed over micro-steps
-        for m, batch in enumerate(micro):
-            batch = on_device(batch, accelerator.device)
-            # gradients are all-reduced once per optimizer step, on the last micro-step
-            with accelerator.no_sync(model) if m < len(micro) - 1 else contextlib.nullcontext():
-                loss, parts = objective(model, batch, teacher, obj.distill_weight, obj.temperature)
-                accelerator.backward(loss / len(micro))
-            sums += torch.stack([loss.detach(), parts["ce"], parts.get("kd", torch.zeros_like(parts["ce"]))])
-        # every parameter goes in (frozen ones have no grad): under FSDP, accelerate clips only a whole model's list
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm else None
-        loss_value, ce, kd = (accelerator.reduce(sums, reduction="mean") / len(micro)).tolist()
-        if not math.isfinite(loss_value):
-            last = latest_checkpoint(out)
-            raise UptrainError(f"loss is {loss_value} at step {step + 1}; stopped. Last good checkpoint: "
-                               f"{last if last else 'none'}. Lower train.lr or raise train.warmup_fraction and "
-                               "use a new output.dir")
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        state.update(step=step + 1, tokens=state["tokens"] + budget.tokens_per_step, loss=loss_value)
-        window_steps += 1
+    with _interrupts_say_what_is_kept(out, state, budget.steps, log):
+        batches = global_batches(blocks.train, budget.batch_size, cfg.seed, state["step"], data.shuffle_buffer)
+        model.train()
+        window_start, window_steps = time.perf_counter(), 0
+        while state["step"] < budget.steps:
+            step = state["step"]  # 0-based index of the step being taken
+            lr = lr_at(step, cfg, budget)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            # the whole global batch's examples are made on every process, so they do not depend on the process count
+            examples = task.examples(next(batches), seed=cfg.seed * 1_000_003 + step)
+            micro = process_micro_batches(examples, accelerator.num_processes, accelerator.process_index,
+                                          budget.micro_batch_size)
+            sums = torch.zeros(3, device=accelerator.device)  # loss, ce, kd summed over micro-steps
+            for m, batch in enumerate(micro):
+                batch = on_device(batch, accelerator.device)
+                # gradients are all-reduced once per optimizer step, on the last micro-step
+                with accelerator.no_sync(model) if m < len(micro) - 1 else contextlib.nullcontext():
+                    loss, parts = objective(model, batch, teacher, obj.distill_weight, obj.temperature)
+                    accelerator.backward(loss / len(micro))
+                sums += torch.stack([loss.detach(), parts["ce"], parts.get("kd", torch.zeros_like(parts["ce"]))])
+            # every parameter goes in (frozen ones have no grad): under FSDP, accelerate clips only a whole model's list
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm else None
+            loss_value, ce, kd = (accelerator.reduce(sums, reduction="mean") / len(micro)).tolist()
+            if not math.isfinite(loss_value):
+                last = latest_checkpoint(out)
+                raise UptrainError(f"loss is {loss_value} at step {step + 1}; stopped. Last good checkpoint: "
+                                   f"{last if last else 'none'}. Lower train.lr or raise train.warmup_fraction and "
+                                   "use a new output.dir")
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.update(step=step + 1, tokens=state["tokens"] + budget.tokens_per_step, loss=loss_value)
+            window_steps += 1
 
-        done = state["step"] == budget.steps
-        evaluate = bool(blocks.heldout) and (state["step"] % recipe.output.eval_every == 0 or done)
-        if state["step"] % recipe.output.log_every == 0 or done or evaluate:
-            now = time.perf_counter()
-            tps = window_steps * budget.tokens_per_step / (now - window_start)
-            record = {"loss": loss_value, "ce": ce, "lr": lr, "tokens": state["tokens"], "tokens_per_s": tps}
-            if teacher is not None:
-                record["kd"] = kd
-            if grad_norm is not None:
-                record["grad_norm"] = float(grad_norm)
-            eval_seconds = 0.0
-            if evaluate:
-                state["heldout_loss"] = evaluate_heldout(model, blocks.heldout, budget.micro_batch_size,
-                                                         accelerator.device)
-                record["heldout_loss"] = state["heldout_loss"]
-                eval_seconds = time.perf_counter() - now
-            log.log(state["step"], record)
-            log.progress(window_steps, loss_value, lr, tps)
-            # the next window counts this logging (and any checkpoint save) but not the held-out evaluation
-            window_start, window_steps = now + eval_seconds, 0
-        if state["step"] % recipe.output.save_every == 0 or done:
-            save_checkpoint(accelerator, out, state, recipe.output.keep_last)
-        if stop_after is not None and state["step"] >= stop_after and not done:
-            log.close()
-            return None
+            done = state["step"] == budget.steps
+            evaluate = bool(blocks.heldout) and (state["step"] % recipe.output.eval_every == 0 or done)
+            if state["step"] % recipe.output.log_every == 0 or done or evaluate:
+                now = time.perf_counter()
+                tps = window_steps * budget.tokens_per_step / (now - window_start)
+                record = {"loss": loss_value, "ce": ce, "lr": lr, "tokens": state["tokens"], "tokens_per_s": tps}
+                if teacher is not None:
+                    record["kd"] = kd
+                if grad_norm is not None:
+                    record["grad_norm"] = float(grad_norm)
+                eval_seconds = 0.0
+                if evaluate:
+                    state["heldout_loss"] = evaluate_heldout(model, blocks.heldout, budget.micro_batch_size,
+                                                             accelerator.device)
+                    record["heldout_loss"] = state["heldout_loss"]
+                    eval_seconds = time.perf_counter() - now
+                log.log(state["step"], record)
+                log.progress(window_steps, loss_value, lr, tps)
+                # the next window counts this logging (and any checkpoint save) but not the held-out evaluation
+                window_start, window_steps = now + eval_seconds, 0
+            if state["step"] % recipe.output.save_every == 0 or done:
+                save_checkpoint(accelerator, out, state, recipe.output.keep_last)
+            if stop_after is not None and state["step"] >= stop_after and not done:
+                log.close()
+                return None
     log.close()
 
     # 6. Save the uptrained model.

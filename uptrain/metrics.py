@@ -23,7 +23,7 @@ METRICS_FILE = "metrics.jsonl"
 
 class MetricsLog:
     def __init__(self, out: Path, *, is_main: bool, start_step: int, total_steps: int, progress: bool,
-                 tensorboard: bool):
+                 tensorboard: bool, label: str = "uptrain"):
         self.is_main = is_main
         self.path = out / METRICS_FILE
         self.writer = None
@@ -34,7 +34,7 @@ class MetricsLog:
 
                 self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=start_step + 1)
         self.bar = tqdm(total=total_steps, initial=start_step, disable=not (is_main and progress),
-                        desc="uptrain", unit="step", dynamic_ncols=True)
+                        desc=label, unit="step", dynamic_ncols=True)
 
     def _truncate(self, start_step: int) -> None:
         if not self.path.exists():

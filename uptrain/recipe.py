@@ -104,6 +104,7 @@ class OutputSection(_Section):
     log_every: int = Field(10, ge=1)
     tensorboard: bool = True
     progress: bool = True
+    progress_label: str = Field("uptrain", description="what the progress bar calls the run")
 
 
 class Recipe(_Section):

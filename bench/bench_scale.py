@@ -56,7 +56,7 @@ def uptrain_throughput(model_dir: Path, out: Path, steps: int, block: int, batch
         "train": {"max_steps": steps, "batch_size": batch, "micro_batch_size": micro, "lr": 1e-4,
                   "warmup_fraction": 0.0, "precision": "bf16", "optimizer": "adafactor" if t5 else "adamw"},
         "output": {"dir": str(out), "save_every": 10**6, "eval_every": 10**6, "log_every": 1, "progress": False,
-                   "tensorboard": False},
+                   "trackers": []},
     })
     train(recipe)
     rates = [m["tokens_per_s"] for m in read_metrics(out) if "tokens_per_s" in m][2:]  # first steps warm up

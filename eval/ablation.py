@@ -112,7 +112,7 @@ class Ablation:
             "data": self.recipe.data.model_dump(mode="json"),
             "train": train_keys,
             "objective": self.recipe.objective.model_dump(mode="json"),
-            "output": {"dir": str(out), "keep_last": 1, "progress": self.progress, "tensorboard": False,
+            "output": {"dir": str(out), "keep_last": 1, "progress": self.progress, "trackers": [],
                        "progress_label": label,
                        "save_every": 10_000, "eval_every": 10_000},
         }, name="ablation uptrain")

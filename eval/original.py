@@ -89,7 +89,7 @@ def build_original(recipe: AblationRecipe, root: Path, progress: bool = True, to
                   "seed": build.seed, "weight_decay": 0.1},
         "output": {"dir": str(out), "save_every": max(1, build.steps // 4), "keep_last": 1,
                    "progress_label": "pretraining the original",
-                   "eval_every": max(1, build.steps // 4), "progress": progress, "tensorboard": False},
+                   "eval_every": max(1, build.steps // 4), "progress": progress, "trackers": []},
     }, name="original.build")
     train(pretrain)
     write_files({out / DONE_MARKER: f"{build.steps}\n"}, DESTINATION)

@@ -116,5 +116,5 @@ def write_t5_recipe(t5_models, tmp_path):
         "train": {"max_steps": 6, "batch_size": 8, "micro_batch_size": 4, "lr": 3e-3, "warmup_fraction": 0.0,
                   "optimizer": "adafactor"},
         "output": {"dir": str(tmp_path / "t5run"), "save_every": 3, "log_every": 1, "eval_every": 3,
-                   "progress": False, "tensorboard": False},
+                   "progress": False, "trackers": []},
     }, tmp_path, "t5.yaml")

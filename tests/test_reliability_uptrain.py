@@ -60,11 +60,11 @@ def local_docs(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def recipe(write_recipe, local_docs):
-    """write_recipe for fast runs: local data, no held-out blocks, no tensorboard (it would hold files open)."""
+    """write_recipe for fast runs: local data, no held-out blocks, no trackers (tensorboard would hold files open)."""
 
     def write(**sections):
         data = {"source": str(local_docs), "max_documents": None, "eval_blocks": 0, **sections.pop("data", {})}
-        output = {"tensorboard": False, **sections.pop("output", {})}
+        output = {"trackers": [], **sections.pop("output", {})}
         return write_recipe(data=data, output=output, **sections)
 
     return write

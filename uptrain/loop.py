@@ -43,6 +43,7 @@ from .output import save_output
 from .recipe import Recipe
 from .run_dir import claim_run_dir, clear_partial_saves, write_recipe
 from .tasks import build_task
+from .trackers import resolve_trackers
 from .trainable import make_optimizer, select_trainable
 
 
@@ -107,9 +108,13 @@ def train(recipe: Recipe, *, stop_after: int | None = None) -> Path | None:
     # One process may run several recipes (the ablation runner does), each with its own precision: forget the
     # previous run's accelerator settings but keep the process group (PartialState).
     AcceleratorState._reset_state(reset_partial_state=False)
-    accelerator = Accelerator(mixed_precision=mixed_precision(cfg.precision))
+    trackers = resolve_trackers(recipe.output.trackers)
+    accelerator = Accelerator(mixed_precision=mixed_precision(cfg.precision), log_with=trackers or None,
+                              project_dir=str(Path(recipe.output.dir) / "trackers"))
     budget = plan_budget(cfg, data.block_size, accelerator.num_processes)
     out = claim_run_dir(recipe, folders_read(recipe, student_dir, teacher_path))
+    if trackers:
+        accelerator.init_trackers("gqa-uptrain")
     tokenizer = load_tokenizer(student_dir)
     check_tokenizer_fits(tokenizer, config, student_dir)
     task = build_task(obj, data, config, tokenizer)
@@ -142,8 +147,8 @@ def train(recipe: Recipe, *, stop_after: int | None = None) -> Path | None:
         if accelerator.is_main_process and recipe.output.progress:
             print(f"resuming from step {state['step']} of {budget.steps} ({last})", file=sys.stderr)
     log = MetricsLog(out, is_main=accelerator.is_main_process, start_step=state["step"], total_steps=budget.steps,
-                     progress=recipe.output.progress, tensorboard=recipe.output.tensorboard,
-                     label=recipe.output.progress_label)
+                     progress=recipe.output.progress, label=recipe.output.progress_label,
+                     trackers=accelerator.log if trackers else None)
     if state["step"] == 0 and blocks.heldout:
         state["heldout_loss"] = evaluate_heldout(model, blocks.heldout, budget.micro_batch_size, accelerator.device)
         log.log(0, {"heldout_loss": state["heldout_loss"]})
@@ -209,6 +214,8 @@ def train(recipe: Recipe, *, stop_after: int | None = None) -> Path | None:
                 log.close()
                 return None
     log.close()
+    if trackers:
+        accelerator.end_training()
 
     # 6. Save the uptrained model.
     return save_output(accelerator, model, tokenizer, recipe, state, student_dir, task.name)

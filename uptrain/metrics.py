@@ -1,4 +1,4 @@
-"""Progress and logs: a progress bar (loss, lr, tokens/s), a JSONL metrics log, and tensorboard when installed.
+"""Progress and logs: a progress bar (loss, lr, tokens/s), a JSONL metrics log, and the experiment trackers.
 
 Only the main process writes. On resume, log lines past the restored step are dropped, so the log of a run that
 was killed and resumed reads the same as the log of a run that never stopped. A disk fault while logging is a
@@ -7,9 +7,9 @@ one-line error and leaves no torn line behind.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -23,16 +23,12 @@ METRICS_FILE = "metrics.jsonl"
 
 class MetricsLog:
     def __init__(self, out: Path, *, is_main: bool, start_step: int, total_steps: int, progress: bool,
-                 tensorboard: bool, label: str = "uptrain"):
+                 label: str = "uptrain", trackers: Callable[..., None] | None = None):
         self.is_main = is_main
         self.path = out / METRICS_FILE
-        self.writer = None
+        self.trackers = trackers  # accelerator.log (every process calls it; the trackers live on the main one)
         if is_main:
             self._truncate(start_step)
-            if tensorboard and importlib.util.find_spec("tensorboard") is not None:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=start_step + 1)
         self.bar = tqdm(total=total_steps, initial=start_step, disable=not (is_main and progress),
                         desc=label, unit="step", dynamic_ncols=True)
 
@@ -46,6 +42,8 @@ class MetricsLog:
 
     def log(self, step: int, metrics: dict) -> None:
         """Write one record for optimizer step `step` (1-based: the number of steps done)."""
+        if self.trackers is not None:
+            self.trackers({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
         if not self.is_main:
             return
         size = self.path.stat().st_size if self.path.exists() else 0
@@ -57,10 +55,6 @@ class MetricsLog:
         with disk_writes(self.path, "the metrics log", "output.dir", cleanup=drop_torn_line):
             with self.path.open("a") as f:
                 f.write(json.dumps({"step": step, **metrics}) + "\n")
-        if self.writer is not None:
-            for key, value in metrics.items():
-                if isinstance(value, (int, float)):
-                    self.writer.add_scalar(key, value, step)
 
     def progress(self, steps: int, loss: float, lr: float, tokens_per_s: float) -> None:
         self.bar.update(steps)
@@ -68,8 +62,6 @@ class MetricsLog:
 
     def close(self) -> None:
         self.bar.close()
-        if self.writer is not None:
-            self.writer.close()
 
 
 def _step(line: str) -> int | None:

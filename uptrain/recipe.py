@@ -102,7 +102,9 @@ class OutputSection(_Section):
     keep_last: int = Field(2, ge=1)
     eval_every: int = Field(100, ge=1)
     log_every: int = Field(10, ge=1)
-    tensorboard: bool = True
+    trackers: tuple[Literal["tensorboard", "wandb", "mlflow"], ...] | None = Field(
+        None, description="experiment trackers, through accelerate (logs in output.dir/trackers); default: "
+                          "tensorboard when it is installed, else none. The JSONL metrics log is always written")
     progress: bool = True
     progress_label: str = Field("uptrain", description="what the progress bar calls the run")
 

@@ -23,7 +23,8 @@ MODEL_TMP = ".model.tmp"  # the final model is written here, then moved into out
 # What saves cut short by a full disk or SIGKILL leave behind (write_files stages files as `.NAME.partial-PID`).
 PARTIAL_SAVES = (MODEL_TMP, f".{RECIPE_FILE}.partial-*", ".metrics.jsonl.partial-*", "checkpoints/step-*.tmp")
 # Keys that change only bookkeeping, never the weights: a resumed run may change them.
-NEUTRAL_KEYS = {"output": {"save_every", "keep_last", "eval_every", "log_every", "tensorboard", "progress"},
+NEUTRAL_KEYS = {"output": {"save_every", "keep_last", "eval_every", "log_every", "trackers", "progress",
+                           "progress_label"},
                 "data": {"cache_dir"}}
 
 

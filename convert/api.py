@@ -19,7 +19,7 @@ from .families.loading import load_transformers_config, own_model_types
 from .families.rope import rope_layout
 from .families.spec import ArchitectureSpec, spec_for
 from .io.disk import check_free_space, disk_writes
-from .io.model_dir import hub_cache_repo, read_raw_config, resolve_model_dir
+from .io.model_dir import hub_cache_repo, hub_source, read_raw_config, resolve_model_dir
 from .io.output_dir import atomic_directory, check_output_free
 from .io.reader import CheckpointReader
 from .io.tensors import ByteSpan, SourceTensor
@@ -122,7 +122,7 @@ def _kv_cache_bytes_per_token(planned: list, geometries: dict, kv_heads: int | N
 
 
 def _prepare(src, dst, options: ConversionOptions, progress: bool, calibrate: bool = True) -> Prepared:
-    model_dir = resolve_model_dir(src)
+    model_dir = resolve_model_dir(src, options.revision)
     raw_config = read_raw_config(model_dir)
     spec = spec_for(raw_config["model_type"])
     if spec.modeling is not None:
@@ -149,8 +149,8 @@ def _prepare(src, dst, options: ConversionOptions, progress: bool, calibrate: bo
     record = conversion_record(method=options.method, groups=options.groups, source=str(model_dir),
                                geometries=geometries, scope=scope, seed=options.seed, dtype=options.dtype,
                                options=record_options)
-    if (repo := hub_cache_repo(model_dir)) is not None:
-        record["source_repo"] = "/".join(repo.name.split("--")[1:])  # models--org--name -> org/name
+    if hub := hub_source(model_dir):
+        record["source_repo"], record["source_revision"] = hub["repo"], hub["revision"]
     record["kv_cache_bytes_per_token_source"] = _kv_cache_bytes_per_token(planned, geometries, None)
     record["kv_cache_bytes_per_token"] = _kv_cache_bytes_per_token(planned, geometries, options.groups)
     return Prepared(model_dir, out, raw_config, spec, planned, shard_bytes, record, sources, options, geometries)

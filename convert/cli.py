@@ -46,7 +46,11 @@ from .methods.registry import GROUPINGS, all_method_names
                                             "[default: keep the source's]")
 @click.option("--max-shard-size", default=None, help="Largest output shard in bytes or with a unit, e.g. 5GB. "
                                                      "[default: the source's largest weight file]")
+@click.option("--revision", default=None, help="For a hub id: the branch, tag or commit to convert. [default: main]")
 @click.option("--force", is_flag=True, help="Replace the output directory if it exists.")
+@click.option("--push-to-hub", "push_to", metavar="REPO", default=None,
+              help="After converting, upload the output to the hub repository REPO (created if new).")
+@click.option("--private", is_flag=True, help="With --push-to-hub: create the repository private.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print the output dir, KV heads and KV-cache bytes per token "
                                                       "before and after, and the bytes written, as one JSON object.")
@@ -57,8 +61,8 @@ from .methods.registry import GROUPINGS, all_method_names
                                                        "version's.")
 @user_errors("gqa-convert", "nothing was written")
 def main(model_dir, groups, method, grouping, preserve_norm, calibration, calibration_samples, calibration_length,
-         calibration_mode, device, output, attention, seed, dtype, max_shard_size, force, quiet, as_json, dry_run,
-         refresh_modeling):
+         calibration_mode, device, output, attention, seed, dtype, max_shard_size, revision, force, push_to, private,
+         quiet, as_json, dry_run, refresh_modeling):
     """Convert the Hugging Face checkpoint MODEL_DIR (a local directory, or a hub id when online) to
     grouped-query attention with G key/value heads."""
     from .api import convert, describe_conversion
@@ -77,12 +81,21 @@ def main(model_dir, groups, method, grouping, preserve_norm, calibration, calibr
                                 attention=attention, force=force, grouping=grouping, preserve_norm=preserve_norm,
                                 calibration=calibration, calibration_samples=calibration_samples,
                                 calibration_length=calibration_length, device=device,
-                                calibration_mode=calibration_mode)
+                                calibration_mode=calibration_mode, revision=revision)
     if dry_run:
         click.echo("\n".join(describe_conversion(model_dir, output, options)))
         return
+    if private and push_to is None:
+        raise ConversionError("--private applies to --push-to-hub REPO; add it, or drop --private")
     result = convert(model_dir, output, options, progress=not quiet)
-    click.echo(json.dumps(result.as_json()) if as_json else str(result.output))
+    pushed = None
+    if push_to is not None:
+        from .io.hub import push_folder
+
+        pushed = push_folder(result.output, push_to, private, f"gqa-convert --method {method} --groups {groups}",
+                             ConversionError)
+    report = {**result.as_json(), **({"pushed": pushed} if pushed else {})}
+    click.echo(json.dumps(report) if as_json else "\n".join([str(result.output), *([f"pushed: {pushed}"] if pushed else [])]))
 
 
 if __name__ == "__main__":

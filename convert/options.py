@@ -43,6 +43,7 @@ class ConversionOptions:
     dtype: str | torch.dtype | None = None  # output dtype of floating tensors; None keeps the source's
     max_shard_size: str | int | None = None  # bytes, or with a unit ("5GB"); None: the source's largest file
     force: bool = False  # replace an earlier output of the toolkit
+    revision: str | None = None  # the source's hub revision (branch, tag or commit), for a hub id
 
     def __post_init__(self):
         check_method(self.method, self.grouping, self.preserve_norm)

@@ -99,7 +99,7 @@ def build_original(recipe: AblationRecipe, root: Path, progress: bool = True, to
 def resolve_original(recipe: AblationRecipe, root: Path, progress: bool = True, tokenizer=None) -> Original:
     if recipe.original.build is not None:
         return build_original(recipe, root, progress, tokenizer)
-    path = resolve_model_dir(recipe.original.path)
+    path = resolve_model_dir(recipe.original.path, error=EvalError, role="original.path: ")
     problem = checkpoint_problem(path)
     if problem:
         raise EvalError(f"original.path {path} {problem}; set original.path to the MHA checkpoint to convert, or "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from gqa_toolkit.convert.io.model_dir import is_hub_id, resolve_model_dir
 from gqa_toolkit.uptrain.model import CONVERSION_KEY, WEIGHT_FILES, read_config_json
 
 from .errors import EvalError
@@ -36,6 +37,8 @@ def source_dir(model_dir: Path, given: str | None, required: bool = True) -> Pat
     """The checked source checkpoint of the converted `model_dir`; None when none is given, none is recorded and
     `required` is false."""
     if given:
+        if is_hub_id(given) and not Path(given).expanduser().exists():
+            given = str(resolve_model_dir(given, error=EvalError, role="--source: "))
         problem = checkpoint_problem(Path(given).expanduser())
         if problem:
             raise EvalError(f"--source {given} {problem}; {FIX_GIVEN}")

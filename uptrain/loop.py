@@ -22,6 +22,7 @@ from accelerate.utils import set_seed
 from gqa_toolkit.convert.errors import Interrupted
 from gqa_toolkit.convert.families.loading import allow_remote_code
 from gqa_toolkit.convert.families.transformers_names import enable_activation_checkpointing
+from gqa_toolkit.convert.io.hub import push_folder
 
 from .budget import lr_at, plan_budget
 from .checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -218,4 +219,9 @@ def train(recipe: Recipe, *, stop_after: int | None = None) -> Path | None:
         accelerator.end_training()
 
     # 6. Save the uptrained model.
-    return save_output(accelerator, model, tokenizer, recipe, state, student_dir, task.name)
+    final = save_output(accelerator, model, tokenizer, recipe, state, student_dir, task.name)
+    if recipe.output.push_to_hub and accelerator.is_main_process:
+        url = push_folder(final, recipe.output.push_to_hub, recipe.output.private,
+                          f"gqa-uptrain: {state['step']} steps", UptrainError)
+        print(f"pushed: {url}", file=sys.stderr)
+    return final

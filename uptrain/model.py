@@ -11,6 +11,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 from gqa_toolkit.convert.families.geometry import check_context
 from gqa_toolkit.convert.families.loading import from_pretrained
+from gqa_toolkit.convert.io.model_dir import is_hub_id, resolve_model_dir
 from gqa_toolkit.convert.io.records import CONVERSION_KEY
 
 from .errors import UptrainError
@@ -21,7 +22,10 @@ TEACHER = "the MHA source checkpoint that model.path was converted from"
 
 
 def check_model_dir(path: str | Path, role: str = "model.path", wanted: str = CONVERTED) -> Path:
-    """The model directory at `path`, or a one-line error saying why it is not one and to pass `wanted`."""
+    """The model directory at `path` (a hub id resolves through the hub cache or the network), or a one-line error
+    saying why it is not one and to pass `wanted`."""
+    if is_hub_id(path) and not Path(path).expanduser().exists():
+        path = resolve_model_dir(path, error=UptrainError, role=f"{role}: ")
     path = Path(path).expanduser()
     if not path.is_dir():
         raise UptrainError(f"{role}: {path} is not a directory; pass {wanted}")

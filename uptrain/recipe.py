@@ -107,6 +107,9 @@ class OutputSection(_Section):
                           "tensorboard when it is installed, else none. The JSONL metrics log is always written")
     progress: bool = True
     progress_label: str = Field("uptrain", description="what the progress bar calls the run")
+    push_to_hub: str | None = Field(None, description="after training, upload the final model to this hub "
+                                                      "repository (created if new)")
+    private: bool = Field(False, description="with push_to_hub: create the repository private")
 
 
 class Recipe(_Section):

@@ -24,7 +24,7 @@ MODEL_TMP = ".model.tmp"  # the final model is written here, then moved into out
 PARTIAL_SAVES = (MODEL_TMP, f".{RECIPE_FILE}.partial-*", ".metrics.jsonl.partial-*", "checkpoints/step-*.tmp")
 # Keys that change only bookkeeping, never the weights: a resumed run may change them.
 NEUTRAL_KEYS = {"output": {"save_every", "keep_last", "eval_every", "log_every", "trackers", "progress",
-                           "progress_label"},
+                           "progress_label", "push_to_hub", "private"},
                 "data": {"cache_dir"}}
 
 

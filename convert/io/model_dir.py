@@ -1,4 +1,6 @@
-"""Finding the source checkpoint: a local model directory, or a hub id fetched when the machine has network."""
+"""Finding a checkpoint: a local model directory, or a hub id, resolved by huggingface_hub (from its cache when the
+machine is offline or HF_HUB_OFFLINE is set, pinned to a branch, tag or commit by `revision`). Every stage that
+names a model resolves it here."""
 
 from __future__ import annotations
 
@@ -12,16 +14,25 @@ from ..errors import ConversionError
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-def resolve_model_dir(model: str | Path) -> Path:
+def resolve_model_dir(model: str | Path, revision: str | None = None, error: type[Exception] = ConversionError,
+                      role: str = "") -> Path:
+    """The local directory of `model` (a path, or a hub id); `error(one line)` when there is none. `role` names
+    the setting in messages (e.g. "model.path: ")."""
     path = Path(model).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise ConversionError(f"{path} is a file; pass the model directory that holds config.json")
+            raise error(f"{role}{path} is a file; pass the model directory that holds config.json")
+        if revision is not None:
+            raise error(f"{role}{path} is a local directory; --revision picks a hub revision, drop it")
         return path.resolve()
-    if HUB_ID.match(str(model)) and not _looks_local(path):
-        return _download(str(model))
-    raise ConversionError(f"no such model directory: {path}; pass a local Hugging Face model directory "
-                          f"(or a hub id like org/name on a machine with network)")
+    if is_hub_id(model):
+        return _download(str(model), revision, error, role)
+    raise error(f"{role}no such model directory: {path}; pass a local Hugging Face model directory "
+                f"(or a hub id like org/name, from the hub cache or the network)")
+
+
+def is_hub_id(model: str | Path) -> bool:
+    return bool(HUB_ID.match(str(model))) and not _looks_local(Path(model).expanduser())
 
 
 def hub_cache_repo(model_dir: Path) -> Path | None:
@@ -36,16 +47,26 @@ def _looks_local(path: Path) -> bool:
     return str(path).startswith((".", "~")) or path.parent.is_dir() and path.parent != Path(".")
 
 
-def _download(repo_id: str) -> Path:
+def _download(repo_id: str, revision: str | None, error: type[Exception], role: str) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt",
-                                                               "*.py", "*.md", "*.tiktoken"]))
-    except Exception as exc:  # network, auth, missing repo: all reported the same way
-        raise ConversionError(f"{repo_id!r} is not a local directory, and fetching it from the hub failed "
-                              f"({type(exc).__name__}); check the path, or download the model and pass its "
-                              f"directory") from None
+        return Path(snapshot_download(repo_id, revision=revision,
+                                      allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.py", "*.md",
+                                                      "*.tiktoken"]))
+    except Exception as exc:  # network, auth, missing repo or revision: all reported the same way
+        pinned = f" at revision {revision!r}" if revision else ""
+        raise error(f"{role}{repo_id!r}{pinned} is not a local directory, and neither the hub cache nor the hub "
+                    f"gave it ({type(exc).__name__}); check the name, or download the model and pass its "
+                    f"directory") from None
+
+
+def hub_source(model_dir: Path) -> dict[str, str]:
+    """`{"repo": "org/name", "revision": commit}` for a snapshot in a hub cache; empty for other directories."""
+    repo = hub_cache_repo(model_dir)
+    if repo is None:
+        return {}
+    return {"repo": "/".join(repo.name.split("--")[1:]), "revision": model_dir.name}  # models--org--name
 
 
 def read_raw_config(model_dir: Path) -> dict[str, Any]:

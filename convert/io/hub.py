@@ -1,0 +1,25 @@
+"""Publishing an output on the Hugging Face Hub through huggingface_hub (`--push-to-hub`, `output.push_to_hub`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import first_line
+
+NOT_PUSHED = [".*", "checkpoints/*", "trackers/*", "metrics.jsonl"]  # bookkeeping of a run, not the model
+
+
+def push_folder(folder: Path, repo_id: str, private: bool, message: str, error: type[Exception]) -> str:
+    """Create `repo_id` (private if asked; an existing repository is kept) and upload `folder` in one commit;
+    returns the commit's URL. A failure is `error(one line)`: the local output is complete either way."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        commit = api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message=message,
+                                   ignore_patterns=NOT_PUSHED)
+    except Exception as exc:  # auth, network, a name the hub refuses: all reported the same way
+        raise error(f"{folder} is complete, but pushing it to the hub as {repo_id} failed ({first_line(exc)}); "
+                    f"log in (hf auth login) and run: hf upload {repo_id} {folder}") from None
+    return str(getattr(commit, "commit_url", commit))

@@ -175,6 +175,22 @@ class Ablation:
             raise Interrupted(f"{stored} finished cells are stored in {self.cells}; rerun the same command to go "
                               f"on from there") from None
 
+    def rerun_speed(self) -> Path:
+        """Measure the speed cells again, of the original and the converted models an earlier run made (say, on a
+        quieter machine), and redraw the tables and plots; the quality cells stay as they are."""
+        self.check_results_dir()
+        built = self.recipe.original.build is None or (self.root / "original" / DONE_MARKER).is_file()
+        if not (self.cells / "original.json").is_file() or not built:
+            raise EvalError(f"{self.root} holds no finished original yet; run the ablation first (without --only)")
+        original = resolve_original(self.recipe, self.root, self.progress)
+        for old in self.cells.glob("speed-*.json"):
+            old.unlink()
+        self.say("speed only: measuring the original and each G again")
+        self.speed_cell("original", original.path, model_geometry(load_config(original.path)).kv_heads)
+        for groups in self.recipe.groups:
+            self.speed_cell(f"g{groups}", self.converted(original, self.recipe.methods[0], groups), groups)
+        return render(self.root)
+
     def _run(self, tokenizer) -> Path:
         if self.recipe.original.build is not None and not (self.root / "original" / DONE_MARKER).is_file():
             self.say(f"stage 1/4: pretraining the original ({self.recipe.original.build.steps} steps)")

@@ -198,16 +198,21 @@ def tasks_cmd(model_dir, task_names, batch_size, limit):
 @click.argument("recipe")
 @click.argument("overrides", nargs=-1)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+@click.option("--only", type=click.Choice(["speed"]), default=None,
+              help="speed: measure the speed cells again (of the models an earlier run made) and redraw.")
+@click.option("--json", "as_json", is_flag=True, help="Print results.json (original, cells, speed) instead of the "
+                                                      "table.")
 @user_errors
-def ablation_cmd(recipe, overrides, quiet):
+def ablation_cmd(recipe, overrides, quiet, only, as_json):
     """Run the conversion ablation in RECIPE (methods x groups x fractions) and print its table.
 
     OVERRIDES are dotted key=value pairs, e.g. results_dir=runs/x fractions=[0,0.1]."""
     from .ablation import Ablation
     from .ablation_recipe import load_ablation_recipe
 
-    table = Ablation(load_ablation_recipe(recipe, list(overrides)), progress=not quiet).run()
-    emit(table.read_text())
+    ablation = Ablation(load_ablation_recipe(recipe, list(overrides)), progress=not quiet)
+    table = ablation.rerun_speed() if only == "speed" else ablation.run()
+    emit((table.parent / "results.json").read_text() if as_json else table.read_text())
     click.echo(f"results, csv and plots in {table.parent}", err=True)
 
 

@@ -134,3 +134,18 @@ def test_t5_ablation_runs_the_papers_setup_in_miniature(t5_models, tmp_path):
     assert cells[("mean", 1, 0)]["kl"] > 1e-4 and cells[("mean", 1, 0.05)]["uptrain_steps"] == 5
     speed = {s["model"]: s for s in json.loads((tmp_path / "t5-results" / "results.json").read_text())["speed"]}
     assert speed["original"]["kv_bytes_per_token"] == 4 * speed["g1"]["kv_bytes_per_token"]
+
+
+@pytest.mark.slow
+def test_only_speed_measures_the_speed_cells_again_and_leaves_quality_alone(finished):
+    _, recipe, results, _ = finished
+    quality = {p.name: p.read_text() for p in (results / "cells").glob("*.json") if not p.name.startswith("speed-")}
+    speed = {p.name: p.read_text() for p in (results / "cells").glob("speed-*.json")}
+    result = CliRunner().invoke(main, ["ablation", recipe, "--only", "speed", "--json", "-q"])
+    assert result.exit_code == 0, result.output
+    again = {p.name: p.read_text() for p in (results / "cells").glob("speed-*.json")}
+    assert set(again) == set(speed) and again != speed  # measured again: timings never repeat to the digit
+    assert {p.name: p.read_text() for p in (results / "cells").glob("*.json")
+            if not p.name.startswith("speed-")} == quality
+    summary = json.loads(result.stdout)
+    assert len(summary["cells"]) == 4 and {s["model"] for s in summary["speed"]} == {"original", "g1"}

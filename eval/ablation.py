@@ -50,6 +50,7 @@ class Ablation:
         self.root = Path(recipe.results_dir).expanduser().resolve()
         self.cells = self.root / "cells"
         self.models = self.root / "models"
+        self.started = time.perf_counter()
 
     # -- checks that run before any long work --------------------------------------------------------------------
     def check_results_dir(self) -> None:
@@ -148,7 +149,7 @@ class Ablation:
 
     def say(self, line: str) -> None:
         if self.progress:
-            print(f"[ablation] {line}", file=sys.stderr, flush=True)
+            print(f"[ablation {_duration(time.perf_counter() - self.started)}] {line}", file=sys.stderr, flush=True)
 
     def speed_cell(self, name: str, model_dir: Path, kv_heads: int) -> None:
         path = self.cells / f"speed-{name}.json"

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from gqa_toolkit.convert import convert_checkpoint
 from gqa_toolkit.convert.errors import Interrupted
+from gqa_toolkit.convert.io.hub import push_folder
 from gqa_toolkit.convert.families.geometry import check_context, divisors, model_geometry
 from gqa_toolkit.convert.methods.variants import parse_variant
 from gqa_toolkit.uptrain import train, validate_recipe
@@ -35,7 +36,7 @@ from .original import DONE_MARKER, Original, new_tokenizer, original_config, res
 from .outputs import write_files
 from .perplexity import perplexity
 from .placement import load_for_eval
-from .report import render
+from .report import load_cells, render
 from .results_dir import DESTINATION, check_apart_from_original, check_results_dir, claim_results_dir
 from .speed import kv_cache_bytes_per_token, measure_speed
 
@@ -240,7 +241,21 @@ class Ablation:
                              f"{_duration(row['seconds'])}")
                 self.speed_cell(f"g{groups}", self.converted(original, method, groups), groups)
         self.say("stage 4/4: tables and plots")
-        return render(self.root)
+        table = render(self.root)
+        if self.recipe.push_to_hub:
+            self.push_best()
+        return table
+
+    def push_best(self) -> str:
+        """Upload the model of the cell with the lowest held-out loss to the recipe's push_to_hub repository."""
+        best = min(load_cells(self.root)[1], key=lambda c: c["heldout_loss"])
+        folder = self.models / f"{best['method']}-g{best['groups']}"
+        folder = folder / ("converted" if best["fraction"] == 0 else f"f{best['fraction']:g}")
+        name = cell_id(best["method"], best["groups"], best["fraction"])
+        url = push_folder(folder, self.recipe.push_to_hub, self.recipe.private,
+                          f"gqa-eval ablation: best cell {name} (held-out loss {best['heldout_loss']:.4f})", EvalError)
+        self.say(f"pushed {name} to {url}")
+        return url
 
 
 def _duration(seconds: float) -> str:

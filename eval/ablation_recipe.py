@@ -86,6 +86,9 @@ class AblationRecipe(_Section):
                                                               "each cell uptrains fraction x original_steps")
     objective: ObjectiveSection = ObjectiveSection()
     model: ModelOptions = Field(ModelOptions(), description="model.* keys of the uptrain recipe, but path")
+    push_to_hub: str | None = Field(None, description="after the run, upload the best cell's model (lowest held-out "
+                                                      "loss) to this hub repository")
+    private: bool = Field(False, description="with push_to_hub: create the repository private")
     launcher: str | None = Field(None, description="e.g. 'accelerate launch --config_file fsdp.yaml': run each "
                                                    "uptraining in that launcher instead of in this process")
     eval_batch_size: int = Field(16, ge=1)

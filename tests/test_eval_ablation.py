@@ -2,6 +2,7 @@
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -149,3 +150,24 @@ def test_only_speed_measures_the_speed_cells_again_and_leaves_quality_alone(fini
             if not p.name.startswith("speed-")} == quality
     summary = json.loads(result.stdout)
     assert len(summary["cells"]) == 4 and {s["model"] for s in summary["speed"]} == {"original", "g1"}
+
+
+@pytest.mark.slow
+def test_the_best_cell_is_what_push_to_hub_uploads(finished, monkeypatch):
+    from huggingface_hub import HfApi
+
+    from gqa_toolkit.eval.ablation import Ablation
+    from gqa_toolkit.eval.ablation_recipe import load_ablation_recipe
+
+    _, recipe, results, _ = finished
+    uploads = []
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: None)
+    monkeypatch.setattr(HfApi, "upload_folder", lambda self, **kw: uploads.append(kw) or "https://hub/c")
+    Ablation(load_ablation_recipe(recipe, ["push_to_hub=me/best"]), progress=False).push_best()
+    cells = json.loads((results / "results.json").read_text())["cells"]
+    best = min(cells, key=lambda c: c["heldout_loss"])
+    (upload,) = uploads
+    assert upload["repo_id"] == "me/best"
+    assert upload["folder_path"].endswith(f"{best['method']}-g{best['groups']}/f{best['fraction']:g}") or \
+        (best["fraction"] == 0 and upload["folder_path"].endswith("converted"))
+    assert (Path(upload["folder_path"]) / "config.json").is_file()

@@ -47,7 +47,8 @@ from .methods.registry import GROUPINGS, all_method_names
 @click.option("--max-shard-size", default=None, help="Largest output shard in bytes or with a unit, e.g. 5GB. "
                                                      "[default: the source's largest weight file]")
 @click.option("--revision", default=None, help="For a hub id: the branch, tag or commit to convert. [default: main]")
-@click.option("--force", is_flag=True, help="Replace the output directory if it exists.")
+@click.option("--force", is_flag=True, help="Replace the output directory if it is an earlier output of "
+                                            "gqa-convert (any other non-empty folder is refused).")
 @click.option("--push-to-hub", "push_to", metavar="REPO", default=None,
               help="After converting, upload the output to the hub repository REPO (created if new).")
 @click.option("--private", is_flag=True, help="With --push-to-hub: create the repository private.")
@@ -83,7 +84,8 @@ def main(model_dir, groups, method, grouping, preserve_norm, calibration, calibr
                                 calibration_length=calibration_length, device=device,
                                 calibration_mode=calibration_mode, revision=revision)
     if dry_run:
-        click.echo("\n".join(describe_conversion(model_dir, output, options)))
+        lines = describe_conversion(model_dir, output, options)
+        click.echo(json.dumps({"dry_run": lines}) if as_json else "\n".join(lines))
         return
     if private and push_to is None:
         raise ConversionError("--private applies to --push-to-hub REPO; add it, or drop --private")

@@ -26,7 +26,9 @@ class OneLineUsageError(click.UsageError):
 
     def show(self, file=None) -> None:
         command = self.ctx.command_path if self.ctx else ""
-        click.echo(f"{command.split(' ')[0]}: error: {self.format_message()}; see '{command} --help'", err=True)
+        message = self.format_message()
+        joint = " " if message.endswith("?") else "; "  # "Did you mean 'perplexity'? see ..."
+        click.echo(f"{command.split(' ')[0]}: error: {message}{joint}see '{command} --help'", err=True)
 
 
 def _one_line(exc: click.UsageError) -> click.UsageError:

@@ -58,6 +58,10 @@ class ConversionOptions:
                           max_shard_size=parse_size(self.max_shard_size) if self.max_shard_size is not None else None)
         for name, value in normalised.items():
             object.__setattr__(self, name, value)
+        if self.calibrated and not self.per_layer:
+            raise ConversionError(f"--calibration applies to the layer methods (aligned, fit) and --grouping "
+                                  f"similarity; {self.method} with contiguous groups reads weights only, drop "
+                                  f"--calibration")
         if self.calibrated:
             if self.calibration_samples < 1:
                 raise ConversionError(f"--calibration-samples {self.calibration_samples} must be at least 1 "

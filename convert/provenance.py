@@ -118,11 +118,11 @@ def _method_description(record: dict[str, Any]) -> str:
     H, G = record["num_attention_heads"], record["groups"]
     method = record["method"]
     if method in layer_methods():
-        what = (f"`{method}` ({layer_methods()[method].doc.rstrip('.')}) converted each layer's attention as a "
+        what = (f"`{method}` ({layer_methods()[method].doc.split(' (')[0].rstrip('.')}) converted each layer's attention as a "
                 f"whole: the shared K/V heads, and the queries and outputs that compensate for them, so Q and O "
                 f"change too")
     else:
-        doc = (per_head_methods()[method].__doc__ or "").strip().split("\n")[0].rstrip(".")
+        doc = (per_head_methods()[method].__doc__ or "").strip().split("\n")[0].split(" (")[0].rstrip(".")
         what = f"`{method}` ({doc.lower()}) made each group's K/V projections from the source's heads in the group"
     grouping = record.get("grouping", "contiguous")
     if grouping == "similarity":

@@ -117,3 +117,10 @@ def test_layer_plan_shapes_of_a_70b_shaped_checkpoint():
     for t in planned:
         kv = t.name.endswith(("k_proj.weight", "v_proj.weight"))
         assert t.shape == ((8 * 128, d) if kv else shapes[t.name]), t.name
+
+
+def test_calibration_for_a_method_that_reads_weights_only_is_refused(llama_dir, tmp_path):
+    with pytest.raises(ConversionError, match="--calibration applies to the layer methods .* drop --calibration"):
+        convert_checkpoint(llama_dir, tmp_path / "o", groups=2, method="mean", calibration="python-stdlib",
+                           progress=False)
+    assert not (tmp_path / "o").exists()

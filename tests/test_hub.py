@@ -80,3 +80,21 @@ def test_a_failed_push_keeps_the_output_and_says_how_to_retry(llama_dir, tmp_pat
     line = result.output.strip().splitlines()[-1]
     assert "is complete, but pushing it to the hub as me/tiny-gqa2 failed (PermissionError: 401" in line
     assert f"hf upload me/tiny-gqa2 {out}" in line and (out / "model.safetensors").is_file()
+
+
+def test_uptrain_runs_a_hub_id_in_model_path(uptrain_models, write_recipe, tmp_path, monkeypatch):
+    from gqa_toolkit.uptrain import load_recipe, train
+
+    repo = tmp_path / "hub" / "models--org--tinygqa"
+    shutil.copytree(uptrain_models["gqa"], repo / "snapshots" / COMMIT)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(COMMIT)
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    recipe = load_recipe(write_recipe(model={"path": "org/tinygqa"}, train={"max_steps": 1},
+                                      output={"dir": str(tmp_path / "run")}))
+    assert recipe.resolved().model.path == "org/tinygqa"  # kept for the hub, not made a local path
+    out = train(recipe)
+    assert json.loads((out / "config.json").read_text())["gqa_uptraining"]["steps"] == 1

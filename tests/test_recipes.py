@@ -71,3 +71,20 @@ def test_shipped_recipes_copy_out_and_never_overwrite(tmp_path):
     assert again.exit_code == 2 and "exists" in again.output
     unknown = runner.invoke(uptrain_main, ["--copy", "tiny-nothing"])
     assert unknown.exit_code == 2 and "tiny-uptrain.yaml" in unknown.output
+
+
+def test_shipped_recipes_are_listed_with_their_first_sentence():
+    from gqa_toolkit.uptrain.shipped_recipes import shipped
+
+    about = shipped()
+    assert about["tiny-uptrain.yaml"].startswith("Uptrains a tiny converted llama")
+    assert about["tiny-uptrain.yaml"].endswith("on one CPU in about a minute")
+    assert about["tiny-ablation.yaml"].endswith("with no download")
+
+
+def test_private_without_a_repository_is_refused():
+    from gqa_toolkit.uptrain.errors import UptrainError
+    from gqa_toolkit.uptrain.recipe import validate_recipe
+
+    with pytest.raises(UptrainError, match="private applies to output.push_to_hub"):
+        validate_recipe({"model": {"path": "m"}, "train": {"max_steps": 1}, "output": {"dir": "o", "private": True}})

@@ -146,7 +146,9 @@ def train(recipe: Recipe, *, stop_after: int | None = None) -> Path | None:
     if last is not None:
         state = load_checkpoint(accelerator, last)
         if accelerator.is_main_process and recipe.output.progress:
-            print(f"resuming from step {state['step']} of {budget.steps} ({last})", file=sys.stderr)
+            done = "the run had finished; writing its final model again" if state["step"] >= budget.steps else \
+                f"resuming from step {state['step']} of {budget.steps} ({last})"
+            print(done, file=sys.stderr)
     log = MetricsLog(out, is_main=accelerator.is_main_process, start_step=state["step"], total_steps=budget.steps,
                      progress=recipe.output.progress, label=recipe.output.progress_label,
                      trackers=accelerator.log if trackers else None)

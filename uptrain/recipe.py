@@ -11,6 +11,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from gqa_toolkit.convert.io.model_dir import is_hub_id
+
 from .errors import UptrainError
 
 
@@ -111,6 +113,12 @@ class OutputSection(_Section):
                                                       "repository (created if new)")
     private: bool = Field(False, description="with push_to_hub: create the repository private")
 
+    @model_validator(mode="after")
+    def _private_needs_a_push(self) -> OutputSection:
+        if self.private and not self.push_to_hub:
+            raise ValueError("private applies to output.push_to_hub; set push_to_hub to a repository, or drop private")
+        return self
+
 
 class Recipe(_Section):
     model: ModelSection
@@ -128,9 +136,12 @@ class Recipe(_Section):
         def local(p: str | None) -> str | None:  # a data source may be a hub name; only rewrite existing paths
             return absolute(p) if p is not None and Path(p).expanduser().exists() else p
 
+        def model(p: str | None) -> str | None:  # a model may be a hub id, resolved when the run starts
+            return p if p is not None and is_hub_id(p) and not Path(p).expanduser().exists() else absolute(p)
+
         return self.model_copy(
             update={
-                "model": self.model.model_copy(update={"path": absolute(self.model.path)}),
+                "model": self.model.model_copy(update={"path": model(self.model.path)}),
                 "data": self.data.model_copy(
                     update={
                         "source": local(self.data.source),
@@ -138,7 +149,7 @@ class Recipe(_Section):
                         "cache_dir": absolute(self.data.cache_dir),
                     }
                 ),
-                "objective": self.objective.model_copy(update={"teacher": absolute(self.objective.teacher)}),
+                "objective": self.objective.model_copy(update={"teacher": model(self.objective.teacher)}),
                 "output": self.output.model_copy(update={"dir": absolute(self.output.dir)}),
             }
         )

@@ -23,9 +23,17 @@ def shipped() -> dict[str, str]:
     out = {}
     for entry in sorted(_folder().iterdir(), key=lambda e: e.name):
         if entry.name.endswith(".yaml"):
-            comments = [line.lstrip("#").strip() for line in entry.read_text().splitlines() if line.startswith("#")]
-            out[entry.name] = next((c for c in comments[1:] if c), "")
+            out[entry.name] = _first_sentence(entry.read_text())
     return out
+
+
+def _first_sentence(text: str) -> str:
+    """The first sentence of the comment paragraph after the command line a recipe opens with."""
+    comments = [line.lstrip("#").strip() for line in text.splitlines() if line.startswith("#")][1:]
+    while comments and not comments[0]:
+        comments.pop(0)
+    paragraph = " ".join(comments[:comments.index("")] if "" in comments else comments)
+    return paragraph.split(". ")[0].split(": ")[0].rstrip(".")
 
 
 def _name(name: str) -> str:

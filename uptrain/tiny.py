@@ -13,6 +13,8 @@ from pathlib import Path
 
 import click
 
+from gqa_toolkit.convert.command import HELP, Command, user_errors
+
 # family -> (preset, span-corruption sentinels in the tokenizer)
 FAMILIES = {"llama": ("tiny-llama", 0), "t5": ("tiny-t5", 100)}
 
@@ -42,15 +44,18 @@ def build_tiny_mha(out: str | Path, vocab_size: int = 2048, tokenizer_files: int
     return out
 
 
-@click.command()
+@click.command(cls=Command, context_settings=HELP)
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option("--family", type=click.Choice(sorted(FAMILIES)), default="llama", show_default=True)
 @click.option("--vocab-size", default=2048, show_default=True, help="BPE vocabulary size.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the random initialisation.")
+@user_errors("python -m gqa_toolkit.uptrain.tiny", "nothing useful was written; remove OUT and run it again")
 def main(out: str, family: str, vocab_size: int, seed: int) -> None:
     """Write a tiny randomly initialised MHA model and its tokenizer into OUT."""
+    from .errors import UptrainError
+
     if Path(out).exists() and any(Path(out).iterdir()):
-        raise click.ClickException(f"{out} is not empty; choose a new directory")
+        raise UptrainError(f"{out} is not empty; choose a new directory")
     click.echo(f"tiny MHA {family} written to {build_tiny_mha(out, vocab_size, seed=seed, family=family)}")
 
 

@@ -20,6 +20,8 @@ def push_folder(folder: Path, repo_id: str, private: bool, message: str, error: 
         commit = api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message=message,
                                    ignore_patterns=NOT_PUSHED)
     except Exception as exc:  # auth, network, a name the hub refuses: all reported the same way
+        fix = "with the hub reachable (HF_HUB_OFFLINE unset)" if "Offline" in type(exc).__name__ else \
+            "logged in (hf auth login), with the hub reachable"
         raise error(f"{folder} is complete, but pushing it to the hub as {repo_id} failed ({first_line(exc)}); "
-                    f"log in (hf auth login) and run: hf upload {repo_id} {folder}") from None
+                    f"{fix}, run: hf upload {repo_id} {folder}") from None
     return str(getattr(commit, "commit_url", commit))

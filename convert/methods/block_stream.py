@@ -204,17 +204,17 @@ class BlockStream:
             outputs = [_run(layer, call) for call in calls]
             for hook in hooks:
                 hook.remove()
+            if bar is not None:  # counted before the yield: the converter stops asking after the last block
+                bar.update()
+                if i == len(self.blocks) - 1:
+                    bar.close()
             yield i, moments
             if self.converted is not None:
                 self._load_converted(names, self.converted(i))
                 outputs = [_run(layer, call) for call in calls]
             self.hidden = outputs
             _free(self.model, names)
-            if bar is not None:
-                bar.update()
         self.hidden = []  # the activations go as soon as the last block has run
-        if bar is not None:
-            bar.close()
 
     def _load_converted(self, names: list[str], tensors: dict[str, torch.Tensor]) -> None:
         """Put a converted layer's projections into the (MHA-shaped) block: K/V with G heads are repeated to the

@@ -142,18 +142,32 @@ def _prepare(src, dst, options: ConversionOptions, progress: bool, calibrate: bo
                                             progress, calibrate)
     if options.preserve_norm:
         record_options["preserve_norm"] = True
+    native = _native_target(spec, config, options)
     settings = ConversionSettings(method=get_method(options.method), groups=options.groups, seed=options.seed,
-                                  dtype=options.dtype, preserve_norm=options.preserve_norm, layer=layer)
+                                  dtype=options.dtype, preserve_norm=options.preserve_norm, layer=layer, native=native)
     planned = plan_conversion(sources, reader.read, spec, geometries, settings)
     shard_bytes = options.max_shard_size or max(p.stat().st_size for p in reader.files)
     record = conversion_record(method=options.method, groups=options.groups, source=str(model_dir),
                                geometries=geometries, scope=scope, seed=options.seed, dtype=options.dtype,
                                options=record_options)
+    if native is not None:
+        record["native"] = native.model_type
+        record["native_config"] = {attr: config.get(attr) for attr in native.copy_config}
     if hub := hub_source(model_dir):
         record["source_repo"], record["source_revision"] = hub["repo"], hub["revision"]
     record["kv_cache_bytes_per_token_source"] = _kv_cache_bytes_per_token(planned, geometries, None)
     record["kv_cache_bytes_per_token"] = _kv_cache_bytes_per_token(planned, geometries, options.groups)
     return Prepared(model_dir, out, raw_config, spec, planned, shard_bytes, record, sources, options, geometries)
+
+
+def _native_target(spec: ArchitectureSpec, config: ConfigReader, options: ConversionOptions):
+    """The stock family the output is written as, when the spec names one that holds it exactly; else None."""
+    native = spec.native
+    if native is None or not options.native or options.groups not in native.groups or options.per_layer:
+        return None
+    if config.model_type == (spec.modeling.model_type if spec.modeling else None):
+        return None  # an earlier toolkit output stays the toolkit's family
+    return native if all(config.get(k) == v for k, v in native.requires.items()) else None
 
 
 def _options(options: ConversionOptions | None, kwargs: dict) -> ConversionOptions:

@@ -46,6 +46,8 @@ from .methods.registry import GROUPINGS, all_method_names
                                             "[default: keep the source's]")
 @click.option("--max-shard-size", default=None, help="Largest output shard in bytes or with a unit, e.g. 5GB. "
                                                      "[default: the source's largest weight file]")
+@click.option("--no-native", is_flag=True, help="Keep the toolkit's modeling code even where a stock family holds "
+                                                "the output exactly (gpt2 at G=1 is written as gpt_bigcode).")
 @click.option("--revision", default=None, help="For a hub id: the branch, tag or commit to convert. [default: main]")
 @click.option("--force", is_flag=True, help="Replace the output directory if it is an earlier output of "
                                             "gqa-convert (any other non-empty folder is refused).")
@@ -62,7 +64,8 @@ from .methods.registry import GROUPINGS, all_method_names
                                                        "version's.")
 @user_errors("gqa-convert", "nothing was written")
 def main(model_dir, groups, method, grouping, preserve_norm, calibration, calibration_samples, calibration_length,
-         calibration_mode, device, output, attention, seed, dtype, max_shard_size, revision, force, push_to, private,
+         calibration_mode, device, output, attention, seed, dtype, max_shard_size, no_native, revision, force, push_to,
+         private,
          quiet, as_json, dry_run, refresh_modeling):
     """Convert the Hugging Face checkpoint MODEL_DIR (a local directory, or a hub id when online) to
     grouped-query attention with G key/value heads."""
@@ -82,7 +85,7 @@ def main(model_dir, groups, method, grouping, preserve_norm, calibration, calibr
                                 attention=attention, force=force, grouping=grouping, preserve_norm=preserve_norm,
                                 calibration=calibration, calibration_samples=calibration_samples,
                                 calibration_length=calibration_length, device=device,
-                                calibration_mode=calibration_mode, revision=revision)
+                                calibration_mode=calibration_mode, revision=revision, native=not no_native)
     if dry_run:
         lines = describe_conversion(model_dir, output, options)
         click.echo(json.dumps({"dry_run": lines}) if as_json else "\n".join(lines))

@@ -44,6 +44,7 @@ class ConversionOptions:
     max_shard_size: str | int | None = None  # bytes, or with a unit ("5GB"); None: the source's largest file
     force: bool = False  # replace an earlier output of the toolkit
     revision: str | None = None  # the source's hub revision (branch, tag or commit), for a hub id
+    native: bool = True  # write a stock family when one holds the output exactly (gpt2 at G=1 as gpt_bigcode)
 
     def __post_init__(self):
         check_method(self.method, self.grouping, self.preserve_norm)

@@ -48,6 +48,14 @@ def conversion_record(*, method: str, groups: int, source: str, geometries: dict
 
 def converted_config(raw: dict[str, Any], spec: ArchitectureSpec, record: dict[str, Any]) -> dict[str, Any]:
     config = dict(raw)
+    if "native" in record:  # a stock family holds the output: its own model_type, no toolkit code
+        native = spec.native
+        config.update(model_type=native.model_type, architectures=list(native.architectures), **native.set_config,
+                      **record["native_config"])
+        for attr in {spec.kv_heads_attr_of(kind) for kind in record["attention_kinds"]} - {None}:
+            config.pop(attr, None)
+        config.pop("auto_map", None)
+        return _with_record(config, record)
     for kind in record["attention_kinds"]:
         if (attr := spec.kv_heads_attr_of(kind)) is not None:
             config[attr] = record["groups"]
@@ -55,6 +63,10 @@ def converted_config(raw: dict[str, Any], spec: ArchitectureSpec, record: dict[s
     if spec.modeling is not None:  # the toolkit's GQA modeling code, shipped in the output directory
         config.update(model_type=spec.modeling.model_type, architectures=list(spec.modeling.architectures),
                       auto_map=dict(spec.modeling.auto_map))
+    return _with_record(config, record)
+
+
+def _with_record(config: dict[str, Any], record: dict[str, Any]) -> dict[str, Any]:
     if record["dtype"] is not None:
         config["dtype"] = record["dtype"]
         config.pop("torch_dtype", None)
@@ -87,6 +99,13 @@ def foreign_code(copied: list[str], raw_config: dict[str, Any], spec: Architectu
     if spec.modeling is None:
         code += [f"auto_map {k} -> {v}" for k, v in (raw_config.get("auto_map") or {}).items()]
     return code
+
+
+def _loading_note(record: dict[str, Any], spec: ArchitectureSpec | None) -> str:
+    if "native" in record:
+        return (f"\nWritten as stock transformers `{record['native']}` (multi-query), which holds this conversion "
+                f"exactly: it loads with `AutoModelForCausalLM.from_pretrained(path)`, with no remote code.\n")
+    return _modeling_note(spec) if spec is not None else ""
 
 
 def _modeling_note(spec: ArchitectureSpec) -> str:
@@ -181,7 +200,7 @@ Converted from `{record.get('source_repo') or record['source']}` by gqa-toolkit 
 
 {UPTRAINING_SECTION}
 
-{NOT_UPTRAINED}{_modeling_note(spec) if spec is not None else ""}{_foreign_code_note(list(code))}"""
+{NOT_UPTRAINED}{_loading_note(record, spec)}{_foreign_code_note(list(code))}"""
     return ModelCard(f"---\n{card_data(record, model_type, source_card).to_yaml()}\n---\n{body}")
 
 
@@ -213,7 +232,7 @@ def write_metadata(src: Path, dst: Path, raw_config: dict[str, Any], spec: Archi
     config = converted_config(raw_config, spec, record)
     (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     model_card(record, raw_config["model_type"], spec, code, _source_card(src)).save(dst / "README.md")
-    if spec.modeling is not None:
+    if spec.modeling is not None and "native" not in record:
         write_modeling(dst, spec)
 
 

@@ -92,6 +92,20 @@ class Modeling(_Strict):
         return self.CORE, self.file
 
 
+class NativeTarget(_Strict):
+    """A stock transformers family that holds this family's output exactly at some G (gpt2 at G=1 is gpt_bigcode
+    with `multi_query`): written instead of the toolkit's modeling code, so the output loads with no remote code.
+    Used for the per-tensor methods when the source has every `requires` value."""
+
+    groups: tuple[int, ...]
+    model_type: str
+    architectures: tuple[str, ...]
+    requires: dict[str, bool | int | str | None] = {}  # source config values the mapping relies on
+    set_config: dict[str, bool | int | str] = {}  # config.json values the target needs
+    copy_config: tuple[str, ...] = ()  # attributes written out explicitly: the target's defaults differ
+    transpose: tuple[str, ...] = ()  # weights (with {layer}) that the source stores [in, out], the target [out, in]
+
+
 class Rope(_Strict):
     """How the family rotates queries and keys by position, for the methods that rotate K heads (see
     convert/families/rope.py). `rotate_half` pairs dimension i with i + rotary_dims/2 (HF llama); the first `rotary_dims`
@@ -164,6 +178,7 @@ class ArchitectureSpec(_Strict):
     attention: dict[str, AttentionKind] = {"self": AttentionKind()}
     scopes: dict[str, tuple[str, ...]] = {"all": ("self",)}
     modeling: Modeling | None = None
+    native: NativeTarget | None = None
     requires: dict[str, bool | int | str] = {}  # source config values the spec relies on
     only_groups: tuple[int, ...] | None = None  # the G values the family's config can express
     set_config: dict[str, bool | int | str] = {}  # extra config.json values written on output

@@ -60,6 +60,11 @@ def _rows_axis(entry: KVTensor) -> int:
     return -1 if entry.transposed else 0
 
 
+def _output_rows_axis(entry: KVTensor, settings: ConversionSettings) -> int:
+    """Where the head rows go in the output: as in the source, or first for a native target's nn.Linear."""
+    return 0 if settings.native is not None else _rows_axis(entry)
+
+
 def validate(sources: Mapping[str, SourceTensor], matches: dict[str, Match], entries: Iterable[KVTensor],
              geos: Mapping[str, Geometry]) -> None:
     """Every required K/V tensor present for every layer, and every K/V shape consistent with the config."""
@@ -96,7 +101,7 @@ def _rows_producer(name: str, entry: KVTensor, read, geo: Geometry, settings, dt
         t = read(name).movedim(_rows_axis(entry), 0)  # rows first
         heads = t.reshape(geo.kv_heads, -1, *t.shape[1:])  # (G0, hd or 1, *rest)
         out = _convert_heads(heads, entry, name, geo, settings)  # (G, hd or 1, *rest)
-        return out.flatten(0, 1).movedim(0, _rows_axis(entry)).contiguous().to(dtype)
+        return out.flatten(0, 1).movedim(0, _output_rows_axis(entry, settings)).contiguous().to(dtype)
 
     return produce
 
@@ -110,7 +115,8 @@ def _fused_producer(name: str, entry: KVTensor, read, geo: Geometry, settings, d
         q, k, v = source_layout.split(fused, geo.heads, geo.kv_heads, geo.head_dim)
         k = _convert_heads(k, entry, f"{name}:k", geo, settings)  # (G, hd, *rest)
         v = _convert_heads(v, entry, f"{name}:v", geo, settings)
-        return output_layout.fuse(Heads(q, k, v)).movedim(0, _rows_axis(entry)).contiguous().to(dtype)
+        out = output_layout.fuse(Heads(q, k, v))  # (rows, *rest)
+        return out.movedim(0, _output_rows_axis(entry, settings)).contiguous().to(dtype)
 
     return produce
 
@@ -137,6 +143,7 @@ def plan_conversion(sources: Mapping[str, SourceTensor], read: Callable[[str], t
     by_layer = {}
     if settings.layer is not None:
         by_layer = plan_layers(sources, read, spec, geos[spec.block.attention], settings)
+    transposed = [key_pattern(t) for t in settings.native.transpose] if settings.native is not None else []
     stacked: dict[tuple[str, int, str], SharedResult] = {}
     planned = []
     for name, source in sources.items():
@@ -149,6 +156,10 @@ def plan_conversion(sources: Mapping[str, SourceTensor], read: Callable[[str], t
         if m is not None and settings.method is None:
             raise ConversionError(f"{name} holds K/V heads that the per-layer conversion does not reach; this "
                                   f"family's spec needs its block section to cover it")
+        if m is None and any(p.match(name) for p in transposed):  # [in, out] -> the target's [out, in]
+            planned.append(PlannedTensor(name, dtype, source.shape[::-1],
+                                         lambda n=name, d=dtype: read(n).T.contiguous().to(d)))
+            continue
         if m is None:
             unchanged = source.span if dtype == source.dtype else None
             planned.append(PlannedTensor(name, dtype, source.shape, lambda n=name, d=dtype: read(n).to(d), unchanged))
@@ -168,7 +179,12 @@ def plan_conversion(sources: Mapping[str, SourceTensor], read: Callable[[str], t
             planned.append(PlannedTensor(name, dtype, source.shape, stacked[key].producer(m.head, dtype)))
             continue
         rows = _expected_rows(m.entry, geo, settings.groups, output=True)
-        shape = (*source.shape[:-1], rows) if m.entry.transposed else (rows, *source.shape[1:])
+        if not m.entry.transposed:
+            shape = (rows, *source.shape[1:])
+        elif settings.native is None:
+            shape = (*source.shape[:-1], rows)
+        else:  # a transposed source written the target's way round: rows first
+            shape = (rows, *source.shape[:-1])
         make = _fused_producer if m.entry.layout == "fused" else _rows_producer
         planned.append(PlannedTensor(name, dtype, shape, make(name, m.entry, read, geo, settings, dtype)))
     return planned

@@ -67,7 +67,8 @@ def describe(prepared) -> list[str]:
     shards = split_into_shards(planned, prepared.shard_bytes)
     lines = [
         f"source: {prepared.model_dir} ({prepared.raw_config['model_type']}, {record['num_attention_heads']} query "
-        f"heads, {record['source_kv_heads']} KV heads) -> {record['groups']} KV heads by {record['method']}",
+        f"heads, {record['source_kv_heads']} KV heads) -> {record['groups']} KV heads by {record['method']}"
+        + (f", written as stock {record['native']}" if "native" in record else ""),
         f"output: {prepared.out} (nothing written by this dry run)",
         f"tensors: {len(copied)} copied unchanged ({format_bytes(planned_bytes(copied))}), {len(computed)} "
         f"computed ({format_bytes(planned_bytes(computed))}), in {len(shards)} shard(s) of at most "

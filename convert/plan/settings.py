@@ -11,6 +11,7 @@ from ..methods.registry import Method
 from .shared import SharedResult
 
 if TYPE_CHECKING:
+    from ..families.spec import NativeTarget
     from ..families.rope import RopeLayout
     from ..methods.layer_types import InputMoments
 
@@ -50,6 +51,7 @@ class ConversionSettings:
     dtype: torch.dtype | None = None  # None keeps each tensor's dtype
     preserve_norm: bool = False  # scale each pooled head to its group's mean head norm
     layer: LayerSettings | None = None  # set: q, k, v, o are produced per layer (layer methods, similarity grouping)
+    native: NativeTarget | None = None  # set: the output is this stock family (its weight layout)
 
     def output_dtype(self, dtype: torch.dtype) -> torch.dtype:
         """A source tensor's dtype in the output: floating tensors take `dtype` when one is set."""

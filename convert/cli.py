@@ -60,8 +60,8 @@ from .methods.registry import GROUPINGS, all_method_names
 @click.option("--dry-run", is_flag=True, help="Write nothing: print the tensors and bytes to copy and compute, the "
                                               "calibration and its peak memory, and refuse if they will not fit.")
 @click.option("--refresh-modeling", is_flag=True, help="Convert nothing: rewrite the modeling files of MODEL_DIR, an "
-                                                       "earlier t5, gpt_neox, gpt2 or opt output, with this "
-                                                       "version's.")
+                                                       "earlier t5, bart, gpt_neox, gpt2 or opt output, with "
+                                                       "this version's.")
 @user_errors("gqa-convert", "nothing was written")
 def main(model_dir, groups, method, grouping, preserve_norm, calibration, calibration_samples, calibration_length,
          calibration_mode, device, output, attention, seed, dtype, max_shard_size, no_native, revision, force, push_to,
@@ -100,7 +100,8 @@ def main(model_dir, groups, method, grouping, preserve_norm, calibration, calibr
         pushed = push_folder(result.output, push_to, private, f"gqa-convert --method {method} --groups {groups}",
                              ConversionError)
     report = {**result.as_json(), **({"pushed": pushed} if pushed else {})}
-    click.echo(json.dumps(report) if as_json else "\n".join([str(result.output), *([f"pushed: {pushed}"] if pushed else [])]))
+    lines = [str(result.output), *([f"pushed: {pushed}"] if pushed else [])]
+    click.echo(json.dumps(report) if as_json else "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -24,6 +24,10 @@ from gqa_toolkit.convert.families.transformers_names import output_cache
 GROUPS = 2
 
 
+def _seq2seq(family) -> bool:
+    return family.auto == "AutoModelForSeq2SeqLM"
+
+
 def _load(family, model_dir, **kwargs):
     model, info = getattr(transformers, family.auto).from_pretrained(model_dir, output_loading_info=True, **kwargs)
     problems = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
@@ -33,7 +37,7 @@ def _load(family, model_dir, **kwargs):
 
 def _inputs(family, seed: int = 1) -> dict:
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(seed))
-    return {"input_ids": ids, "decoder_input_ids": ids[:, :7]} if family.model_type == "t5" else {"input_ids": ids}
+    return {"input_ids": ids, "decoder_input_ids": ids[:, :7]} if _seq2seq(family) else {"input_ids": ids}
 
 
 def _logits(model, family) -> torch.Tensor:
@@ -50,7 +54,7 @@ def _kv_cache_shapes(model, family) -> list[tuple[int, ...]]:
     """Shapes of every cached key tensor after one forward pass: (B, KV heads, T, hd)."""
     with torch.no_grad():
         cache = output_cache(model(**_inputs(family), use_cache=True))
-    caches = [cache.self_attention_cache, cache.cross_attention_cache] if family.model_type == "t5" else [cache]
+    caches = [cache.self_attention_cache, cache.cross_attention_cache] if _seq2seq(family) else [cache]
     return [tuple(layer.keys.shape) for c in caches for layer in c.layers]
 
 
@@ -83,7 +87,7 @@ def test_grouped_equals_reference_and_caches_g_heads(family, no_native_dirs, tmp
     assert torch.equal(_greedy(converted, family), _greedy(reference, family))
 
     shapes = _kv_cache_shapes(converted, family)
-    layers = 4 if family.model_type == "t5" else 2  # t5: decoder self-attention, then cross-attention
+    layers = 4 if _seq2seq(family) else 2  # encoder-decoders: decoder self-attention, then cross-attention
     assert len(shapes) == layers and all(s[1] == GROUPS and s[3] == family.head_dim for s in shapes), shapes
     assert all(s[1] == family.heads for s in _kv_cache_shapes(reference, family))
 
@@ -263,5 +267,5 @@ def test_eager_attention_equals_sdpa(family, no_native_dirs, tmp_path):
         sdpa = _load(family, out, attn_implementation="sdpa")(**inputs).logits
         eager = _load(family, out, attn_implementation="eager")(**inputs).logits
     # padded positions attend to nothing, where the two kernels fill in different values: compare real tokens
-    real = inputs["attention_mask"].bool() if family.model_type != "t5" else slice(None)
+    real = inputs["attention_mask"].bool() if not _seq2seq(family) else slice(None)
     torch.testing.assert_close(eager[real], sdpa[real], rtol=1e-5, atol=1e-5)

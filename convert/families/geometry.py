@@ -32,7 +32,7 @@ def read_geometry(config: ConfigReader, spec: ArchitectureSpec, kind: str | None
             raise ConversionError(f"{config.model_type} conversion needs {attr}={wanted!r} in config.json, found "
                                   f"{found!r}: this checkpoint's attention layout is not one the family's config "
                                   f"can give fewer KV heads")
-    heads = _count(config, "num_attention_heads")
+    heads = _count(config, spec.attention[kind].heads_attr)
     kv_attr = spec.kv_heads_attr_of(kind)
     # A family converted through the toolkit's modeling code is MHA unless the source already runs that code: the
     # stock modeling ignores any KV-head count its config.json happens to hold.

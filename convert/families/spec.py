@@ -58,6 +58,7 @@ class AttentionKind(_Strict):
     """One kind of attention in a model (T5 has three: encoder, decoder self-attention and cross-attention)."""
 
     layers_attr: str = "num_hidden_layers"  # config attribute counting the layers that hold it
+    heads_attr: str = "num_attention_heads"  # config attribute counting its query heads (BART's differ by stack)
     module: str = "layers.{layer}.self_attn"  # the attention module's on-disk name (with {layer}): what trains as
     # `trainable: attention`
     kv_heads_attr: str | None = None  # config attribute counting its KV heads; default the spec's kv_heads_attr

@@ -1,0 +1,67 @@
+"""BART with grouped-query attention: G key/value heads shared by H query heads; the KV cache holds G heads.
+
+Written by gqa-toolkit into every converted BART directory, beside `gqa_attention.py` (the shared core), and loaded
+from there with `AutoModelForSeq2SeqLM.from_pretrained(dir, trust_remote_code=True)`. Imports torch and
+transformers only. `num_key_value_heads` counts the decoder's K/V heads (self- and cross-attention, the ones the
+KV cache holds); `encoder_num_key_value_heads` the encoder's (None: MHA). `k_proj` and `v_proj` are `[G*hd, d]`
+(head-major); query head h uses KV head h // (H/G).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+from transformers import BartConfig
+from transformers.models.bart.modeling_bart import BartAttention, BartForConditionalGeneration
+
+from .gqa_attention import GroupedAttention
+
+
+class GQABartConfig(BartConfig):
+    model_type = "gqa_bart"
+    num_key_value_heads: int | None = None  # decoder self- and cross-attention; None: MHA
+    encoder_num_key_value_heads: int | None = None  # encoder self-attention; None: MHA
+
+
+class GQABartAttention(GroupedAttention, BartAttention):
+    def __init__(self, embed_dim, num_heads, dropout=0.0, is_decoder=False, bias=True, is_causal=False, config=None,
+                 layer_idx=None, num_key_value_heads=None):
+        super().__init__(embed_dim, num_heads, dropout=dropout, is_decoder=is_decoder, bias=bias, is_causal=is_causal,
+                         config=config, layer_idx=layer_idx)
+        kv_dim = self.group_heads(num_heads, num_key_value_heads, self.head_dim)
+        self.k_proj = nn.Linear(embed_dim, kv_dim, bias=bias)
+        self.v_proj = nn.Linear(embed_dim, kv_dim, bias=bias)
+
+    def attend(self, hidden_states, key_value_states=None, cache=None, attention_mask=None, **kwargs):
+        query = self.split_heads(self.q_proj(hidden_states))  # (B, H, T, hd)
+        states = hidden_states if key_value_states is None else key_value_states
+        key, value = self.cached_kv(cache, lambda: (self.split_heads(self.k_proj(states)),
+                                                    self.split_heads(self.v_proj(states))),
+                                    cross=key_value_states is not None)  # (B, G, S, hd)
+        out, weights = self.grouped_attention(query, key, value, attention_mask, scaling=self.scaling,
+                                              dropout=self.dropout, **kwargs)
+        return self.out_proj(out), weights
+
+
+def _grouped(attn: BartAttention, config: GQABartConfig, num_key_value_heads: int | None) -> GQABartAttention:
+    return GQABartAttention(attn.embed_dim, attn.num_heads, dropout=attn.dropout, is_decoder=attn.is_decoder,
+                            bias=attn.k_proj.bias is not None, is_causal=attn.is_causal, config=config,
+                            layer_idx=attn.layer_idx, num_key_value_heads=num_key_value_heads)
+
+
+class GQABartForConditionalGeneration(BartForConditionalGeneration):
+    config_class = GQABartConfig
+
+    def __init__(self, config: GQABartConfig):
+        super().__init__(config)
+        for layer in self.model.encoder.layers:
+            layer.self_attn = _grouped(layer.self_attn, config, config.encoder_num_key_value_heads)
+        for layer in self.model.decoder.layers:
+            layer.self_attn = _grouped(layer.self_attn, config, config.num_key_value_heads)
+            layer.encoder_attn = _grouped(layer.encoder_attn, config, config.num_key_value_heads)
+        self.post_init()
+
+
+# save_pretrained copies this file (and the core it imports) next to the weights and writes auto_map, so saved
+# checkpoints (after uptraining, say) load with trust_remote_code=True just as converted ones do.
+GQABartConfig.register_for_auto_class()
+GQABartForConditionalGeneration.register_for_auto_class("AutoModelForSeq2SeqLM")

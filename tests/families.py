@@ -66,16 +66,20 @@ class NoNativeFamily:
     head_dim: int = 16
 
 
+BART = dict(d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+            encoder_ffn_dim=128, decoder_ffn_dim=128, vocab_size=128, max_position_embeddings=128)
+
 NO_NATIVE_FAMILIES = [
     # d_kv (8) is independent of d_model / num_heads (16), as in t5-v1.1 and mT5
     NoNativeFamily("t5", dict(d_model=64, d_ff=128, d_kv=8, num_layers=2, num_decoder_layers=2, num_heads=4,
                               vocab_size=128, relative_attention_num_buckets=8, decoder_start_token_id=0,
                               feed_forward_proj="gated-gelu"), auto="AutoModelForSeq2SeqLM", head_dim=8),
-    NoNativeFamily("bart", dict(d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
-                                decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, vocab_size=128,
-                                max_position_embeddings=128, pad_token_id=1, bos_token_id=0, eos_token_id=2,
-                                decoder_start_token_id=2, forced_eos_token_id=None),
-                   auto="AutoModelForSeq2SeqLM"),
+    NoNativeFamily("bart", dict(BART, pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2,
+                                forced_eos_token_id=None), auto="AutoModelForSeq2SeqLM"),
+    NoNativeFamily("mbart", dict(BART, pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2,
+                                 forced_eos_token_id=None), auto="AutoModelForSeq2SeqLM"),
+    NoNativeFamily("marian", dict(BART, pad_token_id=127, eos_token_id=0, decoder_start_token_id=127,
+                                  forced_eos_token_id=None), auto="AutoModelForSeq2SeqLM"),
     NoNativeFamily("gpt_neox", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                                     vocab_size=128, max_position_embeddings=128, rotary_pct=0.5,
                                     bos_token_id=0, eos_token_id=0)),

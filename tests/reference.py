@@ -99,7 +99,7 @@ def _no_native_attention(model, model_type: str, scope: str):
         return [(block.attn, "gpt2") for block in model.transformer.h]
     if model_type == "opt":
         return [(layer.self_attn, "opt") for layer in model.model.decoder.layers]
-    if model_type == "bart":  # separate q/k/v/out projections with biases, as opt's
+    if model_type in ("bart", "mbart", "marian"):  # separate q/k/v/out projections with biases, as opt's
         found = [(layer.self_attn, "opt") for layer in model.model.decoder.layers]
         found += [(layer.encoder_attn, "opt") for layer in model.model.decoder.layers]
         if scope == "all":

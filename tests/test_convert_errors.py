@@ -59,7 +59,7 @@ def test_unsupported_model_type_lists_supported(llama_dir, tmp_path, model_type,
     src = _copy(llama_dir, tmp_path / "m")
     config = json.loads((src / "config.json").read_text())
     (src / "config.json").write_text(json.dumps({**config, "model_type": model_type}))
-    assert_refused(tmp_path, [src, "--groups", "2"], needle, "llama, mistral")
+    assert_refused(tmp_path, [src, "--groups", "2"], needle, "llama, marian, mbart, mistral")
 
 
 def test_groups_that_do_not_divide(llama_dir, tmp_path):

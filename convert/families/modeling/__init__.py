@@ -1,4 +1,5 @@
-"""GQA modeling code for families whose transformers modeling has no KV-head count: t5, bart, gpt2, gpt_neox, opt.
+"""GQA modeling code for families whose transformers modeling has no KV-head count: t5, bart, mbart, marian,
+gpt2, gpt_neox, opt.
 
 Each `gqa_<family>.py` imports only torch, transformers and the shared attention core `gqa_attention.py`, because
 the converter copies both files into every output directory for `trust_remote_code=True` loading. Importing this package registers the classes with the Auto
@@ -11,7 +12,8 @@ from __future__ import annotations
 
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-from .gqa_bart import GQABartConfig, GQABartForConditionalGeneration
+from .gqa_bart import (GQABartConfig, GQABartForConditionalGeneration, GQAMarianConfig, GQAMarianMTModel,
+                       GQAMBartConfig, GQAMBartForConditionalGeneration)
 from .gqa_gpt2 import GQAGPT2Config, GQAGPT2LMHeadModel
 from .gqa_gpt_neox import GQAGPTNeoXConfig, GQAGPTNeoXForCausalLM
 from .gqa_opt import GQAOPTConfig, GQAOPTForCausalLM
@@ -19,6 +21,8 @@ from .gqa_t5 import GQAT5Config, GQAT5ForConditionalGeneration
 
 REGISTERED = (
     (GQABartConfig, AutoModelForSeq2SeqLM, GQABartForConditionalGeneration),
+    (GQAMBartConfig, AutoModelForSeq2SeqLM, GQAMBartForConditionalGeneration),
+    (GQAMarianConfig, AutoModelForSeq2SeqLM, GQAMarianMTModel),
     (GQAGPT2Config, AutoModelForCausalLM, GQAGPT2LMHeadModel),
     (GQAGPTNeoXConfig, AutoModelForCausalLM, GQAGPTNeoXForCausalLM),
     (GQAOPTConfig, AutoModelForCausalLM, GQAOPTForCausalLM),

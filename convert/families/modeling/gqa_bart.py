@@ -1,28 +1,44 @@
-"""BART with grouped-query attention: G key/value heads shared by H query heads; the KV cache holds G heads.
+"""The BART family (bart, mbart, marian) with grouped-query attention: G key/value heads shared by H query heads;
+the KV cache holds G heads.
 
-Written by gqa-toolkit into every converted BART directory, beside `gqa_attention.py` (the shared core), and loaded
-from there with `AutoModelForSeq2SeqLM.from_pretrained(dir, trust_remote_code=True)`. Imports torch and
-transformers only. `num_key_value_heads` counts the decoder's K/V heads (self- and cross-attention, the ones the
-KV cache holds); `encoder_num_key_value_heads` the encoder's (None: MHA). `k_proj` and `v_proj` are `[G*hd, d]`
-(head-major); query head h uses KV head h // (H/G).
+Written by gqa-toolkit into every converted BART, mBART or Marian directory, beside `gqa_attention.py` (the shared
+core), and loaded from there with `AutoModelForSeq2SeqLM.from_pretrained(dir, trust_remote_code=True)`. Imports
+torch and transformers only. `num_key_value_heads` counts the decoder's K/V heads (self- and cross-attention, the
+ones the KV cache holds); `encoder_num_key_value_heads` the encoder's (None: MHA). `k_proj` and `v_proj` are
+`[G*hd, d]` (head-major); query head h uses KV head h // (H/G).
 """
 
 from __future__ import annotations
 
 from torch import nn
-from transformers import BartConfig
+from transformers import BartConfig, MarianConfig, MBartConfig
 from transformers.models.bart.modeling_bart import BartAttention, BartForConditionalGeneration
+from transformers.models.marian.modeling_marian import MarianAttention, MarianMTModel
+from transformers.models.mbart.modeling_mbart import MBartAttention, MBartForConditionalGeneration
 
 from .gqa_attention import GroupedAttention
 
 
-class GQABartConfig(BartConfig):
-    model_type = "gqa_bart"
+class _KVHeads:
     num_key_value_heads: int | None = None  # decoder self- and cross-attention; None: MHA
     encoder_num_key_value_heads: int | None = None  # encoder self-attention; None: MHA
 
 
-class GQABartAttention(GroupedAttention, BartAttention):
+class GQABartConfig(_KVHeads, BartConfig):
+    model_type = "gqa_bart"
+
+
+class GQAMBartConfig(_KVHeads, MBartConfig):
+    model_type = "gqa_mbart"
+
+
+class GQAMarianConfig(_KVHeads, MarianConfig):
+    model_type = "gqa_marian"
+
+
+class _Grouped:
+    """The family's attention with G K/V heads; put before GroupedAttention and the stock attention class."""
+
     def __init__(self, embed_dim, num_heads, dropout=0.0, is_decoder=False, bias=True, is_causal=False, config=None,
                  layer_idx=None, num_key_value_heads=None):
         super().__init__(embed_dim, num_heads, dropout=dropout, is_decoder=is_decoder, bias=bias, is_causal=is_causal,
@@ -42,26 +58,55 @@ class GQABartAttention(GroupedAttention, BartAttention):
         return self.out_proj(out), weights
 
 
-def _grouped(attn: BartAttention, config: GQABartConfig, num_key_value_heads: int | None) -> GQABartAttention:
-    return GQABartAttention(attn.embed_dim, attn.num_heads, dropout=attn.dropout, is_decoder=attn.is_decoder,
-                            bias=attn.k_proj.bias is not None, is_causal=attn.is_causal, config=config,
-                            layer_idx=attn.layer_idx, num_key_value_heads=num_key_value_heads)
+class GQABartAttention(_Grouped, GroupedAttention, BartAttention):
+    pass
 
 
-class GQABartForConditionalGeneration(BartForConditionalGeneration):
-    config_class = GQABartConfig
+class GQAMBartAttention(_Grouped, GroupedAttention, MBartAttention):
+    pass
 
-    def __init__(self, config: GQABartConfig):
+
+class GQAMarianAttention(_Grouped, GroupedAttention, MarianAttention):
+    pass
+
+
+class _GroupedModel:
+    """Put before the stock model class: builds it, then gives every attention module its G K/V heads."""
+
+    gqa_attention: type
+
+    def __init__(self, config):
         super().__init__(config)
+
+        def grouped(attn, num_key_value_heads):
+            return self.gqa_attention(attn.embed_dim, attn.num_heads, dropout=attn.dropout,
+                                      is_decoder=attn.is_decoder, bias=attn.k_proj.bias is not None,
+                                      is_causal=attn.is_causal, config=config, layer_idx=attn.layer_idx,
+                                      num_key_value_heads=num_key_value_heads)
+
         for layer in self.model.encoder.layers:
-            layer.self_attn = _grouped(layer.self_attn, config, config.encoder_num_key_value_heads)
+            layer.self_attn = grouped(layer.self_attn, config.encoder_num_key_value_heads)
         for layer in self.model.decoder.layers:
-            layer.self_attn = _grouped(layer.self_attn, config, config.num_key_value_heads)
-            layer.encoder_attn = _grouped(layer.encoder_attn, config, config.num_key_value_heads)
+            layer.self_attn = grouped(layer.self_attn, config.num_key_value_heads)
+            layer.encoder_attn = grouped(layer.encoder_attn, config.num_key_value_heads)
         self.post_init()
+
+
+class GQABartForConditionalGeneration(_GroupedModel, BartForConditionalGeneration):
+    config_class, gqa_attention = GQABartConfig, GQABartAttention
+
+
+class GQAMBartForConditionalGeneration(_GroupedModel, MBartForConditionalGeneration):
+    config_class, gqa_attention = GQAMBartConfig, GQAMBartAttention
+
+
+class GQAMarianMTModel(_GroupedModel, MarianMTModel):
+    config_class, gqa_attention = GQAMarianConfig, GQAMarianAttention
 
 
 # save_pretrained copies this file (and the core it imports) next to the weights and writes auto_map, so saved
 # checkpoints (after uptraining, say) load with trust_remote_code=True just as converted ones do.
-GQABartConfig.register_for_auto_class()
-GQABartForConditionalGeneration.register_for_auto_class("AutoModelForSeq2SeqLM")
+for _config, _model in ((GQABartConfig, GQABartForConditionalGeneration),
+                        (GQAMBartConfig, GQAMBartForConditionalGeneration), (GQAMarianConfig, GQAMarianMTModel)):
+    _config.register_for_auto_class()
+    _model.register_for_auto_class("AutoModelForSeq2SeqLM")

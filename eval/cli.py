@@ -52,6 +52,7 @@ def _eval_data(corpus, split, text_column, target_column, block_size, max_blocks
 def _checked_examples(model_dir: str, role: str, data):
     """The model dir and its held-out examples, after every check that needs no weights."""
     from gqa_toolkit.convert.families.geometry import check_context
+    from gqa_toolkit.uptrain.corpora import CorpusSettings
     from gqa_toolkit.uptrain.model import check_model_dir, load_config, load_tokenizer
 
     from .errors import EvalError
@@ -61,7 +62,9 @@ def _checked_examples(model_dir: str, role: str, data):
     config = load_config(path, role=role)
     check_context(config, data.block_size, "--block-size", EvalError)
     tokenizer = load_tokenizer(path)
-    return path, heldout_set(tokenizer, data, eval_task(config, tokenizer, data))
+    options = CorpusSettings(source="--data", split="--split", config="the dataset's config",
+                             text_column="--text-column", target_column="--target-column")  # named in messages
+    return path, heldout_set(tokenizer, data, eval_task(config, tokenizer, data), options)
 
 
 def _load(model_dir, role: str = "MODEL_DIR"):

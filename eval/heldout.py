@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import torch
 
+from gqa_toolkit.uptrain.corpora import CorpusSettings, TextCorpus
 from gqa_toolkit.uptrain.data import heldout_examples, task_rows
 from gqa_toolkit.uptrain.errors import UptrainError
 from gqa_toolkit.uptrain.recipe import DataSection, ObjectiveSection
-from gqa_toolkit.uptrain.corpora import TextCorpus
 from gqa_toolkit.uptrain.tasks import Task, build_task
 
 from .errors import EvalError
-
 
 HELDOUT = DataSection(split="heldout")  # the built-in corpus's held-out files, 64 blocks of 256 tokens
 
@@ -25,11 +24,12 @@ def eval_task(config, tokenizer, data: DataSection, objective: ObjectiveSection 
         raise EvalError(str(e)) from None
 
 
-def heldout_set(tokenizer, data: DataSection, task: Task) -> dict[str, torch.Tensor]:
+def heldout_set(tokenizer, data: DataSection, task: Task,
+                settings: CorpusSettings = CorpusSettings()) -> dict[str, torch.Tensor]:
     """The task's examples of up to `data.eval_blocks` rows of `data.split` (column -> (N, ...)); an empty set is
     an error."""
     src = TextCorpus(data.source, data.split, data.config, data.text_column, data.max_documents, streaming=False,
-                     target_column=data.target_column)
+                     target_column=data.target_column, settings=settings)
     try:
         rows = task_rows(src, tokenizer, task, data)
     except UptrainError as e:

@@ -109,6 +109,10 @@ def test_cli_fidelity_uses_the_recorded_source(uptrain_models, tmp_path):
     (["perplexity", "{mha}", "--block-size", "4096"], "longer than the model's context"),
     (["perplexity", "{mha}", "--data", "{empty}", "--split", "train"], "gives no block of 256 tokens"),
     (["fidelity", "{mha}"], "records no conversion source"),
+    # data problems name the option that chose the data, not the uptrain recipe's key
+    (["perplexity", "{mha}", "--data", "/no/such/file.txt"], "does not exist; fix --data"),
+    (["perplexity", "{mha}", "--split", "test"], "not 'test'; fix --split"),
+    (["perplexity", "{mha}", "--text-column", "body"], "set --text-column to the one holding the texts"),
 ])
 def test_cli_bad_input(uptrain_models, tmp_path, args, needle):
     (tmp_path / "empty.txt").write_text("x")

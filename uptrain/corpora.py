@@ -15,11 +15,24 @@ import datasets
 from huggingface_hub.utils import get_session
 
 from gqa_toolkit.convert import corpus
+
 from .errors import UptrainError, first_line
 
 # file suffix -> datasets builder; plain text files are read one document per file
 BUILDERS = {".txt": "text", ".text": "text", ".md": "text", ".py": "text",
             ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+@dataclass(frozen=True)
+class CorpusSettings:
+    """What the user set each part of a corpus with, for messages that name the fix: recipe keys for uptrain and
+    the ablation, command-line options for gqa-eval."""
+
+    source: str = "data.source (or data.eval_source)"
+    split: str = "data.split"
+    config: str = "data.config"
+    text_column: str = "data.text_column"
+    target_column: str = "data.target_column"
 
 
 @dataclass(frozen=True)
@@ -33,6 +46,7 @@ class TextCorpus:
     max_documents: int | None = None
     streaming: bool = False
     target_column: str | None = None  # kept beside the text for (input, target) pairs
+    settings: CorpusSettings = CorpusSettings()
 
     @property
     def columns(self) -> tuple[str, ...]:
@@ -58,7 +72,7 @@ def _looks_local(name: str) -> bool:
 def _not_found(src: TextCorpus, where: str, also: str = "") -> UptrainError:
     return UptrainError(
         f"could not load hub dataset {src.name!r} (config {src.config!r}, split {src.split!r}): it is neither a local "
-        f"path nor {where}; fix data.source (or data.eval_source): the built-in corpus is {corpus.NAME!r}, or give a "
+        f"path nor {where}; fix {src.settings.source}: the built-in corpus is {corpus.NAME!r}, or give a "
         f"local file or folder{also}"
     )
 
@@ -85,7 +99,8 @@ def _hub_dataset(src: TextCorpus) -> datasets.Dataset | datasets.IterableDataset
                          else "a dataset on the hub") from None
     except Exception as e:  # gated, no such config or split, ...: datasets raises many types here
         raise UptrainError(f"could not load hub dataset {src.name!r} (config {src.config!r}, split {src.split!r}): "
-                           f"{first_line(e)}; check data.config and data.split, or point data.source at local files"
+                           f"{first_line(e)}; check {src.settings.config} and {src.settings.split}, or point "
+                           f"{src.settings.source} at local files"
                            ) from None
 
 
@@ -93,7 +108,7 @@ def load_text(src: TextCorpus) -> tuple[datasets.Dataset | datasets.IterableData
     """The texts of `src` and a fingerprint of them; raises UptrainError for a missing path or text column."""
     if src.name == corpus.NAME:
         if src.split not in ("train", "heldout"):
-            raise UptrainError(f"python-stdlib has splits 'train' and 'heldout', not {src.split!r}; fix data.split")
+            raise UptrainError(f"python-stdlib has splits 'train' and 'heldout', not {src.split!r}; fix {src.settings.split}")
         kwargs = {"split": src.split, "limit": src.max_documents}
         if src.streaming:
             ds = datasets.IterableDataset.from_generator(corpus.iter_texts, gen_kwargs=kwargs)
@@ -112,19 +127,19 @@ def load_text(src: TextCorpus) -> tuple[datasets.Dataset | datasets.IterableData
         stamp = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
         fp = "local:" + hashlib.sha1(json.dumps(stamp).encode()).hexdigest()
     elif _looks_local(src.name):
-        raise UptrainError(f"data path {src.name} does not exist; fix data.source (or data.eval_source)")
+        raise UptrainError(f"data path {src.name} does not exist; fix {src.settings.source}")
     else:
         ds = _hub_dataset(src)
         fp = f"hub:{src.name}:{src.config}:{src.split}"
 
     columns = ds.column_names if ds.column_names is not None else list(next(iter(ds), {}).keys())
     if not columns:
-        raise UptrainError(f"dataset {src.name} (split {src.split}) is empty; point data.source at some text")
+        raise UptrainError(f"dataset {src.name} (split {src.split}) is empty; point {src.settings.source} at some text")
     for role, column in zip(("text", "target"), src.columns):
         if column not in columns:
             raise UptrainError(
                 f"dataset {src.name} has no {role} column {column!r} (columns: {', '.join(columns)}); "
-                f"set data.{role}_column to the one holding the {role}s"
+                f"set {getattr(src.settings, f'{role}_column')} to the one holding the {role}s"
             )
     if isinstance(ds, datasets.Dataset):
         ds = ds.remove_columns([c for c in columns if c not in src.columns])

@@ -1,6 +1,7 @@
 """How every gqa-* command reports a problem: one `PROG: error: ...` line on stderr and exit status 2, for click's
 usage errors (a bad option value, a missing argument, an unknown option), the stages' errors and disk faults alike;
-the library's warnings as `PROG: warning: ...` lines; Ctrl-C as one line saying what was kept, and status 130.
+the library's warnings as `PROG: warning: ...` lines; Ctrl-C or SIGTERM as one line saying what was kept, and
+status 130 or 143.
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ def emit(prog: str, text: str) -> None:
 
 def user_errors(prog: str, interrupted: str):
     """Decorate a command: the stages' errors and disk faults become one line on stderr and exit status 2; Ctrl-C
-    prints `PROG: interrupted; <interrupted>` and exits 130."""
+    prints `PROG: interrupted; <interrupted>` and exits 130 (143 after SIGTERM)."""
 
     def decorate(fn):
         @wraps(fn)
@@ -99,12 +100,12 @@ def user_errors(prog: str, interrupted: str):
                     return fn(*args, **kwargs)
             except Interrupted as exc:  # the run said what it kept
                 click.echo(f"{prog}: interrupted; {exc}", err=True)
-                sys.exit(130)
+                sys.exit(_interrupted_status())
             except ToolkitError as exc:
                 fail(prog, exc)
             except KeyboardInterrupt:
                 click.echo(f"{prog}: interrupted; {interrupted}", err=True)
-                sys.exit(130)
+                sys.exit(_interrupted_status())
             except Exception as exc:  # a disk fault in a library's write (torch, safetensors) that no stage named
                 if disk.fault_errno(exc) not in disk.WRITE_ONLY_FAULTS:
                     raise
@@ -115,10 +116,19 @@ def user_errors(prog: str, interrupted: str):
     return decorate
 
 
+_terminated = False  # the interruption was SIGTERM, not Ctrl-C
+
+
+def _interrupted_status() -> int:
+    return 128 + (signal.SIGTERM if _terminated else signal.SIGINT)  # 143 or 130, as the shell reports a signal
+
+
 @contextmanager
 def _sigterm_interrupts():
     """SIGTERM (a scheduler's kill, `timeout`) stops the work as Ctrl-C does, so that it says what it kept."""
     def interrupt(signum, frame):
+        global _terminated
+        _terminated = True
         raise KeyboardInterrupt
 
     try:

@@ -36,14 +36,14 @@ def test_sigterm_while_uptraining_names_the_checkpoint_a_rerun_resumes_from(writ
     code, err = _terminate_when(_start("-m", "gqa_toolkit.uptrain", str(recipe)),
                                 lambda: checkpoints.is_dir() and any(checkpoints.glob("step-*[0-9]")))
     last = err.strip().splitlines()[-1]
-    assert code == 130, err
+    assert code == 143, err
     assert last.startswith("gqa-uptrain: interrupted; stopped at step ") and "of 100000" in last, last
     assert "is kept: rerun the same command to resume from it" in last and str(checkpoints) in last
 
     kept = sorted(checkpoints.glob("step-*[0-9]"))[-1]
     again = _start("-m", "gqa_toolkit.uptrain", str(recipe))
     code, err = _terminate_when(again, lambda: sorted(checkpoints.glob("step-*[0-9]"))[-1] != kept)
-    assert code == 130, err
+    assert code == 143, err
     assert f"resuming from step {int(kept.name.removeprefix('step-'))} of 100000" in err
 
 
@@ -56,6 +56,6 @@ def test_sigterm_during_the_ablation_says_what_is_stored(tmp_path):
     code, err = _terminate_when(_start("-m", "gqa_toolkit.eval", "ablation", str(recipe)),
                                 lambda: len(list((results / "cells").glob("*-g1-*.json"))) >= 1)
     last = err.strip().splitlines()[-1]
-    assert code == 130, err
+    assert code == 143, err
     assert last.startswith("gqa-eval: interrupted; ") and "finished cells are stored in" in last, last
     assert "stage 3/4" in err and "cell 1/" in err

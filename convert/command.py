@@ -126,6 +126,9 @@ def _interrupted_status() -> int:
 @contextmanager
 def _sigterm_interrupts():
     """SIGTERM (a scheduler's kill, `timeout`) stops the work as Ctrl-C does, so that it says what it kept."""
+    global _terminated
+    _terminated = False
+
     def interrupt(signum, frame):
         global _terminated
         _terminated = True

@@ -91,7 +91,6 @@ class Prepared:
     record: dict
     sources: dict
     options: ConversionOptions
-    geometries: dict  # attention kind -> Geometry of the kinds converted
 
 
 @dataclass(frozen=True)
@@ -157,7 +156,7 @@ def _prepare(src, dst, options: ConversionOptions, progress: bool, calibrate: bo
         record["source_repo"], record["source_revision"] = hub["repo"], hub["revision"]
     record["kv_cache_bytes_per_token_source"] = _kv_cache_bytes_per_token(planned, geometries, None)
     record["kv_cache_bytes_per_token"] = _kv_cache_bytes_per_token(planned, geometries, options.groups)
-    return Prepared(model_dir, out, raw_config, spec, planned, shard_bytes, record, sources, options, geometries)
+    return Prepared(model_dir, out, raw_config, spec, planned, shard_bytes, record, sources, options)
 
 
 def _native_target(spec: ArchitectureSpec, config: ConfigReader, options: ConversionOptions):

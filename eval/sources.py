@@ -37,7 +37,7 @@ def source_dir(model_dir: Path, given: str | None, required: bool = True) -> Pat
     """The checked source checkpoint of the converted `model_dir`; None when none is given, none is recorded and
     `required` is false."""
     if given:
-        if is_hub_id(given) and not Path(given).expanduser().exists():
+        if is_hub_id(given):
             given = str(resolve_model_dir(given, error=EvalError, role="--source: "))
         problem = checkpoint_problem(Path(given).expanduser())
         if problem:

@@ -24,7 +24,7 @@ TEACHER = "the MHA source checkpoint that model.path was converted from"
 def check_model_dir(path: str | Path, role: str = "model.path", wanted: str = CONVERTED) -> Path:
     """The model directory at `path` (a hub id resolves through the hub cache or the network), or a one-line error
     saying why it is not one and to pass `wanted`."""
-    if is_hub_id(path) and not Path(path).expanduser().exists():
+    if is_hub_id(path):
         path = resolve_model_dir(path, error=UptrainError, role=f"{role}: ")
     path = Path(path).expanduser()
     if not path.is_dir():

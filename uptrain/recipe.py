@@ -137,7 +137,7 @@ class Recipe(_Section):
             return absolute(p) if p is not None and Path(p).expanduser().exists() else p
 
         def model(p: str | None) -> str | None:  # a model may be a hub id, resolved when the run starts
-            return p if p is not None and is_hub_id(p) and not Path(p).expanduser().exists() else absolute(p)
+            return p if p is not None and is_hub_id(p) else absolute(p)
 
         return self.model_copy(
             update={

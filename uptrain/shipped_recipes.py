@@ -41,24 +41,23 @@ def _name(name: str) -> str:
     return name if name.endswith(".yaml") else f"{name}.yaml"
 
 
-def shipped_text(name: str) -> str | None:
-    """The text of the shipped recipe `name` (with or without .yaml, or as recipes/NAME), None if there is none."""
+def _shipped(name: str):
+    """The shipped recipe `name` (with or without .yaml, or as recipes/NAME), None if there is none."""
     entry = _folder() / _name(name)
-    return entry.read_text() if entry.is_file() else None
+    return entry if entry.is_file() else None
 
 
 def resolve_recipe(path: str | Path) -> Path:
     """`path` when it is a file; else the shipped recipe of that name (installed as a plain file); else `path`,
     which the loader reports as missing."""
-    if Path(path).is_file() or shipped_text(str(path)) is None:
-        return Path(path)
-    return Path(str(_folder() / _name(str(path))))
+    entry = None if Path(path).is_file() else _shipped(str(path))
+    return Path(str(entry)) if entry is not None else Path(path)
 
 
 def copy_recipe(name: str, dest: str | Path | None) -> Path:
     """Write the shipped recipe `name` to `dest` (default: ./NAME.yaml); an existing file is never replaced."""
-    text = shipped_text(name)
-    if text is None:
+    entry = _shipped(name)
+    if entry is None:
         raise UptrainError(f"no shipped recipe {name!r}; choose one of: {', '.join(shipped())} (gqa-uptrain --list)")
     target = Path(dest) if dest is not None else Path.cwd() / _name(name)
     if target.is_dir():
@@ -66,7 +65,7 @@ def copy_recipe(name: str, dest: str | Path | None) -> Path:
     if target.exists():
         raise UptrainError(f"{target} exists; give another destination, or remove it first")
     try:
-        disk.write_files({target: text})
+        disk.write_files({target: entry.read_text()})
     except OSError as exc:
         raise UptrainError(disk.write_fault_message(target, exc, "another destination")) from None
     return target

@@ -32,7 +32,9 @@ def resolve_model_dir(model: str | Path, revision: str | None = None, error: typ
 
 
 def is_hub_id(model: str | Path) -> bool:
-    return bool(HUB_ID.match(str(model))) and not _looks_local(Path(model).expanduser())
+    """`model` names a hub repository (org/name), not something on this disk."""
+    path = Path(model).expanduser()
+    return bool(HUB_ID.match(str(model))) and not path.exists() and not _looks_local(path)
 
 
 def hub_cache_repo(model_dir: Path) -> Path | None:

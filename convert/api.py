@@ -19,7 +19,7 @@ from .families.loading import load_transformers_config, own_model_types
 from .families.rope import rope_layout
 from .families.spec import ArchitectureSpec, spec_for
 from .io.disk import check_free_space, disk_writes
-from .io.model_dir import hub_cache_repo, hub_source, read_raw_config, resolve_model_dir
+from .io.model_dir import hub_source, read_raw_config, resolve_model_dir
 from .io.output_dir import atomic_directory, check_output_free
 from .io.reader import CheckpointReader
 from .io.tensors import ByteSpan, SourceTensor
@@ -37,9 +37,8 @@ from .provenance import conversion_record, write_metadata, write_modeling
 def default_output(model_dir: Path, options: ConversionOptions) -> Path:
     """Beside the source, or, for a snapshot in the hub cache, in the current directory named after the repository
     (never inside the cache)."""
-    repo = hub_cache_repo(model_dir)
-    if repo is not None:
-        return Path.cwd() / f"{repo.name.split('--')[-1]}{options.output_suffix}"
+    if hub := hub_source(model_dir):
+        return Path.cwd() / f"{hub['repo'].split('/')[-1]}{options.output_suffix}"
     return model_dir.parent / f"{model_dir.name}{options.output_suffix}"
 
 
@@ -55,14 +54,14 @@ def _layer_settings(model_dir: Path, config: ConfigReader, raw_config: dict, spe
         raise ConversionError(f"{what} converts the {spec.block.attention!r} attention, which --attention leaves out")
     geo = geometries[spec.block.attention]
     calibration, device = options.calibration, options.device
+    if options.calibrated and options.calibration_mode == "sequential" and spec.block.qkv:
+        raise ConversionError(f"--calibration-mode sequential supports separate q, k and v projections; "
+                              f"{raw_config['model_type']} fuses them, use --calibration-mode source")
     moments, converted, tokens = None, None, None
     if options.calibrated and calibrate:  # a dry run checks the calibration and does not run it
         tokens = calibration if isinstance(calibration, torch.Tensor) else calibration_tokens(
             model_dir, calibration, options.calibration_samples, options.calibration_length)
         bar = (lambda n: tqdm(total=n, unit="block", desc=f"calibration on {device}")) if progress else None
-        if options.calibration_mode == "sequential" and spec.block.qkv:
-            raise ConversionError(f"--calibration-mode sequential supports separate q, k and v projections; "
-                                  f"{raw_config['model_type']} fuses them, use --calibration-mode source")
         converted = ConvertedLayers() if options.calibration_mode == "sequential" else None
         moments = StreamedMoments(BlockStream(model_dir, spec.block, tokens, device=device, progress=bar,
                                               converted=converted.take if converted else None,

@@ -19,7 +19,7 @@ from .families.spec import ArchitectureSpec
 from .io.disk import write_files
 from .io.reader import stays_inside_source
 from .io.records import CONVERSION_KEY
-from .methods.registry import layer_methods, per_head_methods
+from .methods.registry import layer_methods, method_summary
 
 log = logging.getLogger("gqa_toolkit.convert")
 
@@ -137,12 +137,11 @@ def _method_description(record: dict[str, Any]) -> str:
     H, G = record["num_attention_heads"], record["groups"]
     method = record["method"]
     if method in layer_methods():
-        what = (f"`{method}` ({layer_methods()[method].doc.split(' (')[0].rstrip('.')}) converted each layer's attention as a "
-                f"whole: the shared K/V heads, and the queries and outputs that compensate for them, so Q and O "
-                f"change too")
+        what = (f"`{method}` ({method_summary(method)}) converted each layer's attention as a whole: the shared K/V "
+                f"heads, and the queries and outputs that compensate for them, so Q and O change too")
     else:
-        doc = (per_head_methods()[method].__doc__ or "").strip().split("\n")[0].split(" (")[0].rstrip(".")
-        what = f"`{method}` ({doc.lower()}) made each group's K/V projections from the source's heads in the group"
+        what = (f"`{method}` ({method_summary(method).lower()}) made each group's K/V projections from the source's "
+                f"heads in the group")
     grouping = record.get("grouping", "contiguous")
     if grouping == "similarity":
         what += ("; the KV heads were grouped by similarity, and the query rows and output columns permuted to "
@@ -159,11 +158,11 @@ def _calibration(record: dict[str, Any]) -> str:
             f"{record['calibration_tokens']:,} tokens ({record.get('calibration_mode', 'source')} activations)")
 
 
-def card_data(record: dict[str, Any], model_type: str, source_card: ModelCardData | None) -> ModelCardData:
+def card_data(record: dict[str, Any], encoder_decoder: bool, source_card: ModelCardData | None) -> ModelCardData:
     """Front matter: the source as base_model, transformers as the library, the source card's license,
     pipeline_tag, datasets and language carried over."""
     carried = {key: getattr(source_card, key, None) for key in ("license", "pipeline_tag", "datasets", "language")}
-    carried["pipeline_tag"] = carried["pipeline_tag"] or ("text2text-generation" if model_type == "t5"
+    carried["pipeline_tag"] = carried["pipeline_tag"] or ("text2text-generation" if encoder_decoder
                                                           else "text-generation")
     tags = ["gqa", "gqa-toolkit", *(getattr(source_card, "tags", None) or [])]
     return ModelCardData(base_model=record.get("source_repo") or record["source"], library_name="transformers",
@@ -171,7 +170,8 @@ def card_data(record: dict[str, Any], model_type: str, source_card: ModelCardDat
 
 
 def model_card(record: dict[str, Any], model_type: str, spec: ArchitectureSpec | None = None,
-               code: list[str] = (), source_card: ModelCardData | None = None) -> ModelCard:
+               code: list[str] = (), source_card: ModelCardData | None = None,
+               encoder_decoder: bool = False) -> ModelCard:
     H, G0, G = record["num_attention_heads"], record["source_kv_heads"], record["groups"]
     kinds = record.get("attention_kinds", ["self"])
     attention_row = f"| attention converted | {', '.join(kinds)} (`--attention {record['attention']}`) |\n" \
@@ -201,7 +201,7 @@ Converted from `{record.get('source_repo') or record['source']}` by gqa-toolkit 
 {UPTRAINING_SECTION}
 
 {NOT_UPTRAINED}{_loading_note(record, spec)}{_foreign_code_note(list(code))}"""
-    return ModelCard(f"---\n{card_data(record, model_type, source_card).to_yaml()}\n---\n{body}")
+    return ModelCard(f"---\n{card_data(record, encoder_decoder, source_card).to_yaml()}\n---\n{body}")
 
 
 def with_section(text: str, title: str, body: str) -> str:
@@ -231,7 +231,8 @@ def write_metadata(src: Path, dst: Path, raw_config: dict[str, Any], spec: Archi
                     f"runs only under trust_remote_code)")
     config = converted_config(raw_config, spec, record)
     (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    model_card(record, raw_config["model_type"], spec, code, _source_card(src)).save(dst / "README.md")
+    model_card(record, raw_config["model_type"], spec, code, _source_card(src),
+               encoder_decoder=bool(raw_config.get("is_encoder_decoder"))).save(dst / "README.md")
     if spec.modeling is not None and "native" not in record:
         write_modeling(dst, spec)
 

@@ -120,15 +120,19 @@ class Ablation:
         }, name="ablation uptrain")
 
     # -- the work ------------------------------------------------------------------------------------------------
+    def model_dir(self, method: str, groups: int, fraction: float) -> Path:
+        """Where a cell's model lives: the conversion (fraction 0), or its uptraining for `fraction`."""
+        return self.models / f"{method}-g{groups}" / ("converted" if fraction == 0 else f"f{fraction:g}")
+
     def converted(self, original: Original, method: str, groups: int) -> Path:
-        out = self.models / f"{method}-g{groups}" / "converted"
+        out = self.model_dir(method, groups, 0)
         if not (out / "config.json").is_file():
             convert_checkpoint(original.path, out, groups=groups, seed=self.recipe.seed, progress=self.progress,
                                force=True, **parse_variant(method))  # method may carry options: fit+similarity
         return out
 
     def uptrained(self, converted: Path, original: Original, method: str, groups: int, fraction: float) -> Path:
-        out = self.models / f"{method}-g{groups}" / f"f{fraction:g}"
+        out = self.model_dir(method, groups, fraction)
         recipe = self.uptrain_recipe(converted, fraction, original.original_steps, out,
                                      f"uptrain {cell_id(method, groups, fraction)}")
         if self.recipe.launcher:
@@ -160,7 +164,6 @@ class Ablation:
         self.say(f"speed of {name}: contexts {list(s.contexts)} x batch sizes {list(s.batch_sizes)}, "
                  f"{s.repeats} rounds each")
         model = load_for_eval(model_dir)
-        s = self.recipe.speed
         points = [asdict(measure_speed(model, c, b, s.decode_steps, s.repeats))
                   for c in s.contexts for b in s.batch_sizes]
         _write_json(path, {"kind": "speed", "model": name, "kv_heads": kv_heads,
@@ -249,8 +252,7 @@ class Ablation:
     def push_best(self) -> str:
         """Upload the model of the cell with the lowest held-out loss to the recipe's push_to_hub repository."""
         best = min(load_cells(self.root)[1], key=lambda c: c["heldout_loss"])
-        folder = self.models / f"{best['method']}-g{best['groups']}"
-        folder = folder / ("converted" if best["fraction"] == 0 else f"f{best['fraction']:g}")
+        folder = self.model_dir(best["method"], best["groups"], best["fraction"])
         name = cell_id(best["method"], best["groups"], best["fraction"])
         url = push_folder(folder, self.recipe.push_to_hub, self.recipe.private,
                           f"gqa-eval ablation: best cell {name} (held-out loss {best['heldout_loss']:.4f})", EvalError)

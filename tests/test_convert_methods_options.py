@@ -124,3 +124,10 @@ def test_calibration_for_a_method_that_reads_weights_only_is_refused(llama_dir, 
         convert_checkpoint(llama_dir, tmp_path / "o", groups=2, method="mean", calibration="python-stdlib",
                            progress=False)
     assert not (tmp_path / "o").exists()
+
+
+def test_the_dry_run_refuses_sequential_calibration_of_fused_projections(no_native_dirs):
+    from gqa_toolkit.convert import describe_conversion
+
+    with pytest.raises(ConversionError, match="sequential supports separate q, k and v"):
+        describe_conversion(no_native_dirs["gpt2"], groups=2, method="fit", calibration_mode="sequential")

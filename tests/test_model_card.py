@@ -49,3 +49,9 @@ def test_card_says_what_a_layer_method_and_its_options_changed(llama_dir, tmp_pa
     text = ModelCard.load(out / "README.md").text
     assert "Q and O change too" in text and "grouped by similarity" in text and "mean head norm" in text
     assert "| calibration | none (weights only) |" in text and "| norm preservation | yes |" in text
+
+
+def test_encoder_decoders_are_tagged_text2text(no_native_dirs, tmp_path):
+    for family in ("t5", "bart"):
+        out = convert_checkpoint(no_native_dirs[family], tmp_path / family, groups=2, progress=False)
+        assert ModelCard.load(out / "README.md").data.pipeline_tag == "text2text-generation", family

@@ -93,6 +93,13 @@ def layer_methods() -> dict[str, LayerMethod]:
     return LAYER_METHODS
 
 
+def method_summary(name: str) -> str:
+    """A method's first docstring line, without its parenthesis or full stop: 'Average the heads of each group'."""
+    layer = layer_methods().get(name)
+    doc = layer.doc if layer is not None else (per_head_methods()[name].__doc__ or "").strip().split("\n")[0]
+    return doc.split(" (")[0].rstrip(".")
+
+
 def all_method_names() -> list[str]:
     return sorted({*BUILTIN_PER_HEAD, *BUILTIN_LAYER, *METHODS, *LAYER_METHODS})
 

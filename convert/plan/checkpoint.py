@@ -20,7 +20,7 @@ from ..families.spec import ArchitectureSpec, KVTensor, key_pattern
 from ..io.tensors import PlannedTensor, SourceTensor
 from ..methods.per_head import preserve_norms
 from ..methods.registry import MethodContext
-from .layers import plan_layers
+from .layers import plan_layers, resized
 from .settings import ConversionSettings
 from .shared import SharedResult
 
@@ -179,12 +179,10 @@ def plan_conversion(sources: Mapping[str, SourceTensor], read: Callable[[str], t
             planned.append(PlannedTensor(name, dtype, source.shape, stacked[key].producer(m.head, dtype)))
             continue
         rows = _expected_rows(m.entry, geo, settings.groups, output=True)
-        if not m.entry.transposed:
-            shape = (rows, *source.shape[1:])
-        elif settings.native is None:
-            shape = (*source.shape[:-1], rows)
-        else:  # a transposed source written the target's way round: rows first
+        if m.entry.transposed and settings.native is not None:  # written the target's way round: rows first
             shape = (rows, *source.shape[:-1])
+        else:
+            shape = resized(source.shape, rows, m.entry.transposed)
         make = _fused_producer if m.entry.layout == "fused" else _rows_producer
         planned.append(PlannedTensor(name, dtype, shape, make(name, m.entry, read, geo, settings, dtype)))
     return planned

@@ -54,7 +54,7 @@ def _all_specs():
     return all_specs().values()
 
 
-def _resized(shape: tuple[int, ...], rows: int, transposed: bool) -> tuple[int, ...]:
+def resized(shape: tuple[int, ...], rows: int, transposed: bool) -> tuple[int, ...]:
     """The shape with its output axis (the first, or the last of a transposed weight) set to `rows`."""
     return (*shape[:-1], rows) if transposed else (rows, *shape[1:])
 
@@ -122,29 +122,29 @@ def plan_layers(sources: Mapping, read, spec: ArchitectureSpec, geo: Geometry,
         raise ConversionError(f"found k projections for layers {[l for _, l in layers][:8]} but config.json has "
                               f"{geo.num_layers} layers; the weight files do not match config.json")
     planned = {}
+    converted = layer_settings.converted
+    rows = settings.groups * geo.head_dim
+    fused_rows = fused_layout(spec.block.fused_layout).rows(geo.heads, settings.groups, geo.head_dim) \
+        if spec.block.qkv else None
     for key in layers:
         group_names = {role: found[role].get(key) for role in found}
         missing = [r for r in roles if group_names[r] is None]
         if missing:
             raise ConversionError(f"layer {key[1]} has no {' or '.join(missing)} projection among "
                                   f"{[getattr(spec.block, r) for r in missing]}")
-        converted = layer_settings.converted
         group = SharedResult(partial(_converted_layer, group_names, key[1], read, geo, settings, layer_settings),
                              [n for n in group_names.values() if n is not None],
                              on_computed=partial(converted.ready.__setitem__, key[1]) if converted else None)
         if converted is not None:
             converted.groups[key[1]] = group
-        rows = settings.groups * geo.head_dim
-        fused_rows = fused_layout(spec.block.fused_layout).rows(geo.heads, settings.groups, geo.head_dim) \
-            if spec.block.qkv else None
         for role, name in group_names.items():
             if name is None:
                 continue
             shape = tuple(sources[name].shape)
             if role.startswith("qkv"):
-                shape = _resized(shape, fused_rows, spec.block.transposed and role == "qkv")
+                shape = resized(shape, fused_rows, spec.block.transposed and role == "qkv")
             elif role[0] in "kv":
-                shape = _resized(shape, rows, spec.block.transposed and not role.endswith("bias"))
+                shape = resized(shape, rows, spec.block.transposed and not role.endswith("bias"))
             dtype = settings.output_dtype(sources[name].dtype)
             planned[name] = (shape, dtype, group.producer(name, dtype))
     return planned

@@ -76,6 +76,26 @@ def load_model(model_dir: Path):
     return model.eval()
 
 
+def skip_without_sdpa(auto: str, model_dir: Path) -> None:
+    """Skip when the stock class behind `model_dir` has no sdpa attention in this release (GPT-J in transformers 5.16)."""
+    import transformers
+
+    auto_class = getattr(transformers, auto)
+    model_class = auto_class._model_mapping[type(transformers.AutoConfig.from_pretrained(model_dir))]
+    if not model_class._supports_sdpa:
+        pytest.skip(f"{model_class.__name__} has no sdpa attention in transformers {transformers.__version__}, as "
+                    "its stock class has none")
+
+
+def greedy_generate(model, **kwargs) -> torch.Tensor:
+    """Greedy search as GenerationMixin runs it, which `model.generate` is for every family but whisper: whisper's
+    own generate adds language and timestamp handling around it and, in transformers 5.24, logs a deprecation
+    from inside transformers, which the suite treats as an error."""
+    import transformers
+
+    return transformers.GenerationMixin.generate(model, do_sample=False, **kwargs)
+
+
 def logits(model, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=g)

@@ -6,6 +6,8 @@ transformers attention module; it is test-side knowledge, written without the co
 
 from dataclasses import dataclass, field
 
+import torch
+
 from gqa_toolkit.convert.families.presets import PRESETS
 
 BASE = {**PRESETS["tiny-llama"].config, "vocab_size": 128, "max_position_embeddings": 128}
@@ -64,6 +66,7 @@ class NoNativeFamily:
     auto: str = "AutoModelForCausalLM"
     heads: int = 4
     head_dim: int = 16
+    audio: bool = False  # the encoder takes log-mel features (whisper), not token ids
 
 
 BART = dict(d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
@@ -80,12 +83,32 @@ NO_NATIVE_FAMILIES = [
                                  forced_eos_token_id=None), auto="AutoModelForSeq2SeqLM"),
     NoNativeFamily("marian", dict(BART, pad_token_id=127, eos_token_id=0, decoder_start_token_id=127,
                                   forced_eos_token_id=None), auto="AutoModelForSeq2SeqLM"),
+    NoNativeFamily("whisper", dict(d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                                   decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, vocab_size=128,
+                                   num_mel_bins=8, max_source_positions=16, max_target_positions=64, pad_token_id=0,
+                                   bos_token_id=1, eos_token_id=2, decoder_start_token_id=1,
+                                   begin_suppress_tokens=None),
+                   auto="AutoModelForSpeechSeq2Seq", audio=True),
+    NoNativeFamily("bloom", dict(hidden_size=64, n_layer=2, n_head=4, vocab_size=128, bos_token_id=0, eos_token_id=0)),
     NoNativeFamily("gpt_neox", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                                     vocab_size=128, max_position_embeddings=128, rotary_pct=0.5,
                                     bos_token_id=0, eos_token_id=0)),
     NoNativeFamily("gpt2", dict(n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=128, bos_token_id=0,
                                 eos_token_id=0)),
+    NoNativeFamily("gptj", dict(n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=128, rotary_dim=8,
+                                bos_token_id=0, eos_token_id=0)),
     NoNativeFamily("opt", dict(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=128,
                                max_position_embeddings=128, word_embed_proj_dim=64)),
 ]
 NO_NATIVE_IDS = [f.model_type for f in NO_NATIVE_FAMILIES]
+
+
+def encoder_inputs(family, ids: torch.Tensor, mask: torch.Tensor | None = None, seed: int = 1) -> dict:
+    """What an encoder-decoder's encoder takes for a batch like `ids` (B, T): the ids and their mask, or for an audio
+    family log-mel features (B, mel bins, 2 * positions: whisper's first convolution halves the frames), which
+    have no padding mask."""
+    if not getattr(family, "audio", False):
+        return {"input_ids": ids, **({"attention_mask": mask} if mask is not None else {})}
+    frames = 2 * family.config["max_source_positions"]
+    g = torch.Generator().manual_seed(seed)
+    return {"input_features": torch.randn(len(ids), family.config["num_mel_bins"], frames, generator=g)}

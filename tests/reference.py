@@ -95,11 +95,15 @@ def _no_native_attention(model, model_type: str, scope: str):
         return found
     if model_type == "gpt_neox":
         return [(layer.attention, "gpt_neox") for layer in model.gpt_neox.layers]
+    if model_type == "bloom":  # query_key_value per head, as gpt_neox's
+        return [(block.self_attention, "gpt_neox") for block in model.transformer.h]
     if model_type == "gpt2":
         return [(block.attn, "gpt2") for block in model.transformer.h]
     if model_type == "opt":
         return [(layer.self_attn, "opt") for layer in model.model.decoder.layers]
-    if model_type in ("bart", "mbart", "marian"):  # separate q/k/v/out projections with biases, as opt's
+    if model_type == "gptj":  # separate q/k/v/out projections, no biases
+        return [(block.attn, "opt") for block in model.transformer.h]
+    if model_type in ("bart", "mbart", "marian", "whisper"):  # separate q/k/v/out projections, as opt's
         found = [(layer.self_attn, "opt") for layer in model.model.decoder.layers]
         found += [(layer.encoder_attn, "opt") for layer in model.model.decoder.layers]
         if scope == "all":
@@ -111,7 +115,7 @@ def _no_native_attention(model, model_type: str, scope: str):
 def apply_reference_no_native(model, model_type: str, groups: int, method: str, scope: str = "decoder") -> None:
     """Tie K/V heads within each group of a stock t5, gpt_neox, gpt2 or opt (MHA) model, in place."""
     cfg = model.config
-    heads = cfg.num_attention_heads
+    heads = getattr(cfg, "decoder_attention_heads", None) or cfg.num_attention_heads  # whisper's maps to the encoder
     d = cfg.hidden_size
     with torch.no_grad():
         for attn, how in _no_native_attention(model, model_type, scope):

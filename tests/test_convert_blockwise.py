@@ -129,19 +129,21 @@ def test_each_block_gets_its_own_mask(tmp_path):
         torch.testing.assert_close(ours[i].total, reference[i], rtol=1e-9, atol=1e-9)
 
 
-FUSED_INPUTS = {  # where each fused family's attention input is, written from the stock module layout
+ATTENTION_INPUTS = {  # where the attention input of each family outside `model.layers` is, from the stock layout
     "gpt_neox": lambda m: [layer.attention.query_key_value for layer in m.gpt_neox.layers],
+    "bloom": lambda m: [block.self_attention.query_key_value for block in m.transformer.h],
+    "gptj": lambda m: [block.attn.q_proj for block in m.transformer.h],
     "phi3": lambda m: [layer.self_attn.qkv_proj for layer in m.model.layers],
     "falcon": lambda m: [layer.self_attention.query_key_value for layer in m.transformer.h],
     "gpt2": lambda m: [block.attn.c_attn for block in m.transformer.h],
 }
 
 
-@pytest.mark.parametrize("model_type", FUSED_INPUTS)
-def test_blockwise_moments_of_fused_families(model_type, no_native_dirs, family_dirs):
+@pytest.mark.parametrize("model_type", ATTENTION_INPUTS)
+def test_blockwise_moments_of_other_layouts(model_type, no_native_dirs, family_dirs):
     src, tokens = {**family_dirs, **no_native_dirs}[model_type], _tokens()
     ours = dict(blockwise.BlockStream(src, spec_for(model_type).block, tokens))
-    reference = _reference_moments(src, tokens, FUSED_INPUTS[model_type])
+    reference = _reference_moments(src, tokens, ATTENTION_INPUTS[model_type])
     assert sorted(ours) == sorted(reference)
     for i in reference:
         torch.testing.assert_close(ours[i].total, reference[i], rtol=1e-9, atol=1e-9)

@@ -25,9 +25,14 @@ from gqa_toolkit.convert.families.spec import spec_for
 CASES = {f.model_type: (f.model_type, family_config(f)) for f in FAMILIES}
 CASES.update({f.model_type: (f.model_type, f.config) for f in NO_NATIVE_FAMILIES})
 # What gqa-convert writes for the families served by the toolkit's modeling code: already GQA
-CASES.update({f"gqa_{f.model_type}": (f"gqa_{f.model_type}", {**f.config, "num_key_value_heads": 2})
+def _grouped(model_type: str) -> dict:
+    """Every KV-head count of a converted config at 2 (each attention kind's own attribute, as the spec names it)."""
+    spec = spec_for(model_type)
+    return {spec.kv_heads_attr_of(kind): 2 for kind in spec.attention}
+
+
+CASES.update({f"gqa_{f.model_type}": (f"gqa_{f.model_type}", {**f.config, **_grouped(f"gqa_{f.model_type}")})
               for f in NO_NATIVE_FAMILIES})
-CASES["gqa_t5"][1]["encoder_num_key_value_heads"] = 2
 # A decoder depth that differs from the encoder's, so that reading the wrong one shows
 CASES["t5 with a shallower decoder"] = ("t5", {**CASES["t5"][1], "num_decoder_layers": 1})
 
@@ -42,12 +47,12 @@ def reading(reader, spec) -> dict:
     for scope in spec.scopes:
         try:
             geometries = read_geometries(reader, spec, scope)
-        except ConversionError as exc:
+            rope = None
+            if spec.block is not None and reader.model_type in spec.block.model_types:
+                rope = rope_layout(spec.block.rope, reader, geometries[spec.block.attention].head_dim)
+        except ConversionError as exc:  # e.g. GPT-J's default rotary_dim (64) wider than a tiny head
             out[scope] = str(exc)
             continue
-        rope = None
-        if spec.block is not None and reader.model_type in spec.block.model_types:
-            rope = rope_layout(spec.block.rope, reader, geometries[spec.block.attention].head_dim)
         out[scope] = (geometries, rope)
     return out
 

@@ -52,8 +52,8 @@ def test_directory_without_weights(llama_dir, tmp_path):
     assert_refused(tmp_path, [src, "--groups", "2"], "no weight files")
 
 
-@pytest.mark.parametrize("model_type, needle", [("bloom", "no grouped-query attention in transformers"),
-                                                ("gptj", "ignores"),
+@pytest.mark.parametrize("model_type, needle", [("xlnet", "unsupported model_type 'xlnet'"),
+                                                ("bert", "is an encoder"),
                                                 ("made_up", "unsupported model_type 'made_up'")])
 def test_unsupported_model_type_lists_supported(llama_dir, tmp_path, model_type, needle):
     src = _copy(llama_dir, tmp_path / "m")

@@ -9,29 +9,35 @@ rotations of one another with no loss, which mean-pooling cannot.
 import pytest
 import torch
 from conftest import build_tiny_model, load_model, logits
-from families import FAMILIES, family_config
+from families import FAMILIES, NO_NATIVE_FAMILIES, family_config
 
 from gqa_toolkit.convert import AttentionWeights, ConversionError, align_layer, convert_checkpoint
 from gqa_toolkit.convert.families.rope import RopeLayout
 from gqa_toolkit.convert.methods.layer import permute_layer
 
-# model_type -> (config changes, rotary dims of a 16-dim head): full RoPE, RoPE with GQA and q/k/v biases,
-# partial RoPE with phi's `dense` output, and OPT with no RoPE (every key dim free)
+# model_type -> (config changes, rotary dims of a 16-dim head, interleaved pairs): full RoPE, RoPE with GQA and
+# q/k/v biases, partial RoPE with phi's `dense` output, OPT with no RoPE (every key dim free), and GPT-J's partial
+# RoPE on interleaved pairs (2i, 2i + 1)
 CASES = {
-    "llama": ({}, 16),
-    "qwen2": ({"num_key_value_heads": 2}, 16),
-    "phi": ({"partial_rotary_factor": 0.5}, 8),
-    "opt": (None, 0),
+    "llama": ({}, 16, False),
+    "qwen2": ({"num_key_value_heads": 2}, 16, False),
+    "phi": ({"partial_rotary_factor": 0.5}, 8, False),
+    "opt": (None, 0, False),
+    "gptj": (None, 8, True),
 }
-OPT = dict(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=128,
-           max_position_embeddings=128, word_embed_proj_dim=64)
 
 
 def _config(model_type):
-    if model_type == "opt":
-        return OPT
+    own = {f.model_type: f.config for f in NO_NATIVE_FAMILIES}
+    if model_type in own:
+        return own[model_type]
     family = next(f for f in FAMILIES if f.model_type == model_type)
     return {**family_config(family), **CASES[model_type][0]}
+
+
+def _rope(model_type, hd) -> RopeLayout:
+    _, rotary_dims, interleaved = CASES[model_type]
+    return RopeLayout(hd, rotary_dims, interleaved)
 
 
 def _projections(attn):
@@ -40,7 +46,7 @@ def _projections(attn):
 
 
 def _attentions(model):
-    return [m for name, m in model.named_modules() if name.endswith("self_attn")]
+    return [m for name, m in model.named_modules() if name.endswith(("self_attn", ".attn"))]
 
 
 def _geometry(model):
@@ -61,14 +67,15 @@ def _load(attn, w: AttentionWeights) -> None:
             proj.bias.copy_(bias)
 
 
-def _rope_rotation(hd: int, rot: int, g: torch.Generator) -> torch.Tensor:
-    """A key map that commutes with rotate_half RoPE: a rotation by its own angle on each pair (i, i + rot/2),
-    any orthogonal map on the dims past `rot`."""
+def _rope_rotation(hd: int, rot: int, interleaved: bool, g: torch.Generator) -> torch.Tensor:
+    """A key map that commutes with RoPE: a rotation by its own angle on each pair (i, i + rot/2) under
+    rotate_half, (2i, 2i + 1) when interleaved; any orthogonal map on the dims past `rot`."""
     m = torch.zeros(hd, hd)
     half = rot // 2
     for i, angle in enumerate(torch.rand(half, generator=g) * 6.28):
+        a, b = (2 * i, 2 * i + 1) if interleaved else (i, i + half)
         c, s = torch.cos(angle), torch.sin(angle)
-        m[i, i], m[i, i + half], m[i + half, i], m[i + half, i + half] = c, -s, s, c
+        m[a, a], m[a, b], m[b, a], m[b, b] = c, -s, s, c
     if hd > rot:
         m[rot:, rot:] = torch.linalg.qr(torch.randn(hd - rot, hd - rot, generator=g))[0]
     return m
@@ -93,7 +100,7 @@ def test_alignment_alone_keeps_logits(model_type):
     model = build_tiny_model(model_type, _config(model_type))
     before = logits(model)
     heads, kv_heads, hd = _geometry(model)
-    rope = RopeLayout(hd, CASES[model_type][1])
+    rope = _rope(model_type, hd)
     with torch.no_grad():
         for attn in _attentions(model):
             source = _weights(attn)
@@ -115,7 +122,7 @@ def _rotated_copies_model(model_type, path):
                 w = proj.weight.view(kv_heads, hd, -1)  # (G0, hd, d)
                 b = proj.bias.view(kv_heads, hd) if proj.bias is not None else None
                 for j in range(1, kv_heads):
-                    m = _rope_rotation(hd, CASES[model_type][1], g) if is_key else \
+                    m = _rope_rotation(hd, *CASES[model_type][1:], g) if is_key else \
                         torch.linalg.qr(torch.randn(hd, hd, generator=g))[0]
                     w[j] = m @ w[0]
                     if b is not None:
@@ -205,9 +212,9 @@ def _kl_to(source, model_dir, ids):
     return (p.exp() * (p - q)).sum(-1).mean().item()
 
 
-@pytest.mark.parametrize("model_type", ["gpt_neox", "phi3", "falcon", "gpt2"])
+@pytest.mark.parametrize("model_type", ["gpt_neox", "bloom", "phi3", "falcon", "gpt2"])
 def test_layer_methods_on_a_fused_layout(model_type, no_native_dirs, family_dirs, tmp_path):
-    """gpt_neox and falcon fuse q, k and v per group, phi3 as [q | k | v], gpt2 as [q | k | v] columns of a
+    """gpt_neox, bloom and falcon fuse q, k and v per group, phi3 as [q | k | v], gpt2 as [q | k | v] columns of a
     transposed Conv1D: the layer path splits the fused tensor by the spec's layout and re-fuses it with G heads. `fit` keeping every head is exact; at G = 2 and at MQA,
     alignment and fitting keep more of the function than mean-pooling. Measured against the stock source."""
     from transformers import AutoModelForCausalLM

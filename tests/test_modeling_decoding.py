@@ -8,7 +8,8 @@ by full forwards; the cache holds G heads, read from the cache object itself.
 import pytest
 import torch
 import transformers
-from families import FAMILIES, NO_NATIVE_FAMILIES
+from conftest import greedy_generate, skip_without_sdpa
+from families import FAMILIES, NO_NATIVE_FAMILIES, encoder_inputs
 
 from gqa_toolkit.convert import convert_checkpoint
 from gqa_toolkit.convert.families.transformers_names import cache_argument, output_cache
@@ -49,24 +50,28 @@ def _prompt(vocab: int, padded: bool):
 
 
 class Decoder:
-    """Runs one model as a decoder-only LM or as T5, with or without a cache."""
+    """Runs one model as a decoder-only LM over a prompt, or as an encoder-decoder over the encoder inputs the prompt
+    stands for (its ids and mask, or whisper's audio features), with or without a cache."""
 
-    def __init__(self, model, seq2seq: bool):
-        self.model, self.seq2seq = model, seq2seq
+    def __init__(self, model, family):
+        self.model, self.family = model, family
+        self.seq2seq = model.config.is_encoder_decoder
         self.cache_argument = cache_argument(model)
+
+    def encoder(self, ids, mask) -> dict:
+        return encoder_inputs(self.family, ids, mask)
 
     def full(self, ids, mask, tokens):
         """Logits at the last position of a full forward over prompt + tokens (B, n)."""
         if self.seq2seq:
-            return self.model(input_ids=ids, attention_mask=mask, decoder_input_ids=tokens).logits[:, -1]
+            return self.model(**self.encoder(ids, mask), decoder_input_ids=tokens).logits[:, -1]
         whole = torch.cat([ids, tokens], 1)
         return self.model(input_ids=whole, attention_mask=torch.cat([mask, torch.ones_like(tokens)], 1)).logits[:, -1]
 
     def step(self, ids, mask, tokens, cache):
         """(logits at the last position, cache) from feeding the newest token only (the whole prompt first)."""
         if self.seq2seq:
-            inputs = dict(input_ids=ids, attention_mask=mask, decoder_input_ids=tokens if cache is None
-                          else tokens[:, -1:])
+            inputs = dict(**self.encoder(ids, mask), decoder_input_ids=tokens if cache is None else tokens[:, -1:])
         elif cache is None:
             inputs = dict(input_ids=torch.cat([ids, tokens], 1), attention_mask=mask)
         else:
@@ -78,13 +83,12 @@ class Decoder:
 def _load(case, converted, attn_implementation):
     family, groups, auto, fixture = case
     out = converted(family, groups, fixture)
-    auto_class = getattr(transformers, auto)
-    model_class = auto_class._model_mapping[type(transformers.AutoConfig.from_pretrained(out))]
-    if attn_implementation == "sdpa" and not model_class._supports_sdpa:
-        pytest.skip(f"stock {model_class.__name__} has no sdpa attention")
-    model = getattr(transformers, auto).from_pretrained(out, attn_implementation=attn_implementation).eval()
+    if attn_implementation == "sdpa":
+        skip_without_sdpa(auto, out)
+    chosen = {"attn_implementation": attn_implementation} if attn_implementation else {}  # None: the default
+    model = getattr(transformers, auto).from_pretrained(out, **chosen).eval()
     cached_heads = model.config.num_attention_heads if getattr(family, "caches_query_heads", False) else groups
-    return model, Decoder(model, seq2seq=auto == "AutoModelForSeq2SeqLM"), cached_heads
+    return model, Decoder(model, family), cached_heads
 
 
 @pytest.mark.parametrize("attn_implementation", IMPLEMENTATIONS)
@@ -109,13 +113,13 @@ def test_cached_steps_equal_full_forwards_and_cache_holds_g_heads(case, attn_imp
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0].model_type for c in CASES])
 def test_greedy_generate_equals_greedy_full_forwards(case, converted):
-    model, decoder, _ = _load(case, converted, "sdpa")
+    model, decoder, _ = _load(case, converted, None)
     ids, mask = _prompt(model.config.vocab_size, padded=False)
     new = 5
     model.generation_config.eos_token_id = None  # decode all `new` tokens, with no logits processor in the way
     with torch.no_grad():
-        generated = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
-                                   pad_token_id=0)
+        prompt = decoder.encoder(ids, mask) if decoder.seq2seq else {"input_ids": ids, "attention_mask": mask}
+        generated = greedy_generate(model, **prompt, max_new_tokens=new, pad_token_id=0)
         if decoder.seq2seq:
             tokens = torch.full((2, 1), model.config.decoder_start_token_id, dtype=torch.long)
         else:

@@ -2,8 +2,8 @@
 
 A key map M (applied to every key of one head, with M^T applied to the queries that read it) leaves every
 attention logit unchanged exactly when it commutes with the position rotation. Under HF's `rotate_half`
-convention dimension i rotates together with i + r/2 (r the rotary dims), so a pair (i, i + r/2) is one complex
-number z = k_i + 1j * k_{i+r/2}, and position t multiplies it by e^{1j t theta_i}. The maps that commute are a
+convention dimension i rotates together with i + r/2 (r the rotary dims); under GPT-J's interleaved one, 2i with
+2i + 1. Either pair is one complex number z = k_re + 1j * k_im, and position t multiplies it by e^{1j t theta_i}. The maps that commute are a
 complex scalar per pair (a 2x2 scaled rotation) plus any matrix on the non-rotary dims (partial rotary, or
 families with no RoPE). `KeyMap` holds exactly that, so no code path can build a map that breaks RoPE.
 """
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 class RopeLayout:
     head_dim: int
     rotary_dims: int  # r: dims [0, r) rotate in pairs (i, i + r/2); dims [r, head_dim) are free
+    interleaved: bool = False  # the pairs are (2i, 2i + 1) instead
 
     def __post_init__(self):
         if self.rotary_dims % 2 or not 0 <= self.rotary_dims <= self.head_dim:
@@ -42,24 +43,39 @@ class RopeLayout:
 
     def to_complex(self, rows: torch.Tensor) -> torch.Tensor:
         """(..., hd, n) real head rows -> (..., r/2, n) complex pairs."""
-        half = self.pairs
-        return torch.complex(rows[..., :half, :], rows[..., half:self.rotary_dims, :])
+        r = self.rotary_dims
+        if self.interleaved:
+            return torch.complex(rows[..., 0:r:2, :], rows[..., 1:r:2, :])
+        return torch.complex(rows[..., :self.pairs, :], rows[..., self.pairs:r, :])
 
     def from_complex(self, pairs: torch.Tensor, free: torch.Tensor) -> torch.Tensor:
         """(..., r/2, n) complex and (..., f, n) real -> (..., hd, n) real head rows."""
+        if self.interleaved:
+            rotary = torch.stack([pairs.real, pairs.imag], dim=-2).flatten(-3, -2)  # (..., r/2, 2, n) -> (..., r, n)
+            return torch.cat([rotary, free], dim=-2)
         return torch.cat([pairs.real, pairs.imag, free], dim=-2)
+
+    def pair_sum(self, per_dim: torch.Tensor) -> torch.Tensor:
+        """(..., hd) -> (..., r/2): the two dimensions of each rotary pair added."""
+        z = self.to_complex(per_dim[..., None])[..., 0]
+        return z.real + z.imag
 
     def free_rows(self, rows: torch.Tensor) -> torch.Tensor:
         return rows[..., self.rotary_dims:, :]  # (..., f, n)
 
 
 def rope_layout(rope: Rope, config: ConfigReader, head_dim: int) -> RopeLayout:
-    """The layout a config implies: all dims rotate unless a partial factor says otherwise; none without RoPE."""
+    """The layout a config implies: all dims rotate unless a partial factor or a dimension count says otherwise;
+    none without RoPE."""
     if rope.style == "none":
         return RopeLayout(head_dim, 0)
+    interleaved = rope.style == "interleaved"
+    dims = next((int(d) for d in (config.get(attr) for attr in rope.dims_attrs) if d is not None), None)
+    if dims is not None:
+        return RopeLayout(head_dim, dims, interleaved)
     factors = (config.get(attr) for attr in rope.factor_attrs)
     factor = next((float(f) for f in factors if f is not None), 1.0)
-    return RopeLayout(head_dim, int(head_dim * factor))
+    return RopeLayout(head_dim, int(head_dim * factor), interleaved)
 
 
 @dataclass(frozen=True)

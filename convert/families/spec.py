@@ -111,10 +111,12 @@ class Rope(_Strict):
     """How the family rotates queries and keys by position, for the methods that rotate K heads (see
     convert/families/rope.py). `rotate_half` pairs dimension i with i + rotary_dims/2 (HF llama); the first `rotary_dims`
     = int(head_dim * factor) dimensions rotate, the factor read from the first of `factor_attrs` the config has
-    (dotted: a key of a dict attribute). `none`: no rotary embedding, every key dimension is free."""
+    (dotted: a key of a dict attribute), or the count itself from the first of `dims_attrs` (GPT-J's `rotary_dim`).
+    `interleaved` pairs 2i with 2i + 1 (GPT-J). `none`: no rotary embedding, every key dimension is free."""
 
-    style: Literal["rotate_half", "none"]
+    style: Literal["rotate_half", "interleaved", "none"]
     factor_attrs: tuple[str, ...] = ()
+    dims_attrs: tuple[str, ...] = ()
 
 
 class AttentionBlock(_Strict):

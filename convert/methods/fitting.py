@@ -63,10 +63,10 @@ def _fit_pairs(z: torch.Tensor, weight: torch.Tensor, groups: int) -> tuple[torc
 def fit(block: HeadBlock, groups: int, ctx: LayerContext) -> LayerResult:
     """Least-squares shared K/V on calibration activations, with RoPE-commuting Q and any O compensation."""
     layout = ctx.layout
-    P, R = layout.pairs, layout.rotary_dims
+    R = layout.rotary_dims
     km = block.k @ ctx.metric_k  # (G0, hd, ck)
     energy = ctx.query_second.diagonal(dim1=1, dim2=2)  # (G0, hd)
-    weight = (energy[:, :P] + energy[:, P:R]).clamp_min(1e-30).sqrt()  # (G0, P)
+    weight = layout.pair_sum(energy).clamp_min(1e-30).sqrt()  # (G0, P)
     alpha, shared_pairs = _fit_pairs(layout.to_complex(km), weight, groups)
     sq = _sqrtm(ctx.query_second[:, R:, R:])  # (G0, f, f)
     free_w, shared_free = joint_fit(sq @ layout.free_rows(km), groups)

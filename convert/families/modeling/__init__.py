@@ -1,5 +1,5 @@
 """GQA modeling code for families whose transformers modeling has no KV-head count: t5, bart, mbart, marian,
-gpt2, gpt_neox, opt.
+whisper, bloom, gpt2, gpt_neox, gptj, opt.
 
 Each `gqa_<family>.py` imports only torch, transformers and the shared attention core `gqa_attention.py`, because
 the converter copies both files into every output directory for `trust_remote_code=True` loading. Importing this package registers the classes with the Auto
@@ -10,12 +10,15 @@ stacks (about 4 s), which converting any other family does not need.
 
 from __future__ import annotations
 
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSpeechSeq2Seq
 
 from .gqa_bart import (GQABartConfig, GQABartForConditionalGeneration, GQAMarianConfig, GQAMarianMTModel,
-                       GQAMBartConfig, GQAMBartForConditionalGeneration)
+                       GQAMBartConfig, GQAMBartForConditionalGeneration, GQAWhisperConfig,
+                       GQAWhisperForConditionalGeneration)
+from .gqa_bloom import GQABloomConfig, GQABloomForCausalLM
 from .gqa_gpt2 import GQAGPT2Config, GQAGPT2LMHeadModel
 from .gqa_gpt_neox import GQAGPTNeoXConfig, GQAGPTNeoXForCausalLM
+from .gqa_gptj import GQAGPTJConfig, GQAGPTJForCausalLM
 from .gqa_opt import GQAOPTConfig, GQAOPTForCausalLM
 from .gqa_t5 import GQAT5Config, GQAT5ForConditionalGeneration
 
@@ -23,8 +26,11 @@ REGISTERED = (
     (GQABartConfig, AutoModelForSeq2SeqLM, GQABartForConditionalGeneration),
     (GQAMBartConfig, AutoModelForSeq2SeqLM, GQAMBartForConditionalGeneration),
     (GQAMarianConfig, AutoModelForSeq2SeqLM, GQAMarianMTModel),
+    (GQAWhisperConfig, AutoModelForSpeechSeq2Seq, GQAWhisperForConditionalGeneration),
+    (GQABloomConfig, AutoModelForCausalLM, GQABloomForCausalLM),
     (GQAGPT2Config, AutoModelForCausalLM, GQAGPT2LMHeadModel),
     (GQAGPTNeoXConfig, AutoModelForCausalLM, GQAGPTNeoXForCausalLM),
+    (GQAGPTJConfig, AutoModelForCausalLM, GQAGPTJForCausalLM),
     (GQAOPTConfig, AutoModelForCausalLM, GQAOPTForCausalLM),
     (GQAT5Config, AutoModelForSeq2SeqLM, GQAT5ForConditionalGeneration),
 )

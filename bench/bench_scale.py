@@ -3,6 +3,7 @@ MHA model and its GQA conversions side by side. Meant for a GPU; runs (slowly) a
 
     python bench/bench_scale.py --shape t5-large --groups 8,1 --contexts 512,2048 --batch-sizes 1,32
     python bench/bench_scale.py --shape llama-1b --groups 4,1 --contexts 2048,8192 --batch-sizes 1,16
+    python bench/bench_scale.py --shape whisper-base --groups 2,1 --batch-sizes 16
 
 A random MHA checkpoint of the named shape is written in bf16 (no download: weights are random, the tokenizer is
 a byte-level BPE learnt from the python-stdlib corpus, so the vocabulary is smaller than the real model's). Each G
@@ -10,6 +11,8 @@ is converted with `convert_checkpoint` (mean), then every model is measured with
 on the GPU, fastest of --repeats rounds) and, with --uptrain-steps, uptrained for that many steps with the
 gqa-uptrain loop (bf16 mixed precision; Adafactor and span corruption for T5, AdamW and next-token for llama).
 Prints markdown tables with ratios to the MHA model. Random weights are fine here: speed does not depend on them.
+A whisper shape encodes its whole 30 s window (1,500 positions, from random log-mel features; --contexts does not
+apply), then decodes with its self- and cross-attention caches; it has no tokenizer and is not uptrained.
 """
 
 from __future__ import annotations
@@ -23,7 +26,18 @@ from pathlib import Path
 import torch
 
 SHAPES = {"t5-large": "t5-v1.1-large", "t5-base": "t5-v1.1-base", "t5-small": "t5-v1.1-small",
-          "llama-1b": "llama-1b-mha"}  # name here -> preset (gqa_toolkit.convert.families.presets)
+          "llama-1b": "llama-1b-mha", "whisper-base": "whisper-base",
+          "whisper-large": "whisper-large-v3"}  # name here -> preset (gqa_toolkit.convert.families.presets)
+
+
+def audio_window(shape: str) -> int | None:
+    """The encoder positions of an audio shape's whole window (whisper: 1,500); None for a text shape."""
+    from gqa_toolkit.convert.families.presets import PRESETS
+    from gqa_toolkit.convert.families.spec import audio_input
+
+    preset = PRESETS[SHAPES[shape]]
+    audio = audio_input(preset.model_type)
+    return getattr(preset.transformers_config(), audio.positions_attr) if audio else None
 
 
 def write_source(shape: str, out: Path, vocab: int) -> Path:
@@ -32,6 +46,10 @@ def write_source(shape: str, out: Path, vocab: int) -> Path:
     from gqa_toolkit.uptrain.tokenizer import train_tokenizer
 
     preset = PRESETS[SHAPES[shape]]
+    if audio_window(shape):  # random weights at the real vocabulary; speed needs no tokenizer
+        torch.manual_seed(0)
+        preset.model().to(torch.bfloat16).save_pretrained(out)
+        return out
     tokenizer = train_tokenizer((r["text"] for r in corpus.iter_texts("train", limit=400)), vocab_size=vocab,
                                 sentinels=100 if shape.startswith("t5") else 0)
     ids = dict(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
@@ -107,7 +125,7 @@ def main() -> None:
             model = load_for_eval(path)
             params = sum(p.numel() for p in model.parameters())
             kv = kv_cache_bytes_per_token(model)
-            for c in map(int, args.contexts.split(",")):
+            for c in [audio_window(args.shape)] if audio_window(args.shape) else map(int, args.contexts.split(",")):
                 for b in map(int, args.batch_sizes.split(",")):
                     point = measure_speed(model, c, b, args.decode_steps, args.repeats)
                     results["speed"].append({"model": name, "params": params, "kv_bytes_per_token": kv,
@@ -115,14 +133,15 @@ def main() -> None:
                     print(f"{name} ctx {c} batch {b}: decode {point.decode_tokens_per_s:,.0f} tok/s", flush=True)
             del model
             torch.cuda.empty_cache() if torch.cuda.is_available() else None
-            if args.uptrain_steps:
+            if args.uptrain_steps and not audio_window(args.shape):
                 torch.cuda.reset_peak_memory_stats() if torch.cuda.is_available() else None
                 results["uptrain"][name] = uptrain_throughput(path, tmp / f"up-{name}", args.uptrain_steps,
                                                               args.uptrain_block, args.uptrain_batch,
                                                               args.uptrain_micro)
                 print(f"{name} uptrain: {results['uptrain'][name]}", flush=True)
 
-    print(f"\n{args.shape} (random weights, vocab {args.vocab}), {dtype} on {device}; fastest of {args.repeats} "
+    vocab = "its own vocab" if audio_window(args.shape) else f"vocab {args.vocab}"
+    print(f"\n{args.shape} (random weights, {vocab}), {dtype} on {device}; fastest of {args.repeats} "
           f"rounds, {args.decode_steps} decode steps")
     print("| model | params | KV bytes/token | context | batch | prefill tok/s | decode tok/s | decode vs MHA |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")

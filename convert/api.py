@@ -209,8 +209,8 @@ def describe_conversion(src: str | Path, dst: str | Path | None = None, options:
 
 
 def refresh_modeling(model_dir: str | Path) -> list[Path]:
-    """Rewrite the toolkit's modeling files in an earlier output (a converted t5, bart, gpt_neox, gpt2 or opt
-    directory) with this version's, each file replaced atomically; weights and config are left as they are."""
+    """Rewrite the toolkit's modeling files in an earlier output (of a family the toolkit models itself: t5,
+    bart, whisper, gpt2, ...) with this version's, each file replaced atomically; weights and config are left as they are."""
     path = Path(model_dir).expanduser()
     if not path.is_dir():
         raise ConversionError(f"no such directory: {path}; pass a directory written by gqa-convert")

@@ -60,8 +60,8 @@ from .methods.registry import GROUPINGS, all_method_names
 @click.option("--dry-run", is_flag=True, help="Write nothing: print the tensors and bytes to copy and compute, the "
                                               "calibration and its peak memory, and refuse if they will not fit.")
 @click.option("--refresh-modeling", is_flag=True, help="Convert nothing: rewrite the modeling files of MODEL_DIR, an "
-                                                       "earlier t5, bart, gpt_neox, gpt2 or opt output, with "
-                                                       "this version's.")
+                                                       "earlier output of a family the toolkit models itself "
+                                                       "(t5, bart, whisper, gpt2, ...), with this version's.")
 @user_errors("gqa-convert", "nothing was written")
 def main(model_dir, groups, method, grouping, preserve_norm, calibration, calibration_samples, calibration_length,
          calibration_mode, device, output, attention, seed, dtype, max_shard_size, no_native, revision, force, push_to,

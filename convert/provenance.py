@@ -15,7 +15,7 @@ from huggingface_hub import ModelCard, ModelCardData
 
 import gqa_toolkit
 
-from .families.spec import ArchitectureSpec
+from .families.spec import ArchitectureSpec, lm_auto_class_name
 from .io.disk import write_files
 from .io.reader import stays_inside_source
 from .io.records import CONVERSION_KEY
@@ -111,7 +111,7 @@ def _loading_note(record: dict[str, Any], spec: ArchitectureSpec | None) -> str:
 def _modeling_note(spec: ArchitectureSpec) -> str:
     if spec.modeling is None:
         return ""
-    auto = next(k for k in spec.modeling.auto_map if k != "AutoConfig")
+    auto = lm_auto_class_name(spec.modeling.model_type, encoder_decoder=True)  # the modeling's own Auto class
     return f"""
 transformers has no grouped-query attention for this family, so the modeling code is in this directory
 (`{spec.modeling.file}`); load it with `{auto}.from_pretrained(path, trust_remote_code=True)`, or without
@@ -158,12 +158,16 @@ def _calibration(record: dict[str, Any]) -> str:
             f"{record['calibration_tokens']:,} tokens ({record.get('calibration_mode', 'source')} activations)")
 
 
-def card_data(record: dict[str, Any], encoder_decoder: bool, source_card: ModelCardData | None) -> ModelCardData:
+# the hub's pipeline tag for a model loaded through each Auto class, when the source's card names none
+PIPELINE_TAGS = {"AutoModelForCausalLM": "text-generation", "AutoModelForSeq2SeqLM": "text2text-generation",
+                 "AutoModelForSpeechSeq2Seq": "automatic-speech-recognition"}
+
+
+def card_data(record: dict[str, Any], auto_class: str, source_card: ModelCardData | None) -> ModelCardData:
     """Front matter: the source as base_model, transformers as the library, the source card's license,
     pipeline_tag, datasets and language carried over."""
     carried = {key: getattr(source_card, key, None) for key in ("license", "pipeline_tag", "datasets", "language")}
-    carried["pipeline_tag"] = carried["pipeline_tag"] or ("text2text-generation" if encoder_decoder
-                                                          else "text-generation")
+    carried["pipeline_tag"] = carried["pipeline_tag"] or PIPELINE_TAGS[auto_class]
     tags = ["gqa", "gqa-toolkit", *(getattr(source_card, "tags", None) or [])]
     return ModelCardData(base_model=record.get("source_repo") or record["source"], library_name="transformers",
                          tags=list(dict.fromkeys(tags)), **{k: v for k, v in carried.items() if v})
@@ -171,7 +175,7 @@ def card_data(record: dict[str, Any], encoder_decoder: bool, source_card: ModelC
 
 def model_card(record: dict[str, Any], model_type: str, spec: ArchitectureSpec | None = None,
                code: list[str] = (), source_card: ModelCardData | None = None,
-               encoder_decoder: bool = False) -> ModelCard:
+               auto_class: str = "AutoModelForCausalLM") -> ModelCard:
     H, G0, G = record["num_attention_heads"], record["source_kv_heads"], record["groups"]
     kinds = record.get("attention_kinds", ["self"])
     attention_row = f"| attention converted | {', '.join(kinds)} (`--attention {record['attention']}`) |\n" \
@@ -201,7 +205,7 @@ Converted from `{record.get('source_repo') or record['source']}` by gqa-toolkit 
 {UPTRAINING_SECTION}
 
 {NOT_UPTRAINED}{_loading_note(record, spec)}{_foreign_code_note(list(code))}"""
-    return ModelCard(f"---\n{card_data(record, encoder_decoder, source_card).to_yaml()}\n---\n{body}")
+    return ModelCard(f"---\n{card_data(record, auto_class, source_card).to_yaml()}\n---\n{body}")
 
 
 def with_section(text: str, title: str, body: str) -> str:
@@ -232,7 +236,8 @@ def write_metadata(src: Path, dst: Path, raw_config: dict[str, Any], spec: Archi
     config = converted_config(raw_config, spec, record)
     (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     model_card(record, raw_config["model_type"], spec, code, _source_card(src),
-               encoder_decoder=bool(raw_config.get("is_encoder_decoder"))).save(dst / "README.md")
+               lm_auto_class_name(raw_config["model_type"], bool(raw_config.get("is_encoder_decoder")))
+               ).save(dst / "README.md")
     if spec.modeling is not None and "native" not in record:
         write_modeling(dst, spec)
 

@@ -53,13 +53,14 @@ def _checked_examples(model_dir: str, role: str, data):
     """The model dir and its held-out examples, after every check that needs no weights."""
     from gqa_toolkit.convert.families.geometry import check_context
     from gqa_toolkit.uptrain.corpora import CorpusSettings
-    from gqa_toolkit.uptrain.model import check_model_dir, load_config, load_tokenizer
+    from gqa_toolkit.uptrain.model import check_model_dir, check_text_model, load_config, load_tokenizer
 
     from .errors import EvalError
     from .heldout import eval_task, heldout_set
 
     path = check_model_dir(model_dir, role=role)
     config = load_config(path, role=role)
+    check_text_model(config)
     check_context(config, data.block_size, "--block-size", EvalError)
     tokenizer = load_tokenizer(path)
     options = CorpusSettings(source="--data", split="--split", config="the dataset's config",
@@ -125,7 +126,9 @@ def fidelity_cmd(model_dir, source_dir, corpus, split, text_column, target_colum
 @click.argument("model_dir")
 @click.option("--source", "source_dir", default=None, help="compare with this checkpoint [default: the recorded "
                                                            "source, when there is one]")
-@click.option("--contexts", type=PositiveInts("128,512"), default="128,512", show_default=True)
+@click.option("--contexts", type=PositiveInts("128,512"), default=None,
+              help="Context lengths (encoder positions for an encoder-decoder)  [default: 128,512; an audio "
+                   "encoder's whole window]")
 @click.option("--batch-sizes", type=PositiveInts("1,8"), default="1,8", show_default=True)
 @click.option("--decode-steps", type=IntAtLeast(1), default=16, show_default=True)
 @click.option("--repeats", type=IntAtLeast(1), default=3, show_default=True,
@@ -139,7 +142,8 @@ def speed_cmd(model_dir, source_dir, contexts, batch_sizes, decode_steps, repeat
     from .speed import kv_cache_bytes_per_token, measure_speed
 
     rows = []
-    for name, path in _speed_models(model_dir, source_dir, contexts, decode_steps).items():
+    models, contexts = _speed_models(model_dir, source_dir, contexts, decode_steps)
+    for name, path in models.items():
         model = _load(path, name)
         kv = kv_cache_bytes_per_token(model)
         for c in contexts:
@@ -165,10 +169,11 @@ def _ratio(value: float | None) -> str:
     return "" if value is None else f"{value:.2f}x"
 
 
-def _speed_models(model_dir: str, source_dir: str | None, contexts, decode_steps: int) -> dict:
-    """{'converted': dir, 'source': dir (given or recorded, if any)}, each checked to hold the longest context plus
-    the decode steps, before any weights load."""
+def _speed_models(model_dir: str, source_dir: str | None, contexts, decode_steps: int) -> tuple[dict, tuple]:
+    """{'converted': dir, 'source': dir (given or recorded, if any)} and the contexts (None: the default), each
+    model checked to hold the longest context plus the decode steps, before any weights load."""
     from gqa_toolkit.convert.families.geometry import check_context
+    from gqa_toolkit.convert.families.spec import audio_input
     from gqa_toolkit.uptrain.model import check_model_dir, load_config
 
     from .errors import EvalError
@@ -179,9 +184,18 @@ def _speed_models(model_dir: str, source_dir: str | None, contexts, decode_steps
     source = checked_source(converted, source_dir, required=False)
     if source is not None:
         models["source"] = (source, load_config(source, role="--source"))
+    config = models["converted"][1]
+    audio = audio_input(config.model_type)
+    if audio is not None:  # the encoder takes one whole window of audio (whisper: 1,500 positions, 30 s)
+        window = getattr(config, audio.positions_attr)
+        if contexts not in (None, (window,)):
+            raise EvalError(f"--contexts {','.join(map(str, contexts))}: this {config.model_type} encodes a fixed "
+                            f"window of {window} positions; leave --contexts out or pass --contexts {window}")
+        contexts = (window,)
+    contexts = contexts or (128, 512)
     for _, config in models.values():
         check_context(config, max(contexts), "--contexts", EvalError, decode_steps)
-    return {name: path for name, (path, _) in models.items()}
+    return {name: path for name, (path, _) in models.items()}, contexts
 
 
 @main.command("tasks")

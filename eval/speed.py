@@ -2,7 +2,8 @@
 
 Decode is where GQA pays off: each new token reads the whole KV cache, which is H/G times smaller. For an
 encoder-decoder (T5) the context is the encoder's input, whose keys and values fill the decoder's cross-attention
-cache; decoding then reads that cache and the decoder's own self-attention cache at every step.
+cache; decoding then reads that cache and the decoder's own self-attention cache at every step. Whisper's encoder
+takes a fixed window of audio (1,500 positions for 30 s), encoded here from random log-mel features.
 """
 
 from __future__ import annotations
@@ -12,14 +13,11 @@ from dataclasses import dataclass
 
 import torch
 
+from gqa_toolkit.convert.families.spec import audio_input
 from gqa_toolkit.convert.families.transformers_names import cache_argument, output_cache
 
 
-
 def _cache_tensors(cache) -> list[torch.Tensor]:
-    parts = [getattr(cache, name) for name in ("self_attention_cache", "cross_attention_cache") if hasattr(cache, name)]
-    if parts:  # an encoder-decoder's cache holds two caches
-        return [t for part in parts for t in _cache_tensors(part)]
     layers = getattr(cache, "layers", None)
     if layers is not None:
         return [t for layer in layers for t in (layer.keys, layer.values) if t is not None]
@@ -33,15 +31,26 @@ def _decoder_start(model, batch_size: int) -> torch.Tensor:
     return torch.full((batch_size, 1), start, dtype=torch.long, device=model.device)  # (B, 1)
 
 
-def prefill(model, ids: torch.Tensor, decoder_ids: torch.Tensor | None = None):
-    """Run the context `ids` (B, T) with the cache on; returns the output and the extra inputs every decode step
-    needs (an encoder-decoder's encoder output, computed once)."""
+def context_inputs(model, batch_size: int, context: int) -> dict[str, torch.Tensor]:
+    """A random context of `context` positions: token ids (B, T), or for an audio encoder log-mel features
+    (B, mel bins, frames) that it encodes to `context` positions."""
+    audio = audio_input(model.config.model_type)
+    if audio is None:
+        return {"input_ids": torch.randint(0, model.config.vocab_size, (batch_size, context), device=model.device)}
+    shape = (batch_size, getattr(model.config, audio.mel_bins_attr), context * audio.frames_per_position)
+    return {"input_features": torch.randn(shape, dtype=model.dtype, device=model.device)}
+
+
+def prefill(model, context: dict[str, torch.Tensor], decoder_ids: torch.Tensor | None = None):
+    """Run the context (from `context_inputs`) with the cache on; returns the output and the extra inputs every
+    decode step needs (an encoder-decoder's encoder output, computed once)."""
     if not model.config.is_encoder_decoder:
-        return model(input_ids=ids, use_cache=True), {}
+        return model(**context, use_cache=True), {}
     from transformers.modeling_outputs import BaseModelOutput
 
-    decoder_ids = _decoder_start(model, len(ids)) if decoder_ids is None else decoder_ids
-    out = model(input_ids=ids, decoder_input_ids=decoder_ids, use_cache=True)
+    batch_size = len(next(iter(context.values())))
+    decoder_ids = _decoder_start(model, batch_size) if decoder_ids is None else decoder_ids
+    out = model(**context, decoder_input_ids=decoder_ids, use_cache=True)
     return out, {"encoder_outputs": BaseModelOutput(last_hidden_state=out.encoder_last_hidden_state)}
 
 
@@ -51,13 +60,21 @@ def decode_step(model, next_ids: torch.Tensor, cache, extra: dict):
     return model(**{key: next_ids, cache_argument(model): cache}, use_cache=True, **extra)
 
 
+def _bytes(cache) -> int:
+    return sum(t.numel() * t.element_size() for t in _cache_tensors(cache))
+
+
 @torch.no_grad()
 def kv_cache_bytes_per_token(model, tokens: int = 8) -> float:
     """Bytes the model's own KV cache holds per token, measured from the cache tensors after a prefill. For an
-    encoder-decoder, per token of both encoder input and decoder output (cross- plus self-attention cache)."""
-    ids = torch.zeros(1, tokens, dtype=torch.long, device=model.device)
-    cache = output_cache(prefill(model, ids, decoder_ids=ids)[0])
-    return sum(t.numel() * t.element_size() for t in _cache_tensors(cache)) / tokens
+    encoder-decoder, per token of both encoder input and decoder output: the cross-attention cache per encoder
+    position plus the self-attention cache per decoded token (whisper encodes its whole audio window)."""
+    context = model.config.max_source_positions if audio_input(model.config.model_type) else tokens
+    decoder_ids = torch.zeros(1, tokens, dtype=torch.long, device=model.device)
+    cache = output_cache(prefill(model, context_inputs(model, 1, context), decoder_ids=decoder_ids)[0])
+    if not hasattr(cache, "cross_attention_cache"):
+        return _bytes(cache) / tokens
+    return _bytes(cache.cross_attention_cache) / context + _bytes(cache.self_attention_cache) / tokens
 
 
 @dataclass(frozen=True)
@@ -80,13 +97,12 @@ def measure_speed(model, context: int, batch_size: int, decode_steps: int = 16, 
     cache. Other work on the machine only ever adds time, so the fastest round is the least disturbed (as timeit)."""
     model.eval()
     device = model.device
-    vocab = model.config.vocab_size
     prefill_s, decode_s = [], []
     for _ in range(repeats + 1):  # the first round warms up allocators and kernels
-        ids = torch.randint(0, vocab, (batch_size, context), device=device)  # (B, T)
+        inputs = context_inputs(model, batch_size, context)
         _sync(device)
         t0 = time.perf_counter()
-        out, extra = prefill(model, ids)
+        out, extra = prefill(model, inputs)
         _sync(device)
         t1 = time.perf_counter()
         cache, next_ids = output_cache(out), out.logits[:, -1:].argmax(-1)  # (B, 1)

@@ -32,6 +32,7 @@ from .metrics import MetricsLog
 from .model import (
     check_block_size,
     check_model_dir,
+    check_text_model,
     check_tokenizer_fits,
     load_config,
     load_model,
@@ -104,6 +105,7 @@ def train(recipe: Recipe, *, stop_after: int | None = None) -> Path | None:
     # 1. Everything that can fail on user input is checked before anything is written.
     student_dir = check_model_dir(recipe.model.path)
     config = load_config(student_dir)
+    check_text_model(config)
     check_block_size(config, data.block_size)
     teacher_path = teacher_dir(student_dir, obj.teacher) if obj.distill_weight > 0 else None
     # One process may run several recipes (the ablation runner does), each with its own precision: forget the

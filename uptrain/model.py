@@ -7,10 +7,11 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
 from gqa_toolkit.convert.families.geometry import check_context
 from gqa_toolkit.convert.families.loading import from_pretrained
+from gqa_toolkit.convert.families.spec import audio_input, lm_auto_class_name
 from gqa_toolkit.convert.io.model_dir import is_hub_id, resolve_model_dir
 from gqa_toolkit.convert.io.records import CONVERSION_KEY
 
@@ -74,9 +75,21 @@ def check_tokenizer_fits(tokenizer, config, path: Path) -> None:
                            "with (the source checkpoint's tokenizer files) in model.path")
 
 
+def check_text_model(config) -> None:
+    """Refuse a model whose encoder takes audio (whisper): the uptraining and evaluation tasks are text."""
+    if audio_input(config.model_type) is not None:
+        raise UptrainError(f"this {config.model_type} model's encoder takes audio features, and the toolkit's tasks "
+                           "are text; gqa-eval speed measures it, and uptraining it needs an audio training loop "
+                           "of your own (it loads with AutoModelForSpeechSeq2Seq)")
+
+
 def model_class(path: Path):
-    """The Auto class with the language-model head: seq2seq for encoder-decoders (T5), causal for the rest."""
-    return AutoModelForSeq2SeqLM if getattr(load_config(path), "is_encoder_decoder", False) else AutoModelForCausalLM
+    """The Auto class with the language-model head: seq2seq for encoder-decoders (T5), speech seq2seq for whisper,
+    causal for the rest."""
+    import transformers
+
+    config = load_config(path)
+    return getattr(transformers, lm_auto_class_name(config.model_type, getattr(config, "is_encoder_decoder", False)))
 
 
 def load_model(path: Path, dtype: torch.dtype = torch.float32):

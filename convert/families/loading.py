@@ -1,9 +1,9 @@
 """Loading a checkpoint with transformers without running Python from its folder.
 
-A converted t5, bart, gpt_neox, gpt2 or opt directory carries modeling files and an `auto_map` so that it loads
-where the toolkit is not installed. Whoever made a folder controls those files and its `model_type`, so every stage loads the
-toolkit's own families through the classes the toolkit registers with the Auto classes, with
-`trust_remote_code=False`. A folder's code runs only after `allow_remote_code()`, which the commands call for an
+A converted directory of a family the toolkit models itself (t5, bart, whisper, gpt2, ...) carries modeling files
+and an `auto_map` so that it loads where the toolkit is not installed. Whoever made a folder controls those files
+and its `model_type`, so every stage loads the toolkit's own families through the classes the toolkit registers
+with the Auto classes, with `trust_remote_code=False`. A folder's code runs only after `allow_remote_code()`, which the commands call for an
 explicit `--trust-remote-code` (gqa-eval) or `model.trust_remote_code: true` (gqa-uptrain recipes).
 """
 
@@ -24,7 +24,7 @@ def allow_remote_code(allowed: bool = True) -> None:
     global _remote_code_allowed
     if allowed and not _remote_code_allowed:
         print("trust_remote_code is on: the Python files in model folders will run, including the modeling files "
-              "of converted t5, bart, gpt_neox, gpt2 and opt directories", file=sys.stderr)
+              "the toolkit writes for the families it models itself (t5, bart, whisper, gpt2, ...)", file=sys.stderr)
     _remote_code_allowed = allowed
 
 

@@ -15,7 +15,7 @@ class Preset:
 
     @property
     def is_encoder_decoder(self) -> bool:
-        return self.model_type == "t5"
+        return bool(self.transformers_config().is_encoder_decoder)
 
     def transformers_config(self, **overrides):
         from transformers import AutoConfig
@@ -24,10 +24,13 @@ class Preset:
 
     def model(self, **overrides):
         """A randomly initialised model of this shape (seed it first)."""
-        from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+        import transformers
 
-        auto = AutoModelForSeq2SeqLM if self.is_encoder_decoder else AutoModelForCausalLM
-        return auto.from_config(self.transformers_config(**overrides))
+        from .spec import lm_auto_class_name
+
+        config = self.transformers_config(**overrides)
+        auto = getattr(transformers, lm_auto_class_name(self.model_type, config.is_encoder_decoder))
+        return auto.from_config(config)
 
 
 _T5_V1_1 = dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False)  # t5-v1.1's choices
@@ -53,6 +56,14 @@ PRESETS: dict[str, Preset] = {
     "llama-2048-wide": Preset("llama", dict(hidden_size=2048, intermediate_size=5504, num_attention_heads=16,
                                             num_key_value_heads=16, vocab_size=8192, tie_word_embeddings=False,
                                             max_position_embeddings=2048)),
+    # Whisper's base and large-v3 shapes: 30 s of audio is 1,500 encoder positions
+    "whisper-base": Preset("whisper", dict(d_model=512, encoder_layers=6, decoder_layers=6, encoder_attention_heads=8,
+                                           decoder_attention_heads=8, encoder_ffn_dim=2048, decoder_ffn_dim=2048,
+                                           num_mel_bins=80, vocab_size=51865)),
+    "whisper-large-v3": Preset("whisper", dict(d_model=1280, encoder_layers=32, decoder_layers=32,
+                                               encoder_attention_heads=20, decoder_attention_heads=20,
+                                               encoder_ffn_dim=5120, decoder_ffn_dim=5120, num_mel_bins=128,
+                                               vocab_size=51866)),
     # Llama-2-7B's shape (MHA)
     "llama-7b": Preset("llama", dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                                      num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,

@@ -64,6 +64,17 @@ class AttentionKind(_Strict):
     kv_heads_attr: str | None = None  # config attribute counting its KV heads; default the spec's kv_heads_attr
 
 
+class AudioInput(_Strict):
+    """An encoder that takes log-mel features instead of token ids (whisper): `mel_bins_attr` features per frame
+    and a fixed window of `positions_attr` encoder positions, `frames_per_position` frames each (whisper's
+    stride-2 convolution). The text tasks of gqa-uptrain and gqa-eval refuse such a model; gqa-eval speed encodes
+    a window of random features."""
+
+    mel_bins_attr: str
+    positions_attr: str
+    frames_per_position: int
+
+
 class Modeling(_Strict):
     """GQA modeling code shipped by the toolkit for a family whose transformers modeling has none.
 
@@ -190,6 +201,7 @@ class ArchitectureSpec(_Strict):
     config: ConfigSchema = ConfigSchema()
     # config attribute holding the positions the model can attend over; None: no limit (T5's relative buckets)
     context_attr: str | None = "max_position_embeddings"
+    audio: AudioInput | None = None  # the encoder takes audio features (whisper), not token ids
 
     @model_validator(mode="after")
     def _has_required_k_and_v(self) -> "ArchitectureSpec":
@@ -272,6 +284,21 @@ def supported_model_types() -> list[str]:
 def refused_model_types() -> dict[str, str]:
     """model_type -> why the toolkit does not convert it (refused.json)."""
     return json.loads((resources.files(__package__) / "refused.json").read_text())
+
+
+def lm_auto_class_name(model_type: str, encoder_decoder: bool) -> str:
+    """The transformers Auto class with the LM head for a model of this type, stock or converted: the one the
+    family's modeling registers (whisper's AutoModelForSpeechSeq2Seq), else seq2seq for encoder-decoders and
+    causal for the rest (also for families the toolkit does not know)."""
+    spec = all_specs().get(model_type)
+    if spec is not None and spec.modeling is not None:
+        return next(k for k in spec.modeling.auto_map if k != "AutoConfig")
+    return "AutoModelForSeq2SeqLM" if encoder_decoder else "AutoModelForCausalLM"
+
+
+def audio_input(model_type: str) -> AudioInput | None:
+    spec = all_specs().get(model_type)
+    return spec.audio if spec is not None else None
 
 
 def spec_for(model_type: str) -> ArchitectureSpec:

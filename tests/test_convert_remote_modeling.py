@@ -122,12 +122,22 @@ def test_padded_batches_equal_reference(family, no_native_dirs, tmp_path):
     assert torch.equal(greedy_generate(converted, **generate), greedy_generate(reference, **generate))
 
 
-def test_first_method_equals_reference(no_native_dirs, tmp_path):
-    family = NO_NATIVE_FAMILIES[NO_NATIVE_IDS.index("gpt2")]  # the fused, transposed Conv1D layout
-    out = convert_checkpoint(no_native_dirs["gpt2"], tmp_path / "out", method="first", groups=1, progress=False)
-    reference = _load(family, no_native_dirs["gpt2"])
-    apply_reference_no_native(reference, "gpt2", 1, "first")
+@pytest.mark.parametrize("family", NO_NATIVE_FAMILIES, ids=NO_NATIVE_IDS)
+def test_first_method_equals_reference(family, no_native_dirs, tmp_path):
+    src = no_native_dirs[family.model_type]
+    out = convert_checkpoint(src, tmp_path / "out", method="first", groups=1, progress=False)
+    reference = _load(family, src)
+    apply_reference_no_native(reference, family.model_type, 1, "first")
     torch.testing.assert_close(_logits(_load(family, out), family), _logits(reference, family), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", NO_NATIVE_FAMILIES, ids=NO_NATIVE_IDS)
+def test_random_method_loads_and_caches_g_heads(family, no_native_dirs, tmp_path):
+    out = convert_checkpoint(no_native_dirs[family.model_type], tmp_path / "out", method="random", groups=GROUPS,
+                             progress=False)
+    converted = _load(family, out)  # no missing, unexpected or mismatched keys
+    assert torch.isfinite(_logits(converted, family)).all()
+    assert all(s[1] == GROUPS for s in _kv_cache_shapes(converted, family))
 
 
 def test_t5_default_scope_leaves_encoder_bit_identical(no_native_dirs, tmp_path):

@@ -44,19 +44,25 @@ def default_output(model_dir: Path, options: ConversionOptions) -> Path:
 
 def _layer_settings(model_dir: Path, config: ConfigReader, raw_config: dict, spec, names: list[str], geometries,
                     options: ConversionOptions, progress: bool, calibrate: bool = True):
-    """What the per-layer path needs, with the calibration moments collected, and what the conversion record
-    says of it; None when the per-tensor path does the job (mean, first, random with contiguous groups)."""
+    """What the per-layer path needs, one LayerSettings per attention block in the --attention scope, with the
+    calibration moments collected, and what the conversion record says of it; () when the per-tensor path does the
+    job (mean, first, random with contiguous groups)."""
     if not options.per_layer:
-        return None, {}
+        return (), {}
     what = f"--method {options.method}" if options.layer_method is not None else f"--grouping {options.grouping}"
-    check_block_support(spec, raw_config["model_type"], names, what)
-    if spec.block.attention not in geometries:
-        raise ConversionError(f"{what} converts the {spec.block.attention!r} attention, which --attention leaves out")
-    geo = geometries[spec.block.attention]
+    model_type = raw_config["model_type"]
+    check_block_support(spec, model_type, names, what)
+    blocks = [block for block in spec.blocks if block.attention in geometries]
+    if not blocks:
+        kinds = ", ".join(repr(block.attention) for block in spec.blocks)
+        raise ConversionError(f"{what} converts the {kinds} attention, which --attention leaves out")
     calibration, device = options.calibration, options.device
+    if options.calibrated and len(spec.blocks) > 1:
+        raise ConversionError(f"{what} with calibration runs decoder-only models block by block; on {model_type} "
+                              f"(an encoder-decoder) it runs on the weights: pass --calibration none")
     if options.calibrated and options.calibration_mode == "sequential" and spec.block.qkv:
         raise ConversionError(f"--calibration-mode sequential supports separate q, k and v projections; "
-                              f"{raw_config['model_type']} fuses them, use --calibration-mode source")
+                              f"{model_type} fuses them, use --calibration-mode source")
     moments, converted, tokens = None, None, None
     if options.calibrated and calibrate:  # a dry run checks the calibration and does not run it
         tokens = calibration if isinstance(calibration, torch.Tensor) else calibration_tokens(
@@ -65,16 +71,16 @@ def _layer_settings(model_dir: Path, config: ConfigReader, raw_config: dict, spe
         converted = ConvertedLayers() if options.calibration_mode == "sequential" else None
         moments = StreamedMoments(BlockStream(model_dir, spec.block, tokens, device=device, progress=bar,
                                               converted=converted.take if converted else None,
-                                              kv_head_dim=geo.head_dim))
+                                              kv_head_dim=geometries[spec.block.attention].head_dim))
     described = "token ids" if isinstance(calibration, torch.Tensor) else str(calibration)
     record = {"grouping": options.grouping, "calibration": described,
               "calibration_sequences": 0 if moments is None else int(len(tokens)),
               "calibration_tokens": 0 if moments is None else int(tokens.numel())}
     if moments is not None:
         record["calibration_mode"] = options.calibration_mode
-    return LayerSettings(options.method, options.grouping, options.preserve_norm,
-                         rope_layout(spec.block.rope, config, geo.head_dim), moments, converted,
-                         spec.block.fused_layout, spec.block.transposed), record
+    return tuple(LayerSettings(block, options.method, options.grouping, options.preserve_norm,
+                               rope_layout(block.rope, config, geometries[block.attention].head_dim), moments,
+                               converted) for block in blocks), record
 
 
 @dataclass(frozen=True)
@@ -136,13 +142,13 @@ def _prepare(src, dst, options: ConversionOptions, progress: bool, calibrate: bo
     reader = CheckpointReader(model_dir)
     sources = {name: SourceTensor(info.dtype, info.shape, ByteSpan(info.file, *info.offsets) if info.offsets else None)
                for name, info in reader.infos.items()}
-    layer, record_options = _layer_settings(model_dir, config, raw_config, spec, list(sources), geometries, options,
+    layers, record_options = _layer_settings(model_dir, config, raw_config, spec, list(sources), geometries, options,
                                             progress, calibrate)
     if options.preserve_norm:
         record_options["preserve_norm"] = True
     native = _native_target(spec, config, options)
     settings = ConversionSettings(method=get_method(options.method), groups=options.groups, seed=options.seed,
-                                  dtype=options.dtype, preserve_norm=options.preserve_norm, layer=layer, native=native)
+                                  dtype=options.dtype, preserve_norm=options.preserve_norm, layers=layers, native=native)
     planned = plan_conversion(sources, reader.read, spec, geometries, settings)
     shard_bytes = options.max_shard_size or max(p.stat().st_size for p in reader.files)
     record = conversion_record(method=options.method, groups=options.groups, source=str(model_dir),

@@ -108,8 +108,9 @@ def test_layer_plan_shapes_of_a_70b_shaped_checkpoint():
     for i in range(layers):
         shapes.update({f"model.layers.{i}.self_attn.{p}_proj.weight": (d, d) for p in "qkvo"})
     sources = {name: SourceTensor(torch.bfloat16, shape) for name, shape in shapes.items()}
-    settings = ConversionSettings(method=None, groups=8, layer=LayerSettings("fit", "similarity", False,
-                                                                             RopeLayout(128, 128)))
+    settings = ConversionSettings(method=None, groups=8, layers=(LayerSettings(spec_for("llama").block, "fit",
+                                                                               "similarity", False,
+                                                                               RopeLayout(128, 128)),))
     planned = plan_conversion(sources, lambda n: None, spec_for("llama"),
                               Geometry(num_layers=layers, heads=64, kv_heads=64, head_dim=128, init_std=0.02),
                               settings)

@@ -197,7 +197,9 @@ class ArchitectureSpec(_Strict):
     only_groups: tuple[int, ...] | None = None  # the G values the family's config can express
     set_config: dict[str, bool | int | str] = {}  # extra config.json values written on output
     tensors: tuple[KVTensor, ...]
-    block: AttentionBlock | None = None  # where Q and O live, for the layer methods; None: they refuse the family
+    # where Q and O live, one block per attention kind the layer methods convert (t5: decoder self-, cross- and
+    # encoder attention); none: they refuse the family
+    blocks: tuple[AttentionBlock, ...] = ()
     config: ConfigSchema = ConfigSchema()
     # config attribute holding the positions the model can attend over; None: no limit (T5's relative buckets)
     context_attr: str | None = "max_position_embeddings"
@@ -206,6 +208,7 @@ class ArchitectureSpec(_Strict):
     @model_validator(mode="after")
     def _has_required_k_and_v(self) -> "ArchitectureSpec":
         unknown = {t.attention for t in self.tensors} | {k for ks in self.scopes.values() for k in ks}
+        unknown |= {b.attention for b in self.blocks}
         unknown -= set(self.attention)
         if unknown:
             raise ValueError(f"attention kinds {sorted(unknown)} are not declared in 'attention'")
@@ -216,6 +219,9 @@ class ArchitectureSpec(_Strict):
                                  f"tensor)")
         if not self.scopes:
             raise ValueError("'scopes' needs at least one entry")
+        kinds = [b.attention for b in self.blocks]
+        if len(set(kinds)) < len(kinds):
+            raise ValueError(f"blocks name the attention kinds {kinds}: one block per kind")
         outside = [t.key for t in self.tensors if not t.key.startswith(self.attention[t.attention].module + ".")]
         if outside:
             raise ValueError(f"tensors {outside} lie outside their attention kind's module")
@@ -238,6 +244,11 @@ class ArchitectureSpec(_Strict):
             raise ConversionError(f"--attention {scope!r} is not one this family has; choose one of: "
                                   f"{', '.join(self.scopes)}")
         return {k: self.attention[k] for k in self.scopes[scope]}
+
+    @property
+    def block(self) -> AttentionBlock | None:
+        """The first block: a decoder-only family's only one, which calibration streams."""
+        return self.blocks[0] if self.blocks else None
 
     def kv_heads_attr_of(self, kind: str) -> str | None:
         return self.attention[kind].kv_heads_attr or self.kv_heads_attr

@@ -141,8 +141,8 @@ def plan_conversion(sources: Mapping[str, SourceTensor], read: Callable[[str], t
     matches = match_names(list(sources), entries)
     validate(sources, matches, entries, geos)
     by_layer = {}
-    if settings.layer is not None:
-        by_layer = plan_layers(sources, read, spec, geos[spec.block.attention], settings)
+    for layer_settings in settings.layers:
+        by_layer.update(plan_layers(sources, read, geos[layer_settings.block.attention], settings, layer_settings))
     transposed = [key_pattern(t) for t in settings.native.transpose] if settings.native is not None else []
     stacked: dict[tuple[str, int, str], SharedResult] = {}
     planned = []

@@ -34,14 +34,13 @@ def _find(templates, names, suffix: str) -> dict[tuple[str, int], str]:
 
 
 def check_block_support(spec: ArchitectureSpec, model_type: str, names: list[str], what: str) -> None:
-    block = spec.block
-    supported = sorted({t for s in _all_specs() if s.block for t in s.block.model_types})
-    for template in block.refuse_if_present if block is not None else ():
+    supported = sorted({t for s in _all_specs() for b in s.blocks for t in b.model_types})
+    for template in (t for block in spec.blocks for t in block.refuse_if_present):
         if found := _find([template], names, ""):
             raise ConversionError(f"{what} cannot convert {next(iter(found.values()))}: per-head query/key norms "
                                   f"do not commute with head rotations or permutations; use --method mean, first "
                                   f"or random with --grouping contiguous")
-    if block is None or model_type not in block.model_types:
+    if not spec.blocks or any(model_type not in block.model_types for block in spec.blocks):
         raise ConversionError(f"{what} changes Q and O with K and V and supports model types "
                               f"{', '.join(supported)}; {model_type!r} is not one (families without a tested "
                               f"layer spec are refused); use --method mean, first or random with --grouping "
@@ -108,15 +107,16 @@ def _converted_layer(names: dict[str, str | None], layer: int, read, geo: Geomet
     return {n: result[role] for role, n in names.items() if n is not None}
 
 
-def plan_layers(sources: Mapping, read, spec: ArchitectureSpec, geo: Geometry,
-                settings: ConversionSettings) -> dict[str, tuple[tuple[int, ...], torch.dtype, Callable]]:
-    """On-disk name -> (output shape, dtype, producer) for every q, k, v, o weight and q, k, v bias of every layer."""
-    layer_settings = settings.layer
+def plan_layers(sources: Mapping, read, geo: Geometry, settings: ConversionSettings,
+                layer_settings: LayerSettings) -> dict[str, tuple[tuple[int, ...], torch.dtype, Callable]]:
+    """On-disk name -> (output shape, dtype, producer) for every q, k, v, o weight and q, k, v bias of every layer
+    of one block."""
+    block = layer_settings.block
     names = list(sources)
-    roles = ("qkv", "o") if spec.block.qkv else ROLES
-    biased = ("qkv",) if spec.block.qkv else ("q", "k", "v")
-    found = {role: _find(getattr(spec.block, role), names, ".weight") for role in roles}
-    found.update({f"{role}_bias": _find(getattr(spec.block, role), names, ".bias") for role in biased})
+    roles = ("qkv", "o") if block.qkv else ROLES
+    biased = ("qkv",) if block.qkv else ("q", "k", "v")
+    found = {role: _find(getattr(block, role), names, ".weight") for role in roles}
+    found.update({f"{role}_bias": _find(getattr(block, role), names, ".bias") for role in biased})
     layers = sorted(found[roles[-2]])  # k, or the fused qkv
     if [layer for _, layer in layers] != list(range(geo.num_layers)):
         raise ConversionError(f"found k projections for layers {[l for _, l in layers][:8]} but config.json has "
@@ -124,14 +124,14 @@ def plan_layers(sources: Mapping, read, spec: ArchitectureSpec, geo: Geometry,
     planned = {}
     converted = layer_settings.converted
     rows = settings.groups * geo.head_dim
-    fused_rows = fused_layout(spec.block.fused_layout).rows(geo.heads, settings.groups, geo.head_dim) \
-        if spec.block.qkv else None
+    fused_rows = fused_layout(block.fused_layout).rows(geo.heads, settings.groups, geo.head_dim) \
+        if block.qkv else None
     for key in layers:
         group_names = {role: found[role].get(key) for role in found}
         missing = [r for r in roles if group_names[r] is None]
         if missing:
             raise ConversionError(f"layer {key[1]} has no {' or '.join(missing)} projection among "
-                                  f"{[getattr(spec.block, r) for r in missing]}")
+                                  f"{[getattr(block, r) for r in missing]}")
         group = SharedResult(partial(_converted_layer, group_names, key[1], read, geo, settings, layer_settings),
                              [n for n in group_names.values() if n is not None],
                              on_computed=partial(converted.ready.__setitem__, key[1]) if converted else None)
@@ -142,9 +142,9 @@ def plan_layers(sources: Mapping, read, spec: ArchitectureSpec, geo: Geometry,
                 continue
             shape = tuple(sources[name].shape)
             if role.startswith("qkv"):
-                shape = resized(shape, fused_rows, spec.block.transposed and role == "qkv")
+                shape = resized(shape, fused_rows, block.transposed and role == "qkv")
             elif role[0] in "kv":
-                shape = resized(shape, rows, spec.block.transposed and not role.endswith("bias"))
+                shape = resized(shape, rows, block.transposed and not role.endswith("bias"))
             dtype = settings.output_dtype(sources[name].dtype)
             planned[name] = (shape, dtype, group.producer(name, dtype))
     return planned

@@ -11,7 +11,7 @@ from ..methods.registry import Method
 from .shared import SharedResult
 
 if TYPE_CHECKING:
-    from ..families.spec import NativeTarget
+    from ..families.spec import AttentionBlock, NativeTarget
     from ..families.rope import RopeLayout
     from ..methods.layer_types import InputMoments
 
@@ -33,14 +33,25 @@ class ConvertedLayers:
 
 @dataclass(frozen=True)
 class LayerSettings:
+    """How the layers of one attention block (one attention kind) are converted."""
+
+    block: AttentionBlock
     method: str
     grouping: str
     preserve_norm: bool
     rope: RopeLayout
     calibration: Mapping[int, InputMoments] | None = None
     converted: ConvertedLayers | None = None  # sequential calibration: tell it of every converted layer
-    fused: str | None = None  # the block's fused q/k/v layout, when it has one
-    transposed: bool = False  # the block's weights are `[in, out]` (Conv1D)
+
+    @property
+    def fused(self) -> str | None:
+        """The block's fused q/k/v layout, when it has one."""
+        return self.block.fused_layout
+
+    @property
+    def transposed(self) -> bool:
+        """The block's weights are `[in, out]` (Conv1D)."""
+        return self.block.transposed
 
 
 @dataclass(frozen=True)
@@ -50,7 +61,8 @@ class ConversionSettings:
     seed: int = 0
     dtype: torch.dtype | None = None  # None keeps each tensor's dtype
     preserve_norm: bool = False  # scale each pooled head to its group's mean head norm
-    layer: LayerSettings | None = None  # set: q, k, v, o are produced per layer (layer methods, similarity grouping)
+    # set: q, k, v, o of these blocks are produced per layer (layer methods, similarity grouping)
+    layers: tuple[LayerSettings, ...] = ()
     native: NativeTarget | None = None  # set: the output is this stock family (its weight layout)
 
     def output_dtype(self, dtype: torch.dtype) -> torch.dtype:

@@ -26,6 +26,7 @@ from .io.tensors import ByteSpan, SourceTensor
 from .io.writer import planned_bytes, write_checkpoint
 from .methods.block_stream import BlockStream, StreamedMoments
 from .methods.calibration import calibration_tokens
+from .methods.seq2seq_calibration import encoder_decoder_moments
 from .methods.registry import get_method
 from .options import ConversionOptions
 from .plan.checkpoint import plan_conversion
@@ -57,30 +58,46 @@ def _layer_settings(model_dir: Path, config: ConfigReader, raw_config: dict, spe
         kinds = ", ".join(repr(block.attention) for block in spec.blocks)
         raise ConversionError(f"{what} converts the {kinds} attention, which --attention leaves out")
     calibration, device = options.calibration, options.device
-    if options.calibrated and len(spec.blocks) > 1:
-        raise ConversionError(f"{what} with calibration runs decoder-only models block by block; on {model_type} "
-                              f"(an encoder-decoder) it runs on the weights: pass --calibration none")
-    if options.calibrated and options.calibration_mode == "sequential" and spec.block.qkv:
-        raise ConversionError(f"--calibration-mode sequential supports separate q, k and v projections; "
-                              f"{model_type} fuses them, use --calibration-mode source")
-    moments, converted, tokens = None, None, None
+    encoder_decoder = len(spec.blocks) > 1
+    if options.calibrated:
+        _check_calibration(spec, model_type, options)
+    moments, converted, tokens = {}, None, None
     if options.calibrated and calibrate:  # a dry run checks the calibration and does not run it
         tokens = calibration if isinstance(calibration, torch.Tensor) else calibration_tokens(
             model_dir, calibration, options.calibration_samples, options.calibration_length)
-        bar = (lambda n: tqdm(total=n, unit="block", desc=f"calibration on {device}")) if progress else None
-        converted = ConvertedLayers() if options.calibration_mode == "sequential" else None
-        moments = StreamedMoments(BlockStream(model_dir, spec.block, tokens, device=device, progress=bar,
-                                              converted=converted.take if converted else None,
-                                              kv_head_dim=geometries[spec.block.attention].head_dim))
+        if encoder_decoder:
+            bar = (lambda n: tqdm(total=n, unit="batch", desc=f"calibration on {device}")) if progress else None
+            moments = encoder_decoder_moments(model_dir, blocks, tokens, device=device, progress=bar)
+        else:
+            bar = (lambda n: tqdm(total=n, unit="block", desc=f"calibration on {device}")) if progress else None
+            converted = ConvertedLayers() if options.calibration_mode == "sequential" else None
+            stream = BlockStream(model_dir, spec.block, tokens, device=device, progress=bar,
+                                 converted=converted.take if converted else None,
+                                 kv_head_dim=geometries[spec.block.attention].head_dim)
+            moments = {spec.block.attention: (StreamedMoments(stream), None)}
     described = "token ids" if isinstance(calibration, torch.Tensor) else str(calibration)
     record = {"grouping": options.grouping, "calibration": described,
-              "calibration_sequences": 0 if moments is None else int(len(tokens)),
-              "calibration_tokens": 0 if moments is None else int(tokens.numel())}
-    if moments is not None:
+              "calibration_sequences": int(len(tokens)) if moments else 0,
+              "calibration_tokens": int(tokens.numel()) if moments else 0}
+    if moments:
         record["calibration_mode"] = options.calibration_mode
     return tuple(LayerSettings(block, options.method, options.grouping, options.preserve_norm,
-                               rope_layout(block.rope, config, geometries[block.attention].head_dim), moments,
-                               converted) for block in blocks), record
+                               rope_layout(block.rope, config, geometries[block.attention].head_dim),
+                               *moments.get(block.attention, (None, None)), converted=converted)
+                 for block in blocks), record
+
+
+def _check_calibration(spec, model_type: str, options: ConversionOptions) -> None:
+    """Refuse, before any work, a calibration the family cannot run."""
+    if spec.audio is not None:
+        raise ConversionError(f"calibration feeds text, and {model_type}'s encoder takes audio features; pass "
+                              "--calibration none to convert on the weights")
+    if options.calibration_mode == "sequential" and len(spec.blocks) > 1:
+        raise ConversionError(f"--calibration-mode sequential runs decoder-only models block by block; "
+                              f"{model_type} is an encoder-decoder, use --calibration-mode source")
+    if options.calibration_mode == "sequential" and spec.block.qkv:
+        raise ConversionError(f"--calibration-mode sequential supports separate q, k and v projections; "
+                              f"{model_type} fuses them, use --calibration-mode source")
 
 
 @dataclass(frozen=True)

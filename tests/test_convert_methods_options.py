@@ -132,3 +132,10 @@ def test_the_dry_run_refuses_sequential_calibration_of_fused_projections(no_nati
 
     with pytest.raises(ConversionError, match="sequential supports separate q, k and v"):
         describe_conversion(no_native_dirs["gpt2"], groups=2, method="fit", calibration_mode="sequential")
+
+
+def test_the_dry_run_of_a_calibrated_encoder_decoder_holds_the_whole_model(no_native_dirs):
+    from gqa_toolkit.convert import describe_conversion
+
+    text = "\n".join(describe_conversion(no_native_dirs["t5"], groups=2, method="fit"))
+    assert "source mode, the whole model on cpu" in text and "(the model " in text

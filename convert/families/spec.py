@@ -148,6 +148,7 @@ class AttentionBlock(_Strict):
     model_types: tuple[str, ...]
     refuse_if_present: tuple[str, ...] = ()
     attention: str = "self"
+    keys_from_encoder: bool = False  # cross-attention: K and V read the encoder's states, Q the decoder's
 
     @model_validator(mode="after")
     def _separate_or_fused(self) -> "AttentionBlock":

@@ -74,16 +74,16 @@ def _per_head_method(name: str, block: HeadBlock, groups: int, ctx: LayerContext
     return LayerResult(pool("k", block.k), KeyMap.identity(G0, ctx.layout), pool("v", block.v), eye)
 
 
-def _checked_block(weights: AttentionWeights, heads: int, kv_heads: int, groups: int, rope: RopeLayout | None,
-                   calibration: torch.Tensor | InputMoments | None):
-    """The layer's heads after its shapes are checked, the RoPE layout (None: every dim rotates) and the
-    calibration as moments."""
+def _moments(calibration: torch.Tensor | InputMoments | None) -> InputMoments | None:
+    return InputMoments.from_inputs(calibration) if isinstance(calibration, torch.Tensor) else calibration
+
+
+def _checked_block(weights: AttentionWeights, heads: int, kv_heads: int, groups: int, rope: RopeLayout | None):
+    """The layer's heads after its shapes are checked, and the RoPE layout (None: every dim rotates)."""
     hd = weights.q.shape[0] // heads
     rope = rope or RopeLayout(hd, hd)
     _check(weights, heads, kv_heads, groups, rope)
-    if isinstance(calibration, torch.Tensor):
-        calibration = InputMoments.from_inputs(calibration)
-    return HeadBlock.from_weights(weights, heads, kv_heads), rope, calibration
+    return HeadBlock.from_weights(weights, heads, kv_heads), rope
 
 
 def _weights(tensors: dict[str, torch.Tensor | None], dtype: torch.dtype) -> AttentionWeights:
@@ -92,19 +92,22 @@ def _weights(tensors: dict[str, torch.Tensor | None], dtype: torch.dtype) -> Att
 
 def convert_layer(weights: AttentionWeights, *, heads: int, kv_heads: int, groups: int, method: str = "mean",
                   rope: RopeLayout | None = None, grouping: str = "contiguous", preserve_norm: bool = False,
-                  calibration: torch.Tensor | InputMoments | None = None, seed: int = 0, init_std: float = 0.02,
+                  calibration: torch.Tensor | InputMoments | None = None,
+                  key_calibration: torch.Tensor | InputMoments | None = None, seed: int = 0, init_std: float = 0.02,
                   names: dict[str, str] | None = None) -> AttentionWeights:
     """One layer's attention converted from `kv_heads` to `groups` KV heads; returns weights in the input's dtype.
 
     rope: which key dimensions rotate (None: every dim, `RopeLayout(hd, hd)`; `RopeLayout(hd, 0)` for no RoPE).
     calibration: the layer's attention inputs `(N, d)` (normed hidden states) or their `InputMoments`; with them
-    grouping, alignment and fitting weigh errors by the real activations instead of the raw weights."""
+    grouping, alignment and fitting weigh errors by the real activations instead of the raw weights.
+    key_calibration: K's and V's inputs where they are not Q's (cross-attention: the encoder's states)."""
     check_method(method, grouping, preserve_norm)
-    block, rope, calibration = _checked_block(weights, heads, kv_heads, groups, rope, calibration)
-    ctx = LayerContext.build(block, rope, calibration, seed=seed, init_std=init_std, names=names or {})
+    block, rope = _checked_block(weights, heads, kv_heads, groups, rope)
+    inputs = dict(moments=_moments(calibration), key_moments=_moments(key_calibration))
+    ctx = LayerContext.build(block, rope, **inputs, seed=seed, init_std=init_std, names=names or {})
     if grouping == "similarity" and groups < kv_heads:
         block = block.permuted(similarity_permutation(block, groups, ctx, aligned=method in layer_methods()))
-        ctx = LayerContext.build(block, rope, calibration, seed=seed, init_std=init_std, names=names or {})
+        ctx = LayerContext.build(block, rope, **inputs, seed=seed, init_std=init_std, names=names or {})
     if method in layer_methods():
         result = layer_methods()[method](block, groups, ctx)
     else:
@@ -116,15 +119,16 @@ def convert_layer(weights: AttentionWeights, *, heads: int, kv_heads: int, group
 
 
 def align_layer(weights: AttentionWeights, *, heads: int, kv_heads: int, groups: int,
-                rope: RopeLayout | None = None, calibration: torch.Tensor | InputMoments | None = None
-                ) -> AttentionWeights:
+                rope: RopeLayout | None = None, calibration: torch.Tensor | InputMoments | None = None,
+                key_calibration: torch.Tensor | InputMoments | None = None) -> AttentionWeights:
     """Alignment alone: every KV head rotated into its group's common basis (keys by RoPE-commuting rotations
     folded into their queries, values by orthogonal maps folded into the output), none merged. The function is
     unchanged; `convert_layer(method="aligned")` then averages the aligned heads."""
     from .alignment import rotated_heads
 
-    block, rope, calibration = _checked_block(weights, heads, kv_heads, groups, rope, calibration)
-    ctx = LayerContext.build(block, rope, calibration, seed=0, init_std=0.02, names={})
+    block, rope = _checked_block(weights, heads, kv_heads, groups, rope)
+    ctx = LayerContext.build(block, rope, _moments(calibration), key_moments=_moments(key_calibration), seed=0,
+                             init_std=0.02, names={})
     return _weights(block.assembled(rotated_heads(block, groups, ctx), rope), weights.q.dtype)
 
 

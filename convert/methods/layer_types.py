@@ -120,12 +120,15 @@ class LayerContext:
 
     @staticmethod
     def build(block: HeadBlock, layout: RopeLayout, moments: InputMoments | None, *, seed: int, init_std: float,
-              names: dict) -> "LayerContext":
-        def metric(t: torch.Tensor) -> torch.Tensor:
+              names: dict, key_moments: InputMoments | None = None) -> "LayerContext":
+        """`key_moments`: the moments of K's and V's input where it is not Q's (cross-attention reads the
+        encoder's states); None: they read what Q reads."""
+        def metric(t: torch.Tensor, of: InputMoments | None) -> torch.Tensor:
             width = t.shape[-1]
-            return torch.eye(width, dtype=torch.float64) if moments is None else moments.metric(width)
+            return torch.eye(width, dtype=torch.float64) if of is None else of.metric(width)
 
-        mq, mk, mv = metric(block.q), metric(block.k), metric(block.v)
+        keys = key_moments if key_moments is not None else moments
+        mq, mk, mv = metric(block.q, moments), metric(block.k, keys), metric(block.v, keys)
         G0, n, hd = block.k.shape[0], block.per_kv, block.k.shape[1]
         ql = (block.q @ mq).reshape(G0, n, hd, -1)  # (G0, n, hd, cq)
         query_second = torch.einsum("gnic,gnjc->gij", ql, ql) / ql.shape[-1]  # (G0, hd, hd)

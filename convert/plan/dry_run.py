@@ -39,7 +39,8 @@ def _available_memory(device: torch.device) -> int | None:
 
 
 def _calibration_peak(prepared, options) -> tuple[int, str]:
-    """Bytes and their breakdown for the block-by-block calibration and the layer solve."""
+    """Bytes and their breakdown for the calibration (block by block, or the whole model for an encoder-decoder)
+    and the layer solve."""
     container = prepared.spec.block.inputs[0].split("{layer}")[0]  # e.g. "layers."
     first = re.compile(rf"^(?:.+\.)?{re.escape(container)}0\.")
     block = [s for name, s in prepared.sources.items() if first.match(name)]
@@ -47,6 +48,8 @@ def _calibration_peak(prepared, options) -> tuple[int, str]:
     embeddings = max((_numel(s.shape) for s in outside), default=0) * FLOAT32
     width = max((s.shape[-1] for s in outside if len(s.shape) == 2), default=0)
     block_bytes = sum(_numel(s.shape) for s in block) * FLOAT32
+    if whole_model(prepared.spec):  # every parameter at once, in float32
+        embeddings, block_bytes = 0, sum(_numel(s.shape) for s in prepared.sources.values()) * FLOAT32
     activations = 2 * options.calibration_samples * options.calibration_length * width * FLOAT32
     moments = 2 * (width + 1) ** 2 * FLOAT64
     patterns = [key_pattern(t + ".weight") for role in ("q", "k", "v", "qkv", "o")
@@ -55,8 +58,15 @@ def _calibration_peak(prepared, options) -> tuple[int, str]:
                  if any((m := p.match(name)) and m["layer"] == "0" for p in patterns)]
     solve = 3 * sum(attention) * FLOAT64
     total = embeddings + block_bytes + activations + moments + solve
-    return total, (f"embeddings {format_bytes(embeddings)} + one block {format_bytes(block_bytes)} + activations "
-                   f"{format_bytes(activations)} + moments {format_bytes(moments)} + solve {format_bytes(solve)}")
+    held = f"the model {format_bytes(block_bytes)}" if whole_model(prepared.spec) else \
+        f"embeddings {format_bytes(embeddings)} + one block {format_bytes(block_bytes)}"
+    return total, (f"{held} + activations {format_bytes(activations)} + moments {format_bytes(moments)} + solve "
+                   f"{format_bytes(solve)}")
+
+
+def whole_model(spec) -> bool:
+    """An encoder-decoder calibrates in forwards of the whole model (convert/methods/seq2seq_calibration.py)."""
+    return len(spec.blocks) > 1
 
 
 def describe(prepared) -> list[str]:
@@ -83,7 +93,8 @@ def describe(prepared) -> list[str]:
         peak, breakdown = _calibration_peak(prepared, options)
         where = options.device
         lines.append(f"calibration: {options.calibration_samples} x {options.calibration_length} tokens of "
-                     f"{record.get('calibration')}, {options.calibration_mode} mode, one block at a time on {where}")
+                     f"{record.get('calibration')}, {options.calibration_mode} mode, "
+                     f"{'the whole model' if whole_model(prepared.spec) else 'one block at a time'} on {where}")
     lines.append(f"peak memory (estimate, beyond the interpreter): {format_bytes(peak)} on {where} ({breakdown})")
     lines.append(f"disk: {format_bytes(total)} to write, {format_bytes(free_bytes(prepared.out))} free at "
                  f"{prepared.out.parent}")

@@ -90,9 +90,10 @@ def _converted_layer(names: dict[str, str | None], layer: int, read, geo: Geomet
                                tensors["k_bias"], tensors["v_bias"])
     ls = layer_settings
     moments = ls.calibration[layer] if ls.calibration is not None else None
+    key_moments = ls.key_calibration[layer] if ls.key_calibration is not None else None
     out = convert_layer(weights, heads=geo.heads, kv_heads=geo.kv_heads, groups=settings.groups,
                         method=ls.method, rope=ls.rope, grouping=ls.grouping, preserve_norm=ls.preserve_norm,
-                        calibration=moments, seed=settings.seed, init_std=geo.init_std,
+                        calibration=moments, key_calibration=key_moments, seed=settings.seed, init_std=geo.init_std,
                         names={f"{r.split('_')[0]}.{'bias' if r.endswith('bias') else 'weight'}": n
                                for r, n in names.items() if n is not None})
     if layout is None:

@@ -40,7 +40,8 @@ class LayerSettings:
     grouping: str
     preserve_norm: bool
     rope: RopeLayout
-    calibration: Mapping[int, InputMoments] | None = None
+    calibration: Mapping[int, InputMoments] | None = None  # by layer: the moments of Q's input
+    key_calibration: Mapping[int, InputMoments] | None = None  # cross-attention: of K's and V's (encoder states)
     converted: ConvertedLayers | None = None  # sequential calibration: tell it of every converted layer
 
     @property

@@ -52,20 +52,16 @@ def _layer_settings(model_dir: Path, config: ConfigReader, raw_config: dict, spe
         return (), {}
     what = f"--method {options.method}" if options.layer_method is not None else f"--grouping {options.grouping}"
     model_type = raw_config["model_type"]
-    check_block_support(spec, model_type, names, what)
-    blocks = [block for block in spec.blocks if block.attention in geometries]
-    if not blocks:
-        kinds = ", ".join(repr(block.attention) for block in spec.blocks)
-        raise ConversionError(f"{what} converts the {kinds} attention, which --attention leaves out")
+    check_block_support(spec, model_type, names, what, options.grouping)
+    blocks = [block for block in spec.blocks if block.attention in geometries]  # every kind has one (the spec's check)
     calibration, device = options.calibration, options.device
-    encoder_decoder = len(spec.blocks) > 1
     if options.calibrated:
         _check_calibration(spec, model_type, options)
     moments, converted, tokens = {}, None, None
     if options.calibrated and calibrate:  # a dry run checks the calibration and does not run it
         tokens = calibration if isinstance(calibration, torch.Tensor) else calibration_tokens(
             model_dir, calibration, options.calibration_samples, options.calibration_length)
-        if encoder_decoder:
+        if spec.encoder_decoder:
             bar = (lambda n: tqdm(total=n, unit="batch", desc=f"calibration on {device}")) if progress else None
             moments = encoder_decoder_moments(model_dir, blocks, tokens, device=device, progress=bar)
         else:
@@ -92,7 +88,7 @@ def _check_calibration(spec, model_type: str, options: ConversionOptions) -> Non
     if spec.audio is not None:
         raise ConversionError(f"calibration feeds text, and {model_type}'s encoder takes audio features; pass "
                               "--calibration none to convert on the weights")
-    if options.calibration_mode == "sequential" and len(spec.blocks) > 1:
+    if options.calibration_mode == "sequential" and spec.encoder_decoder:
         raise ConversionError(f"--calibration-mode sequential runs decoder-only models block by block; "
                               f"{model_type} is an encoder-decoder, use --calibration-mode source")
     if options.calibration_mode == "sequential" and spec.block.qkv:

@@ -111,7 +111,7 @@ def _loading_note(record: dict[str, Any], spec: ArchitectureSpec | None) -> str:
 def _modeling_note(spec: ArchitectureSpec) -> str:
     if spec.modeling is None:
         return ""
-    auto = lm_auto_class_name(spec.modeling.model_type, encoder_decoder=True)  # the modeling's own Auto class
+    auto = spec.modeling.auto_class
     return f"""
 transformers has no grouped-query attention for this family, so the modeling code is in this directory
 (`{spec.modeling.file}`); load it with `{auto}.from_pretrained(path, trust_remote_code=True)`, or without

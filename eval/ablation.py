@@ -24,7 +24,7 @@ from gqa_toolkit.convert.io.hub import push_folder
 from gqa_toolkit.convert.families.geometry import check_context, divisors, model_geometry
 from gqa_toolkit.convert.methods.variants import parse_variant
 from gqa_toolkit.uptrain import train, validate_recipe
-from gqa_toolkit.uptrain.model import load_config, load_tokenizer
+from gqa_toolkit.uptrain.model import check_text_model, load_config, load_tokenizer
 from gqa_toolkit.uptrain.recipe import DataSection
 from gqa_toolkit.uptrain.tasks import CausalLM
 
@@ -90,6 +90,7 @@ class Ablation:
         else:
             original = resolve_original(self.recipe, self.root)
             config = load_config(original.path, role="original.path")
+            check_text_model(config)
             self.check_geometry(config)
             self.heldout(config, load_tokenizer(original.path))
         return tokenizer

@@ -192,6 +192,10 @@ def _speed_models(model_dir: str, source_dir: str | None, contexts, decode_steps
             raise EvalError(f"--contexts {','.join(map(str, contexts))}: this {config.model_type} encodes a fixed "
                             f"window of {window} positions; leave --contexts out or pass --contexts {window}")
         contexts = (window,)
+        decoder_positions = getattr(config, audio.decoder_positions_attr)
+        if decode_steps + 1 > decoder_positions:  # the start token, then the decoded ones
+            raise EvalError(f"--decode-steps {decode_steps} is past this {config.model_type} decoder's "
+                            f"{decoder_positions} positions; take at most {decoder_positions - 1}")
     contexts = contexts or (128, 512)
     for _, config in models.values():
         check_context(config, max(contexts), "--contexts", EvalError, decode_steps)

@@ -10,6 +10,9 @@ from .errors import EvalError
 def run_tasks(model_dir: str, tasks: list[str], batch_size: int = 8, limit: int | None = None) -> dict:
     if not (Path(model_dir) / "config.json").is_file():
         raise EvalError(f"MODEL_DIR {model_dir} is not a model directory (no config.json); pass a checkpoint folder")
+    from gqa_toolkit.uptrain.model import check_text_model, load_config
+
+    check_text_model(load_config(Path(model_dir), role="MODEL_DIR"))
     try:
         import lm_eval
     except ImportError:

@@ -69,7 +69,8 @@ def kv_cache_bytes_per_token(model, tokens: int = 8) -> float:
     """Bytes the model's own KV cache holds per token, measured from the cache tensors after a prefill. For an
     encoder-decoder, per token of both encoder input and decoder output: the cross-attention cache per encoder
     position plus the self-attention cache per decoded token (whisper encodes its whole audio window)."""
-    context = model.config.max_source_positions if audio_input(model.config.model_type) else tokens
+    audio = audio_input(model.config.model_type)
+    context = getattr(model.config, audio.positions_attr) if audio else tokens
     decoder_ids = torch.zeros(1, tokens, dtype=torch.long, device=model.device)
     cache = output_cache(prefill(model, context_inputs(model, 1, context), decoder_ids=decoder_ids)[0])
     if not hasattr(cache, "cross_attention_cache"):

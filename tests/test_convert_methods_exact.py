@@ -235,7 +235,7 @@ def test_layer_methods_on_a_fused_layout(model_type, no_native_dirs, family_dirs
 
 
 @pytest.mark.parametrize("scope", ["decoder", "all"])
-@pytest.mark.parametrize("model_type", ["t5", "bart", "whisper"])
+@pytest.mark.parametrize("model_type", ["t5", "bart", "mbart", "marian", "whisper"])
 def test_layer_methods_on_an_encoder_decoder(model_type, scope, no_native_dirs, tmp_path):
     """t5's and the BART family's decoder self- and cross-attention (and the encoder's with --attention all), one
     block per attention kind, on the weights alone: `fit` keeping every head is exact, and at G = 2 and at MQA
@@ -274,7 +274,7 @@ def _seq2seq_kl(family, src, out, inputs) -> float:
     return (p.exp() * (p - q)).sum(-1).mean().item()
 
 
-@pytest.mark.parametrize("model_type", ["t5", "bart"])
+@pytest.mark.parametrize("model_type", ["t5", "bart", "mbart", "marian"])
 def test_calibrated_layer_methods_on_an_encoder_decoder(model_type, no_native_dirs, tmp_path):
     """The decoder reads the calibration tokens shifted right behind its start token; cross-attention's K/V maps
     are weighed by the encoder's states. `fit` keeping every head stays exact, and on text like the calibration's
@@ -319,10 +319,12 @@ def test_cross_attention_keys_are_calibrated_on_the_encoder_states(no_native_dir
     expected = torch.cat([states, torch.ones(len(states), 1, dtype=states.dtype)], 1)
     query, keys = moments["cross"]
     assert sorted(keys) == [0, 1] and moments["decoder"][1] is None and moments["encoder"][1] is None
-    for layer in keys:
-        assert keys[layer].count == tokens.numel()
-        torch.testing.assert_close(keys[layer].total, expected.T @ expected, rtol=1e-9, atol=1e-9)
-        assert not torch.allclose(query[layer].total, keys[layer].total)
+    for layer in sorted(keys):
+        key_moments, query_moments = keys[layer], query[layer]  # each handed out once
+        assert key_moments.count == tokens.numel()
+        torch.testing.assert_close(key_moments.total, expected.T @ expected, rtol=1e-9, atol=1e-9)
+        assert not torch.allclose(query_moments.total, key_moments.total)
+    assert not keys  # freed as they were handed out
 
 
 def test_calibration_the_encoder_decoder_cannot_run_is_refused_with_the_fix(no_native_dirs, tmp_path):
@@ -333,3 +335,35 @@ def test_calibration_the_encoder_decoder_cannot_run_is_refused_with_the_fix(no_n
         convert_checkpoint(no_native_dirs["t5"], tmp_path / "t", method="fit", groups=2, progress=False,
                            calibration=torch.zeros(2, 8, dtype=torch.long), calibration_mode="sequential")
     assert not (tmp_path / "w").exists() and not (tmp_path / "t").exists()
+
+
+@pytest.mark.parametrize("model_type", ["t5", "bloom"])
+def test_similarity_grouping_is_refused_where_a_bias_belongs_to_each_head_position(model_type, no_native_dirs,
+                                                                                    tmp_path):
+    """t5's relative bias and bloom's ALiBi slopes follow the head's position: reversing the heads changes the
+    stock model's logits (checked here), so the converter refuses to move them."""
+    import transformers
+
+    family = next(f for f in NO_NATIVE_FAMILIES if f.model_type == model_type)
+    model = getattr(transformers, family.auto).from_pretrained(no_native_dirs[model_type]).eval()
+    ids = torch.randint(1, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    inputs = {"input_ids": ids, **({"decoder_input_ids": ids} if model.config.is_encoder_decoder else {})}
+    with torch.no_grad():
+        before = model(**inputs).logits
+        for module in model.modules():  # the query, key and value heads and the output columns, in reverse order
+            heads = getattr(module, "n_heads", None) or getattr(module, "num_heads", None)
+            for name in ("q", "k", "v", "query_key_value"):
+                proj = getattr(module, name, None)
+                if heads and proj is not None:
+                    proj.weight.copy_(proj.weight.view(heads, -1, proj.weight.shape[1]).flip(0).reshape_as(proj.weight))
+                    if proj.bias is not None:
+                        proj.bias.copy_(proj.bias.view(heads, -1).flip(0).reshape_as(proj.bias))
+            for name in ("o", "dense"):
+                proj = getattr(module, name, None)
+                if heads and proj is not None and hasattr(module, "query_key_value" if name == "dense" else "q"):
+                    proj.weight.copy_(proj.weight.view(proj.weight.shape[0], heads, -1).flip(1).reshape_as(proj.weight))
+        assert not torch.allclose(model(**inputs).logits, before, atol=1e-3)
+    with pytest.raises(ConversionError, match="bias that belongs to each head's position.*--grouping contiguous"):
+        convert_checkpoint(no_native_dirs[model_type], tmp_path / "o", groups=2, grouping="similarity",
+                           calibration="none", progress=False)
+    assert not (tmp_path / "o").exists()

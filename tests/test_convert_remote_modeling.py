@@ -132,6 +132,20 @@ def test_first_method_equals_reference(family, no_native_dirs, tmp_path):
 
 
 @pytest.mark.parametrize("family", NO_NATIVE_FAMILIES, ids=NO_NATIVE_IDS)
+def test_bfloat16_decodes_with_a_bfloat16_cache(family, no_native_dirs, tmp_path):
+    """Every tensor of the attention stays in the model's dtype (GPT-J's rotary table on 5.16 included)."""
+    out = convert_checkpoint(no_native_dirs[family.model_type], tmp_path / "out", groups=GROUPS, progress=False)
+    model = _load(family, out, dtype=torch.bfloat16)
+    inputs = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in _inputs(family).items()}
+    with torch.no_grad():
+        result = model(**inputs, use_cache=True)
+    assert result.logits.dtype == torch.bfloat16 and torch.isfinite(result.logits).all()
+    cache = output_cache(result)
+    caches = [cache.self_attention_cache, cache.cross_attention_cache] if _seq2seq(family) else [cache]
+    assert {layer.keys.dtype for c in caches for layer in c.layers} == {torch.bfloat16}
+
+
+@pytest.mark.parametrize("family", NO_NATIVE_FAMILIES, ids=NO_NATIVE_IDS)
 def test_random_method_loads_and_caches_g_heads(family, no_native_dirs, tmp_path):
     out = convert_checkpoint(no_native_dirs[family.model_type], tmp_path / "out", method="random", groups=GROUPS,
                              progress=False)

@@ -66,7 +66,7 @@ def assert_refused(args, needles, *watched: Path) -> None:
 
 
 @pytest.fixture
-def inputs(uptrain_models, tmp_path):
+def inputs(uptrain_models, tmp_path, no_native_dirs):
     """Names the cases' arguments refer to: the session's tiny checkpoints and some broken neighbours of them."""
     orphan = shutil.copytree(uptrain_models["gqa"], tmp_path / "orphan")
     config = json.loads((orphan / "config.json").read_text())
@@ -99,6 +99,7 @@ def inputs(uptrain_models, tmp_path):
         "data": {**TINY_ABLATION["data"], "cache_dir": str(uptrain_models["cache"])},
     }))
     return {"mha": uptrain_models["mha"], "gqa": uptrain_models["gqa"], "models": uptrain_models["mha"].parent,
+            "whisper": no_native_dirs["whisper"],
             "missing": tmp_path / "missing", "orphan": orphan, "other_vocab": other_vocab, "recipe": recipe,
             "tmp": tmp_path}
 
@@ -163,6 +164,8 @@ BAD_INPUTS = {
                                          ["no-such-launcher is not an installed command"]),
     "ablation: original.path not a model": (["ablation", "{recipe}", "original.path={tmp}/not-a-model"],
                                             ["original.path", "has no config.json"]),
+    "ablation: original.path an audio model": (["ablation", "{recipe}", "original.path={whisper}"],
+                                               ["encoder takes audio features", "gqa-eval speed measures it"]),
 }
 
 

@@ -81,3 +81,18 @@ def test_spec_names_the_audio_input():
     audio = spec_for("gqa_whisper").audio
     assert (audio.mel_bins_attr, audio.positions_attr, audio.frames_per_position) == \
         ("num_mel_bins", "max_source_positions", 2)
+
+
+def test_speed_refuses_decoding_past_the_decoders_positions(whisper):
+    limit = WHISPER.config["max_target_positions"]
+    result = CliRunner().invoke(eval_main, ["speed", str(whisper[2]), "--decode-steps", str(limit)])
+    assert result.exit_code == 2
+    assert f"decoder's {limit} positions; take at most {limit - 1}" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("command", [["tasks", "--tasks", "hellaswag"], ["fidelity"]])
+def test_other_text_measures_refuse_an_audio_model(whisper, command):
+    result = CliRunner().invoke(eval_main, [command[0], str(whisper[2]), *command[1:]])
+    assert result.exit_code == 2, result.output
+    assert "encoder takes audio features, and the toolkit's tasks are text" in result.output

@@ -2,9 +2,10 @@
 
 A converted directory of a family the toolkit models itself (t5, bart, whisper, gpt2, ...) carries modeling files
 and an `auto_map` so that it loads where the toolkit is not installed. Whoever made a folder controls those files
-and its `model_type`, so every stage loads the toolkit's own families through the classes the toolkit registers
-with the Auto classes, with `trust_remote_code=False`. A folder's code runs only after `allow_remote_code()`, which the commands call for an
-explicit `--trust-remote-code` (gqa-eval) or `model.trust_remote_code: true` (gqa-uptrain recipes).
+and its `model_type`, so every stage loads the toolkit's own families through the classes the toolkit registers with
+the Auto classes, with `trust_remote_code=False`. A folder's code runs only after `allow_remote_code()`, which the
+commands call for an explicit `--trust-remote-code` (gqa-eval) or `model.trust_remote_code: true` (gqa-uptrain
+recipes).
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
 """Which key transforms commute with a family's rotary embedding, and how to build them.
 
-A key map M (applied to every key of one head, with M^T applied to the queries that read it) leaves every
-attention logit unchanged exactly when it commutes with the position rotation. Under HF's `rotate_half`
-convention dimension i rotates together with i + r/2 (r the rotary dims); under GPT-J's interleaved one, 2i with
-2i + 1. Either pair is one complex number z = k_re + 1j * k_im, and position t multiplies it by e^{1j t theta_i}. The maps that commute are a
-complex scalar per pair (a 2x2 scaled rotation) plus any matrix on the non-rotary dims (partial rotary, or
-families with no RoPE). `KeyMap` holds exactly that, so no code path can build a map that breaks RoPE.
+A key map M (applied to every key of one head, with M^T applied to the queries that read it) leaves every attention
+logit unchanged exactly when it commutes with the position rotation. Under HF's `rotate_half` convention dimension i
+rotates together with i + r/2 (r the rotary dims); under GPT-J's interleaved one, 2i with 2i + 1. Either pair is one
+complex number z = k_re + 1j * k_im, and position t multiplies it by e^{1j t theta_i}. The maps that commute are a
+complex scalar per pair (a 2x2 scaled rotation) plus any matrix on the non-rotary dims (partial rotary, or families
+with no RoPE). `KeyMap` holds exactly that, so no code path can build a map that breaks RoPE.
 """
 
 from __future__ import annotations

@@ -73,6 +73,7 @@ class AudioInput(_Strict):
     mel_bins_attr: str
     positions_attr: str
     frames_per_position: int
+    decoder_positions_attr: str  # the decoder's own positions (whisper: 448), which decoding cannot pass
 
 
 class Modeling(_Strict):
@@ -102,6 +103,11 @@ class Modeling(_Strict):
     def files(self) -> tuple[str, ...]:
         """The files written into an output directory: the shared core, then the family's own."""
         return self.CORE, self.file
+
+    @property
+    def auto_class(self) -> str:
+        """The Auto class with the LM head that the modeling registers (whisper's AutoModelForSpeechSeq2Seq)."""
+        return next(k for k in self.auto_map if k != "AutoConfig")
 
 
 class NativeTarget(_Strict):
@@ -149,6 +155,9 @@ class AttentionBlock(_Strict):
     refuse_if_present: tuple[str, ...] = ()
     attention: str = "self"
     keys_from_encoder: bool = False  # cross-attention: K and V read the encoder's states, Q the decoder's
+    # a bias on the logits that belongs to each query head's position (t5's relative bias, bloom's ALiBi slopes):
+    # permuting heads would change the function, so similarity grouping is refused
+    position_bias_per_head: bool = False
 
     @model_validator(mode="after")
     def _separate_or_fused(self) -> "AttentionBlock":
@@ -223,6 +232,9 @@ class ArchitectureSpec(_Strict):
         kinds = [b.attention for b in self.blocks]
         if len(set(kinds)) < len(kinds):
             raise ValueError(f"blocks name the attention kinds {kinds}: one block per kind")
+        if self.blocks and set(kinds) != set(self.attention):
+            raise ValueError(f"blocks cover the attention kinds {kinds} of {sorted(self.attention)}: a spec with "
+                             "blocks has one for every kind, so no kind is left to mean-pooling")
         outside = [t.key for t in self.tensors if not t.key.startswith(self.attention[t.attention].module + ".")]
         if outside:
             raise ValueError(f"tensors {outside} lie outside their attention kind's module")
@@ -245,6 +257,11 @@ class ArchitectureSpec(_Strict):
             raise ConversionError(f"--attention {scope!r} is not one this family has; choose one of: "
                                   f"{', '.join(self.scopes)}")
         return {k: self.attention[k] for k in self.scopes[scope]}
+
+    @property
+    def encoder_decoder(self) -> bool:
+        """Cross-attention reads an encoder's states: calibration runs the whole model, not block by block."""
+        return any(b.keys_from_encoder for b in self.blocks)
 
     @property
     def block(self) -> AttentionBlock | None:
@@ -304,7 +321,7 @@ def lm_auto_class_name(model_type: str, encoder_decoder: bool) -> str:
     causal for the rest (also for families the toolkit does not know)."""
     spec = all_specs().get(model_type)
     if spec is not None and spec.modeling is not None:
-        return next(k for k in spec.modeling.auto_map if k != "AutoConfig")
+        return spec.modeling.auto_class
     return "AutoModelForSeq2SeqLM" if encoder_decoder else "AutoModelForCausalLM"
 
 

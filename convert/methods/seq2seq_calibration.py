@@ -1,13 +1,15 @@
 """Calibration moments of an encoder-decoder (t5, bart, mbart, marian), from forwards of the whole model.
 
-The encoder reads the calibration tokens; the decoder reads the same tokens shifted right behind its start token
-(teacher forcing on the text itself). Each block's query input gives its moments; a cross-attention block
-(`keys_from_encoder`) also gets the moments of its key input, the encoder's states, so its K/V maps are weighed by
-what they really read. Peak memory is the whole model: the block-by-block stream runs decoder-only models.
+The encoder reads the calibration tokens; the decoder reads the same tokens as its target, shifted right the
+family's own way (teacher forcing on the text itself). Each block's query input gives its moments; a cross-attention
+block (`keys_from_encoder`) also gets the moments of its key input, the encoder's states, so its K/V maps are
+weighed by what they really read. Peak memory is the whole model: the block-by-block stream runs decoder-only
+models.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Callable
 
@@ -18,8 +20,27 @@ from ..families.loading import from_pretrained
 from ..families.spec import AttentionBlock, key_pattern, lm_auto_class_name
 from .layer_types import InputMoments
 
+class HandedOnce(Mapping):
+    """Layer -> moments, each handed out once and then freed, as the converter asks layer by layer."""
+
+    def __init__(self):
+        self._moments: dict[int, InputMoments] = {}
+
+    def add(self, layer: int, x: torch.Tensor) -> None:
+        self._moments.setdefault(layer, InputMoments(x.shape[-1])).add(x)
+
+    def __getitem__(self, layer: int) -> InputMoments:
+        return self._moments.pop(layer)
+
+    def __iter__(self):
+        return iter(self._moments)
+
+    def __len__(self) -> int:
+        return len(self._moments)
+
+
 # attention kind -> (query input moments by layer, key input moments by layer for cross-attention, else None)
-Moments = dict[str, tuple[dict[int, InputMoments], dict[int, InputMoments] | None]]
+Moments = dict[str, tuple[HandedOnce, HandedOnce | None]]
 
 
 def _modules(model: torch.nn.Module, templates: tuple[str, ...]) -> dict[int, torch.nn.Module]:
@@ -29,14 +50,8 @@ def _modules(model: torch.nn.Module, templates: tuple[str, ...]) -> dict[int, to
         found = {int(m["layer"]): module for name, module in model.named_modules() if (m := pattern.match(name))}
         if found:
             return found
-    raise ConversionError(f"no module of the model matches {templates}; calibration cannot see the attention inputs")
-
-
-def _recorder(moments: dict[int, InputMoments], layer: int):
-    def hook(module, args):
-        x = args[0]
-        moments.setdefault(layer, InputMoments(x.shape[-1])).add(x)
-    return hook
+    raise ConversionError(f"no module of the model matches {templates}, so calibration cannot see the attention "
+                          f"inputs; pass --calibration none to convert on the weights")
 
 
 @torch.no_grad()
@@ -50,26 +65,26 @@ def encoder_decoder_moments(model_dir: Path, blocks: list[AttentionBlock], token
     model = from_pretrained(auto, model_dir, dtype=dtype).to(device).eval()
     vocab = model.get_input_embeddings().num_embeddings
     if tokens.max() >= vocab:
-        raise ConversionError(f"calibration token id {int(tokens.max())} is outside the model's vocabulary of {vocab}")
-    start = config.decoder_start_token_id
-    if start is None:
-        raise ConversionError(f"{model_dir}/config.json has no decoder_start_token_id, which the decoder's "
-                              "calibration inputs start with; set it, or pass --calibration none")
+        raise ConversionError(f"calibration token id {int(tokens.max())} is outside the model's vocabulary of "
+                              f"{vocab}; calibrate with the source's own tokenizer (--calibration TEXT)")
     moments: Moments = {}
     hooks = []
     for block in blocks:
-        query, keys = {}, ({} if block.keys_from_encoder else None)
+        query, keys = HandedOnce(), (HandedOnce() if block.keys_from_encoder else None)
         moments[block.attention] = (query, keys)
         for recorded, templates in ((query, block.q), (keys, block.k)):
             if recorded is None:
                 continue
             for layer, module in _modules(model, templates).items():
-                hooks.append(module.register_forward_pre_hook(_recorder(recorded, layer)))
+                hooks.append(module.register_forward_pre_hook(
+                    lambda mod, args, recorded=recorded, layer=layer: recorded.add(layer, args[0])))
     bar = progress(len(range(0, len(tokens), batch_size))) if progress is not None else None
     try:
         for first in range(0, len(tokens), batch_size):
             ids = tokens[first:first + batch_size].to(device)  # (B, T)
-            decoder_ids = torch.cat([torch.full_like(ids[:, :1], start), ids[:, :-1]], dim=1)  # shifted right
+            # the text as the decoder's target: each family shifts it right in its own way (mBART wraps the
+            # language code), as in training
+            decoder_ids = model.prepare_decoder_input_ids_from_labels(labels=ids)
             model(input_ids=ids, decoder_input_ids=decoder_ids, use_cache=False)
             if bar is not None:
                 bar.update()

@@ -51,7 +51,12 @@ def _calibration_peak(prepared, options) -> tuple[int, str]:
     if whole_model(prepared.spec):  # every parameter at once, in float32
         embeddings, block_bytes = 0, sum(_numel(s.shape) for s in prepared.sources.values()) * FLOAT32
     activations = 2 * options.calibration_samples * options.calibration_length * width * FLOAT32
-    moments = 2 * (width + 1) ** 2 * FLOAT64
+    moments = 2 * (width + 1) ** 2 * FLOAT64  # block by block: one layer's, and the next one's
+    if whole_model(prepared.spec):  # every layer's at once: its queries', and cross-attention's keys' too
+        kinds = prepared.record.get("attention_kinds", [])
+        matrices = sum((1 + b.keys_from_encoder) * _layers(prepared.sources, b)
+                       for b in prepared.spec.blocks if b.attention in kinds)
+        moments = matrices * (width + 1) ** 2 * FLOAT64
     patterns = [key_pattern(t + ".weight") for role in ("q", "k", "v", "qkv", "o")
                 for t in getattr(prepared.spec.block, role)]
     attention = [_numel(s.shape) for name, s in prepared.sources.items()
@@ -64,9 +69,14 @@ def _calibration_peak(prepared, options) -> tuple[int, str]:
                    f"{format_bytes(solve)}")
 
 
+def _layers(sources, block) -> int:
+    patterns = [key_pattern(t + ".weight") for t in block.q]
+    return sum(any(p.match(name) for p in patterns) for name in sources)
+
+
 def whole_model(spec) -> bool:
     """An encoder-decoder calibrates in forwards of the whole model (convert/methods/seq2seq_calibration.py)."""
-    return len(spec.blocks) > 1
+    return spec.encoder_decoder
 
 
 def describe(prepared) -> list[str]:

@@ -3,9 +3,10 @@ key/value heads shared by H query heads; the KV cache holds G heads.
 
 Written by gqa-toolkit into every converted BART, mBART, Marian or Whisper directory, beside `gqa_attention.py` (the
 shared core), and loaded from there with `AutoModelForSeq2SeqLM.from_pretrained(dir, trust_remote_code=True)`
-(`AutoModelForSpeechSeq2Seq` for whisper). Imports torch and transformers only. `num_key_value_heads` (whisper: `decoder_num_key_value_heads`) counts the decoder's
-K/V heads (self- and cross-attention, the ones the KV cache holds); `encoder_num_key_value_heads` the encoder's (None: MHA). `k_proj` and `v_proj` are
-`[G*hd, d]` (head-major); query head h uses KV head h // (H/G).
+(`AutoModelForSpeechSeq2Seq` for whisper). Imports torch and transformers only. `num_key_value_heads` (whisper:
+`decoder_num_key_value_heads`) counts the decoder's K/V heads (self- and cross-attention, the ones the KV cache
+holds); `encoder_num_key_value_heads` the encoder's (None: MHA). `k_proj` and `v_proj` are `[G*hd, d]`
+(head-major); query head h uses KV head h // (H/G).
 """
 
 from __future__ import annotations

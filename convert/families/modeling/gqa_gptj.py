@@ -33,7 +33,8 @@ class GQAGPTJAttention(GroupedAttention, GPTJAttention):
     def attend(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, position_ids=None,
                use_cache=None, output_attentions=False, **kwargs):
         heads_shape = (*hidden_states.shape[:-1], -1, self.head_dim)  # (B, T, n, hd)
-        sin, cos = position_embeddings if position_embeddings is not None else self.sin_cos(position_ids)
+        sin, cos = position_embeddings if position_embeddings is not None else \
+            self.sin_cos(position_ids, hidden_states.dtype)
         query = self.rotate(self.q_proj(hidden_states).view(heads_shape), sin, cos).transpose(1, 2)  # (B, H, T, hd)
         key, value = self.cached_kv(cache, lambda: (
             self.rotate(self.k_proj(hidden_states).view(heads_shape), sin, cos).transpose(1, 2),  # (B, G, T, hd)
@@ -47,9 +48,9 @@ class GQAGPTJAttention(GroupedAttention, GPTJAttention):
         r = self.rotary_dim or x.shape[-1]
         return torch.cat([apply_rotary_pos_emb(x[..., :r], sin, cos), x[..., r:]], dim=-1)
 
-    def sin_cos(self, position_ids):
+    def sin_cos(self, position_ids, dtype):
         """Releases before the model-level rotary module (transformers 5.16): each attention keeps its own table."""
-        table = self.embed_positions.to(position_ids.device)[position_ids]  # (B, T, r)
+        table = self.embed_positions.to(position_ids.device)[position_ids].to(dtype)  # (B, T, r)
         return table.chunk(2, dim=-1)
 
 

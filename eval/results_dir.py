@@ -11,6 +11,9 @@ from pathlib import Path
 
 import yaml
 
+from gqa_toolkit.convert.errors import first_line
+from gqa_toolkit.convert.io.output_dir import listing
+
 from .errors import EvalError
 from .outputs import write_fault, write_files
 
@@ -37,18 +40,12 @@ def _own_partial(path: Path) -> bool:
     return path.name.startswith(".") and ".partial-" in path.name
 
 
-def _listing(folder: Path, shown: int = 3) -> str:
-    names = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir())
-    more = f" and {len(names) - shown} more" if len(names) > shown else ""
-    return ", ".join(names[:shown]) + more
-
-
 def _saved_recipe(saved: Path):
     try:
         return yaml.safe_load(saved.read_text())
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise EvalError(f"{saved} is not a readable ablation recipe ({first_line}); choose {DESTINATION}") from None
+        raise EvalError(f"{saved} is not a readable ablation recipe ({first_line(exc)}); choose {DESTINATION}") \
+            from None
 
 
 def check_results_dir(root: Path, recipe_yaml: str) -> None:
@@ -62,7 +59,7 @@ def check_results_dir(root: Path, recipe_yaml: str) -> None:
                             f"delete it to start over")
     elif root.exists() and any(not _own_partial(p) for p in root.iterdir()):
         raise EvalError(f"results_dir {root} is not empty and holds no ablation ({RECIPE_FILE} is missing): it has "
-                        f"{_listing(root)}; choose a new or empty results_dir")
+                        f"{listing(root.iterdir())}; choose a new or empty results_dir")
 
 
 def _mkdir(path: Path) -> None:

@@ -123,7 +123,7 @@ def load_text(src: TextCorpus) -> tuple[datasets.Dataset | datasets.IterableData
             ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train",
                                        streaming=src.streaming, **kwargs)
         except Exception as e:  # malformed json/parquet
-            raise UptrainError(f"could not read {path} as {builder}: {str(e).splitlines()[0]}") from None
+            raise UptrainError(f"could not read {path} as {builder}: {first_line(e)}") from None
         stamp = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
         fp = "local:" + hashlib.sha1(json.dumps(stamp).encode()).hexdigest()
     elif _looks_local(src.name):

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoTokenizer
 
+from gqa_toolkit.convert.errors import first_line
 from gqa_toolkit.convert.families.geometry import check_context
 from gqa_toolkit.convert.families.loading import from_pretrained
 from gqa_toolkit.convert.families.spec import audio_input, lm_auto_class_name
@@ -45,7 +46,7 @@ def load_config(path: Path, role: str = "model.path"):
     try:
         config = from_pretrained(AutoConfig, path)
     except (ValueError, OSError, TypeError) as e:
-        raise UptrainError(f"{role}: transformers cannot read {path / 'config.json'}: {str(e).splitlines()[0]}") from None
+        raise UptrainError(f"{role}: transformers cannot read {path / 'config.json'}: {first_line(e)}") from None
     return config
 
 
@@ -57,7 +58,7 @@ def load_tokenizer(path: Path):
     try:
         tokenizer = from_pretrained(AutoTokenizer, path)
     except (ValueError, OSError, TypeError) as e:
-        raise UptrainError(f"{path} has no usable tokenizer ({str(e).splitlines()[0]}); copy the source model's "
+        raise UptrainError(f"{path} has no usable tokenizer ({first_line(e)}); copy the source model's "
                            "tokenizer files into it") from None
     if tokenizer.eos_token_id is None:
         raise UptrainError(f"the tokenizer in {path} has no eos token, which packing puts between documents; set "
@@ -96,7 +97,7 @@ def load_model(path: Path, dtype: torch.dtype = torch.float32):
     try:
         return from_pretrained(model_class(path), path, dtype=dtype)
     except (ValueError, OSError) as e:
-        raise UptrainError(f"transformers cannot load the model in {path}: {str(e).splitlines()[0]}") from None
+        raise UptrainError(f"transformers cannot load the model in {path}: {first_line(e)}") from None
 
 
 def teacher_dir(student_dir: Path, override: str | None) -> Path:

@@ -13,6 +13,7 @@ from pathlib import Path
 import yaml
 
 from gqa_toolkit.convert.io.disk import write_files
+from gqa_toolkit.convert.io.output_dir import listing
 
 from .errors import UptrainError
 from .recipe import Recipe, yaml_problem
@@ -56,12 +57,6 @@ def check_destination(out: Path, protected: dict[str, Path]) -> None:
                            f"choose an output.dir outside it, e.g. {path.parent / (path.name + '-uptrained')}")
 
 
-def _listing(entries: list[Path], shown: int = 3) -> str:
-    names = sorted(p.name + ("/" if p.is_dir() else "") for p in entries)
-    more = f" and {len(names) - shown} more" if len(names) > shown else ""
-    return ", ".join(names[:shown]) + more
-
-
 def _damaged(saved: Path, out: Path, problem: str) -> UptrainError:
     return UptrainError(f"{saved} {problem}, so output.dir cannot be checked as an earlier run of this recipe; "
                         f"restore that file, or choose a new output.dir (or delete {out} to start over)")
@@ -91,7 +86,7 @@ def claim_run_dir(recipe: Recipe, protected: dict[str, Path]) -> Path:
     saved = out / RECIPE_FILE
     if not saved.is_file():
         raise UptrainError(f"output.dir {out} is not empty and holds no uptrain run ({RECIPE_FILE} is missing): it "
-                           f"holds {_listing(entries)}, which uptraining never overwrites; choose a new or empty "
+                           f"holds {listing(entries)}, which uptraining never overwrites; choose a new or empty "
                            "output.dir")
     diffs = _differences(_saved_recipe(saved, out), recipe.model_dump(mode="json"))
     if diffs:

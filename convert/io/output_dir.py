@@ -15,7 +15,7 @@ import signal
 import socket
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from ..errors import ConversionError
 from .records import CONVERSION_KEY
@@ -110,3 +110,10 @@ def atomic_directory(dst: Path, force: bool = False, source: Path | None = None)
         shutil.rmtree(tmp, ignore_errors=True)
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous)
+
+
+def listing(entries: Iterable[Path], shown: int = 3) -> str:
+    """A few of a folder's entries for a message: `a, b/, c and 4 more` (folders marked with a slash)."""
+    names = sorted(p.name + ("/" if p.is_dir() else "") for p in entries)
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more

@@ -56,7 +56,7 @@ def _layer_settings(model_dir: Path, config: ConfigReader, raw_config: dict, spe
     blocks = [block for block in spec.blocks if block.attention in geometries]  # every kind has one (the spec's check)
     calibration, device = options.calibration, options.device
     if options.calibrated:
-        _check_calibration(spec, model_type, options)
+        _check_calibration(spec, model_type, options, config)
     moments, converted, tokens = {}, None, None
     if options.calibrated and calibrate:  # a dry run checks the calibration and does not run it
         tokens = calibration if isinstance(calibration, torch.Tensor) else calibration_tokens(
@@ -83,8 +83,15 @@ def _layer_settings(model_dir: Path, config: ConfigReader, raw_config: dict, spe
                  for block in blocks), record
 
 
-def _check_calibration(spec, model_type: str, options: ConversionOptions) -> None:
-    """Refuse, before any work, a calibration the family cannot run."""
+def _check_calibration(spec, model_type: str, options: ConversionOptions, config: ConfigReader) -> None:
+    """Refuse, before any work, a calibration the family or the model cannot run."""
+    limit = config.get(spec.context_attr) if spec.context_attr else None
+    given = options.calibration
+    length, setting = (given.shape[1], "the calibration token ids' length") if isinstance(given, torch.Tensor) \
+        else (options.calibration_length, "--calibration-length")
+    if isinstance(limit, int) and length > limit:
+        raise ConversionError(f"{setting} {length} is longer than the model's context of {limit} tokens; "
+                              f"calibrate on at most {limit} tokens per sequence")
     if spec.audio is not None:
         raise ConversionError(f"calibration feeds text, and {model_type}'s encoder takes audio features; pass "
                               "--calibration none to convert on the weights")
@@ -130,12 +137,13 @@ class ConversionResult:
                 "bytes_written": self.bytes_written}
 
 
-def _kv_cache_bytes_per_token(planned: list, geometries: dict, kv_heads: int | None) -> int:
-    """K and V of one token in every layer of the converted kinds, in the output's floating dtype; `kv_heads`
-    None: the source's."""
+def _kv_cache_bytes_per_token(planned: list, spec: ArchitectureSpec, geometries: dict, kv_heads: int | None) -> int:
+    """K and V of one token in every layer of the converted kinds that keep a KV cache, in the output's floating
+    dtype; `kv_heads` None: the source's."""
     floating = [t.dtype for t in planned if t.dtype.is_floating_point]
     element = (floating[0] if floating else torch.float32).itemsize
-    return sum(2 * g.num_layers * (kv_heads or g.kv_heads) * g.head_dim * element for g in geometries.values())
+    return sum(2 * g.num_layers * (kv_heads or g.kv_heads) * g.head_dim * element for kind, g in geometries.items()
+               if spec.attention[kind].cached)
 
 
 def _prepare(src, dst, options: ConversionOptions, progress: bool, calibrate: bool = True) -> Prepared:
@@ -172,8 +180,8 @@ def _prepare(src, dst, options: ConversionOptions, progress: bool, calibrate: bo
         record["native_config"] = {attr: config.get(attr) for attr in native.copy_config}
     if hub := hub_source(model_dir):
         record["source_repo"], record["source_revision"] = hub["repo"], hub["revision"]
-    record["kv_cache_bytes_per_token_source"] = _kv_cache_bytes_per_token(planned, geometries, None)
-    record["kv_cache_bytes_per_token"] = _kv_cache_bytes_per_token(planned, geometries, options.groups)
+    record["kv_cache_bytes_per_token_source"] = _kv_cache_bytes_per_token(planned, spec, geometries, None)
+    record["kv_cache_bytes_per_token"] = _kv_cache_bytes_per_token(planned, spec, geometries, options.groups)
     return Prepared(model_dir, out, raw_config, spec, planned, shard_bytes, record, sources, options)
 
 

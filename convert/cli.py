@@ -37,10 +37,12 @@ from .methods.registry import GROUPINGS, all_method_names
 @click.option("--device", default="auto", help="Where calibration runs the source, one block at a time: auto (the GPU "
                                                "when there is one), cpu, cuda or cuda:N.")
 @click.option("--output", "-o", default=None,
-              help="Output directory. [default: MODEL_DIR-gqa{G}-{method}, plus -similarity and -norm when set]")
-@click.option("--attention", default=None, help="Which attention to convert, for families with several kinds: "
-                                                "t5 'decoder' (self- and cross-attention, the paper's choice) or "
-                                                "'all' (the encoder's too). [default: the family's first]")
+              help="Output directory. [default: MODEL_DIR-gqa{G}-{method}, plus -similarity, -norm and "
+                   "-attention-{kinds} when set]")
+@click.option("--attention", default=None, help="Which attention to convert, for families with several kinds "
+                                                "(t5, bart, mbart, marian, whisper): 'decoder' (self- and "
+                                                "cross-attention, the paper's choice) or 'all' (the encoder's too). "
+                                                "[default: the family's first]")
 @click.option("--seed", type=int, default=0, help="Seed for the random method.")
 @click.option("--dtype", default=None, help="Output dtype of floating tensors (float32, float16, bfloat16). "
                                             "[default: keep the source's]")

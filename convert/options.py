@@ -63,6 +63,9 @@ class ConversionOptions:
             raise ConversionError(f"--calibration applies to the layer methods (aligned, fit) and --grouping "
                                   f"similarity; {self.method} with contiguous groups reads weights only, drop "
                                   f"--calibration")
+        if isinstance(self.calibration, torch.Tensor) and self.calibration.dim() != 2:
+            raise ConversionError(f"calibration token ids have shape {tuple(self.calibration.shape)}; give a "
+                                  f"(sequences, tokens) tensor, e.g. ids[None] for one sequence")
         if self.calibrated:
             if self.calibration_samples < 1:
                 raise ConversionError(f"--calibration-samples {self.calibration_samples} must be at least 1 "
@@ -86,8 +89,10 @@ class ConversionOptions:
 
     @property
     def output_suffix(self) -> str:
-        """The default output's name after the source's: `-gqa8-mean`, plus `-similarity` and `-norm` when set."""
+        """The default output's name after the source's: `-gqa8-mean`, plus `-similarity`, `-norm` and
+        `-attention-all` (any --attention given) when set."""
         options = ("-similarity" if self.grouping == "similarity" else "") + ("-norm" if self.preserve_norm else "")
+        options += f"-attention-{self.attention}" if self.attention is not None else ""
         return f"-gqa{self.groups}-{self.method}{options}"
 
 

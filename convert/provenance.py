@@ -115,7 +115,7 @@ def _modeling_note(spec: ArchitectureSpec) -> str:
     return f"""
 transformers has no grouped-query attention for this family, so the modeling code is in this directory
 (`{spec.modeling.file}`); load it with `{auto}.from_pretrained(path, trust_remote_code=True)`, or without
-`trust_remote_code` in a process that has imported `gqa_toolkit.convert`.
+`trust_remote_code` in a process that has imported `gqa_toolkit.convert.families.modeling`.
 """
 
 
@@ -130,6 +130,9 @@ runs only under `trust_remote_code=True`; read it before you do.
 
 UPTRAINING_SECTION = "## Uptraining"
 NOT_UPTRAINED = "Not uptrained since the conversion: expect a quality drop until it is (`gqa-uptrain`).\n"
+# an audio model: gqa-uptrain's tasks are text
+NOT_UPTRAINED_AUDIO = ("Not uptrained since the conversion: expect a quality drop until it is, with an audio "
+                       "training loop (gqa-uptrain's tasks are text).\n")
 
 
 def _method_description(record: dict[str, Any]) -> str:
@@ -181,7 +184,7 @@ def model_card(record: dict[str, Any], model_type: str, spec: ArchitectureSpec |
     attention_row = f"| attention converted | {', '.join(kinds)} (`--attention {record['attention']}`) |\n" \
         if spec is not None and len(spec.attention) > 1 else ""
     before, after = record.get("kv_cache_bytes_per_token_source"), record.get("kv_cache_bytes_per_token")
-    kv_bytes = f"{before:,} -> {after:,} bytes ({G / G0:.3g}x)" if before else f"{G / G0:.3g}x the source's"
+    kv_bytes = f"{before:,} -> {after:,} bytes ({after / before:.3g}x)" if before else f"{G / G0:.3g}x the source's"
     body = f"""# {model_type} with grouped-query attention ({G} KV heads)
 
 Converted from `{record.get('source_repo') or record['source']}` by gqa-toolkit {record['toolkit_version']}.
@@ -204,7 +207,7 @@ Converted from `{record.get('source_repo') or record['source']}` by gqa-toolkit 
 
 {UPTRAINING_SECTION}
 
-{NOT_UPTRAINED}{_loading_note(record, spec)}{_foreign_code_note(list(code))}"""
+{NOT_UPTRAINED_AUDIO if spec is not None and spec.audio else NOT_UPTRAINED}{_loading_note(record, spec)}{_foreign_code_note(list(code))}"""
     return ModelCard(f"---\n{card_data(record, auto_class, source_card).to_yaml()}\n---\n{body}")
 
 

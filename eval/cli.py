@@ -127,8 +127,8 @@ def fidelity_cmd(model_dir, source_dir, corpus, split, text_column, target_colum
 @click.option("--source", "source_dir", default=None, help="compare with this checkpoint [default: the recorded "
                                                            "source, when there is one]")
 @click.option("--contexts", type=PositiveInts("128,512"), default=None,
-              help="Context lengths (encoder positions for an encoder-decoder)  [default: 128,512; an audio "
-                   "encoder's whole window]")
+              help="Context lengths (encoder positions for an encoder-decoder)  [default: 128,512, those within "
+                   "the model's context; an audio encoder's whole window]")
 @click.option("--batch-sizes", type=PositiveInts("1,8"), default="1,8", show_default=True)
 @click.option("--decode-steps", type=IntAtLeast(1), default=16, show_default=True)
 @click.option("--repeats", type=IntAtLeast(1), default=3, show_default=True,
@@ -172,7 +172,7 @@ def _ratio(value: float | None) -> str:
 def _speed_models(model_dir: str, source_dir: str | None, contexts, decode_steps: int) -> tuple[dict, tuple]:
     """{'converted': dir, 'source': dir (given or recorded, if any)} and the contexts (None: the default), each
     model checked to hold the longest context plus the decode steps, before any weights load."""
-    from gqa_toolkit.convert.families.geometry import check_context
+    from gqa_toolkit.convert.families.geometry import check_context, context_length
     from gqa_toolkit.convert.families.spec import audio_input
     from gqa_toolkit.uptrain.model import check_model_dir, load_config
 
@@ -196,7 +196,10 @@ def _speed_models(model_dir: str, source_dir: str | None, contexts, decode_steps
         if decode_steps + 1 > decoder_positions:  # the start token, then the decoded ones
             raise EvalError(f"--decode-steps {decode_steps} is past this {config.model_type} decoder's "
                             f"{decoder_positions} positions; take at most {decoder_positions - 1}")
-    contexts = contexts or (128, 512)
+    if contexts is None:  # the defaults that fit the model (or its whole context), so plain `speed DIR` runs
+        limits = [context_length(c) for _, c in models.values()]
+        room = min((limit - decode_steps for limit in limits if limit is not None), default=None)
+        contexts = tuple(c for c in (128, 512) if room is None or c <= room) or (max(room, 1),)
     for _, config in models.values():
         check_context(config, max(contexts), "--contexts", EvalError, decode_steps)
     return {name: path for name, (path, _) in models.items()}, contexts

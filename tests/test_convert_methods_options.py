@@ -139,3 +139,27 @@ def test_the_dry_run_of_a_calibrated_encoder_decoder_holds_the_whole_model(no_na
 
     text = "\n".join(describe_conversion(no_native_dirs["t5"], groups=2, method="fit"))
     assert "source mode, the whole model on cpu" in text and "(the model " in text
+
+
+@pytest.mark.parametrize("model_type", ["t5", "gptj", "bart"])
+def test_a_source_without_tokenizer_files_is_refused_for_calibration(model_type, no_native_dirs, tmp_path):
+    """transformers builds an empty tokenizer for such a folder, which would calibrate on special tokens only."""
+    with pytest.raises(ConversionError, match="has no vocabulary .*--calibration none"):
+        convert_checkpoint(no_native_dirs[model_type], tmp_path / "o", method="fit", groups=2, progress=False)
+    assert not (tmp_path / "o").exists()
+
+
+def test_calibration_longer_than_the_context_is_refused(no_native_dirs, tmp_path):
+    with pytest.raises(ConversionError, match="--calibration-length 200 is longer than the model's context of 128"):
+        convert_checkpoint(no_native_dirs["gptj"], tmp_path / "o", method="fit", groups=2, calibration_length=200,
+                           progress=False)
+    ids = torch.randint(0, 128, (2, 129))
+    with pytest.raises(ConversionError, match="token ids' length 129 is longer than the model's context of 128"):
+        convert_checkpoint(no_native_dirs["bart"], tmp_path / "o", method="fit", groups=2, calibration=ids,
+                           progress=False)
+
+
+def test_calibration_ids_of_one_dimension_are_refused_with_the_shape_to_give(llama_dir, tmp_path):
+    with pytest.raises(ConversionError, match="shape \\(16,\\); give a \\(sequences, tokens\\) tensor"):
+        convert_checkpoint(llama_dir, tmp_path / "o", method="fit", groups=2, calibration=torch.arange(16),
+                           progress=False)

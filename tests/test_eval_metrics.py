@@ -122,3 +122,12 @@ def test_cli_bad_input(uptrain_models, tmp_path, args, needle):
     errors = [line for line in result.stderr.splitlines() if "error:" in line]
     assert len(errors) == 1 and needle in errors[0], result.stderr
     assert result.stderr.strip().splitlines()[-1] == errors[0] and "Traceback" not in result.stderr
+
+
+def test_speed_defaults_fit_a_short_context(no_native_dirs, tmp_path):
+    """gptj's tiny config holds 128 positions: the default contexts shrink to what fits with the decode steps."""
+    out = convert_checkpoint(no_native_dirs["gptj"], tmp_path / "g2", groups=2, progress=False)
+    result = CliRunner().invoke(main, ["speed", str(out), "--batch-sizes", "1", "--decode-steps", "2",
+                                       "--repeats", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    assert {r["context"] for r in json.loads(result.stdout)} == {126}

@@ -96,3 +96,15 @@ def test_other_text_measures_refuse_an_audio_model(whisper, command):
     result = CliRunner().invoke(eval_main, [command[0], str(whisper[2]), *command[1:]])
     assert result.exit_code == 2, result.output
     assert "encoder takes audio features, and the toolkit's tasks are text" in result.output
+
+
+def test_record_counts_only_the_caches_with_attention_all(whisper, tmp_path):
+    """The encoder's self-attention keeps no KV cache: converting it too leaves the per-token cache figures as the
+    caches a prefill fills, and the default output name says the scope."""
+    out = convert_checkpoint(whisper["source"], tmp_path / "all", groups=1, attention="all", progress=False)
+    record = json.loads((out / "config.json").read_text())["gqa_conversion"]
+    assert record["kv_cache_bytes_per_token"] == kv_cache_bytes_per_token(load_model(out))
+    assert record["kv_cache_bytes_per_token_source"] == kv_cache_bytes_per_token(load_model(whisper["source"]))
+    from gqa_toolkit.convert.options import ConversionOptions
+
+    assert ConversionOptions(groups=1, attention="all").output_suffix == "-gqa1-mean-attention-all"

@@ -62,6 +62,7 @@ class AttentionKind(_Strict):
     module: str = "layers.{layer}.self_attn"  # the attention module's on-disk name (with {layer}): what trains as
     # `trainable: attention`
     kv_heads_attr: str | None = None  # config attribute counting its KV heads; default the spec's kv_heads_attr
+    cached: bool = True  # its K/V go into the KV cache (an encoder's self-attention keeps none)
 
 
 class AudioInput(_Strict):

@@ -67,7 +67,7 @@ def rotated_heads(block: HeadBlock, groups: int, ctx: LayerContext) -> LayerResu
 
 @register_layer_method("aligned", pools=True)
 def aligned(block: HeadBlock, groups: int, ctx: LayerContext) -> LayerResult:
-    """Procrustes-align each group's heads (RoPE-commuting key rotations), then average."""
+    """Procrustes-align each group's heads (key rotations that commute with the positions), then average."""
     heads = rotated_heads(block, groups, ctx)
     G0 = block.k.shape[0]
     k = heads.k.reshape(groups, G0 // groups, *heads.k.shape[1:]).mean(1)  # (G, hd, ck)

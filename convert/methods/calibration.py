@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from .. import corpus
-from ..errors import ConversionError
+from ..errors import ConversionError, first_line
 from ..families.loading import from_pretrained
 
 BUILTIN = corpus.NAME
@@ -36,11 +36,18 @@ def calibration_tokens(model_dir: Path, source: str, samples: int, length: int) 
     """`(samples, length)` token ids: one window from each of `samples` files spread over the source."""
     from transformers import AutoTokenizer
 
+    fix = "add the source's tokenizer files, or pass --calibration none to convert on the weights only"
     try:
         tokenizer = from_pretrained(AutoTokenizer, model_dir)
     except (OSError, ValueError) as exc:
         raise ConversionError(f"calibration needs the source's tokenizer, and {model_dir} has none that loads "
-                              f"({exc}); add one, or pass --calibration none to fit on weights only") from None
+                              f"({first_line(exc)}); {fix}") from None
+    probe = tokenizer("def calibrate(text): return text.split()", add_special_tokens=False)["input_ids"]
+    if len(set(probe) - set(tokenizer.all_special_ids)) < 3:
+        # transformers builds an empty tokenizer for a folder without vocabulary files: text comes out as nothing,
+        # unknown tokens or bare word boundaries, where a real tokenizer gives a dozen distinct pieces
+        raise ConversionError(f"the tokenizer in {model_dir} has no vocabulary (it turns text into nothing or into "
+                              f"special tokens only); {fix}")
     files = _text_files(source)
     rows: list[list[int]] = []
     step = max(1, len(files) // samples)

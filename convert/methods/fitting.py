@@ -61,7 +61,7 @@ def _fit_pairs(z: torch.Tensor, weight: torch.Tensor, groups: int) -> tuple[torc
 
 @register_layer_method("fit", pools=False, calibrated=True)
 def fit(block: HeadBlock, groups: int, ctx: LayerContext) -> LayerResult:
-    """Least-squares shared K/V on calibration activations, with RoPE-commuting Q and any O compensation."""
+    """Least-squares shared K/V (weighed by calibration activations when given), with Q and O compensating."""
     layout = ctx.layout
     R = layout.rotary_dims
     km = block.k @ ctx.metric_k  # (G0, hd, ck)

@@ -36,11 +36,10 @@ def _find(templates, names, suffix: str) -> dict[tuple[str, int], str]:
 def check_block_support(spec: ArchitectureSpec, model_type: str, names: list[str], what: str,
                         grouping: str = "contiguous") -> None:
     supported = sorted({t for s in _all_specs() for b in s.blocks for t in b.model_types})
-    biased = [b.attention for b in spec.blocks if b.position_bias_per_head]
-    if grouping == "similarity" and biased:
-        raise ConversionError(f"--grouping similarity moves query heads, and {model_type}'s {', '.join(biased)} "
-                              f"attention adds a bias that belongs to each head's position, so the moved heads "
-                              f"would compute something else; use --grouping contiguous")
+    if grouping == "similarity" and any(b.position_bias_per_head for b in spec.blocks):
+        raise ConversionError(f"--grouping similarity moves query heads, and {model_type} adds to its attention "
+                              f"logits a bias that belongs to each head's position, so the moved heads would compute "
+                              f"something else; use --grouping contiguous")
     for template in (t for block in spec.blocks for t in block.refuse_if_present):
         if found := _find([template], names, ""):
             raise ConversionError(f"{what} cannot convert {next(iter(found.values()))}: per-head query/key norms "

@@ -163,3 +163,10 @@ def test_calibration_ids_of_one_dimension_are_refused_with_the_shape_to_give(lla
     with pytest.raises(ConversionError, match="shape \\(16,\\); give a \\(sequences, tokens\\) tensor"):
         convert_checkpoint(llama_dir, tmp_path / "o", method="fit", groups=2, calibration=torch.arange(16),
                            progress=False)
+
+
+def test_quiet_calibration_of_an_encoder_decoder_shows_no_loading_bar(no_native_dirs, tmp_path, capfd):
+    capfd.readouterr()
+    convert_checkpoint(no_native_dirs["t5"], tmp_path / "o", method="fit", groups=2, progress=False,
+                       calibration=torch.randint(3, 128, (4, 8)))
+    assert "Loading weights" not in capfd.readouterr().err

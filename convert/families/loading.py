@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import json
 import sys
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from ..errors import ConversionError
 from .config import TransformersConfig
@@ -71,3 +73,18 @@ def load_transformers_config(model_dir: Path) -> TransformersConfig:
     except (ValueError, OSError, TypeError, StrictDataclassError) as exc:
         reason = " ".join(str(exc).split())
         raise ConversionError(f"transformers cannot read {model_dir / 'config.json'}: {reason}") from None
+
+
+@contextmanager
+def loading_bars(shown: bool) -> Iterator[None]:
+    """transformers' "Loading weights" bars on or off while loading (off under a command's -q)."""
+    from transformers.utils import logging
+
+    was = logging.is_progress_bar_enabled()
+    if not shown:
+        logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was and not shown:
+            logging.enable_progress_bar()

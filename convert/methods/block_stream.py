@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import ConversionError
-from ..families.loading import from_pretrained
+from ..families.loading import from_pretrained, loading_bars
 from ..families.spec import AttentionBlock, key_pattern
 from ..io.reader import CheckpointReader
 from .layer_types import InputMoments
@@ -163,7 +163,8 @@ class BlockStream:
                 raise ConversionError("sequential calibration needs a checkpoint whose on-disk names are the "
                                       "model's, and transformers reshapes this one while loading it; use "
                                       "--calibration-mode source")
-            self.whole = _whole_model_moments(model_dir, where, tokens, device, dtype, batch_size)
+            self.whole = _whole_model_moments(model_dir, where, tokens, device, dtype, batch_size,
+                                              bars=progress is not None)
             return
         # everything outside the blocks but the LM head (the forward stops before it): embeddings, positions, norms
         head = _module_name(model, model.get_output_embeddings())
@@ -259,10 +260,12 @@ def _module_name(model: nn.Module, module: nn.Module | None) -> str | None:
     return next((name for name, m in model.named_modules() if m is module), None)
 
 
-def _whole_model_moments(model_dir: Path, where: Blocks, tokens: torch.Tensor, device, dtype, batch_size: int):
+def _whole_model_moments(model_dir: Path, where: Blocks, tokens: torch.Tensor, device, dtype, batch_size: int,
+                         bars: bool):
     from transformers import AutoModelForCausalLM
 
-    model = from_pretrained(AutoModelForCausalLM, model_dir, dtype=dtype).to(device).eval()
+    with loading_bars(bars):
+        model = from_pretrained(AutoModelForCausalLM, model_dir, dtype=dtype).to(device).eval()
     moments, hooks = {}, []
     for i, layer in enumerate(model.get_submodule(where.container)):
         hooks.append(layer.get_submodule(where.query).register_forward_pre_hook(

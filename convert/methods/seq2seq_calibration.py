@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 
 from ..errors import ConversionError
-from ..families.loading import from_pretrained
+from ..families.loading import from_pretrained, loading_bars
 from ..families.spec import AttentionBlock, key_pattern, lm_auto_class_name
 from .layer_types import InputMoments
 
@@ -62,7 +62,8 @@ def encoder_decoder_moments(model_dir: Path, blocks: list[AttentionBlock], token
 
     config = from_pretrained(transformers.AutoConfig, model_dir)
     auto = getattr(transformers, lm_auto_class_name(config.model_type, encoder_decoder=True))
-    model = from_pretrained(auto, model_dir, dtype=dtype).to(device).eval()
+    with loading_bars(progress is not None):
+        model = from_pretrained(auto, model_dir, dtype=dtype).to(device).eval()
     vocab = model.get_input_embeddings().num_embeddings
     if tokens.max() >= vocab:
         raise ConversionError(f"calibration token id {int(tokens.max())} is outside the model's vocabulary of "

@@ -16,13 +16,13 @@ from gqa_toolkit.convert.io.output_dir import atomic_directory
 from gqa_toolkit.uptrain import train, validate_recipe
 from gqa_toolkit.convert.corpus import NAME as STDLIB
 from gqa_toolkit.convert.corpus import iter_texts
+from gqa_toolkit.uptrain.model import checkpoint_problem
 from gqa_toolkit.uptrain.tokenizer import train_tokenizer
 
 from .ablation_recipe import AblationRecipe, BuildOriginal
 from .errors import EvalError
 from .outputs import disk_writes, write_files
 from .results_dir import DESTINATION
-from .sources import checkpoint_problem
 
 DONE_MARKER = ".original-complete"
 

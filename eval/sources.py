@@ -6,25 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from gqa_toolkit.convert.io.model_dir import is_hub_id, resolve_model_dir
-from gqa_toolkit.uptrain.model import CONVERSION_KEY, WEIGHT_FILES, read_config_json
+from gqa_toolkit.uptrain.model import CONVERSION_KEY, checkpoint_problem, read_config_json
 
 from .errors import EvalError
 
 FIX = "pass --source MHA_DIR, the MHA checkpoint it was converted from"
 FIX_GIVEN = "give --source the MHA checkpoint it was converted from"
-
-
-def checkpoint_problem(path: Path) -> str | None:
-    """Why `path` is not a model checkpoint, or None when it is one."""
-    if not path.exists():
-        return "is missing"
-    if not path.is_dir():
-        return "is a file, not a model directory"
-    if not (path / "config.json").is_file():
-        return "has no config.json"
-    if not any(any(path.glob(p)) for p in WEIGHT_FILES):
-        return "holds no weights (*.safetensors or *.bin)"
-    return None
 
 
 def recorded_source(model_dir: Path) -> str | None:

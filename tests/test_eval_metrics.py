@@ -105,7 +105,7 @@ def test_cli_fidelity_uses_the_recorded_source(uptrain_models, tmp_path):
 
 
 @pytest.mark.parametrize("args, needle", [
-    (["perplexity", "/no/such/dir"], "is not a directory"),
+    (["perplexity", "/no/such/dir"], "is missing"),
     (["perplexity", "{mha}", "--block-size", "4096"], "longer than the model's context"),
     (["perplexity", "{mha}", "--data", "{empty}", "--split", "train"], "gives no block of 256 tokens"),
     (["fidelity", "{mha}"], "records no conversion source"),

@@ -27,7 +27,7 @@ def snapshot(folder) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("make, expected", [
-    (lambda d: None, "is not a directory"),
+    (lambda d: None, "is missing"),
     (lambda d: d.mkdir(), "no config.json"),
     (lambda d: (d.mkdir(), (d / "config.json").write_text("{}")), "holds no weights"),
 ])

@@ -29,13 +29,23 @@ def check_model_dir(path: str | Path, role: str = "model.path", wanted: str = CO
     if is_hub_id(path):
         path = resolve_model_dir(path, error=UptrainError, role=f"{role}: ")
     path = Path(path).expanduser()
-    if not path.is_dir():
-        raise UptrainError(f"{role}: {path} is not a directory; pass {wanted}")
-    if not (path / "config.json").is_file():
-        raise UptrainError(f"{role}: {path} is not a model checkpoint (no config.json); pass {wanted}")
-    if not any(any(path.glob(p)) for p in WEIGHT_FILES):
-        raise UptrainError(f"{role}: {path} holds no weights (*.safetensors or *.bin); pass a complete checkpoint")
+    problem = checkpoint_problem(path)
+    if problem:
+        raise UptrainError(f"{role}: {path} {problem}; pass {wanted}")
     return path.resolve()
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why `path` is not a model checkpoint, or None when it is one."""
+    if not path.exists():
+        return "is missing"
+    if not path.is_dir():
+        return "is a file, not a model directory"
+    if not (path / "config.json").is_file():
+        return "has no config.json"
+    if not any(any(path.glob(p)) for p in WEIGHT_FILES):
+        return "holds no weights (*.safetensors or *.bin)"
+    return None
 
 
 def read_config_json(path: Path) -> dict:

@@ -61,11 +61,11 @@ def _layer_settings(model_dir: Path, config: ConfigReader, raw_config: dict, spe
     if options.calibrated and calibrate:  # a dry run checks the calibration and does not run it
         tokens = calibration if isinstance(calibration, torch.Tensor) else calibration_tokens(
             model_dir, calibration, options.calibration_samples, options.calibration_length)
+        unit = "batch" if spec.encoder_decoder else "block"  # whole-model forwards, or one block at a time
+        bar = (lambda n: tqdm(total=n, unit=unit, desc=f"calibration on {device}")) if progress else None
         if spec.encoder_decoder:
-            bar = (lambda n: tqdm(total=n, unit="batch", desc=f"calibration on {device}")) if progress else None
             moments = encoder_decoder_moments(model_dir, blocks, tokens, device=device, progress=bar)
         else:
-            bar = (lambda n: tqdm(total=n, unit="block", desc=f"calibration on {device}")) if progress else None
             converted = ConvertedLayers() if options.calibration_mode == "sequential" else None
             stream = BlockStream(model_dir, spec.block, tokens, device=device, progress=bar,
                                  converted=converted.take if converted else None,

@@ -172,36 +172,17 @@ def _ratio(value: float | None) -> str:
 def _speed_models(model_dir: str, source_dir: str | None, contexts, decode_steps: int) -> tuple[dict, tuple]:
     """{'converted': dir, 'source': dir (given or recorded, if any)} and the contexts (None: the default), each
     model checked to hold the longest context plus the decode steps, before any weights load."""
-    from gqa_toolkit.convert.families.geometry import check_context, context_length
-    from gqa_toolkit.convert.families.spec import audio_input
     from gqa_toolkit.uptrain.model import check_model_dir, load_config
 
-    from .errors import EvalError
     from .sources import source_dir as checked_source
+    from .speed import speed_contexts
 
     converted = check_model_dir(model_dir, role="MODEL_DIR")
     models = {"converted": (converted, load_config(converted, role="MODEL_DIR"))}  # readable before its record is
     source = checked_source(converted, source_dir, required=False)
     if source is not None:
         models["source"] = (source, load_config(source, role="--source"))
-    config = models["converted"][1]
-    audio = audio_input(config.model_type)
-    if audio is not None:  # the encoder takes one whole window of audio (whisper: 1,500 positions, 30 s)
-        window = getattr(config, audio.positions_attr)
-        if contexts not in (None, (window,)):
-            raise EvalError(f"--contexts {','.join(map(str, contexts))}: this {config.model_type} encodes a fixed "
-                            f"window of {window} positions; leave --contexts out or pass --contexts {window}")
-        contexts = (window,)
-        decoder_positions = getattr(config, audio.decoder_positions_attr)
-        if decode_steps + 1 > decoder_positions:  # the start token, then the decoded ones
-            raise EvalError(f"--decode-steps {decode_steps} is past this {config.model_type} decoder's "
-                            f"{decoder_positions} positions; take at most {decoder_positions - 1}")
-    if contexts is None:  # the defaults that fit the model (or its whole context), so plain `speed DIR` runs
-        limits = [context_length(c) for _, c in models.values()]
-        room = min((limit - decode_steps for limit in limits if limit is not None), default=None)
-        contexts = tuple(c for c in (128, 512) if room is None or c <= room) or (max(room, 1),)
-    for _, config in models.values():
-        check_context(config, max(contexts), "--contexts", EvalError, decode_steps)
+    contexts = speed_contexts([config for _, config in models.values()], contexts, decode_steps)
     return {name: path for name, (path, _) in models.items()}, contexts
 
 

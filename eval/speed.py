@@ -13,8 +13,38 @@ from dataclasses import dataclass
 
 import torch
 
+from gqa_toolkit.convert.families.geometry import check_context, context_length
 from gqa_toolkit.convert.families.spec import audio_input
 from gqa_toolkit.convert.families.transformers_names import cache_argument, output_cache
+
+from .errors import EvalError
+
+DEFAULT_CONTEXTS = (128, 512)
+
+
+def speed_contexts(configs: list, contexts: tuple[int, ...] | None, decode_steps: int) -> tuple[int, ...]:
+    """The contexts to measure the models of `configs` (the first the converted one) at, each checked to hold
+    the decode steps after it: the given ones, else the defaults within every model's context. An audio encoder
+    takes its whole window (whisper: 1,500 positions, 30 s) and nothing else."""
+    config = configs[0]
+    audio = audio_input(config.model_type)
+    if audio is not None:
+        window = getattr(config, audio.positions_attr)
+        if contexts not in (None, (window,)):
+            raise EvalError(f"--contexts {','.join(map(str, contexts))}: this {config.model_type} encodes a fixed "
+                            f"window of {window} positions; leave --contexts out or pass --contexts {window}")
+        decoder_positions = getattr(config, audio.decoder_positions_attr)
+        if decode_steps + 1 > decoder_positions:  # the start token, then the decoded ones
+            raise EvalError(f"--decode-steps {decode_steps} is past this {config.model_type} decoder's "
+                            f"{decoder_positions} positions; take at most {decoder_positions - 1}")
+        contexts = (window,)
+    if contexts is None:  # the defaults that fit (or the whole context), so a plain `gqa-eval speed DIR` runs
+        limits = [limit for limit in map(context_length, configs) if limit is not None]
+        room = min(limits) - decode_steps if limits else None
+        contexts = tuple(c for c in DEFAULT_CONTEXTS if room is None or c <= room) or (max(room, 1),)
+    for each in configs:
+        check_context(each, max(contexts), "--contexts", EvalError, decode_steps)
+    return contexts
 
 
 def _cache_tensors(cache) -> list[torch.Tensor]:

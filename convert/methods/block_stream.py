@@ -23,7 +23,7 @@ from ..errors import ConversionError
 from ..families.loading import from_pretrained, loading_bars
 from ..families.spec import AttentionBlock, key_pattern
 from ..io.reader import CheckpointReader
-from .layer_types import InputMoments
+from .layer_types import HandedOnce, InputMoments
 
 
 class _Caught(Exception):
@@ -266,12 +266,13 @@ def _whole_model_moments(model_dir: Path, where: Blocks, tokens: torch.Tensor, d
 
     with loading_bars(bars):
         model = from_pretrained(AutoModelForCausalLM, model_dir, dtype=dtype).to(device).eval()
-    moments, hooks = {}, []
-    for i, layer in enumerate(model.get_submodule(where.container)):
-        hooks.append(layer.get_submodule(where.query).register_forward_pre_hook(
-            lambda mod, args, i=i: moments.setdefault(i, InputMoments(args[0].shape[-1])).add(args[0])))
-    for start in range(0, len(tokens), batch_size):
-        model(input_ids=tokens[start:start + batch_size].to(device), use_cache=False)
-    for hook in hooks:
-        hook.remove()
+    moments = HandedOnce()
+    hooks = moments.record({i: layer.get_submodule(where.query)
+                            for i, layer in enumerate(model.get_submodule(where.container))})
+    try:
+        for start in range(0, len(tokens), batch_size):
+            model(input_ids=tokens[start:start + batch_size].to(device), use_cache=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
     return moments

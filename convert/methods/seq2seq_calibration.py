@@ -9,7 +9,6 @@ models.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Callable
 
@@ -18,26 +17,7 @@ import torch
 from ..errors import ConversionError
 from ..families.loading import from_pretrained, loading_bars
 from ..families.spec import AttentionBlock, key_pattern, lm_auto_class_name
-from .layer_types import InputMoments
-
-class HandedOnce(Mapping):
-    """Layer -> moments, each handed out once and then freed, as the converter asks layer by layer."""
-
-    def __init__(self):
-        self._moments: dict[int, InputMoments] = {}
-
-    def add(self, layer: int, x: torch.Tensor) -> None:
-        self._moments.setdefault(layer, InputMoments(x.shape[-1])).add(x)
-
-    def __getitem__(self, layer: int) -> InputMoments:
-        return self._moments.pop(layer)
-
-    def __iter__(self):
-        return iter(self._moments)
-
-    def __len__(self) -> int:
-        return len(self._moments)
-
+from .layer_types import HandedOnce
 
 # attention kind -> (query input moments by layer, key input moments by layer for cross-attention, else None)
 Moments = dict[str, tuple[HandedOnce, HandedOnce | None]]
@@ -76,9 +56,7 @@ def encoder_decoder_moments(model_dir: Path, blocks: list[AttentionBlock], token
         for recorded, templates in ((query, block.q), (keys, block.k)):
             if recorded is None:
                 continue
-            for layer, module in _modules(model, templates).items():
-                hooks.append(module.register_forward_pre_hook(
-                    lambda mod, args, recorded=recorded, layer=layer: recorded.add(layer, args[0])))
+            hooks += recorded.record(_modules(model, templates))
     bar = progress(len(range(0, len(tokens), batch_size))) if progress is not None else None
     try:
         for first in range(0, len(tokens), batch_size):

@@ -21,9 +21,12 @@ from transformers.models.whisper.modeling_whisper import WhisperAttention, Whisp
 from .gqa_attention import GroupedAttention
 
 
-class _KVHeads:
-    num_key_value_heads: int | None = None  # decoder self- and cross-attention; None: MHA
+class _EncoderKVHeads:
     encoder_num_key_value_heads: int | None = None  # encoder self-attention; None: MHA
+
+
+class _KVHeads(_EncoderKVHeads):
+    num_key_value_heads: int | None = None  # decoder self- and cross-attention; None: MHA
 
 
 class GQABartConfig(_KVHeads, BartConfig):
@@ -38,11 +41,10 @@ class GQAMarianConfig(_KVHeads, MarianConfig):
     model_type = "gqa_marian"
 
 
-class GQAWhisperConfig(WhisperConfig):
+class GQAWhisperConfig(_EncoderKVHeads, WhisperConfig):
     model_type = "gqa_whisper"
     # WhisperConfig maps `num_key_value_heads` to the encoder's query heads, so the decoder's count has its own name
     decoder_num_key_value_heads: int | None = None  # decoder self- and cross-attention; None: MHA
-    encoder_num_key_value_heads: int | None = None  # encoder self-attention; None: MHA
 
 
 class _Grouped:

@@ -26,7 +26,6 @@ from .io.tensors import ByteSpan, SourceTensor
 from .io.writer import planned_bytes, write_checkpoint
 from .methods.block_stream import BlockStream, StreamedMoments
 from .methods.calibration import calibration_tokens
-from .methods.seq2seq_calibration import encoder_decoder_moments
 from .methods.registry import get_method
 from .options import ConversionOptions
 from .plan.checkpoint import plan_conversion
@@ -57,29 +56,28 @@ def _layer_settings(model_dir: Path, config: ConfigReader, raw_config: dict, spe
     calibration, device = options.calibration, options.device
     if options.calibrated:
         _check_calibration(spec, model_type, options, config)
-    moments, converted, tokens = {}, None, None
+    moments, converted, tokens = None, None, None
     if options.calibrated and calibrate:  # a dry run checks the calibration and does not run it
         tokens = calibration if isinstance(calibration, torch.Tensor) else calibration_tokens(
             model_dir, calibration, options.calibration_samples, options.calibration_length)
-        unit = "batch" if spec.encoder_decoder else "block"  # whole-model forwards, or one block at a time
-        bar = (lambda n: tqdm(total=n, unit=unit, desc=f"calibration on {device}")) if progress else None
-        if spec.encoder_decoder:
-            moments = encoder_decoder_moments(model_dir, blocks, tokens, device=device, progress=bar)
-        else:
-            converted = ConvertedLayers() if options.calibration_mode == "sequential" else None
-            stream = BlockStream(model_dir, spec.block, tokens, device=device, progress=bar,
-                                 converted=converted.take if converted else None,
-                                 kv_head_dim=geometries[spec.block.attention].head_dim)
-            moments = {spec.block.attention: (StreamedMoments(stream), None)}
+        bar = (lambda n: tqdm(total=n, unit="block", desc=f"calibration on {device}")) if progress else None
+        if options.calibration_mode == "sequential":
+            converted = {block.attention: ConvertedLayers() for block in blocks}
+        stream = BlockStream(model_dir, spec.blocks, tokens, kinds=[block.attention for block in blocks],
+                             device=device, progress=bar,
+                             converted=(lambda kind, layer: converted[kind].take(layer)) if converted else None,
+                             kv_head_dims={kind: geometry.head_dim for kind, geometry in geometries.items()})
+        moments = StreamedMoments(stream)
     described = "token ids" if isinstance(calibration, torch.Tensor) else str(calibration)
     record = {"grouping": options.grouping, "calibration": described,
-              "calibration_sequences": int(len(tokens)) if moments else 0,
-              "calibration_tokens": int(tokens.numel()) if moments else 0}
-    if moments:
+              "calibration_sequences": int(len(tokens)) if moments is not None else 0,
+              "calibration_tokens": int(tokens.numel()) if moments is not None else 0}
+    if moments is not None:
         record["calibration_mode"] = options.calibration_mode
     return tuple(LayerSettings(block, options.method, options.grouping, options.preserve_norm,
                                rope_layout(block.rope, config, geometries[block.attention].head_dim),
-                               *moments.get(block.attention, (None, None)), converted=converted)
+                               *(moments.of(block) if moments is not None else (None, None)),
+                               converted=converted[block.attention] if converted else None)
                  for block in blocks), record
 
 
@@ -95,9 +93,6 @@ def _check_calibration(spec, model_type: str, options: ConversionOptions, config
     if spec.audio is not None:
         raise ConversionError(f"calibration feeds text, and {model_type}'s encoder takes audio features; pass "
                               "--calibration none to convert on the weights")
-    if options.calibration_mode == "sequential" and spec.encoder_decoder:
-        raise ConversionError(f"--calibration-mode sequential runs decoder-only models block by block; "
-                              f"{model_type} is an encoder-decoder, use --calibration-mode source")
     if options.calibration_mode == "sequential" and spec.block.qkv:
         raise ConversionError(f"--calibration-mode sequential supports separate q, k and v projections; "
                               f"{model_type} fuses them, use --calibration-mode source")

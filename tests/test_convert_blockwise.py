@@ -1,5 +1,5 @@
 """Calibration runs the source one block at a time: the same moments as a full forward of the stock model, with at
-most one block's parameters off the meta device at any moment."""
+most one block's parameters off the meta device at any moment, for decoder-only models and encoder-decoders."""
 
 import pytest
 import torch
@@ -14,6 +14,13 @@ LAYER_METHOD_FAMILIES = [f for f in FAMILIES if f.model_type in spec_for("llama"
 
 def _tokens():
     return torch.randint(0, 128, (10, 16), generator=torch.Generator().manual_seed(0))
+
+
+def _streamed(model_dir, model_type, tokens, **kwargs):
+    """Layer -> the stream's moments of the query input of the family's first attention kind."""
+    block = spec_for(model_type).block
+    return {layer: moments for (kind, role, layer), moments in
+            blockwise.BlockStream(model_dir, [block], tokens, **kwargs) if role == blockwise.QUERY}
 
 
 def _q_projections(model):
@@ -45,7 +52,7 @@ def _reference_moments(model_dir, tokens, attention_inputs=_q_projections):
 def test_blockwise_moments_equal_a_full_forward(family, family_dirs):
     src = family_dirs[family.model_type]
     tokens = _tokens()
-    ours = dict(blockwise.BlockStream(src, spec_for(family.model_type).block, tokens))
+    ours = _streamed(src, family.model_type, tokens)
     reference = _reference_moments(src, tokens)
     assert sorted(ours) == sorted(reference)
     for i in reference:
@@ -54,38 +61,48 @@ def test_blockwise_moments_equal_a_full_forward(family, family_dirs):
 
 
 def test_streamed_moments_run_only_as_far_as_asked(family_dirs):
-    stream = blockwise.BlockStream(family_dirs["llama"], spec_for("llama").block, _tokens())
-    streamed = blockwise.StreamedMoments(stream)
-    expected = dict(blockwise.BlockStream(family_dirs["llama"], spec_for("llama").block, _tokens()))
-    torch.testing.assert_close(streamed[0].total, expected[0].total, rtol=0, atol=0)
-    assert stream.calls, "layer 1 has not run yet"
-    torch.testing.assert_close(streamed[1].total, expected[1].total, rtol=0, atol=0)
+    blocks = [spec_for("llama").block]
+    stream = blockwise.BlockStream(family_dirs["llama"], blocks, _tokens())
+    queries, keys = blockwise.StreamedMoments(stream).of(blocks[0])
+    expected = _streamed(family_dirs["llama"], "llama", _tokens())
+    assert keys is None and len(queries) == 2
+    torch.testing.assert_close(queries[0].total, expected[0].total, rtol=0, atol=0)
+    assert stream.done["model.layers"] <= 1, "layer 1 has not run yet"
+    torch.testing.assert_close(queries[1].total, expected[1].total, rtol=0, atol=0)
     with pytest.raises(KeyError):
-        streamed[1]  # handed out once, then freed
+        queries[1]  # handed out once, then freed
 
 
-def test_one_block_at_a_time(family_dirs, monkeypatch):
-    src = family_dirs["llama"]
-    live_per_call = []
-    original = blockwise._first_output
+def _live_blocks(stream) -> list[str]:
+    """The blocks (stack.index) with a parameter off the meta device."""
+    return sorted(f"{name}.{i}" for name, blocks in stream.originals.items() for i, block in enumerate(blocks)
+                  if any(p.device.type != "meta" for p in block.parameters()))
 
-    def counting(out):
-        model_params = counting.model.named_parameters()
-        live_per_call.append(sorted({n.split(".")[2] for n, p in model_params
-                                     if n.startswith("model.layers.") and p.device.type != "meta"}))
-        return original(out)
 
-    real_materialise = blockwise._materialise
+@pytest.mark.parametrize("model_type", ["llama", "t5"])
+def test_one_block_at_a_time(model_type, family_dirs, no_native_dirs, monkeypatch):
+    src = {**family_dirs, **no_native_dirs}[model_type]
+    live_per_call, streams = [], []
+    real_run = blockwise._run
 
-    def remember_model(model, names, weights, device, dtype):
-        counting.model = model
-        return real_materialise(model, names, weights, device, dtype)
+    def counting(layer, call):
+        live_per_call.append(_live_blocks(streams[0]))
+        return real_run(layer, call)
 
-    monkeypatch.setattr(blockwise, "_materialise", remember_model)
-    monkeypatch.setattr(blockwise, "_first_output", counting)
-    dict(blockwise.BlockStream(src, spec_for("llama").block, _tokens()))
+    monkeypatch.setattr(blockwise, "_run", counting)
+    stream = blockwise.BlockStream(src, spec_for(model_type).blocks, _tokens())
+    streams.append(stream)
+    moments = dict(stream)
     assert live_per_call and all(len(live) == 1 for live in live_per_call), live_per_call
-    assert [live[0] for live in live_per_call][::2] == ["0", "1"]  # 10 sequences: two batches per block
+    # 10 sequences: two batches per block, each stack in the order the forward reaches it
+    order = [live[0] for live in live_per_call][::2]
+    if model_type == "llama":
+        assert order == ["model.layers.0", "model.layers.1"] and len(moments) == 2
+    else:
+        assert order == ["encoder.block.0", "encoder.block.1", "decoder.block.0", "decoder.block.1"]
+        assert len(moments) == 2 * (1 + 2 + 1)  # per layer: the encoder's and the decoder's Q, cross Q and K
+    assert _live_blocks(stream) == []
+    assert all(p.device.type == "meta" for p in stream.model.parameters())  # the embeddings freed at the end
 
 
 def test_sequential_mode_calibrates_each_layer_on_the_converted_model(family_dirs, tmp_path, monkeypatch):
@@ -97,9 +114,9 @@ def test_sequential_mode_calibrates_each_layer_on_the_converted_model(family_dir
     seen = {}
 
     class Recording(blockwise.StreamedMoments):
-        def __getitem__(self, layer):
-            seen[layer] = super().__getitem__(layer)
-            return seen[layer]
+        def take(self, key):
+            seen[key] = super().take(key)
+            return seen[key]
 
     monkeypatch.setattr(api, "StreamedMoments", Recording)
     src, tokens = family_dirs["llama"], _tokens()
@@ -107,8 +124,9 @@ def test_sequential_mode_calibrates_each_layer_on_the_converted_model(family_dir
                              calibration_mode="sequential", progress=False)
     converted = _reference_moments(out, tokens)
     source = _reference_moments(src, tokens)
-    torch.testing.assert_close(seen[0].total, source[0], rtol=1e-9, atol=1e-9)  # nothing before layer 0
-    torch.testing.assert_close(seen[1].total, converted[1], rtol=1e-6, atol=1e-6)
+    query = {layer: moments for (_, _, layer), moments in seen.items()}
+    torch.testing.assert_close(query[0].total, source[0], rtol=1e-9, atol=1e-9)  # nothing before layer 0
+    torch.testing.assert_close(query[1].total, converted[1], rtol=1e-6, atol=1e-6)
     assert not torch.allclose(converted[1], source[1], rtol=1e-3)
     record = __import__("json").loads((out / "config.json").read_text())["gqa_conversion"]
     assert record["calibration_mode"] == "sequential"
@@ -123,7 +141,7 @@ def test_each_block_gets_its_own_mask(tmp_path):
     src = save_tiny_model(tmp_path / "gemma2", "gemma2", {**BASE, "head_dim": 16, "num_hidden_layers": 3,
                                                           "sliding_window": 4})
     tokens = _tokens()
-    ours = dict(blockwise.BlockStream(src, spec_for("gemma2").block, tokens))
+    ours = _streamed(src, "gemma2", tokens)
     reference = _reference_moments(src, tokens)
     for i in reference:
         torch.testing.assert_close(ours[i].total, reference[i], rtol=1e-9, atol=1e-9)
@@ -142,8 +160,96 @@ ATTENTION_INPUTS = {  # where the attention input of each family outside `model.
 @pytest.mark.parametrize("model_type", ATTENTION_INPUTS)
 def test_blockwise_moments_of_other_layouts(model_type, no_native_dirs, family_dirs):
     src, tokens = {**family_dirs, **no_native_dirs}[model_type], _tokens()
-    ours = dict(blockwise.BlockStream(src, spec_for(model_type).block, tokens))
+    ours = _streamed(src, model_type, tokens)
     reference = _reference_moments(src, tokens, ATTENTION_INPUTS[model_type])
     assert sorted(ours) == sorted(reference)
     for i in reference:
         torch.testing.assert_close(ours[i].total, reference[i], rtol=1e-9, atol=1e-9)
+
+
+def _bart_like(m):
+    return {("encoder", "query"): [layer.self_attn.q_proj for layer in m.model.encoder.layers],
+            ("decoder", "query"): [layer.self_attn.q_proj for layer in m.model.decoder.layers],
+            ("cross", "query"): [layer.encoder_attn.q_proj for layer in m.model.decoder.layers],
+            ("cross", "keys"): [layer.encoder_attn.k_proj for layer in m.model.decoder.layers]}
+
+
+SEQ2SEQ_INPUTS = {  # (attention kind, role) -> the stock modules whose input it is, from each stock layout
+    "t5": lambda m: {("encoder", "query"): [block.layer[0].SelfAttention.q for block in m.encoder.block],
+                     ("decoder", "query"): [block.layer[0].SelfAttention.q for block in m.decoder.block],
+                     ("cross", "query"): [block.layer[1].EncDecAttention.q for block in m.decoder.block],
+                     ("cross", "keys"): [block.layer[1].EncDecAttention.k for block in m.decoder.block]},
+    "bart": _bart_like, "mbart": _bart_like, "marian": _bart_like,
+}
+
+
+def _seq2seq_reference(model_dir, model_type, tokens):
+    """(kind, role, layer) -> E[[x; 1][x; 1]^T], from hooks on the stock encoder-decoder run whole, its decoder
+    reading the tokens shifted right by the stock model's own rule."""
+    import transformers
+
+    model = transformers.AutoModelForSeq2SeqLM.from_pretrained(model_dir).eval()
+    inputs = {}
+    def keep(key):
+        return lambda module, args: inputs.setdefault(key, []).append(args[0].reshape(-1, args[0].shape[-1]))
+
+    hooks = [module.register_forward_pre_hook(keep((*kind_role, i)))
+             for kind_role, modules in SEQ2SEQ_INPUTS[model_type](model).items() for i, module in enumerate(modules)]
+    with torch.no_grad():
+        for start in range(0, len(tokens), 8):
+            ids = tokens[start:start + 8]
+            model(input_ids=ids, decoder_input_ids=model.prepare_decoder_input_ids_from_labels(labels=ids))
+    for hook in hooks:
+        hook.remove()
+    result = {}
+    for key, xs in inputs.items():
+        x = torch.cat(xs).double()
+        xa = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)  # (N, d + 1)
+        result[key] = xa.T @ xa
+    return result
+
+
+@pytest.mark.parametrize("model_type", SEQ2SEQ_INPUTS)
+def test_encoder_decoder_moments_equal_a_full_forward(model_type, no_native_dirs):
+    """The encoder's stack runs first, block by block, then the decoder's given the encoder's states: every
+    attention input's moments, cross-attention's keys included, are those of the stock model run whole (t5's
+    relative position bias, made by block 0 of each stack, reaches the later blocks as the model hands it on)."""
+    src = no_native_dirs[model_type]
+    tokens = torch.randint(3, 128, (10, 12), generator=torch.Generator().manual_seed(2))
+    ours = dict(blockwise.BlockStream(src, spec_for(model_type).blocks, tokens))
+    reference = _seq2seq_reference(src, model_type, tokens)
+    assert sorted(ours) == sorted(reference)
+    for key in reference:
+        assert ours[key].count == tokens.numel(), key
+        torch.testing.assert_close(ours[key].total, reference[key], rtol=1e-9, atol=1e-9)
+    assert not torch.allclose(ours["cross", "keys", 0].total, ours["cross", "query", 0].total)
+
+
+def test_sequential_mode_on_an_encoder_decoder(no_native_dirs, tmp_path, monkeypatch):
+    """t5 with --attention all in sequential mode: each encoder layer's queries, the decoder's and cross-attention's
+    keys (the converted encoder's states) are those of the converted checkpoint itself, loaded by stock
+    transformers; cross-attention's queries follow the source's self-attention of their own block."""
+    import gqa_toolkit.convert.api as api
+    from gqa_toolkit.convert import convert_checkpoint
+
+    seen = {}
+
+    class Recording(blockwise.StreamedMoments):
+        def take(self, key):
+            seen[key] = super().take(key)
+            return seen[key]
+
+    monkeypatch.setattr(api, "StreamedMoments", Recording)
+    src = no_native_dirs["t5"]
+    tokens = torch.randint(3, 128, (10, 12), generator=torch.Generator().manual_seed(2))
+    out = convert_checkpoint(src, tmp_path / "out", method="fit", groups=2, calibration=tokens, attention="all",
+                             calibration_mode="sequential", progress=False)
+    converted, source = _seq2seq_reference(out, "t5", tokens), _seq2seq_reference(src, "t5", tokens)
+    assert sorted(seen) == sorted(converted)
+    for key, moments in seen.items():
+        if key[:2] != ("cross", "query"):
+            torch.testing.assert_close(moments.total, converted[key], rtol=1e-6, atol=1e-6)
+    for key in (("encoder", "query", 1), ("cross", "keys", 0), ("decoder", "query", 1)):
+        assert not torch.allclose(converted[key], source[key], rtol=1e-3), key
+    record = __import__("json").loads((out / "config.json").read_text())["gqa_conversion"]
+    assert record["calibration_mode"] == "sequential"

@@ -134,11 +134,23 @@ def test_the_dry_run_refuses_sequential_calibration_of_fused_projections(no_nati
         describe_conversion(no_native_dirs["gpt2"], groups=2, method="fit", calibration_mode="sequential")
 
 
-def test_the_dry_run_of_a_calibrated_encoder_decoder_holds_the_whole_model(no_native_dirs):
-    from gqa_toolkit.convert import describe_conversion
+def test_the_dry_run_of_a_calibrated_encoder_decoder_counts_one_block(no_native_dirs):
+    """t5 calibrates block by block too: the estimate holds what is outside the blocks (the shared embeddings, the
+    final norms) and the larger of the two stacks' blocks, the decoder's (self- and cross-attention), in float32."""
+    from safetensors import safe_open
 
-    text = "\n".join(describe_conversion(no_native_dirs["t5"], groups=2, method="fit"))
-    assert "source mode, the whole model on cpu" in text and "(the model " in text
+    from gqa_toolkit.convert import describe_conversion
+    from gqa_toolkit.convert.io.disk import format_bytes
+
+    src = no_native_dirs["t5"]
+    with safe_open(str(src / "model.safetensors"), "pt") as f:
+        numel = {name: f.get_slice(name).get_shape() for name in f.keys()}
+    size = lambda names: format_bytes(4 * sum(torch.Size(numel[n]).numel() for n in names))  # noqa: E731
+    decoder_block = size([n for n in numel if n.startswith("decoder.block.0.")])
+    assert decoder_block != size([n for n in numel if n.startswith("encoder.block.0.")])
+    text = "\n".join(describe_conversion(src, groups=2, method="fit"))
+    assert "source mode, one block at a time on cpu" in text
+    assert f"outside the blocks {size([n for n in numel if '.block.' not in n])} + one block {decoder_block}" in text
 
 
 @pytest.mark.parametrize("model_type", ["t5", "gptj", "bart"])

@@ -20,8 +20,9 @@ FAMILIES = {"llama": ("tiny-llama", 0), "t5": ("tiny-t5", 100)}
 
 
 def build_tiny_mha(out: str | Path, vocab_size: int = 2048, tokenizer_files: int = 300, seed: int = 0,
-                   family: str = "llama") -> Path:
-    """Write a tiny MHA model of `family` plus its tokenizer into `out` and return the path."""
+                   family: str = "llama", **config) -> Path:
+    """Write a tiny MHA model of `family` plus its tokenizer into `out` and return the path; `config` overrides
+    the preset's sizes (bench/ builds deeper ones)."""
     import torch
 
     from gqa_toolkit.convert import corpus
@@ -39,7 +40,7 @@ def build_tiny_mha(out: str | Path, vocab_size: int = 2048, tokenizer_files: int
     torch.manual_seed(seed)
     if preset.is_encoder_decoder:
         special["decoder_start_token_id"] = tokenizer.pad_token_id  # T5 starts decoding from pad
-    preset.model(vocab_size=len(tokenizer), **special).save_pretrained(out)
+    preset.model(vocab_size=len(tokenizer), **special, **config).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
 

@@ -261,12 +261,12 @@ class ArchitectureSpec(_Strict):
 
     @property
     def encoder_decoder(self) -> bool:
-        """Cross-attention reads an encoder's states: calibration runs the whole model, not block by block."""
+        """Some block's keys read an encoder's states (cross-attention)."""
         return any(b.keys_from_encoder for b in self.blocks)
 
     @property
     def block(self) -> AttentionBlock | None:
-        """The first block: a decoder-only family's only one, which calibration streams."""
+        """The first block: a decoder-only family's only one."""
         return self.blocks[0] if self.blocks else None
 
     def kv_heads_attr_of(self, kind: str) -> str | None:

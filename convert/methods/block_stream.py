@@ -2,16 +2,20 @@
 calibration activations, whatever the depth.
 
 The model's skeleton is built from its config with every parameter on the meta device (buffers, such as rotary
-frequencies, are real). The modules before the blocks (embeddings, positions) are materialised from the shards
-through the lazy reader, and one forward with recorders in place of the blocks notes what the model hands each
-block (hidden states, masks, position tensors). Each block is then materialised on the device, run on its
-recorded arguments with the previous block's outputs, and sent back to the meta device. The same mechanism
-serves every family: it asks the spec only where the blocks and their query projections are.
+frequencies, are real), and the modules outside the blocks (embeddings, positions, norms) are materialised from
+the shards through the lazy reader. Every ModuleList of blocks (a decoder-only model's one; an encoder-decoder's
+encoder and decoder stacks) gets stand-ins. Each step runs the model's own forward on every calibration batch:
+the stand-ins of the blocks already run hand back the outputs of the last one, from which the model makes the
+next block's arguments as it always does (hidden states, masks, t5's position bias); the first block not yet run
+records the arguments it is handed and stops the forward. That block is materialised on the device, run on them
+with hooks on its attention inputs, and sent back to the meta device. The forward finishes the encoder's stack
+before it reaches the decoder's, so cross-attention reads the real encoder states. The same mechanism serves
+every family: it asks the spec only where the blocks and their projections are.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -21,52 +25,67 @@ from torch import nn
 
 from ..errors import ConversionError
 from ..families.loading import from_pretrained, loading_bars
-from ..families.spec import AttentionBlock, key_pattern
+from ..families.spec import AttentionBlock, key_pattern, lm_auto_class_name
 from ..io.reader import CheckpointReader
-from .layer_types import HandedOnce, InputMoments
+from .layer_types import InputMoments
+
+QUERY, KEYS = "query", "keys"  # the roles of a recorded input: Q's (every block), K's and V's (cross-attention)
+Key = tuple[str, str, int]  # (attention kind, role, layer)
 
 
-class _Caught(Exception):
-    """Raised to stop a forward once what is needed has been recorded."""
+class _Reached(Exception):
+    """The forward reached the first block not yet run: the arguments the model handed it."""
+
+    def __init__(self, stack: str, index: int, call: tuple):
+        super().__init__(stack, index)
+        self.stack, self.index, self.call = stack, index, call
 
 
-class _Recorder(nn.Module):
-    """Stands in for one block during the capture pass: records what the model hands it (each block may get its
-    own mask: gemma2 alternates sliding and full attention) and passes the hidden states on; the last one stops
-    the forward."""
+class _Stop(Exception):
+    """Raised by a hook once every attention input of a block is recorded, when its outputs are not needed."""
 
-    def __init__(self, calls: list, last: bool):
+
+class _StandIn(nn.Module):
+    """Block `index` of `stack` during the forwards: answers through `replay` (the last outputs, or _Reached)."""
+
+    def __init__(self, replay: Callable, stack: str, index: int):
         super().__init__()
-        self.calls, self.last = calls, last
+        self.replay, self.stack, self.index = replay, stack, index
 
     def forward(self, *args, **kwargs):
-        self.calls.append((args, kwargs))
-        if self.last:
-            raise _Caught
-        return args[0] if args else kwargs["hidden_states"]
-
-
-def _stop(module, args):
-    raise _Caught
+        return self.replay(self.stack, self.index, (args, kwargs))
 
 
 @dataclass(frozen=True)
-class Blocks:
-    """Where the blocks are: the ModuleList's name and, inside block i, the query projection's name."""
+class AttentionInputs:
+    """Where one attention kind reads its inputs: the ModuleList of its blocks and, inside a block, the query
+    projection (or the fused one) and, for cross-attention, the key projection."""
 
-    container: str  # e.g. "model.layers"
+    attention: str
+    stack: str  # e.g. "model.layers", "decoder.block"
     query: str  # e.g. "self_attn.q_proj"
+    keys: str | None = None  # e.g. "layer.1.EncDecAttention.k"
+
+    def modules(self) -> dict[str, str]:
+        """role -> the module's name inside a block."""
+        return {QUERY: self.query, **({KEYS: self.keys} if self.keys else {})}
 
 
-def find_blocks(model: nn.Module, block: AttentionBlock) -> Blocks:
-    patterns = [(t, key_pattern(t)) for t in block.inputs]
+def _locate(model: nn.Module, templates: tuple[str, ...]) -> tuple[str, str]:
+    patterns = [(t, key_pattern(t)) for t in templates]
     for name, _ in model.named_modules():
         for template, pattern in patterns:
             if m := pattern.match(name):
                 before, after = template.split("{layer}")
-                return Blocks(container=m["prefix"] + before.rstrip("."), query=after.lstrip("."))
-    raise ConversionError(f"no module of the model matches the family's attention input {block.inputs}; "
+                return m["prefix"] + before.rstrip("."), after.lstrip(".")
+    raise ConversionError(f"no module of the model matches the family's attention input {templates}; "
                           f"calibration cannot see the attention inputs")
+
+
+def attention_inputs(model: nn.Module, block: AttentionBlock) -> AttentionInputs:
+    stack, query = _locate(model, block.inputs)
+    keys = _locate(model, block.k)[1] if block.keys_from_encoder else None
+    return AttentionInputs(block.attention, stack, query, keys)
 
 
 class _Weights:
@@ -83,196 +102,276 @@ class _Weights:
         return None
 
 
-def _materialise(model: nn.Module, names: list[str], weights: _Weights, device, dtype) -> None:
+def _tied_names(model: nn.Module) -> list[list[str]]:
+    """Each parameter's names: tied ones (t5's shared embeddings, read by both stacks and the head) share one."""
+    names: dict[int, list[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(parameter), []).append(name)
+    return list(names.values())
+
+
+def _materialise(module: nn.Module, tensors: list[list[str]], weights: _Weights, device, dtype,
+                 prefix: str = "") -> None:
+    """Read each tensor once (under whichever of its names the checkpoint has, `prefix` + the module's own) and
+    put it under all its names."""
     from accelerate.utils import set_module_tensor_to_device
 
-    for name in names:
-        key = weights.find(name)
+    for names in tensors:
+        key = next((k for k in (weights.find(prefix + n) for n in names) if k is not None), None)
         if key is None:
-            raise ConversionError(f"the checkpoint has no tensor for {name!r}, which calibration needs")
+            raise ConversionError(f"the checkpoint has no tensor for {prefix + names[0]!r}, which calibration needs")
         value = weights.reader.read(key)
-        set_module_tensor_to_device(model, name, device, value=value.to(dtype) if value.is_floating_point() else value)
+        value = value.to(device, dtype) if value.is_floating_point() else value.to(device)
+        for name in names:
+            set_module_tensor_to_device(module, name, device, value=value)
 
 
-def _free(model: nn.Module, names: list[str]) -> None:
+def _initialise(model: nn.Module, tensors: list[list[str]], device, dtype) -> None:
+    """Parameters no checkpoint holds (Marian's sinusoidal positions), made as transformers makes them when it
+    loads the model: by the model's own initialisation of their module."""
     from accelerate.utils import set_module_tensor_to_device
 
-    for name in names:
-        set_module_tensor_to_device(model, name, "meta")
-
-
-def _first_output(out) -> torch.Tensor:
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
-def _run(layer: nn.Module, call: tuple) -> torch.Tensor | None:
-    """The block's output hidden states, or None when a hook stopped it early."""
-    try:
-        return _first_output(layer(*call[0], **call[1]))
-    except _Caught:
-        return None
-
-
-def _hidden_of(call: tuple) -> torch.Tensor:
-    args, kwargs = call
-    return args[0] if args else kwargs["hidden_states"]
-
-
-def _with_hidden(call: tuple, hidden: torch.Tensor) -> tuple:
-    args, kwargs = call
-    if args:
-        return (hidden, *args[1:]), kwargs
-    return args, {**kwargs, "hidden_states": hidden}
-
-
-class BlockStream:
-    """The source, ready to run block by block: built, checked and every block's arguments recorded when made
-    (so bad input fails before any output is written); iterating runs the blocks and yields (layer, moments)."""
-
-    @torch.no_grad()
-    def __init__(self, model_dir: Path, block: AttentionBlock, tokens: torch.Tensor, *,
-                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, batch_size: int = 8,
-                 progress: Callable[[int], object] | None = None,
-                 converted: Callable[[int], dict[str, torch.Tensor]] | None = None, kv_head_dim: int | None = None):
-        from accelerate import init_empty_weights
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        self.device, self.dtype, self.progress = device, dtype, progress
-        # sequential mode: block i's outputs come from its converted weights, so later layers are calibrated on
-        # what the converted model computes (`converted(i)`: on-disk name -> tensor, K/V with G heads)
-        self.converted, self.kv_head_dim = converted, kv_head_dim
-        config = from_pretrained(AutoConfig, model_dir)
-        with init_empty_weights(include_buffers=False):
-            self.model = model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
-        for module in model.modules():  # the buffers go to the device; the parameters stay on the meta device
-            for name, buffer in module._buffers.items():
-                if buffer is not None:
-                    module._buffers[name] = buffer.to(device)
-        self.where = where = find_blocks(model, block)
-        self.blocks = blocks = model.get_submodule(where.container)
-        self.weights = weights = _Weights(model_dir, model.base_model_prefix)
-        vocab = model.get_input_embeddings().num_embeddings
-        if tokens.max() >= vocab:
-            raise ConversionError(f"calibration token id {int(tokens.max())} is outside the model's vocabulary of "
-                                  f"{vocab}")
-        self.whole = None
-        if any(weights.find(f"{where.container}.0.{n}") is None for n, _ in blocks[0].named_parameters()):
-            # transformers reshapes this checkpoint while loading it (mixtral's experts are merged): the on-disk
-            # names are not the modules', so the whole model is loaded through transformers instead
-            if converted is not None:
-                raise ConversionError("sequential calibration needs a checkpoint whose on-disk names are the "
-                                      "model's, and transformers reshapes this one while loading it; use "
-                                      "--calibration-mode source")
-            self.whole = _whole_model_moments(model_dir, where, tokens, device, dtype, batch_size,
-                                              bars=progress is not None)
-            return
-        # everything outside the blocks but the LM head (the forward stops before it): embeddings, positions, norms
-        head = _module_name(model, model.get_output_embeddings())
-        outside = [n for n, _ in model.named_parameters() if weights.find(n) is not None
-                   and not n.startswith(where.container + ".") and not (head and n.startswith(head + "."))]
-        _materialise(model, outside, weights, device, dtype)
-        self.calls: list[list] = [[] for _ in blocks]  # per block, per batch: (args, kwargs) as the model passed them
-        originals = list(blocks)
-        for i in range(len(blocks)):
-            blocks[i] = _Recorder(self.calls[i], last=i == len(blocks) - 1)
-        for start in range(0, len(tokens), batch_size):
-            try:
-                model(input_ids=tokens[start:start + batch_size].to(device), use_cache=False)
-            except _Caught:
-                pass
-        for i, original in enumerate(originals):
-            blocks[i] = original
-        _free(model, outside)  # only the capture pass needed the embeddings
-        self.hidden = [_hidden_of(call) for call in self.calls[0]]  # per batch: the first block's input
-        self.width = self.hidden[0].shape[-1]  # d: the attention input's width, whatever the projection's class
-
-    @torch.no_grad()
-    def __iter__(self) -> Iterator[tuple[int, InputMoments]]:
-        if self.whole is not None:
-            yield from self.whole.items()
-            return
-        bar = self.progress(len(self.blocks)) if self.progress is not None else None
-        for i, layer in enumerate(self.blocks):
-            names = [f"{self.where.container}.{i}.{n}" for n, _ in layer.named_parameters()]
-            _materialise(self.model, names, self.weights, self.device, self.dtype)
-            calls = [_with_hidden(call, hidden) for call, hidden in zip(self.calls[i], self.hidden)]
-            self.calls[i] = None
-            query = layer.get_submodule(self.where.query)
-            moments = InputMoments(self.width)
-            hooks = [query.register_forward_pre_hook(lambda mod, args: moments.add(args[0]))]
-            if self.converted is not None:  # this pass only measures the inputs: stop at the query projection
-                hooks.append(query.register_forward_pre_hook(_stop))
-            outputs = [_run(layer, call) for call in calls]
-            for hook in hooks:
-                hook.remove()
-            if bar is not None:  # counted before the yield: the converter stops asking after the last block
-                bar.update()
-                if i == len(self.blocks) - 1:
-                    bar.close()
-            yield i, moments
-            if self.converted is not None:
-                self._load_converted(names, self.converted(i))
-                outputs = [_run(layer, call) for call in calls]
-            self.hidden = outputs
-            _free(self.model, names)
-        self.hidden = []  # the activations go as soon as the last block has run
-
-    def _load_converted(self, names: list[str], tensors: dict[str, torch.Tensor]) -> None:
-        """Put a converted layer's projections into the (MHA-shaped) block: K/V with G heads are repeated to the
-        block's K/V heads, group j serving the contiguous heads it replaced, which computes the same attention."""
-        from accelerate.utils import set_module_tensor_to_device
-
+    for names in tensors:
+        owner, _, attribute = names[0].rpartition(".")
+        module = model.get_submodule(owner)
+        value = torch.empty(getattr(module, attribute).shape, device=device, dtype=dtype)
         for name in names:
-            key = self.weights.find(name)
-            if key not in tensors:
-                continue
-            value, shape = tensors[key], self.model.get_parameter(name).shape
-            if tuple(value.shape) != tuple(shape):
-                heads = value.view(-1, self.kv_head_dim, *value.shape[1:])  # (G, hd, ...)
-                value = heads.repeat_interleave(shape[0] // value.shape[0], dim=0).reshape(shape)  # (G0 * hd, ...)
-            set_module_tensor_to_device(self.model, name, self.device, value=value.to(self.dtype))
+            set_module_tensor_to_device(model, name, device, value=value)
+        model._init_weights(module)
 
 
-class StreamedMoments(Mapping):
-    """Layer -> moments, computed when first asked for and handed out once: the converter asks layer by layer,
-    so the stream runs only as far as the layer being converted and each layer's moments are freed after use."""
+def _free(module: nn.Module, tensors: list[list[str]]) -> None:
+    from accelerate.utils import set_module_tensor_to_device
 
-    def __init__(self, stream: BlockStream):
-        self._stream, self._ready, self._layers = iter(stream), {}, len(stream.blocks)
+    for name in (n for names in tensors for n in names):
+        set_module_tensor_to_device(module, name, "meta")
 
-    def __getitem__(self, layer: int) -> InputMoments:
-        while layer not in self._ready:
-            try:
-                i, moments = next(self._stream)
-            except StopIteration:
-                raise KeyError(layer) from None
-            self._ready[i] = moments
-        return self._ready.pop(layer)
 
-    def __iter__(self):
-        return iter(range(self._layers))
+def _record(modules: Mapping[Key, nn.Module], moments: dict[Key, InputMoments], stop: bool = False) -> list:
+    """Hooks adding each module's input to its moments; with `stop`, the last of them to fire stops the block."""
+    seen: set[Key] = set()
 
-    def __len__(self) -> int:
-        return self._layers
+    def hook(key):
+        def add(module, args):
+            moments.setdefault(key, InputMoments(args[0].shape[-1])).add(args[0])
+            seen.add(key)
+            if stop and len(seen) == len(modules):
+                seen.clear()
+                raise _Stop
+        return add
+    return [module.register_forward_pre_hook(hook(key)) for key, module in modules.items()]
+
+
+def _run(layer: nn.Module, call: tuple):
+    """The block's outputs, as the model's stack takes them, or None when a hook stopped it early."""
+    try:
+        return layer(*call[0], **call[1])
+    except _Stop:
+        return None
 
 
 def _module_name(model: nn.Module, module: nn.Module | None) -> str | None:
     return next((name for name, m in model.named_modules() if m is module), None)
 
 
-def _whole_model_moments(model_dir: Path, where: Blocks, tokens: torch.Tensor, device, dtype, batch_size: int,
-                         bars: bool):
-    from transformers import AutoModelForCausalLM
+class BlockStream:
+    """The source, ready to run block by block: built, checked and the first block's arguments recorded when made
+    (so bad input fails before any output is written); iterating runs the blocks in the order the model's forward
+    reaches them and yields ((attention kind, role, layer), moments) for the kinds asked for."""
 
-    with loading_bars(bars):
-        model = from_pretrained(AutoModelForCausalLM, model_dir, dtype=dtype).to(device).eval()
-    moments = HandedOnce()
-    hooks = moments.record({i: layer.get_submodule(where.query)
-                            for i, layer in enumerate(model.get_submodule(where.container))})
-    try:
-        for start in range(0, len(tokens), batch_size):
-            model(input_ids=tokens[start:start + batch_size].to(device), use_cache=False)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return moments
+    @torch.no_grad()
+    def __init__(self, model_dir: Path, blocks: Sequence[AttentionBlock], tokens: torch.Tensor, *,
+                 kinds: Collection[str] | None = None, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32, batch_size: int = 8,
+                 progress: Callable[[int], object] | None = None,
+                 converted: Callable[[str, int], dict[str, torch.Tensor]] | None = None,
+                 kv_head_dims: Mapping[str, int] | None = None):
+        import transformers
+        from accelerate import init_empty_weights
+
+        self.device, self.dtype, self.progress = device, dtype, progress
+        # sequential mode: a block's outputs come from its converted weights, so later layers are calibrated on
+        # what the converted model computes (`converted(kind, layer)`: on-disk name -> tensor, K/V with G heads)
+        self.converted, self.kv_head_dims = converted, kv_head_dims or {}
+        config = from_pretrained(transformers.AutoConfig, model_dir)
+        auto = getattr(transformers, lm_auto_class_name(config.model_type, config.is_encoder_decoder))
+        with init_empty_weights(include_buffers=False):
+            self.model = model = auto.from_config(config, dtype=dtype).eval()
+        model.tie_weights()  # the skeleton is built untied; tied parameters are one tensor, materialised once
+        for module in model.modules():  # the buffers go to the device; the parameters stay on the meta device
+            for name, buffer in module._buffers.items():
+                if buffer is not None:
+                    module._buffers[name] = buffer.to(device)
+        vocab = model.get_input_embeddings().num_embeddings
+        if tokens.max() >= vocab:
+            raise ConversionError(f"calibration token id {int(tokens.max())} is outside the model's vocabulary of "
+                                  f"{vocab}; calibrate with the source's own tokenizer (--calibration TEXT)")
+        located = [attention_inputs(model, block) for block in blocks]
+        self.recorded = [inputs for inputs in located if kinds is None or inputs.attention in kinds]
+        self.stacks = {name: model.get_submodule(name) for name in dict.fromkeys(i.stack for i in located)}
+        self.layers = {i.attention: len(self.stacks[i.stack]) for i in self.recorded}
+        self.inputs = [self._forward_inputs(tokens[first:first + batch_size].to(device))
+                       for first in range(0, len(tokens), batch_size)]
+        self.weights = weights = _Weights(model_dir, model.base_model_prefix)
+        self.whole = None
+        if any(weights.find(f"{stack}.0.{n}") is None
+               for stack, layers in self.stacks.items() for n, _ in layers[0].named_parameters()):
+            # transformers reshapes this checkpoint while loading it (mixtral's experts are merged): the on-disk
+            # names are not the modules', so the whole model is loaded through transformers instead
+            if converted is not None:
+                raise ConversionError("sequential calibration needs a checkpoint whose on-disk names are the "
+                                      "model's, and transformers reshapes this one while loading it; use "
+                                      "--calibration-mode source")
+            self.whole = self._whole_model_moments(model_dir, auto, bars=progress is not None)
+            return
+        # everything outside the blocks but an untied LM head (no forward reaches it): embeddings, positions, norms
+        head = _module_name(model, model.get_output_embeddings())
+        self.outside = [names for names in _tied_names(model)
+                        if not any(n.startswith(stack + ".") for n in names for stack in self.stacks)
+                        and not all(head and n.startswith(head + ".") for n in names)]
+        on_disk = [names for names in self.outside if any(weights.find(n) is not None for n in names)]
+        _materialise(model, on_disk, weights, device, dtype)
+        _initialise(model, [names for names in self.outside if names not in on_disk], device, dtype)
+        self.originals = {name: list(layers) for name, layers in self.stacks.items()}
+        for name, layers in self.stacks.items():
+            for i in range(len(layers)):
+                layers[i] = _StandIn(self._replay, name, i)
+        self.done = dict.fromkeys(self.stacks, 0)  # per stack: how many of its blocks have run
+        self.outputs: dict[str, list] = {}  # per stack, per batch: what its last block run returned
+        self.pending = self._reach()
+
+    def _forward_inputs(self, ids: torch.Tensor) -> dict:
+        """The model's arguments for one batch `(B, T)`: an encoder-decoder's decoder reads the text as its target,
+        shifted right by the family's own rule (mBART wraps its language code), as in training."""
+        if not self.model.config.is_encoder_decoder:
+            return {"input_ids": ids, "use_cache": False}
+        return {"input_ids": ids, "decoder_input_ids": self.model.prepare_decoder_input_ids_from_labels(labels=ids),
+                "use_cache": False}
+
+    def _replay(self, stack: str, index: int, call: tuple):
+        if index < self.done[stack]:
+            return self.outputs[stack][self.batch]
+        raise _Reached(stack, index, call)
+
+    def _reach(self) -> tuple[str, int, list]:
+        """Every batch's forward up to the first block not yet run: its stack, its index and its arguments."""
+        calls = []
+        for self.batch, inputs in enumerate(self.inputs):
+            try:
+                self.model(**inputs)
+            except _Reached as reached:
+                calls.append(reached.call)
+                where = reached.stack, reached.index
+            else:
+                raise ConversionError("the model's forward ran through every block without reaching one not yet "
+                                      "run; calibration cannot run this model block by block")
+        return *where, calls
+
+    @torch.no_grad()
+    def __iter__(self) -> Iterator[tuple[Key, InputMoments]]:
+        if self.whole is not None:
+            yield from self.whole.items()
+            return
+        total = sum(map(len, self.originals.values()))
+        bar = self.progress(total) if self.progress is not None else None
+        for step in range(total):
+            stack, index, calls = self.pending if self.pending is not None else self._reach()
+            self.pending = None
+            layer = self.originals[stack][index]
+            names, prefix = [[n] for n, _ in layer.named_parameters()], f"{stack}.{index}."
+            _materialise(layer, names, self.weights, self.device, self.dtype, prefix)
+            inside = [i for i in self.recorded if i.stack == stack]
+            modules = {(i.attention, role, index): layer.get_submodule(name)
+                       for i in inside for role, name in i.modules().items()}
+            moments: dict[Key, InputMoments] = {}
+            # sequential mode runs the block again once converted: this pass only measures its inputs
+            sequential = self.converted is not None and bool(inside)
+            hooks = _record(modules, moments, stop=sequential)
+            outputs = [_run(layer, call) for call in calls]
+            for hook in hooks:
+                hook.remove()
+            if bar is not None:  # counted before the yield: the converter stops asking after its last layer
+                bar.update()
+                if step == total - 1:
+                    bar.close()
+            yield from moments.items()
+            if sequential:
+                for i in inside:
+                    self._load_converted(layer, prefix, self.converted(i.attention, index),
+                                         self.kv_head_dims[i.attention])
+                outputs = [_run(layer, call) for call in calls]
+            self.outputs[stack] = outputs
+            self.done[stack] += 1
+            _free(layer, names)
+        self.outputs = {}  # the activations go as soon as the last block has run
+        _free(self.model, self.outside)
+
+    def _load_converted(self, layer: nn.Module, prefix: str, tensors: dict[str, torch.Tensor],
+                        kv_head_dim: int) -> None:
+        """Put a converted layer's projections into the (MHA-shaped) block: K/V with G heads are repeated to the
+        block's K/V heads, group j serving the contiguous heads it replaced, which computes the same attention."""
+        from accelerate.utils import set_module_tensor_to_device
+
+        for name, parameter in list(layer.named_parameters()):
+            value, shape = tensors.get(self.weights.find(prefix + name)), parameter.shape
+            if value is None:
+                continue
+            if tuple(value.shape) != tuple(shape):
+                heads = value.view(-1, kv_head_dim, *value.shape[1:])  # (G, hd, ...)
+                value = heads.repeat_interleave(shape[0] // value.shape[0], dim=0).reshape(shape)  # (G0 * hd, ...)
+            set_module_tensor_to_device(layer, name, self.device, value=value.to(self.dtype))
+
+    def _whole_model_moments(self, model_dir: Path, auto, bars: bool) -> dict[Key, InputMoments]:
+        with loading_bars(bars):
+            model = from_pretrained(auto, model_dir, dtype=self.dtype).to(self.device).eval()
+        modules = {(i.attention, role, layer): block.get_submodule(name)
+                   for i in self.recorded for layer, block in enumerate(model.get_submodule(i.stack))
+                   for role, name in i.modules().items()}
+        moments: dict[Key, InputMoments] = {}
+        hooks = _record(modules, moments)
+        try:
+            for inputs in self.inputs:
+                model(**inputs)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return moments
+
+
+class StreamedMoments:
+    """The stream's moments, computed when first asked for and handed out once: the converter asks layer by layer,
+    so the stream runs only as far as the layer being converted and each layer's moments are freed after use."""
+
+    def __init__(self, stream: BlockStream):
+        self._stream, self._ready, self.layers = iter(stream), {}, stream.layers
+
+    def take(self, key: Key) -> InputMoments:
+        while key not in self._ready:
+            try:
+                found, moments = next(self._stream)
+            except StopIteration:
+                raise KeyError(key) from None
+            self._ready[found] = moments
+        return self._ready.pop(key)
+
+    def of(self, block: AttentionBlock) -> tuple[Mapping[int, InputMoments], Mapping[int, InputMoments] | None]:
+        """Layer -> moments of one kind's query input, and of its key input for cross-attention (else None), as
+        LayerSettings takes them."""
+        return _ByLayer(self, block.attention, QUERY), \
+            (_ByLayer(self, block.attention, KEYS) if block.keys_from_encoder else None)
+
+
+@dataclass(frozen=True)
+class _ByLayer(Mapping):
+    streamed: StreamedMoments
+    attention: str
+    role: str
+
+    def __getitem__(self, layer: int) -> InputMoments:
+        return self.streamed.take((self.attention, self.role, layer))
+
+    def __iter__(self):
+        return iter(range(self.streamed.layers[self.attention]))
+
+    def __len__(self) -> int:
+        return self.streamed.layers[self.attention]

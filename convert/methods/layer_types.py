@@ -6,7 +6,6 @@ as one matrix `(hd, d + 1)`. All arithmetic is float64; `convert_layer` casts ba
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -47,29 +46,6 @@ class InputMoments:
         c = self.total[:width, :width] / max(self.count, 1)
         c = c + RIDGE * c.diagonal().mean() * torch.eye(width, dtype=c.dtype)
         return torch.linalg.cholesky(c)
-
-
-class HandedOnce(Mapping):
-    """Layer -> InputMoments recorded from forward hooks, each handed out once and then freed, as the converter
-    asks layer by layer."""
-
-    def __init__(self):
-        self._moments: dict[int, InputMoments] = {}
-
-    def record(self, modules: Mapping[int, torch.nn.Module]) -> list:
-        """Hooks that add each module's input to its layer's moments; remove them when the forwards are done."""
-        def hook(layer):
-            return lambda module, args: self._moments.setdefault(layer, InputMoments(args[0].shape[-1])).add(args[0])
-        return [module.register_forward_pre_hook(hook(layer)) for layer, module in modules.items()]
-
-    def __getitem__(self, layer: int) -> InputMoments:
-        return self._moments.pop(layer)
-
-    def __iter__(self):
-        return iter(list(self._moments))  # a copy: handing a layer out removes it
-
-    def __len__(self) -> int:
-        return len(self._moments)
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,9 @@ the shards, the calibration forward and an estimate of its peak memory on its de
 
 The estimate counts what the toolkit holds at its peak, not the interpreter (about 0.25 GB with torch): for the
 per-tensor methods, the largest computed tensor with its source in float32; with calibration, the embeddings and
-one block in float32, the calibration activations (inputs and outputs of a block), two layers' input moments in
-float64 and one layer's float64 solve.
+one block in float32, the calibration activations (inputs and outputs of a block, and an encoder's last outputs),
+input moments in float64 (two layers', or at most every layer's for an encoder-decoder) and one layer's float64
+solve.
 """
 
 from __future__ import annotations
@@ -39,44 +40,40 @@ def _available_memory(device: torch.device) -> int | None:
 
 
 def _calibration_peak(prepared, options) -> tuple[int, str]:
-    """Bytes and their breakdown for the calibration (block by block, or the whole model for an encoder-decoder)
-    and the layer solve."""
-    container = prepared.spec.block.inputs[0].split("{layer}")[0]  # e.g. "layers."
-    first = re.compile(rf"^(?:.+\.)?{re.escape(container)}0\.")
-    block = [s for name, s in prepared.sources.items() if first.match(name)]
-    outside = [s for name, s in prepared.sources.items() if not re.search(rf"{re.escape(container)}\d+\.", name)]
-    embeddings = max((_numel(s.shape) for s in outside), default=0) * FLOAT32
-    width = max((s.shape[-1] for s in outside if len(s.shape) == 2), default=0)
-    block_bytes = sum(_numel(s.shape) for s in block) * FLOAT32
-    if whole_model(prepared.spec):  # every parameter at once, in float32
-        embeddings, block_bytes = 0, sum(_numel(s.shape) for s in prepared.sources.values()) * FLOAT32
-    activations = 2 * options.calibration_samples * options.calibration_length * width * FLOAT32
-    moments = 2 * (width + 1) ** 2 * FLOAT64  # block by block: one layer's, and the next one's
-    if whole_model(prepared.spec):  # every layer's at once: its queries', and cross-attention's keys' too
+    """Bytes and their breakdown for the block-by-block calibration and the layer solve."""
+    spec, sources = prepared.spec, prepared.sources
+    stacks = list(dict.fromkeys(b.inputs[0].split("{layer}")[0] for b in spec.blocks))  # e.g. ["layers."]
+    in_a_block = re.compile(rf"(?:^|\.)(?:{'|'.join(map(re.escape, stacks))})\d+\.")
+    firsts = [re.compile(rf"^(?:.+\.)?{re.escape(stack)}0\.") for stack in stacks]
+    block_bytes = max(sum(_numel(s.shape) for name, s in sources.items() if first.match(name))
+                      for first in firsts) * FLOAT32
+    outside = sorted((_numel(s.shape) for name, s in sources.items() if not in_a_block.search(name)), reverse=True)
+    if len(outside) > 1 and outside[0] == outside[1]:
+        outside = outside[1:]  # an untied LM head, the shape of the embeddings: no calibration forward reaches it
+    embeddings = sum(outside) * FLOAT32
+    width = max((s.shape[-1] for name, s in sources.items() if len(s.shape) == 2 and not in_a_block.search(name)),
+                default=0)
+    # a block's inputs and outputs, and an encoder's last outputs, which its decoder reads throughout
+    activations = (2 + spec.encoder_decoder) * options.calibration_samples * options.calibration_length * width \
+        * FLOAT32
+    moments = 2 * (width + 1) ** 2 * FLOAT64  # one layer's, and the next one's
+    if len(stacks) > 1:  # at most every layer's: the converter may ask for the decoder's before the encoder's
         kinds = prepared.record.get("attention_kinds", [])
-        matrices = sum((1 + b.keys_from_encoder) * _layers(prepared.sources, b)
-                       for b in prepared.spec.blocks if b.attention in kinds)
+        matrices = sum((1 + b.keys_from_encoder) * _layers(sources, b) for b in spec.blocks if b.attention in kinds)
         moments = matrices * (width + 1) ** 2 * FLOAT64
-    patterns = [key_pattern(t + ".weight") for role in ("q", "k", "v", "qkv", "o")
-                for t in getattr(prepared.spec.block, role)]
-    attention = [_numel(s.shape) for name, s in prepared.sources.items()
+    patterns = [key_pattern(t + ".weight") for role in ("q", "k", "v", "qkv", "o") for t in getattr(spec.block, role)]
+    attention = [_numel(s.shape) for name, s in sources.items()
                  if any((m := p.match(name)) and m["layer"] == "0" for p in patterns)]
     solve = 3 * sum(attention) * FLOAT64
     total = embeddings + block_bytes + activations + moments + solve
-    held = f"the model {format_bytes(block_bytes)}" if whole_model(prepared.spec) else \
-        f"embeddings {format_bytes(embeddings)} + one block {format_bytes(block_bytes)}"
-    return total, (f"{held} + activations {format_bytes(activations)} + moments {format_bytes(moments)} + solve "
+    return total, (f"outside the blocks {format_bytes(embeddings)} + one block {format_bytes(block_bytes)} + "
+                   f"activations {format_bytes(activations)} + moments {format_bytes(moments)} + solve "
                    f"{format_bytes(solve)}")
 
 
 def _layers(sources, block) -> int:
     patterns = [key_pattern(t + ".weight") for t in block.q]
     return sum(any(p.match(name) for p in patterns) for name in sources)
-
-
-def whole_model(spec) -> bool:
-    """An encoder-decoder calibrates in forwards of the whole model (convert/methods/seq2seq_calibration.py)."""
-    return spec.encoder_decoder
 
 
 def describe(prepared) -> list[str]:
@@ -104,7 +101,7 @@ def describe(prepared) -> list[str]:
         where = options.device
         lines.append(f"calibration: {options.calibration_samples} x {options.calibration_length} tokens of "
                      f"{record.get('calibration')}, {options.calibration_mode} mode, "
-                     f"{'the whole model' if whole_model(prepared.spec) else 'one block at a time'} on {where}")
+                     f"one block at a time on {where}")
     lines.append(f"peak memory (estimate, beyond the interpreter): {format_bytes(peak)} on {where} ({breakdown})")
     lines.append(f"disk: {format_bytes(total)} to write, {format_bytes(free_bytes(prepared.out))} free at "
                  f"{prepared.out.parent}")

@@ -2,26 +2,29 @@
 sequentially (each block on what the converted blocks before it compute), against mean-pooling, before any
 uptraining.
 
-    .venv/bin/python bench/bench_seq2seq_calibration.py [--work runs/bench-seq2seq-calibration] [--steps 400]
+    .venv/bin/python bench/bench_seq2seq_calibration.py [--work runs/bench-seq2seq-calibration] [--steps 1200]
 
 Builds a T5 (t5-v1.1's choices: hidden 128, 8 heads of 16, 4 encoder and 4 decoder layers) with the tiny
 tokenizer, pretrains it with span corruption through gqa-uptrain (recipes/tiny-t5-uptrain.yaml, fraction 1 of
---steps), converts its decoder's self- and cross-attention (and with --attention all the encoder's) to G = H/4 and
-MQA, and prints KL(source || converted) per target token and top-1 agreement on 32 held-out span-corruption
+--steps), converts its decoder's self- and cross-attention (the default scope) and every attention (--attention
+all) to G = H/4 and MQA, and prints KL(source || converted) per target token and top-1 agreement on 32 held-out span-corruption
 examples. The pretrained model is kept in --work, so a rerun only converts and measures.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import time
 from pathlib import Path
 
 import torch
+import transformers
 
 from gqa_toolkit.convert import convert_checkpoint
 from gqa_toolkit.eval.fidelity import fidelity
 from gqa_toolkit.eval.heldout import HELDOUT, eval_task, heldout_set
+from gqa_toolkit.eval.perplexity import perplexity
 from gqa_toolkit.uptrain import load_recipe, train
 from gqa_toolkit.uptrain.model import load_config, load_model, load_tokenizer
 from gqa_toolkit.uptrain.tiny import build_tiny_mha
@@ -49,27 +52,29 @@ def pretrained(work: Path, steps: int) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--work", type=Path, default=Path("runs/bench-seq2seq-calibration"))
-    parser.add_argument("--steps", type=int, default=400)
-    parser.add_argument("--attention", default="decoder", choices=["decoder", "all"])
+    parser.add_argument("--steps", type=int, default=1200)
     args = parser.parse_args()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     src = pretrained(args.work, args.steps)
     tokenizer, config = load_tokenizer(src), load_config(src)
     data = HELDOUT.model_copy(update=dict(block_size=128, eval_blocks=32, cache_dir=str(args.work / "data")))
     examples = heldout_set(tokenizer, data, eval_task(config, tokenizer, data))
     source = load_model(src)
     heads = config.num_heads
-    print("| G | method | calibration | KL | top-1 | convert s |\n|---|---|---|---|---|---|")
-    for groups in (heads // 4, 1):
+    print(f"held-out loss of the source: {perplexity(source, examples)['loss']:.4f}")
+    print("| --attention | G | method | calibration | KL | top-1 | convert s |\n|---|---|---|---|---|---|---|")
+    for scope, groups in itertools.product(("decoder", "all"), (heads // 4, 1)):
         for method, mode in CELLS:
-            out = args.work / f"{method}-{mode}-g{groups}-{args.attention}"
+            out = args.work / f"{method}-{mode}-g{groups}-{scope}"
             t0 = time.perf_counter()
-            convert_checkpoint(src, out, method=method, groups=groups, attention=args.attention, force=True,
+            convert_checkpoint(src, out, method=method, groups=groups, attention=scope, force=True,
                                progress=False, **({} if mode is None else {"calibration": "python-stdlib",
                                                                             "calibration_mode": mode}))
             seconds = time.perf_counter() - t0
             with torch.no_grad():
                 result = fidelity(load_model(out), source, examples)
-            print(f"| {groups} | {method} | {mode or 'none'} | {result['kl']:.4f} | {result['top1_agreement']:.3f} "
+            print(f"| {scope} | {groups} | {method} | {mode or 'none'} | {result['kl']:.4f} | {result['top1_agreement']:.3f} "
                   f"| {seconds:.1f} |", flush=True)
 
 

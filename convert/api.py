@@ -65,8 +65,7 @@ def _layer_settings(model_dir: Path, config: ConfigReader, raw_config: dict, spe
             converted = {block.attention: ConvertedLayers() for block in blocks}
         stream = BlockStream(model_dir, spec.blocks, tokens, kinds=[block.attention for block in blocks],
                              device=device, progress=bar,
-                             converted=(lambda kind, layer: converted[kind].take(layer)) if converted else None,
-                             kv_head_dims={kind: geometry.head_dim for kind, geometry in geometries.items()})
+                             converted=(lambda kind, layer: converted[kind].take(layer)) if converted else None)
         moments = StreamedMoments(stream)
     described = "token ids" if isinstance(calibration, torch.Tensor) else str(calibration)
     record = {"grouping": options.grouping, "calibration": described,
@@ -93,9 +92,6 @@ def _check_calibration(spec, model_type: str, options: ConversionOptions, config
     if spec.audio is not None:
         raise ConversionError(f"calibration feeds text, and {model_type}'s encoder takes audio features; pass "
                               "--calibration none to convert on the weights")
-    if options.calibration_mode == "sequential" and spec.block.qkv:
-        raise ConversionError(f"--calibration-mode sequential supports separate q, k and v projections; "
-                              f"{model_type} fuses them, use --calibration-mode source")
 
 
 @dataclass(frozen=True)

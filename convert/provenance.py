@@ -222,8 +222,8 @@ def with_section(text: str, title: str, body: str) -> str:
 
 def _source_card(src: Path) -> ModelCardData | None:
     path = src / "README.md"
-    if not path.is_file():
-        return None
+    if not path.is_file() or not path.read_text(errors="replace").startswith("---"):
+        return None  # no front matter (an uptrained model's card from a source without one): nothing to carry
     try:
         return ModelCard.load(path).data
     except (ValueError, OSError, yaml.YAMLError):  # front matter that is not valid YAML: carry nothing from it

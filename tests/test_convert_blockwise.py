@@ -105,11 +105,10 @@ def test_one_block_at_a_time(model_type, family_dirs, no_native_dirs, monkeypatc
     assert all(p.device.type == "meta" for p in stream.model.parameters())  # the embeddings freed at the end
 
 
-def test_sequential_mode_calibrates_each_layer_on_the_converted_model(family_dirs, tmp_path, monkeypatch):
-    """In sequential mode layer i's moments are those of the converted checkpoint itself (loaded by stock
-    transformers, K/V with G heads), not of the source: the layers before it are the converted ones."""
+@pytest.fixture
+def handed_out(monkeypatch) -> dict:
+    """Every moment the converter takes from the stream, by (kind, role, layer)."""
     import gqa_toolkit.convert.api as api
-    from gqa_toolkit.convert import convert_checkpoint
 
     seen = {}
 
@@ -119,12 +118,24 @@ def test_sequential_mode_calibrates_each_layer_on_the_converted_model(family_dir
             return seen[key]
 
     monkeypatch.setattr(api, "StreamedMoments", Recording)
-    src, tokens = family_dirs["llama"], _tokens()
+    return seen
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "gpt_neox", "falcon", "phi3"])
+def test_sequential_mode_calibrates_each_layer_on_the_converted_model(model_type, family_dirs, no_native_dirs,
+                                                                      tmp_path, handed_out):
+    """In sequential mode layer i's moments are those of the converted checkpoint itself (loaded by transformers,
+    K/V with G heads, fused ones split and re-fused by the family's layout), not of the source: the layers before
+    it are the converted ones."""
+    from gqa_toolkit.convert import convert_checkpoint
+
+    src, tokens = {**family_dirs, **no_native_dirs}[model_type], _tokens()
+    inputs = ATTENTION_INPUTS.get(model_type, _q_projections)
     out = convert_checkpoint(src, tmp_path / "out", method="fit", groups=2, calibration=tokens,
                              calibration_mode="sequential", progress=False)
-    converted = _reference_moments(out, tokens)
-    source = _reference_moments(src, tokens)
-    query = {layer: moments for (_, _, layer), moments in seen.items()}
+    converted = _reference_moments(out, tokens, inputs)
+    source = _reference_moments(src, tokens, inputs)
+    query = {layer: moments for (_, _, layer), moments in handed_out.items()}
     torch.testing.assert_close(query[0].total, source[0], rtol=1e-9, atol=1e-9)  # nothing before layer 0
     torch.testing.assert_close(query[1].total, converted[1], rtol=1e-6, atol=1e-6)
     assert not torch.allclose(converted[1], source[1], rtol=1e-3)
@@ -225,28 +236,19 @@ def test_encoder_decoder_moments_equal_a_full_forward(model_type, no_native_dirs
     assert not torch.allclose(ours["cross", "keys", 0].total, ours["cross", "query", 0].total)
 
 
-def test_sequential_mode_on_an_encoder_decoder(no_native_dirs, tmp_path, monkeypatch):
+def test_sequential_mode_on_an_encoder_decoder(no_native_dirs, tmp_path, handed_out):
     """t5 with --attention all in sequential mode: each encoder layer's queries, the decoder's and cross-attention's
     keys (the converted encoder's states) are those of the converted checkpoint itself, loaded by stock
     transformers; cross-attention's queries follow the source's self-attention of their own block."""
-    import gqa_toolkit.convert.api as api
     from gqa_toolkit.convert import convert_checkpoint
 
-    seen = {}
-
-    class Recording(blockwise.StreamedMoments):
-        def take(self, key):
-            seen[key] = super().take(key)
-            return seen[key]
-
-    monkeypatch.setattr(api, "StreamedMoments", Recording)
     src = no_native_dirs["t5"]
     tokens = torch.randint(3, 128, (10, 12), generator=torch.Generator().manual_seed(2))
     out = convert_checkpoint(src, tmp_path / "out", method="fit", groups=2, calibration=tokens, attention="all",
                              calibration_mode="sequential", progress=False)
     converted, source = _seq2seq_reference(out, "t5", tokens), _seq2seq_reference(src, "t5", tokens)
-    assert sorted(seen) == sorted(converted)
-    for key, moments in seen.items():
+    assert sorted(handed_out) == sorted(converted)
+    for key, moments in handed_out.items():
         if key[:2] != ("cross", "query"):
             torch.testing.assert_close(moments.total, converted[key], rtol=1e-6, atol=1e-6)
     for key in (("encoder", "query", 1), ("cross", "keys", 0), ("decoder", "query", 1)):

@@ -127,13 +127,6 @@ def test_calibration_for_a_method_that_reads_weights_only_is_refused(llama_dir, 
     assert not (tmp_path / "o").exists()
 
 
-def test_the_dry_run_refuses_sequential_calibration_of_fused_projections(no_native_dirs):
-    from gqa_toolkit.convert import describe_conversion
-
-    with pytest.raises(ConversionError, match="sequential supports separate q, k and v"):
-        describe_conversion(no_native_dirs["gpt2"], groups=2, method="fit", calibration_mode="sequential")
-
-
 def test_the_dry_run_of_a_calibrated_encoder_decoder_counts_one_block(no_native_dirs):
     """t5 calibrates block by block too: the estimate holds what is outside the blocks (the shared embeddings, the
     final norms) and the larger of the two stacks' blocks, the decoder's (self- and cross-attention), in float32."""

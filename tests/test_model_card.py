@@ -55,3 +55,14 @@ def test_encoder_decoders_are_tagged_text2text(no_native_dirs, tmp_path):
     for family in ("t5", "bart"):
         out = convert_checkpoint(no_native_dirs[family], tmp_path / family, groups=2, progress=False)
         assert ModelCard.load(out / "README.md").data.pipeline_tag == "text2text-generation", family
+
+
+def test_a_source_card_without_front_matter_carries_nothing_and_says_nothing(llama_dir, tmp_path, caplog):
+    """An uptrained model's card, from a source without a card, is markdown alone: converting it again logs no
+    warning of the hub library's about the missing metadata."""
+    src = tmp_path / "src"
+    shutil.copytree(llama_dir, src)
+    (src / "README.md").write_text("\n\n## Uptraining\n\nUptrained for 4 steps.\n")
+    out = convert_checkpoint(src, tmp_path / "out", groups=2, progress=False)
+    assert ModelCard.load(out / "README.md").data.tags == ["gqa", "gqa-toolkit"]
+    assert not [r for r in caplog.records if "metadata" in r.getMessage()], caplog.text

@@ -170,8 +170,31 @@ def _run(layer: nn.Module, call: tuple):
         return None
 
 
-def _module_name(model: nn.Module, module: nn.Module | None) -> str | None:
-    return next((name for name, m in model.named_modules() if m is module), None)
+def _skeleton(model_dir: Path, device, dtype) -> tuple[nn.Module, type]:
+    """The source's model with its LM head (and the Auto class that builds it), every parameter on the meta
+    device, tied ones tied, buffers (rotary frequencies) real on `device`."""
+    import transformers
+    from accelerate import init_empty_weights
+
+    config = from_pretrained(transformers.AutoConfig, model_dir)
+    auto = getattr(transformers, lm_auto_class_name(config.model_type, config.is_encoder_decoder))
+    with init_empty_weights(include_buffers=False):
+        model = auto.from_config(config, dtype=dtype).eval()
+    model.tie_weights()  # the skeleton is built untied; tied parameters are one tensor, materialised once
+    for module in model.modules():
+        for name, buffer in module._buffers.items():
+            if buffer is not None:
+                module._buffers[name] = buffer.to(device)
+    return model, auto
+
+
+def _outside(model: nn.Module, stacks: Collection[str]) -> list[list[str]]:
+    """The parameters outside the blocks but an untied LM head, which no forward here reaches: embeddings,
+    positions, norms."""
+    head = next((name for name, m in model.named_modules() if m is model.get_output_embeddings()), None)
+    return [names for names in _tied_names(model)
+            if not any(n.startswith(stack + ".") for n in names for stack in stacks)
+            and not all(head and n.startswith(head + ".") for n in names)]
 
 
 class BlockStream:
@@ -184,24 +207,13 @@ class BlockStream:
                  kinds: Collection[str] | None = None, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32, batch_size: int = 8,
                  progress: Callable[[int], object] | None = None,
-                 converted: Callable[[str, int], dict[str, torch.Tensor]] | None = None,
-                 kv_head_dims: Mapping[str, int] | None = None):
-        import transformers
-        from accelerate import init_empty_weights
-
+                 converted: Callable[[str, int], dict[str, torch.Tensor]] | None = None):
         self.device, self.dtype, self.progress = device, dtype, progress
         # sequential mode: a block's outputs come from its converted weights, so later layers are calibrated on
-        # what the converted model computes (`converted(kind, layer)`: on-disk name -> tensor, K/V with G heads)
-        self.converted, self.kv_head_dims = converted, kv_head_dims or {}
-        config = from_pretrained(transformers.AutoConfig, model_dir)
-        auto = getattr(transformers, lm_auto_class_name(config.model_type, config.is_encoder_decoder))
-        with init_empty_weights(include_buffers=False):
-            self.model = model = auto.from_config(config, dtype=dtype).eval()
-        model.tie_weights()  # the skeleton is built untied; tied parameters are one tensor, materialised once
-        for module in model.modules():  # the buffers go to the device; the parameters stay on the meta device
-            for name, buffer in module._buffers.items():
-                if buffer is not None:
-                    module._buffers[name] = buffer.to(device)
+        # what the converted model computes (`converted(kind, layer)`: on-disk name -> tensor, shaped as the source's)
+        self.converted = converted
+        model, auto = _skeleton(model_dir, device, dtype)
+        self.model = model
         vocab = model.get_input_embeddings().num_embeddings
         if tokens.max() >= vocab:
             raise ConversionError(f"calibration token id {int(tokens.max())} is outside the model's vocabulary of "
@@ -224,11 +236,7 @@ class BlockStream:
                                       "--calibration-mode source")
             self.whole = self._whole_model_moments(model_dir, auto, bars=progress is not None)
             return
-        # everything outside the blocks but an untied LM head (no forward reaches it): embeddings, positions, norms
-        head = _module_name(model, model.get_output_embeddings())
-        self.outside = [names for names in _tied_names(model)
-                        if not any(n.startswith(stack + ".") for n in names for stack in self.stacks)
-                        and not all(head and n.startswith(head + ".") for n in names)]
+        self.outside = _outside(model, self.stacks)
         on_disk = [names for names in self.outside if any(weights.find(n) is not None for n in names)]
         _materialise(model, on_disk, weights, device, dtype)
         _initialise(model, [names for names in self.outside if names not in on_disk], device, dtype)
@@ -297,8 +305,7 @@ class BlockStream:
             yield from moments.items()
             if sequential:
                 for i in inside:
-                    self._load_converted(layer, prefix, self.converted(i.attention, index),
-                                         self.kv_head_dims[i.attention])
+                    self._load_converted(layer, prefix, self.converted(i.attention, index))
                 outputs = [_run(layer, call) for call in calls]
             self.outputs[stack] = outputs
             self.done[stack] += 1
@@ -306,20 +313,15 @@ class BlockStream:
         self.outputs = {}  # the activations go as soon as the last block has run
         _free(self.model, self.outside)
 
-    def _load_converted(self, layer: nn.Module, prefix: str, tensors: dict[str, torch.Tensor],
-                        kv_head_dim: int) -> None:
-        """Put a converted layer's projections into the (MHA-shaped) block: K/V with G heads are repeated to the
-        block's K/V heads, group j serving the contiguous heads it replaced, which computes the same attention."""
+    def _load_converted(self, layer: nn.Module, prefix: str, tensors: dict[str, torch.Tensor]) -> None:
+        """Put a converted layer's projections, shaped as the source's (K/V repeated to its heads), into the
+        block."""
         from accelerate.utils import set_module_tensor_to_device
 
         for name, parameter in list(layer.named_parameters()):
-            value, shape = tensors.get(self.weights.find(prefix + name)), parameter.shape
-            if value is None:
-                continue
-            if tuple(value.shape) != tuple(shape):
-                heads = value.view(-1, kv_head_dim, *value.shape[1:])  # (G, hd, ...)
-                value = heads.repeat_interleave(shape[0] // value.shape[0], dim=0).reshape(shape)  # (G0 * hd, ...)
-            set_module_tensor_to_device(layer, name, self.device, value=value.to(self.dtype))
+            value = tensors.get(self.weights.find(prefix + name))
+            if value is not None:
+                set_module_tensor_to_device(layer, name, self.device, value=value.to(self.dtype))
 
     def _whole_model_moments(self, model_dir: Path, auto, bars: bool) -> dict[Key, InputMoments]:
         with loading_bars(bars):

@@ -17,9 +17,9 @@ if TYPE_CHECKING:
 
 
 class ConvertedLayers:
-    """Each converted layer's projections by on-disk name, for sequential calibration: held from conversion until
-    the calibration stream has run the converted block (`take`), which converts a layer itself if the writer has
-    not reached it yet."""
+    """Each converted layer's projections by on-disk name, shaped as the source's (K/V repeated to its heads), for
+    sequential calibration: held from conversion until the calibration stream has run the converted block (`take`),
+    which converts a layer itself if the writer has not reached it yet."""
 
     def __init__(self):
         self.groups: dict[int, SharedResult] = {}

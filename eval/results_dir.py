@@ -12,6 +12,7 @@ from pathlib import Path
 import yaml
 
 from gqa_toolkit.convert.errors import first_line
+from gqa_toolkit.convert.io.disk import is_partial
 from gqa_toolkit.convert.io.output_dir import listing
 
 from .errors import EvalError
@@ -35,11 +36,6 @@ def check_apart_from_original(root: Path, original: str | None) -> None:
                         f"a results_dir outside it")
 
 
-def _own_partial(path: Path) -> bool:
-    """A temporary file of a write that a kill cut short (see outputs.py): not someone else's file."""
-    return path.name.startswith(".") and ".partial-" in path.name
-
-
 def _saved_recipe(saved: Path):
     try:
         return yaml.safe_load(saved.read_text())
@@ -57,7 +53,7 @@ def check_results_dir(root: Path, recipe_yaml: str) -> None:
         if _saved_recipe(saved) != yaml.safe_load(recipe_yaml):
             raise EvalError(f"{root} holds results of a different recipe ({saved}); choose {DESTINATION}, or "
                             f"delete it to start over")
-    elif root.exists() and any(not _own_partial(p) for p in root.iterdir()):
+    elif root.exists() and any(not is_partial(p) for p in root.iterdir()):
         raise EvalError(f"results_dir {root} is not empty and holds no ablation ({RECIPE_FILE} is missing): it has "
                         f"{listing(root.iterdir())}; choose a new or empty results_dir")
 

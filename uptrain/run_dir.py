@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from gqa_toolkit.convert.io.disk import write_files
+from gqa_toolkit.convert.io.disk import is_partial, partial_name, write_files
 from gqa_toolkit.convert.io.output_dir import listing
 
 from .errors import UptrainError
@@ -22,7 +22,8 @@ from .storage import disk_writes
 RECIPE_FILE = "uptrain_recipe.yaml"
 MODEL_TMP = ".model.tmp"  # the final model is written here, then moved into output.dir
 # What saves cut short by a full disk or SIGKILL leave behind (write_files stages files as `.NAME.partial-PID`).
-PARTIAL_SAVES = (MODEL_TMP, f".{RECIPE_FILE}.partial-*", ".metrics.jsonl.partial-*", "checkpoints/step-*.tmp")
+PARTIAL_SAVES = (MODEL_TMP, partial_name(RECIPE_FILE, "*"), partial_name("metrics.jsonl", "*"),
+                 "checkpoints/step-*.tmp")
 # Keys that change only bookkeeping, never the weights: a resumed run may change them.
 NEUTRAL_KEYS = {"output": {"save_every", "keep_last", "eval_every", "log_every", "trackers", "progress",
                            "progress_label", "push_to_hub", "private"},
@@ -80,7 +81,7 @@ def claim_run_dir(recipe: Recipe, protected: dict[str, Path]) -> Path:
     check_destination(out, protected)
     if out.exists() and not out.is_dir():
         raise UptrainError(f"output.dir {out} is a file; choose a directory")
-    entries = [p for p in out.iterdir() if not p.name.startswith(f".{RECIPE_FILE}.partial-")] if out.exists() else []
+    entries = [p for p in out.iterdir() if not is_partial(p, RECIPE_FILE)] if out.exists() else []
     if not entries:
         return out
     saved = out / RECIPE_FILE

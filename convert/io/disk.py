@@ -8,6 +8,7 @@ ours becomes one line naming what, where, why and the setting to change; files a
 from __future__ import annotations
 
 import errno
+import fnmatch
 import os
 import shutil
 from collections.abc import Callable, Iterator
@@ -130,9 +131,19 @@ def check_free_space(path: Path, needed: int, setting: str, error: type[Exceptio
                     f"{format_bytes(free)} free; free space or choose another {setting}")
 
 
+def partial_name(name: str, tag: str) -> str:
+    """The hidden sibling of `name` that a write stages in before renaming it into place (`tag`: whose write it
+    is, or "*" as a glob)."""
+    return f".{name}.partial-{tag}"
+
+
+def is_partial(path: Path, name: str = "*") -> bool:
+    """A staged file or folder (of `name`, or of any) that a write cut short left behind."""
+    return fnmatch.fnmatchcase(path.name, partial_name(name, "*"))
+
+
 def partial_path(path: Path) -> Path:
-    """The hidden sibling a file or folder is written to before it is renamed into place."""
-    return path.parent / f".{path.name}.partial-{os.getpid()}"
+    return path.parent / partial_name(path.name, str(os.getpid()))
 
 
 def write_files(files: dict[Path, bytes | str]) -> None:

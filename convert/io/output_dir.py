@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from ..errors import ConversionError
+from .disk import partial_name
 from .records import CONVERSION_KEY
 
 
@@ -55,7 +56,7 @@ def check_output_free(dst: Path, force: bool, source: Path | None = None) -> Non
 def _partial_name(dst: Path, pid: int | str) -> str:
     """The temporary sibling's name: the host is in it, so a run on another machine sharing the filesystem never
     takes a live conversion's directory for a dead one."""
-    return f".{dst.name}.partial-{socket.gethostname()}-{pid}"
+    return partial_name(dst.name, f"{socket.gethostname()}-{pid}")
 
 
 def _remove_stale_partials(dst: Path) -> None:

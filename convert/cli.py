@@ -64,7 +64,9 @@ from .methods.registry import GROUPINGS, all_method_names
 @click.option("--refresh-modeling", is_flag=True, help="Convert nothing: rewrite the modeling files of MODEL_DIR, an "
                                                        "earlier output of a family the toolkit models itself "
                                                        "(t5, bart, whisper, gpt2, ...), with this version's.")
-@user_errors("gqa-convert", "nothing was written")
+@user_errors("gqa-convert", "nothing was written",
+             out_of_memory="nothing was written; lower --calibration-samples or --calibration-length, or use "
+                           "--device cuda (gqa-convert --dry-run estimates the peak)")
 def main(model_dir, groups, method, grouping, preserve_norm, calibration, calibration_samples, calibration_length,
          calibration_mode, device, output, attention, seed, dtype, max_shard_size, no_native, revision, force, push_to,
          private,

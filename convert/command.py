@@ -16,7 +16,7 @@ from typing import NoReturn
 
 import click
 
-from .errors import Interrupted, ToolkitError
+from .errors import Interrupted, ToolkitError, first_line
 from .io import disk
 
 HELP = {"help_option_names": ["-h", "--help"]}
@@ -88,9 +88,10 @@ def emit(prog: str, text: str) -> None:
         fail(prog, disk.write_fault_message("the standard output", exc, "another file to redirect it to"))
 
 
-def user_errors(prog: str, interrupted: str):
-    """Decorate a command: the stages' errors and disk faults become one line on stderr and exit status 2; Ctrl-C
-    prints `PROG: interrupted; <interrupted>` and exits 130 (143 after SIGTERM)."""
+def user_errors(prog: str, interrupted: str, out_of_memory: str | None = None):
+    """Decorate a command: the stages' errors and disk faults become one line on stderr and exit status 2, and so
+    does running out of memory when the command says what to change (`out_of_memory`); Ctrl-C prints
+    `PROG: interrupted; <interrupted>` and exits 130 (143 after SIGTERM)."""
 
     def decorate(fn):
         @wraps(fn)
@@ -107,6 +108,8 @@ def user_errors(prog: str, interrupted: str):
                 click.echo(f"{prog}: interrupted; {interrupted}", err=True)
                 sys.exit(_interrupted_status())
             except Exception as exc:  # a disk fault in a library's write (torch, safetensors) that no stage named
+                if out_of_memory is not None and _out_of_memory(exc):
+                    fail(prog, f"out of memory ({first_line(exc)}); {out_of_memory}")
                 if disk.fault_errno(exc) not in disk.WRITE_ONLY_FAULTS:
                     raise
                 fail(prog, disk.write_fault_message(None, exc))
@@ -114,6 +117,12 @@ def user_errors(prog: str, interrupted: str):
         return run
 
     return decorate
+
+
+def _out_of_memory(exc: Exception) -> bool:
+    """MemoryError, torch's OutOfMemoryError on an accelerator, or its CPU allocator's refusal."""
+    return isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" or \
+        (isinstance(exc, RuntimeError) and "not enough memory" in str(exc))
 
 
 _terminated = False  # the interruption was SIGTERM, not Ctrl-C

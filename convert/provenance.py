@@ -12,6 +12,7 @@ from typing import Any
 import torch
 import yaml
 from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub.repocard import REGEX_YAML_BLOCK  # the hub's own test for front matter
 
 import gqa_toolkit
 
@@ -222,7 +223,7 @@ def with_section(text: str, title: str, body: str) -> str:
 
 def _source_card(src: Path) -> ModelCardData | None:
     path = src / "README.md"
-    if not path.is_file() or not path.read_text(errors="replace").startswith("---"):
+    if not path.is_file() or not REGEX_YAML_BLOCK.search(path.read_text(errors="replace")):
         return None  # no front matter (an uptrained model's card from a source without one): nothing to carry
     try:
         return ModelCard.load(path).data

@@ -170,15 +170,17 @@ def _ratio(value: float | None) -> str:
 
 
 def _speed_models(model_dir: str, source_dir: str | None, contexts, decode_steps: int) -> tuple[dict, tuple]:
-    """{'converted': dir, 'source': dir (given or recorded, if any)} and the contexts (None: the default), each
-    model checked to hold the longest context plus the decode steps, before any weights load."""
-    from gqa_toolkit.uptrain.model import check_model_dir, load_config
+    """{'converted' (or 'model', when MODEL_DIR records no conversion): dir, 'source': dir (given or recorded, if
+    any)} and the contexts (None: the default), each model checked to hold the longest context plus the decode
+    steps, before any weights load."""
+    from gqa_toolkit.uptrain.model import CONVERSION_KEY, check_model_dir, load_config
 
     from .sources import source_dir as checked_source
     from .speed import speed_contexts
 
     converted = check_model_dir(model_dir, role="MODEL_DIR")
-    models = {"converted": (converted, load_config(converted, role="MODEL_DIR"))}  # readable before its record is
+    config = load_config(converted, role="MODEL_DIR")  # a readable config.json, before its record is read
+    models = {"converted" if hasattr(config, CONVERSION_KEY) else "model": (converted, config)}
     source = checked_source(converted, source_dir, required=False)
     if source is not None:
         models["source"] = (source, load_config(source, role="--source"))

@@ -27,25 +27,33 @@ def _q_projections(model):
     return [layer.self_attn.q_proj for layer in model.model.layers]
 
 
-def _reference_moments(model_dir, tokens, attention_inputs=_q_projections):
-    """E[[x; 1][x; 1]^T] of every attention input (q_proj's, by default), from hooks on the stock model run
-    whole: written independently."""
-    model = load_model(model_dir)
+def _input_moments(model, modules: dict, batches: list[dict]) -> dict:
+    """key -> E[[x; 1][x; 1]^T] of each module's input over the model's forwards on `batches`, from hooks on the
+    stock model run whole: written independently of the stream."""
     inputs = {}
-    hooks = [module.register_forward_pre_hook(
-        lambda mod, args, i=i: inputs.setdefault(i, []).append(args[0].reshape(-1, args[0].shape[-1])))
-        for i, module in enumerate(attention_inputs(model))]
+
+    def keep(key):
+        return lambda module, args: inputs.setdefault(key, []).append(args[0].reshape(-1, args[0].shape[-1]))
+
+    hooks = [module.register_forward_pre_hook(keep(key)) for key, module in modules.items()]
     with torch.no_grad():
-        for start in range(0, len(tokens), 8):
-            model(input_ids=tokens[start:start + 8])
+        for batch in batches:
+            model(**batch)
     for hook in hooks:
         hook.remove()
     result = {}
-    for i, xs in inputs.items():
+    for key, xs in inputs.items():
         x = torch.cat(xs).double()
         xa = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)  # (N, d + 1)
-        result[i] = xa.T @ xa
+        result[key] = xa.T @ xa
     return result
+
+
+def _reference_moments(model_dir, tokens, attention_inputs=_q_projections):
+    """Layer -> moments of every attention input (q_proj's, by default) of the stock decoder-only model."""
+    model = load_model(model_dir)
+    return _input_moments(model, dict(enumerate(attention_inputs(model))),
+                          [{"input_ids": tokens[start:start + 8]} for start in range(0, len(tokens), 8)])
 
 
 @pytest.mark.parametrize("family", LAYER_METHOD_FAMILIES, ids=lambda f: f.model_type)
@@ -67,10 +75,31 @@ def test_streamed_moments_run_only_as_far_as_asked(family_dirs):
     expected = _streamed(family_dirs["llama"], "llama", _tokens())
     assert keys is None and len(queries) == 2
     torch.testing.assert_close(queries[0].total, expected[0].total, rtol=0, atol=0)
-    assert stream.done["model.layers"] <= 1, "layer 1 has not run yet"
+    assert _live_blocks(stream) == ["model.layers.0"], "layer 1 has not run yet"
     torch.testing.assert_close(queries[1].total, expected[1].total, rtol=0, atol=0)
+    # the last layer handed out: the stream has let go of its block, the embeddings and the activations
+    assert _live_blocks(stream) == [] and stream.outputs == {}
+    assert all(p.device.type == "meta" for p in stream.model.parameters())
     with pytest.raises(KeyError):
         queries[1]  # handed out once, then freed
+
+
+def test_a_checkpoint_without_a_tensor_calibration_needs_is_refused(family_dirs, tmp_path):
+    """A missing embedding is refused, not made up by the model's initialisation (only parameters the model's
+    class says no checkpoint holds are, such as Marian's sinusoidal positions)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from gqa_toolkit.convert.errors import ConversionError
+
+    src = tmp_path / "llama"
+    shutil.copytree(family_dirs["llama"], src)
+    tensors = load_file(src / "model.safetensors")
+    del tensors["model.embed_tokens.weight"]
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ConversionError, match="no tensor for 'model.embed_tokens.weight'"):
+        blockwise.BlockStream(src, [spec_for("llama").block], _tokens())
 
 
 def _live_blocks(stream) -> list[str]:
@@ -195,29 +224,17 @@ SEQ2SEQ_INPUTS = {  # (attention kind, role) -> the stock modules whose input it
 
 
 def _seq2seq_reference(model_dir, model_type, tokens):
-    """(kind, role, layer) -> E[[x; 1][x; 1]^T], from hooks on the stock encoder-decoder run whole, its decoder
-    reading the tokens shifted right by the stock model's own rule."""
+    """(kind, role, layer) -> moments, of the stock encoder-decoder, its decoder reading the tokens shifted right
+    by the stock model's own rule."""
     import transformers
 
     model = transformers.AutoModelForSeq2SeqLM.from_pretrained(model_dir).eval()
-    inputs = {}
-    def keep(key):
-        return lambda module, args: inputs.setdefault(key, []).append(args[0].reshape(-1, args[0].shape[-1]))
-
-    hooks = [module.register_forward_pre_hook(keep((*kind_role, i)))
-             for kind_role, modules in SEQ2SEQ_INPUTS[model_type](model).items() for i, module in enumerate(modules)]
-    with torch.no_grad():
-        for start in range(0, len(tokens), 8):
-            ids = tokens[start:start + 8]
-            model(input_ids=ids, decoder_input_ids=model.prepare_decoder_input_ids_from_labels(labels=ids))
-    for hook in hooks:
-        hook.remove()
-    result = {}
-    for key, xs in inputs.items():
-        x = torch.cat(xs).double()
-        xa = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)  # (N, d + 1)
-        result[key] = xa.T @ xa
-    return result
+    modules = {(*kind_role, i): module for kind_role, modules in SEQ2SEQ_INPUTS[model_type](model).items()
+               for i, module in enumerate(modules)}
+    batches = [tokens[start:start + 8] for start in range(0, len(tokens), 8)]
+    return _input_moments(model, modules, [{"input_ids": ids, "decoder_input_ids":
+                                            model.prepare_decoder_input_ids_from_labels(labels=ids)}
+                                           for ids in batches])
 
 
 @pytest.mark.parametrize("model_type", SEQ2SEQ_INPUTS)

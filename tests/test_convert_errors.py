@@ -200,3 +200,19 @@ def test_console_script_runs_and_reports_errors(llama_dir, tmp_path):
     assert done.returncode == 0 and done.stdout.strip() == str(tmp_path / "out")
     bad = subprocess.run([script, str(llama_dir), "--groups", "5"], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+                                   RuntimeError("DefaultCPUAllocator: not enough memory: you tried to allocate 8 GB")])
+def test_running_out_of_memory_in_calibration_says_what_to_lower(error, uptrain_models, tmp_path, monkeypatch):
+    from gqa_toolkit.convert.methods import block_stream
+
+    def exhausted(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(block_stream, "_run", exhausted)
+    code, err = run_cli(uptrain_models["mha"], "-g", "2", "--method", "fit", "--calibration-samples", "4", "-o",
+                        tmp_path / "out", "-q")
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith("gqa-convert: error: out of memory (") and "lower --calibration-samples" in err
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.partial-*"))

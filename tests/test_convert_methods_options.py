@@ -146,6 +146,26 @@ def test_the_dry_run_of_a_calibrated_encoder_decoder_counts_one_block(no_native_
     assert f"outside the blocks {size([n for n in numel if '.block.' not in n])} + one block {decoder_block}" in text
 
 
+@pytest.mark.parametrize("model_type", ["t5", "bart"])
+def test_the_dry_run_counts_activations_at_the_model_width(model_type, no_native_dirs):
+    """Both have d = 64: a block's inputs and outputs and the encoder's last outputs, 256 x 128 tokens each, in
+    float32 (bart's final_logits_bias, as wide as the vocabulary, is not the width)."""
+    from gqa_toolkit.convert import describe_conversion
+
+    text = "\n".join(describe_conversion(no_native_dirs[model_type], groups=2, method="fit"))
+    assert f"activations {3 * 256 * 128 * 64 * 4 / 2**20:.1f} MiB" in text
+
+
+def test_sequential_calibration_of_a_checkpoint_reshaped_on_load_is_refused_by_the_dry_run(family_dirs):
+    """mixtral's experts are merged by transformers while it loads them: the dry run says so, as the run would."""
+    from gqa_toolkit.convert import describe_conversion
+
+    text = "\n".join(describe_conversion(family_dirs["mixtral"], groups=2, method="fit"))
+    assert "the whole model" in text and "reshaped on load" in text
+    with pytest.raises(ConversionError, match="transformers reshapes this one while loading it"):
+        describe_conversion(family_dirs["mixtral"], groups=2, method="fit", calibration_mode="sequential")
+
+
 @pytest.mark.parametrize("model_type", ["t5", "gptj", "bart"])
 def test_a_source_without_tokenizer_files_is_refused_for_calibration(model_type, no_native_dirs, tmp_path):
     """transformers builds an empty tokenizer for such a folder, which would calibrate on special tokens only."""

@@ -86,6 +86,13 @@ def test_speed_json_has_a_row_per_point_and_ratios_to_the_source(uptrain_models,
         assert converted["kv_bytes_per_token"] * 4 == source["kv_bytes_per_token"]
 
 
+def test_speed_names_a_model_without_a_conversion_record_as_a_model(uptrain_models):
+    result = CliRunner().invoke(main, ["speed", str(uptrain_models["mha"]), "--contexts", "16", "--batch-sizes", "1",
+                                       "--decode-steps", "1", "--repeats", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    assert [(r["model"], r["decode_vs_source"]) for r in json.loads(result.stdout)] == [("model", None)]
+
+
 def test_perplexity_is_exp_of_token_weighted_loss(uptrain_models, blocks):
     model = load_model(uptrain_models["mha"])
     result = perplexity(model, {"input_ids": blocks}, batch_size=4)

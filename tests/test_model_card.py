@@ -66,3 +66,11 @@ def test_a_source_card_without_front_matter_carries_nothing_and_says_nothing(lla
     out = convert_checkpoint(src, tmp_path / "out", groups=2, progress=False)
     assert ModelCard.load(out / "README.md").data.tags == ["gqa", "gqa-toolkit"]
     assert not [r for r in caplog.records if "metadata" in r.getMessage()], caplog.text
+
+
+def test_a_source_card_after_blank_lines_still_carries_its_metadata(llama_dir, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(llama_dir, src)
+    (src / "README.md").write_text("\n\n" + SOURCE_CARD)
+    out = convert_checkpoint(src, tmp_path / "out", groups=2, progress=False)
+    assert ModelCard.load(out / "README.md").data.license == "apache-2.0"

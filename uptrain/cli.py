@@ -17,7 +17,9 @@ from gqa_toolkit.convert.command import HELP, Command, print_warnings, user_erro
 @click.option("--list", "list_recipes", is_flag=True, help="List the recipes shipped with the toolkit and exit.")
 @click.option("--copy", "copy_name", metavar="NAME", default=None,
               help="Copy the shipped recipe NAME to RECIPE (default: ./NAME) to edit, and exit.")
-@user_errors("gqa-uptrain", "rerun the same command to go on (from the last checkpoint, if one was saved)")
+@user_errors("gqa-uptrain", "rerun the same command to go on (from the last checkpoint, if one was saved)",
+             out_of_memory="lower train.micro_batch_size (gradient accumulation keeps train.batch_size) or "
+                           "data.block_size, then rerun the same command to go on")
 def main(recipe: str | None, overrides: tuple[str, ...], print_recipe: bool, list_recipes: bool,
          copy_name: str | None) -> None:
     """Uptrain the converted checkpoint named in RECIPE (YAML).

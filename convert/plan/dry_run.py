@@ -2,15 +2,15 @@
 the shards, the calibration forward and an estimate of its peak memory on its device, against the room there is.
 
 The estimate counts what the toolkit holds at its peak, not the interpreter (about 0.25 GB with torch): for the
-per-tensor methods, the largest computed tensor with its source in float32; with calibration, the embeddings and
-one block in float32, the calibration activations (inputs and outputs of a block, and an encoder's last outputs),
-input moments in float64 (two layers', or at most every layer's for an encoder-decoder) and one layer's float64
-solve.
+per-tensor methods, the largest computed tensor with its source in float32; with calibration, what lies outside the
+blocks and the largest block in float32 (read off the skeleton the calibration builds), the calibration
+activations (inputs and outputs of a block, and an encoder's last outputs), input moments in float64 (two layers',
+or at most every layer's for an encoder-decoder, with the converted layers that sequential mode runs ahead of the
+writer) and one layer's float64 solve.
 """
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import torch
@@ -19,6 +19,7 @@ from ..errors import ConversionError
 from ..families.spec import key_pattern
 from ..io.disk import check_free_space, format_bytes, free_bytes
 from ..io.writer import planned_bytes, split_into_shards
+from ..methods.block_stream import SEQUENTIAL_NEEDS_NAMES, calibration_footprint
 
 FLOAT32, FLOAT64 = 4, 8
 
@@ -42,33 +43,40 @@ def _available_memory(device: torch.device) -> int | None:
 def _calibration_peak(prepared, options) -> tuple[int, str]:
     """Bytes and their breakdown for the block-by-block calibration and the layer solve."""
     spec, sources = prepared.spec, prepared.sources
-    stacks = list(dict.fromkeys(b.inputs[0].split("{layer}")[0] for b in spec.blocks))  # e.g. ["layers."]
-    in_a_block = re.compile(rf"(?:^|\.)(?:{'|'.join(map(re.escape, stacks))})\d+\.")
-    firsts = [re.compile(rf"^(?:.+\.)?{re.escape(stack)}0\.") for stack in stacks]
-    block_bytes = max(sum(_numel(s.shape) for name, s in sources.items() if first.match(name))
-                      for first in firsts) * FLOAT32
-    outside = sorted((_numel(s.shape) for name, s in sources.items() if not in_a_block.search(name)), reverse=True)
-    if len(outside) > 1 and outside[0] == outside[1]:
-        outside = outside[1:]  # an untied LM head, the shape of the embeddings: no calibration forward reaches it
-    embeddings = sum(outside) * FLOAT32
-    width = max((s.shape[-1] for name, s in sources.items() if len(s.shape) == 2 and not in_a_block.search(name)),
-                default=0)
+    footprint = calibration_footprint(prepared.model_dir, spec.blocks)
+    if footprint.whole is not None and options.calibration_mode == "sequential":
+        raise ConversionError(SEQUENTIAL_NEEDS_NAMES)
+    width, kinds = footprint.width, prepared.record.get("attention_kinds", [])
     # a block's inputs and outputs, and an encoder's last outputs, which its decoder reads throughout
     activations = (2 + spec.encoder_decoder) * options.calibration_samples * options.calibration_length * width \
         * FLOAT32
     moments = 2 * (width + 1) ** 2 * FLOAT64  # one layer's, and the next one's
-    if len(stacks) > 1:  # at most every layer's: the converter may ask for the decoder's before the encoder's
-        kinds = prepared.record.get("attention_kinds", [])
+    converted = 0
+    if spec.encoder_decoder:  # the converter may ask for the decoder's layers before the encoder's
         matrices = sum((1 + b.keys_from_encoder) * _layers(sources, b) for b in spec.blocks if b.attention in kinds)
-        moments = matrices * (width + 1) ** 2 * FLOAT64
-    patterns = [key_pattern(t + ".weight") for role in ("q", "k", "v", "qkv", "o") for t in getattr(spec.block, role)]
-    attention = [_numel(s.shape) for name, s in sources.items()
-                 if any((m := p.match(name)) and m["layer"] == "0" for p in patterns)]
-    solve = 3 * sum(attention) * FLOAT64
-    total = embeddings + block_bytes + activations + moments + solve
-    return total, (f"outside the blocks {format_bytes(embeddings)} + one block {format_bytes(block_bytes)} + "
-                   f"activations {format_bytes(activations)} + moments {format_bytes(moments)} + solve "
-                   f"{format_bytes(solve)}")
+        moments = matrices * (width + 1) ** 2 * FLOAT64  # at most every layer's
+        if options.calibration_mode == "sequential":  # and the converted layers run ahead of the writer
+            converted = sum(_numel(sources[name].shape) for b in spec.blocks if b.attention in kinds
+                            for name in _attention_tensors(sources, b)) * FLOAT32
+    solve = 3 * sum(_numel(sources[name].shape) for name in _attention_tensors(sources, spec.block, layer="0")) \
+        * FLOAT64
+    if footprint.whole is not None:
+        held = footprint.whole * FLOAT32
+        parts = [f"the whole model {format_bytes(held)} (its checkpoint is reshaped on load)"]
+    else:
+        held = (footprint.outside + footprint.block) * FLOAT32
+        parts = [f"outside the blocks {format_bytes(footprint.outside * FLOAT32)}",
+                 f"one block {format_bytes(footprint.block * FLOAT32)}"]
+    parts += [f"activations {format_bytes(activations)}", f"moments {format_bytes(moments)}",
+              *([f"converted layers {format_bytes(converted)}"] if converted else []), f"solve {format_bytes(solve)}"]
+    return held + activations + moments + converted + solve, " + ".join(parts)
+
+
+def _attention_tensors(sources, block, layer: str | None = None) -> list[str]:
+    """The on-disk q, k, v, o weights (or fused qkv) of a block's layers, or of one of them."""
+    patterns = [key_pattern(t + ".weight") for role in ("q", "k", "v", "qkv", "o") for t in getattr(block, role)]
+    return [name for name in sources
+            if any((m := p.match(name)) and (layer is None or m["layer"] == layer) for p in patterns)]
 
 
 def _layers(sources, block) -> int:

@@ -17,7 +17,7 @@ from ..families.fused import Heads, fused_layout
 from ..families.geometry import Geometry
 from ..families.spec import ArchitectureSpec, key_pattern
 from ..methods.layer import AttentionWeights, convert_layer
-from .settings import ConversionSettings, ConvertedLayers, LayerSettings
+from .settings import ConversionSettings, LayerSettings
 from .shared import SharedResult
 
 ROLES = ("q", "k", "v", "o")
@@ -113,12 +113,15 @@ def _converted_layer(names: dict[str, str | None], layer: int, read, geo: Geomet
     return {n: result[role] for role, n in names.items() if n is not None}
 
 
-def _source_shaped(by_name: dict[str, torch.Tensor], names: dict[str, str | None], geo: Geometry, groups: int,
+def _source_shaped(by_name: dict[str, torch.Tensor], *, names: dict[str, str | None], geo: Geometry, groups: int,
                    layer_settings: LayerSettings) -> dict[str, torch.Tensor]:
     """A converted layer's tensors by on-disk name, shaped as the source's: K/V (split out of a fused qkv by its
     layout) repeated from G heads back to the source's G0, group j serving the contiguous heads it replaced. The
     source's MHA-shaped block holding them computes the converted attention (sequential calibration runs it)."""
-    repeats = geo.kv_heads // groups
+    def to_source_heads(t: torch.Tensor) -> torch.Tensor:
+        heads = t.reshape(groups, geo.head_dim, *t.shape[1:])  # (G, hd, ...)
+        return heads.repeat_interleave(geo.kv_heads // groups, 0).flatten(0, 1)  # (G0 * hd, ...)
+
     shaped = {}
     for role, name in names.items():
         if name is None:
@@ -128,20 +131,14 @@ def _source_shaped(by_name: dict[str, torch.Tensor], names: dict[str, str | None
             flip = layer_settings.transposed and not role.endswith("bias")  # Conv1D `[in, out]`: rows first
             t = t.T if flip else t
             if role.startswith("qkv"):
-                layout = fused_layout(layer_settings.fused)
-                h = layout.split(t, geo.heads, groups, geo.head_dim)
-                t = layout.fuse(Heads(h.q, h.k.repeat_interleave(repeats, 0), h.v.repeat_interleave(repeats, 0)))
+                layout = layer_settings.fused
+                q, k, v = _split(layout, t, geo, groups, "bias" if role.endswith("bias") else "weight").values()
+                t = _fuse(layout, q, to_source_heads(k), to_source_heads(v), geo, geo.kv_heads)
             else:
-                heads = t.reshape(groups, geo.head_dim, *t.shape[1:])  # (G, hd, ...)
-                t = heads.repeat_interleave(repeats, 0).flatten(0, 1)  # (G0 * hd, ...)
+                t = to_source_heads(t)
             t = t.T if flip else t
         shaped[name] = t
     return shaped
-
-
-def _hold(converted: ConvertedLayers, layer: int, names: dict[str, str | None], geo: Geometry, groups: int,
-          layer_settings: LayerSettings, by_name: dict[str, torch.Tensor]) -> None:
-    converted.ready[layer] = _source_shaped(by_name, names, geo, groups, layer_settings)
 
 
 def plan_layers(sources: Mapping, read, geo: Geometry, settings: ConversionSettings,
@@ -171,8 +168,9 @@ def plan_layers(sources: Mapping, read, geo: Geometry, settings: ConversionSetti
                                   f"{[getattr(block, r) for r in missing]}")
         group = SharedResult(partial(_converted_layer, group_names, key[1], read, geo, settings, layer_settings),
                              [n for n in group_names.values() if n is not None],
-                             on_computed=partial(_hold, converted, key[1], group_names, geo, settings.groups,
-                                                 layer_settings) if converted else None)
+                             on_computed=partial(converted.hold, key[1], partial(
+                                 _source_shaped, names=group_names, geo=geo, groups=settings.groups,
+                                 layer_settings=layer_settings)) if converted else None)
         if converted is not None:
             converted.groups[key[1]] = group
         for role, name in group_names.items():

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING, Callable, Mapping
 
 import torch
 
@@ -24,6 +24,10 @@ class ConvertedLayers:
     def __init__(self):
         self.groups: dict[int, SharedResult] = {}
         self.ready: dict[int, dict[str, torch.Tensor]] = {}
+
+    def hold(self, layer: int, shape: Callable[[dict], dict], by_name: dict[str, torch.Tensor]) -> None:
+        """Keep a layer's converted tensors (by on-disk name) as `shape` makes them, until `take`."""
+        self.ready[layer] = shape(by_name)
 
     def take(self, layer: int) -> dict[str, torch.Tensor]:
         if layer not in self.ready:

@@ -34,12 +34,12 @@ from .plan.settings import ConversionSettings, ConvertedLayers, LayerSettings
 from .provenance import conversion_record, write_metadata, write_modeling
 
 
-def default_output(model_dir: Path, options: ConversionOptions) -> Path:
+def default_output(model_dir: Path, options: ConversionOptions, default_scope: str) -> Path:
     """Beside the source, or, for a snapshot in the hub cache, in the current directory named after the repository
     (never inside the cache)."""
     if hub := hub_source(model_dir):
-        return Path.cwd() / f"{hub['repo'].split('/')[-1]}{options.output_suffix}"
-    return model_dir.parent / f"{model_dir.name}{options.output_suffix}"
+        return Path.cwd() / f"{hub['repo'].split('/')[-1]}{options.output_suffix(default_scope)}"
+    return model_dir.parent / f"{model_dir.name}{options.output_suffix(default_scope)}"
 
 
 def _layer_settings(model_dir: Path, config: ConfigReader, raw_config: dict, spec, names: list[str], geometries,
@@ -148,7 +148,8 @@ def _prepare(src, dst, options: ConversionOptions, progress: bool, calibrate: bo
     geometries = read_geometries(config, spec, scope)
     for geometry in geometries.values():
         check_groups(options.groups, geometry, spec)
-    out = Path(dst).expanduser().resolve() if dst is not None else default_output(model_dir, options)
+    out = Path(dst).expanduser().resolve() if dst is not None \
+        else default_output(model_dir, options, spec.default_scope)
     check_output_free(out, options.force, model_dir)
 
     reader = CheckpointReader(model_dir)

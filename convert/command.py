@@ -122,7 +122,7 @@ def user_errors(prog: str, interrupted: str, out_of_memory: str | None = None):
 def _out_of_memory(exc: Exception) -> bool:
     """MemoryError, torch's OutOfMemoryError on an accelerator, or its CPU allocator's refusal."""
     return isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" or \
-        (isinstance(exc, RuntimeError) and "not enough memory" in str(exc))
+        (isinstance(exc, RuntimeError) and any(s in str(exc) for s in ("not enough memory", "can't allocate memory")))
 
 
 _terminated = False  # the interruption was SIGTERM, not Ctrl-C

@@ -63,6 +63,10 @@ class ConversionOptions:
             raise ConversionError(f"--calibration applies to the layer methods (aligned, fit) and --grouping "
                                   f"similarity; {self.method} with contiguous groups reads weights only, drop "
                                   f"--calibration")
+        if self.calibration_mode == "sequential" and not self.calibrated:
+            raise ConversionError(f"--calibration-mode sequential says which activations calibrate the layers, and "
+                                  f"--method {self.method} here calibrates on none; give calibration text "
+                                  f"(--calibration {BUILTIN}) or drop --calibration-mode")
         if isinstance(self.calibration, torch.Tensor) and self.calibration.dim() != 2:
             raise ConversionError(f"calibration token ids have shape {tuple(self.calibration.shape)}; give a "
                                   f"(sequences, tokens) tensor, e.g. ids[None] for one sequence")
@@ -87,12 +91,11 @@ class ConversionOptions:
     def calibrated(self) -> bool:
         return not (isinstance(self.calibration, str) and self.calibration == "none")
 
-    @property
-    def output_suffix(self) -> str:
+    def output_suffix(self, default_scope: str) -> str:
         """The default output's name after the source's: `-gqa8-mean`, plus `-similarity`, `-norm` and
-        `-attention-all` (any --attention given) when set."""
+        `-attention-all` (an --attention other than the family's default) when set."""
         options = ("-similarity" if self.grouping == "similarity" else "") + ("-norm" if self.preserve_norm else "")
-        options += f"-attention-{self.attention}" if self.attention is not None else ""
+        options += f"-attention-{self.attention}" if self.attention not in (None, default_scope) else ""
         return f"-gqa{self.groups}-{self.method}{options}"
 
 

@@ -20,6 +20,8 @@ from .options import IntAtLeast, PositiveInts
 
 PROG = "gqa-eval"
 user_errors = one_line_errors(PROG, "rerun the same command to continue")
+# what perplexity and speed take (fidelity wants a converted checkpoint, whose record names its source)
+ANY_MODEL = "a model directory (config.json and its weights: a gqa-convert or gqa-uptrain output, or any checkpoint)"
 
 
 def emit(text: str) -> None:
@@ -58,14 +60,15 @@ def _checked_examples(model_dir: str, role: str, data):
     from .errors import EvalError
     from .heldout import eval_task, heldout_set
 
-    path = check_model_dir(model_dir, role=role)
+    path = check_model_dir(model_dir, role=role, wanted=ANY_MODEL)
     config = load_config(path, role=role)
     check_text_model(config)
     check_context(config, data.block_size, "--block-size", EvalError)
     tokenizer = load_tokenizer(path)
-    options = CorpusSettings(source="--data", split="--split", config="the dataset's config",
-                             text_column="--text-column", target_column="--target-column")  # named in messages
-    return path, heldout_set(tokenizer, data, eval_task(config, tokenizer, data), options)
+    options = CorpusSettings(source="--data", split="--split", config="the dataset's config",  # named in messages
+                             text_column="--text-column", target_column="--target-column", block_size="--block-size",
+                             noise_density=None)
+    return path, heldout_set(tokenizer, data, eval_task(config, tokenizer, data, settings=options), options)
 
 
 def _load(model_dir, role: str = "MODEL_DIR"):
@@ -73,7 +76,7 @@ def _load(model_dir, role: str = "MODEL_DIR"):
 
     from .placement import load_for_eval
 
-    return load_for_eval(check_model_dir(model_dir, role=role))
+    return load_for_eval(check_model_dir(model_dir, role=role, wanted=ANY_MODEL))
 
 
 @click.group(cls=Group, context_settings=HELP)
@@ -178,7 +181,7 @@ def _speed_models(model_dir: str, source_dir: str | None, contexts, decode_steps
     from .sources import source_dir as checked_source
     from .speed import speed_contexts
 
-    converted = check_model_dir(model_dir, role="MODEL_DIR")
+    converted = check_model_dir(model_dir, role="MODEL_DIR", wanted=ANY_MODEL)
     config = load_config(converted, role="MODEL_DIR")  # a readable config.json, before its record is read
     models = {"converted" if hasattr(config, CONVERSION_KEY) else "model": (converted, config)}
     source = checked_source(converted, source_dir, required=False)

@@ -16,10 +16,11 @@ from .errors import EvalError
 HELDOUT = DataSection(split="heldout")  # the built-in corpus's held-out files, 64 blocks of 256 tokens
 
 
-def eval_task(config, tokenizer, data: DataSection, objective: ObjectiveSection = ObjectiveSection()) -> Task:
+def eval_task(config, tokenizer, data: DataSection, objective: ObjectiveSection = ObjectiveSection(),
+              settings: CorpusSettings = CorpusSettings()) -> Task:
     """The uptrain task this model is scored on: `objective.task` (default: the model's own kind's)."""
     try:
-        return build_task(objective, data, config, tokenizer)
+        return build_task(objective, data, config, tokenizer, settings)
     except UptrainError as e:
         raise EvalError(str(e)) from None
 

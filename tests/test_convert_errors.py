@@ -203,7 +203,8 @@ def test_console_script_runs_and_reports_errors(llama_dir, tmp_path):
 
 
 @pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
-                                   RuntimeError("DefaultCPUAllocator: not enough memory: you tried to allocate 8 GB")])
+                                   RuntimeError("DefaultCPUAllocator: not enough memory: you tried to allocate 8 GB"),
+                                   RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate")])
 def test_running_out_of_memory_in_calibration_says_what_to_lower(error, uptrain_models, tmp_path, monkeypatch):
     from gqa_toolkit.convert.methods import block_stream
 

@@ -127,6 +127,15 @@ def test_calibration_for_a_method_that_reads_weights_only_is_refused(llama_dir, 
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("method, calibration", [("mean", None), ("aligned", None), ("fit", "none")])
+def test_sequential_mode_without_calibration_is_refused(method, calibration, llama_dir, tmp_path):
+    """Nothing would be calibrated, so the mode would silently do nothing."""
+    with pytest.raises(ConversionError, match=f"--method {method} here calibrates on none; give calibration text"):
+        convert_checkpoint(llama_dir, tmp_path / "o", groups=2, method=method, calibration=calibration,
+                           calibration_mode="sequential", progress=False)
+    assert not (tmp_path / "o").exists()
+
+
 def test_the_dry_run_of_a_calibrated_encoder_decoder_counts_one_block(no_native_dirs):
     """t5 calibrates block by block too: the estimate holds what is outside the blocks (the shared embeddings, the
     final norms) and the larger of the two stacks' blocks, the decoder's (self- and cross-attention), in float32."""

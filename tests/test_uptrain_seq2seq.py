@@ -176,5 +176,25 @@ def test_span_corruption_needs_an_encoder_decoder_and_sentinels(write_recipe, t5
         train(load_recipe(write_recipe(objective={"task": "span_corruption"})))
     config = load_config(t5_models["mha"])
     no_sentinels = load_tokenizer(uptrain_models["mha"])  # a llama tokenizer: no <extra_id_N>
-    with pytest.raises(UptrainError, match="tokenizer has 0 sentinel tokens"):
+    with pytest.raises(UptrainError, match="tokenizer has 0 sentinel tokens .*; use a T5 tokenizer or score "
+                                           r"\(input, target\) pairs with data.target_column$"):
         build_task(ObjectiveSection(), DataSection(block_size=64), config, no_sentinels)
+
+
+def test_gqa_eval_names_its_own_options_when_span_corruption_cannot_run(t5_models, uptrain_models, tmp_path):
+    """A BART-like tokenizer has no sentinels: gqa-eval names --target-column, not the recipe's keys."""
+    import shutil
+
+    from click.testing import CliRunner
+
+    from gqa_toolkit.eval.cli import main
+
+    model = tmp_path / "t5-llama-tokenizer"
+    shutil.copytree(t5_models["mha"], model)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (model / name).unlink(missing_ok=True)
+        if (uptrain_models["mha"] / name).exists():
+            shutil.copy(uptrain_models["mha"] / name, model / name)
+    result = CliRunner().invoke(main, ["perplexity", str(model), "--block-size", "64"])
+    assert result.exit_code == 2, result.output
+    assert "score (input, target) pairs with --target-column" in result.stderr and "data." not in result.stderr

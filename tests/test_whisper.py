@@ -107,4 +107,5 @@ def test_record_counts_only_the_caches_with_attention_all(whisper, tmp_path):
     assert record["kv_cache_bytes_per_token_source"] == kv_cache_bytes_per_token(load_model(whisper["source"]))
     from gqa_toolkit.convert.options import ConversionOptions
 
-    assert ConversionOptions(groups=1, attention="all").output_suffix == "-gqa1-mean-attention-all"
+    assert ConversionOptions(groups=1, attention="all").output_suffix("decoder") == "-gqa1-mean-attention-all"
+    assert ConversionOptions(groups=1, attention="all").output_suffix("all") == "-gqa1-mean"  # the default named

@@ -25,14 +25,16 @@ BUILDERS = {".txt": "text", ".text": "text", ".md": "text", ".py": "text",
 
 @dataclass(frozen=True)
 class CorpusSettings:
-    """What the user set each part of a corpus with, for messages that name the fix: recipe keys for uptrain and
-    the ablation, command-line options for gqa-eval."""
+    """What the user set each part of a corpus (and the task cut from it) with, for messages that name the fix:
+    recipe keys for uptrain and the ablation, command-line options for gqa-eval (None: not a setting there)."""
 
     source: str = "data.source (or data.eval_source)"
     split: str = "data.split"
     config: str = "data.config"
     text_column: str = "data.text_column"
     target_column: str = "data.target_column"
+    block_size: str = "data.block_size"
+    noise_density: str | None = "objective.noise_density"
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import datasets
 import torch
 
+from .corpora import CorpusSettings
 from .errors import UptrainError
 from .recipe import DataSection, ObjectiveSection
 from .span_corruption import SpanCounts, corrupt, counts_for_input_length
@@ -132,14 +133,16 @@ def shift_right(labels: torch.Tensor, start_id: int, pad_id: int = 0) -> torch.T
     return shifted.masked_fill(shifted == IGNORE, pad_id)
 
 
-def sentinel_ids(tokenizer, needed: int) -> tuple[int, ...]:
+def sentinel_ids(tokenizer, needed: int, settings: CorpusSettings = CorpusSettings()) -> tuple[int, ...]:
     """The ids of <extra_id_0>, <extra_id_1>, ...: T5 tokenizers carry 100 of them."""
     vocab = tokenizer.get_vocab()
     found = [vocab[f"<extra_id_{i}>"] for i in range(needed) if f"<extra_id_{i}>" in vocab]
     if len(found) < needed:
+        fewer = f"lower {settings.block_size}" + (f" or {settings.noise_density}" if settings.noise_density else "")
         raise UptrainError(f"span corruption hides {needed} spans per row but the tokenizer has {len(found)} sentinel "
-                           f"tokens (<extra_id_0>, <extra_id_1>, ...); use a T5 tokenizer, or lower data.block_size "
-                           f"or objective.noise_density")
+                           f"tokens (<extra_id_0>, <extra_id_1>, ...); use a T5 tokenizer"
+                           + (f", {fewer}," if found else "") + f" or score (input, target) pairs with "
+                           f"{settings.target_column}")
     return tuple(found)
 
 
@@ -164,8 +167,10 @@ def resolve_task_name(objective: ObjectiveSection, data: DataSection, config) ->
     return name
 
 
-def build_task(objective: ObjectiveSection, data: DataSection, config, tokenizer) -> Task:
-    """The task the recipe asks for, fitted to this model and tokenizer."""
+def build_task(objective: ObjectiveSection, data: DataSection, config, tokenizer,
+               settings: CorpusSettings = CorpusSettings()) -> Task:
+    """The task the recipe asks for, fitted to this model and tokenizer (`settings`: how messages name the
+    settings)."""
     name = resolve_task_name(objective, data, config)
     if name == "causal_lm":
         return CausalLM(data.block_size)
@@ -178,8 +183,9 @@ def build_task(objective: ObjectiveSection, data: DataSection, config, tokenizer
     try:
         counts = counts_for_input_length(data.block_size, objective.noise_density, objective.mean_noise_span_length)
     except ValueError as e:
-        raise UptrainError(f"data.block_size: {e}; use a longer block") from None
+        raise UptrainError(f"{settings.block_size}: {e}; use a longer block") from None
     if counts.raw_length - counts.noise_tokens < counts.noise_spans:
         raise UptrainError(f"objective.noise_density {objective.noise_density} leaves fewer kept tokens than noise "
                            "spans; lower it (T5 uses 0.15)")
-    return SpanCorruption(counts, sentinel_ids(tokenizer, counts.noise_spans), tokenizer.eos_token_id, start_id)
+    return SpanCorruption(counts, sentinel_ids(tokenizer, counts.noise_spans, settings), tokenizer.eos_token_id,
+                          start_id)

@@ -166,8 +166,8 @@ def _free(module: nn.Module, tensors: list[list[str]]) -> None:
 
 def _return_freed_memory() -> None:
     """Hand freed pages back to the system. glibc keeps them in its heap, and each step's forwards allocate the
-    same activations again, so without this the heap fragments and peak RSS grows with depth (measured on the
-    8-layer benchmark: 1.75 GiB instead of 1.48)."""
+    same activations again, so without this the heap fragments and peak RSS grows with depth (measured in
+    docs/bench_calibration.md)."""
     with suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
@@ -255,11 +255,11 @@ def calibration_footprint(model_dir: Path, blocks: Sequence[AttentionBlock]) -> 
     """For the dry run: from the same skeleton the stream builds, with no weight read."""
     source = _Source(model_dir, blocks, "meta", torch.float32)
     model = source.model
-    parameters = {id(p): p.numel() for p in model.parameters()}
     width = getattr(model.config, "hidden_size", None) or model.get_input_embeddings().embedding_dim
     return Footprint(outside=sum(model.get_parameter(names[0]).numel() for names in source.outside),
                      block=max(sum(p.numel() for p in layers[0].parameters()) for layers in source.stacks.values()),
-                     whole=sum(parameters.values()) if source.reshaped_on_load else None, width=width)
+                     whole=sum(p.numel() for p in model.parameters()) if source.reshaped_on_load else None,
+                     width=width)
 
 
 class BlockStream:
@@ -281,10 +281,11 @@ class BlockStream:
         model, weights = source.model, source.weights
         self.model, self.stacks, self.weights, self.outside = model, source.stacks, weights, source.outside
         vocab = model.get_input_embeddings().num_embeddings
-        if tokens.numel() == 0 or tokens.max() >= vocab:
-            found = "no tokens" if tokens.numel() == 0 else f"token id {int(tokens.max())}"
-            raise ConversionError(f"the calibration has {found}, outside the model's vocabulary of {vocab}; "
-                                  f"calibrate with the source's own tokenizer (--calibration TEXT)")
+        if tokens.numel() == 0:
+            raise ConversionError("the calibration holds no tokens; give token ids of shape (sequences, length)")
+        if tokens.max() >= vocab:
+            raise ConversionError(f"calibration token id {int(tokens.max())} is outside the model's vocabulary of "
+                                  f"{vocab}; calibrate with the source's own tokenizer (--calibration TEXT)")
         self.recorded = [i for i in source.located if kinds is None or i.attention in kinds]
         self.layers = {i.attention: len(self.stacks[i.stack]) for i in self.recorded}
         self.inputs = [self._forward_inputs(tokens[first:first + batch_size].to(device))
@@ -388,7 +389,7 @@ class BlockStream:
         block."""
         from accelerate.utils import set_module_tensor_to_device
 
-        for name, parameter in list(layer.named_parameters()):
+        for name, _ in list(layer.named_parameters()):
             value = tensors.get(self.weights.find(prefix + name))
             if value is not None:
                 set_module_tensor_to_device(layer, name, self.device, value=value.to(self.dtype))

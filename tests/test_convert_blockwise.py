@@ -194,6 +194,7 @@ ATTENTION_INPUTS = {  # where the attention input of each family outside `model.
     "phi3": lambda m: [layer.self_attn.qkv_proj for layer in m.model.layers],
     "falcon": lambda m: [layer.self_attention.query_key_value for layer in m.transformer.h],
     "gpt2": lambda m: [block.attn.c_attn for block in m.transformer.h],
+    "opt": lambda m: [layer.self_attn.q_proj for layer in m.model.decoder.layers],
 }
 
 

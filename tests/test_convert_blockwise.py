@@ -172,6 +172,22 @@ def test_sequential_mode_calibrates_each_layer_on_the_converted_model(model_type
     assert record["calibration_mode"] == "sequential"
 
 
+def test_sequential_mode_on_an_earlier_output_of_the_toolkit(no_native_dirs, tmp_path, handed_out):
+    """A toolkit output (gpt_neox at G = 2, the toolkit's own modeling) converted again to MQA: its blocks are
+    streamed through that modeling, and the converted K/V are repeated back to its 2 heads, not the original 4."""
+    from gqa_toolkit.convert import convert_checkpoint
+
+    tokens, inputs = _tokens(), ATTENTION_INPUTS["gpt_neox"]
+    g2 = convert_checkpoint(no_native_dirs["gpt_neox"], tmp_path / "g2", method="mean", groups=2, progress=False)
+    out = convert_checkpoint(g2, tmp_path / "g1", method="fit", groups=1, calibration=tokens,
+                             calibration_mode="sequential", progress=False)
+    converted, source = _reference_moments(out, tokens, inputs), _reference_moments(g2, tokens, inputs)
+    query = {layer: moments for (_, _, layer), moments in handed_out.items()}
+    torch.testing.assert_close(query[0].total, source[0], rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(query[1].total, converted[1], rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(converted[1], source[1], rtol=1e-3)
+
+
 def test_each_block_gets_its_own_mask(tmp_path):
     """gemma2 alternates sliding-window and full attention: with calibration longer than the window, each block
     must be replayed with the mask the model gives it, not the first block's."""

@@ -87,7 +87,7 @@ def _locate(model: nn.Module, templates: tuple[str, ...]) -> tuple[str, str]:
                           f"calibration cannot see the attention inputs")
 
 
-def attention_inputs(model: nn.Module, block: AttentionBlock) -> AttentionInputs:
+def _attention_inputs(model: nn.Module, block: AttentionBlock) -> AttentionInputs:
     stack, query = _locate(model, block.inputs)
     keys = _locate(model, block.k)[1] if block.keys_from_encoder else None
     return AttentionInputs(block.attention, stack, query, keys)
@@ -227,7 +227,7 @@ class _Source:
 
     def __init__(self, model_dir: Path, blocks: Sequence[AttentionBlock], device, dtype):
         self.model, self.auto = _skeleton(model_dir, device, dtype)
-        self.located = [attention_inputs(self.model, block) for block in blocks]
+        self.located = [_attention_inputs(self.model, block) for block in blocks]
         self.stacks = {name: self.model.get_submodule(name) for name in dict.fromkeys(i.stack for i in self.located)}
         self.weights = _Weights(model_dir, self.model.base_model_prefix)
         self.outside = _outside(self.model, self.stacks)
@@ -389,7 +389,7 @@ class BlockStream:
         block."""
         from accelerate.utils import set_module_tensor_to_device
 
-        for name, _ in list(layer.named_parameters()):
+        for name, _ in list(layer.named_parameters()):  # a copy: setting a tensor replaces its parameter
             value = tensors.get(self.weights.find(prefix + name))
             if value is not None:
                 set_module_tensor_to_device(layer, name, self.device, value=value.to(self.dtype))

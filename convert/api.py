@@ -6,8 +6,9 @@ headers and every K/V shape. Then tensors stream from the source into an atomic 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -23,14 +24,14 @@ from .io.model_dir import hub_source, read_raw_config, resolve_model_dir
 from .io.output_dir import atomic_directory, check_output_free
 from .io.reader import CheckpointReader
 from .io.tensors import ByteSpan, SourceTensor
-from .io.writer import planned_bytes, write_checkpoint
-from .methods.block_stream import BlockStream, StreamedMoments
+from .io.writer import CheckpointWriter, planned_bytes
+from .methods.block_stream import BlockStream
 from .methods.calibration import calibration_tokens
-from .methods.registry import get_method
+from .methods.refinement import RefineSettings
+from .methods.unit import UnitConversion
 from .options import ConversionOptions
-from .plan.checkpoint import plan_conversion
-from .plan.layers import check_block_support
-from .plan.settings import ConversionSettings, ConvertedLayers, LayerSettings
+from .plan.planner import Plan, check_layer_support, plan_conversion
+from .run import run_conversion
 from .provenance import conversion_record, write_metadata, write_modeling
 
 
@@ -42,42 +43,34 @@ def default_output(model_dir: Path, options: ConversionOptions, default_scope: s
     return model_dir.parent / f"{model_dir.name}{options.output_suffix(default_scope)}"
 
 
-def _layer_settings(model_dir: Path, config: ConfigReader, raw_config: dict, spec, names: list[str], geometries,
-                    options: ConversionOptions, progress: bool, calibrate: bool = True):
-    """What the per-layer path needs, one LayerSettings per attention block in the --attention scope, with the
-    calibration moments collected, and what the conversion record says of it; () when the per-tensor path does the
-    job (mean, first, random with contiguous groups)."""
+def _calibration_stream(model_dir: Path, config: ConfigReader, raw_config: dict, spec, names: list[str], geometries,
+                        options: ConversionOptions, progress: bool, calibrate: bool = True):
+    """The source's block stream that calibrates the layer methods (None without calibration, and in a dry run,
+    which checks the calibration and does not run it), and what the conversion record says of it."""
     if not options.per_layer:
-        return (), {}
+        return None, {}
     what = f"--method {options.method}" if options.layer_method is not None else f"--grouping {options.grouping}"
-    model_type = raw_config["model_type"]
-    check_block_support(spec, model_type, names, what, options.grouping)
-    blocks = [block for block in spec.blocks if block.attention in geometries]  # every kind has one (the spec's check)
-    calibration, device = options.calibration, options.device
+    check_layer_support(spec, raw_config["model_type"], names, what, options.grouping)
+    calibration = options.calibration
     if options.calibrated:
-        _check_calibration(spec, model_type, options, config)
-    moments, converted, tokens = None, None, None
-    if options.calibrated and calibrate:  # a dry run checks the calibration and does not run it
+        _check_calibration(spec, raw_config["model_type"], options, config)
+    stream, tokens = None, None
+    if options.calibrated and calibrate:
         tokens = calibration if isinstance(calibration, torch.Tensor) else calibration_tokens(
             model_dir, calibration, options.calibration_samples, options.calibration_length)
-        bar = (lambda n: tqdm(total=n, unit="block", desc=f"calibration on {device}")) if progress else None
-        if options.calibration_mode == "sequential":
-            converted = {block.attention: ConvertedLayers() for block in blocks}
-        stream = BlockStream(model_dir, spec.blocks, tokens, kinds=[block.attention for block in blocks],
-                             device=device, progress=bar,
-                             converted=(lambda kind, layer: converted[kind].take(layer)) if converted else None)
-        moments = StreamedMoments(stream)
-    described = "token ids" if isinstance(calibration, torch.Tensor) else str(calibration)
-    record = {"grouping": options.grouping, "calibration": described,
-              "calibration_sequences": int(len(tokens)) if moments is not None else 0,
-              "calibration_tokens": int(tokens.numel()) if moments is not None else 0}
-    if moments is not None:
+        bar = (lambda n: tqdm(total=n, unit="block", desc=f"calibration on {options.device}")) if progress else None
+        stream = BlockStream(model_dir, spec.blocks, tokens, kinds=list(geometries), device=options.device,
+                             progress=bar, sequential=options.calibration_mode == "sequential",
+                             record_calls=options.refine_steps > 0)
+    record = {"grouping": options.grouping,
+              "calibration": "token ids" if isinstance(calibration, torch.Tensor) else str(calibration),
+              "calibration_sequences": int(len(tokens)) if stream is not None else 0,
+              "calibration_tokens": int(tokens.numel()) if stream is not None else 0}
+    if stream is not None:
         record["calibration_mode"] = options.calibration_mode
-    return tuple(LayerSettings(block, options.method, options.grouping, options.preserve_norm,
-                               rope_layout(block.rope, config, geometries[block.attention].head_dim),
-                               *(moments.of(block) if moments is not None else (None, None)),
-                               converted=converted[block.attention] if converted else None)
-                 for block in blocks), record
+    if options.refine_steps:
+        record["refine_steps"], record["refine_lr"] = options.refine_steps, options.refine_lr
+    return stream, record
 
 
 def _check_calibration(spec, model_type: str, options: ConversionOptions, config: ConfigReader) -> None:
@@ -102,7 +95,11 @@ class Prepared:
     out: Path
     raw_config: dict
     spec: ArchitectureSpec
-    planned: list
+    plan: Plan
+    how: UnitConversion
+    stream: BlockStream | None
+    refine: RefineSettings | None
+    read: Callable[[str], torch.Tensor]
     shard_bytes: int
     record: dict
     sources: dict
@@ -119,16 +116,19 @@ class ConversionResult:
     kv_cache_bytes_per_token_before: int  # K and V of every converted attention kind, all layers, one token
     kv_cache_bytes_per_token_after: int
     bytes_written: int
+    # refinement: each attention unit's relative output error ("kind.layer" -> [before, after]); empty without
+    refinement_error: dict[str, list[float]] = field(default_factory=dict)
 
     def as_json(self) -> dict:
         before, after = self.kv_cache_bytes_per_token_before, self.kv_cache_bytes_per_token_after
         return {"output": str(self.output), "kv_heads_before": self.kv_heads_before,
                 "kv_heads_after": self.kv_heads_after, "kv_cache_bytes_per_token_before": before,
                 "kv_cache_bytes_per_token_after": after, "kv_cache_saving": 1 - after / before,
-                "bytes_written": self.bytes_written}
+                "bytes_written": self.bytes_written,
+                **({"refinement_error": self.refinement_error} if self.refinement_error else {})}
 
 
-def _kv_cache_bytes_per_token(planned: list, spec: ArchitectureSpec, geometries: dict, kv_heads: int | None) -> int:
+def _kv_cache_bytes_per_token(planned, spec: ArchitectureSpec, geometries: dict, kv_heads: int | None) -> int:
     """K and V of one token in every layer of the converted kinds that keep a KV cache, in the output's floating
     dtype; `kv_heads` None: the source's."""
     floating = [t.dtype for t in planned if t.dtype.is_floating_point]
@@ -155,14 +155,17 @@ def _prepare(src, dst, options: ConversionOptions, progress: bool, calibrate: bo
     reader = CheckpointReader(model_dir)
     sources = {name: SourceTensor(info.dtype, info.shape, ByteSpan(info.file, *info.offsets) if info.offsets else None)
                for name, info in reader.infos.items()}
-    layers, record_options = _layer_settings(model_dir, config, raw_config, spec, list(sources), geometries, options,
-                                            progress, calibrate)
+    stream, record_options = _calibration_stream(model_dir, config, raw_config, spec, list(sources), geometries,
+                                                 options, progress, calibrate)
     if options.preserve_norm:
         record_options["preserve_norm"] = True
     native = _native_target(spec, config, options)
-    settings = ConversionSettings(method=get_method(options.method), groups=options.groups, seed=options.seed,
-                                  dtype=options.dtype, preserve_norm=options.preserve_norm, layers=layers, native=native)
-    planned = plan_conversion(sources, reader.read, spec, geometries, settings)
+    plan = plan_conversion(sources, spec, geometries, options.groups, dtype=options.dtype,
+                           per_layer=options.per_layer, native=native)
+    ropes = {b.attention: rope_layout(b.rope, config, geometries[b.attention].head_dim)
+             for b in spec.blocks if b.attention in geometries} if options.per_layer else {}
+    how = UnitConversion(options.method, options.groups, options.seed, options.grouping, options.preserve_norm,
+                         options.per_layer, rows_first=native is not None, ropes=ropes)
     shard_bytes = options.max_shard_size or max(p.stat().st_size for p in reader.files)
     record = conversion_record(method=options.method, groups=options.groups, source=str(model_dir),
                                geometries=geometries, scope=scope, seed=options.seed, dtype=options.dtype,
@@ -172,9 +175,11 @@ def _prepare(src, dst, options: ConversionOptions, progress: bool, calibrate: bo
         record["native_config"] = {attr: config.get(attr) for attr in native.copy_config}
     if hub := hub_source(model_dir):
         record["source_repo"], record["source_revision"] = hub["repo"], hub["revision"]
-    record["kv_cache_bytes_per_token_source"] = _kv_cache_bytes_per_token(planned, spec, geometries, None)
-    record["kv_cache_bytes_per_token"] = _kv_cache_bytes_per_token(planned, spec, geometries, options.groups)
-    return Prepared(model_dir, out, raw_config, spec, planned, shard_bytes, record, sources, options)
+    record["kv_cache_bytes_per_token_source"] = _kv_cache_bytes_per_token(plan.outputs, spec, geometries, None)
+    record["kv_cache_bytes_per_token"] = _kv_cache_bytes_per_token(plan.outputs, spec, geometries, options.groups)
+    refine = RefineSettings(options.refine_steps, options.refine_lr) if options.refine_steps else None
+    return Prepared(model_dir, out, raw_config, spec, plan, how, stream, refine, reader.read, shard_bytes, record,
+                    sources, options)
 
 
 def _native_target(spec: ArchitectureSpec, config: ConfigReader, options: ConversionOptions):
@@ -206,16 +211,21 @@ def convert(src: str | Path, dst: str | Path | None = None, options: ConversionO
             progress: bool = True, **kwargs) -> ConversionResult:
     """`convert_checkpoint`, returning the output dir with its KV heads, KV-cache bytes and bytes written."""
     p = _prepare(src, dst, _options(options, kwargs), progress)
-    total = planned_bytes(p.planned)
+    total = planned_bytes(p.plan.outputs)
     check_free_space(p.out, total, "--output", ConversionError)
     with disk_writes(f"the output {p.out}", "--output", ConversionError, path=p.out.parent), \
             atomic_directory(p.out, p.options.force, p.model_dir) as tmp, \
             tqdm(total=total, unit="B", unit_scale=True, disable=not progress,
                  desc=f"gqa-convert {p.options.method} G={p.options.groups}") as bar:
-        write_checkpoint(tmp, p.planned, p.shard_bytes, on_bytes=bar.update)
+        with CheckpointWriter(tmp, p.plan.outputs, p.shard_bytes, on_bytes=bar.update) as writer:
+            errors = run_conversion(p.plan, p.read, writer, p.how, p.stream, p.refine)
+        if errors:
+            p.record["refinement_error"] = errors  # attention-output error per unit: [before, after]
+            p.record["refinement_error_mean"] = [sum(e[i] for e in errors.values()) / len(errors) for i in (0, 1)]
         write_metadata(p.model_dir, tmp, p.raw_config, p.spec, p.record)
     return ConversionResult(p.out, p.record["source_kv_heads"], p.options.groups,
-                            p.record["kv_cache_bytes_per_token_source"], p.record["kv_cache_bytes_per_token"], total)
+                            p.record["kv_cache_bytes_per_token_source"], p.record["kv_cache_bytes_per_token"], total,
+                            errors)
 
 
 def describe_conversion(src: str | Path, dst: str | Path | None = None, options: ConversionOptions | None = None,

@@ -34,6 +34,10 @@ from .methods.registry import GROUPINGS, all_method_names
 @click.option("--calibration-mode", default="source", type=click.Choice(["source", "sequential"]),
               help="Calibrate each layer on the source's activations, or on the outputs of the already converted "
                    "layers before it (sequential).")
+@click.option("--refine-steps", type=int, default=0,
+              help="After the method, train each converted attention unit's K/V and Q/O for this many steps so that "
+                   "its output matches the source's on the calibration activations (0: off).")
+@click.option("--refine-lr", type=float, default=0.01, help="Refinement's Adam step, relative to each tensor's RMS.")
 @click.option("--device", default="auto", help="Where calibration runs the source, one block at a time: auto (the GPU "
                                                "when there is one), cpu, cuda or cuda:N.")
 @click.option("--output", "-o", default=None,
@@ -68,7 +72,7 @@ from .methods.registry import GROUPINGS, all_method_names
              out_of_memory="nothing was written; lower --calibration-samples or --calibration-length, or use "
                            "--device cuda (gqa-convert --dry-run estimates the peak)")
 def main(model_dir, groups, method, grouping, preserve_norm, calibration, calibration_samples, calibration_length,
-         calibration_mode, device, output, attention, seed, dtype, max_shard_size, no_native, revision, force, push_to,
+         calibration_mode, refine_steps, refine_lr, device, output, attention, seed, dtype, max_shard_size, no_native, revision, force, push_to,
          private,
          quiet, as_json, dry_run, refresh_modeling):
     """Convert the Hugging Face checkpoint MODEL_DIR (a local directory, or a hub id when online) to
@@ -89,7 +93,8 @@ def main(model_dir, groups, method, grouping, preserve_norm, calibration, calibr
                                 attention=attention, force=force, grouping=grouping, preserve_norm=preserve_norm,
                                 calibration=calibration, calibration_samples=calibration_samples,
                                 calibration_length=calibration_length, device=device,
-                                calibration_mode=calibration_mode, revision=revision, native=not no_native)
+                                calibration_mode=calibration_mode, refine_steps=refine_steps, refine_lr=refine_lr,
+                                revision=revision, native=not no_native)
     if dry_run:
         lines = describe_conversion(model_dir, output, options)
         click.echo(json.dumps({"dry_run": lines}) if as_json else "\n".join(lines))

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import sys
-from contextlib import contextmanager
 from functools import wraps
 from typing import NoReturn
 
 import click
+
+from gqa_toolkit.interrupts import interrupted_status, sigterm_interrupts
 
 from .errors import Interrupted, ToolkitError, first_line
 from .io import disk
@@ -97,16 +97,16 @@ def user_errors(prog: str, interrupted: str, out_of_memory: str | None = None):
         @wraps(fn)
         def run(*args, **kwargs):
             try:
-                with _sigterm_interrupts():
+                with sigterm_interrupts():
                     return fn(*args, **kwargs)
             except Interrupted as exc:  # the run said what it kept
                 click.echo(f"{prog}: interrupted; {exc}", err=True)
-                sys.exit(_interrupted_status())
+                sys.exit(interrupted_status())
             except ToolkitError as exc:
                 fail(prog, exc)
             except KeyboardInterrupt:
                 click.echo(f"{prog}: interrupted; {interrupted}", err=True)
-                sys.exit(_interrupted_status())
+                sys.exit(interrupted_status())
             except Exception as exc:  # a disk fault in a library's write (torch, safetensors) that no stage named
                 if out_of_memory is not None and _out_of_memory(exc):
                     fail(prog, f"out of memory ({first_line(exc)}); {out_of_memory}")
@@ -123,35 +123,6 @@ def _out_of_memory(exc: Exception) -> bool:
     """MemoryError, torch's OutOfMemoryError on an accelerator, or its CPU allocator's refusal."""
     return isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" or \
         (isinstance(exc, RuntimeError) and any(s in str(exc) for s in ("not enough memory", "can't allocate memory")))
-
-
-_terminated = False  # the interruption was SIGTERM, not Ctrl-C
-
-
-def _interrupted_status() -> int:
-    return 128 + (signal.SIGTERM if _terminated else signal.SIGINT)  # 143 or 130, as the shell reports a signal
-
-
-@contextmanager
-def _sigterm_interrupts():
-    """SIGTERM (a scheduler's kill, `timeout`) stops the work as Ctrl-C does, so that it says what it kept."""
-    global _terminated
-    _terminated = False
-
-    def interrupt(signum, frame):
-        global _terminated
-        _terminated = True
-        raise KeyboardInterrupt
-
-    try:
-        previous = signal.signal(signal.SIGTERM, interrupt)
-    except ValueError:  # not the main thread: leave signals alone
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def print_warnings(prog: str, logger: str) -> None:

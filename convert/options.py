@@ -37,6 +37,8 @@ class ConversionOptions:
     calibration_samples: int = 256
     calibration_length: int = 128
     calibration_mode: str = "source"
+    refine_steps: int = 0  # after the method, train each unit against the source's attention output (0: off)
+    refine_lr: float = 0.01  # Adam's step, relative to each tensor's RMS
     device: str | torch.device = "auto"  # where calibration runs: auto (the GPU when there is one), cpu, cuda[:N]
     attention: str | None = None  # which attention kinds (the family's scopes); None: the family's default
     seed: int = 0
@@ -51,10 +53,14 @@ class ConversionOptions:
         if self.calibration_mode not in CALIBRATION_MODES:
             raise ConversionError(f"unknown --calibration-mode {self.calibration_mode!r}; choose one of: "
                                   f"{', '.join(CALIBRATION_MODES)}")
+        if isinstance(self.refine_steps, bool) or not isinstance(self.refine_steps, int) or self.refine_steps < 0:
+            raise ConversionError(f"--refine-steps {self.refine_steps!r} must be a whole number, at least 0 (0: off)")
+        if not isinstance(self.refine_lr, (int, float)) or not 0 < self.refine_lr < float("inf"):
+            raise ConversionError(f"--refine-lr {self.refine_lr!r} must be a positive number (default 0.01)")
         calibration = self.calibration
         if calibration is None:
             layer = self.layer_method
-            calibration = BUILTIN if layer is not None and layer.calibrated else "none"
+            calibration = BUILTIN if (layer is not None and layer.calibrated) or self.refine_steps else "none"
         normalised = dict(dtype=parse_dtype(self.dtype), device=parse_device(self.device), calibration=calibration,
                           max_shard_size=parse_size(self.max_shard_size) if self.max_shard_size is not None else None)
         for name, value in normalised.items():
@@ -63,6 +69,9 @@ class ConversionOptions:
             raise ConversionError(f"--calibration applies to the layer methods (aligned, fit) and --grouping "
                                   f"similarity; {self.method} with contiguous groups reads weights only, drop "
                                   f"--calibration")
+        if self.refine_steps and not self.calibrated:
+            raise ConversionError(f"--refine-steps trains on calibration activations, and --calibration is none; "
+                                  f"give calibration text (--calibration {BUILTIN}) or drop --refine-steps")
         if self.calibration_mode == "sequential" and not self.calibrated:
             raise ConversionError(f"--calibration-mode sequential says which activations calibrate the layers, and "
                                   f"--method {self.method} here calibrates on none; give calibration text "
@@ -84,8 +93,9 @@ class ConversionOptions:
 
     @property
     def per_layer(self) -> bool:
-        """Q, K, V and O are converted together, a layer at a time (a layer method, or similarity grouping)."""
-        return self.layer_method is not None or self.grouping != "contiguous"
+        """Q, K, V and O are converted together, a layer at a time (a layer method, similarity grouping, or
+        refinement, which trains them together)."""
+        return self.layer_method is not None or self.grouping != "contiguous" or self.refine_steps > 0
 
     @property
     def calibrated(self) -> bool:
@@ -96,6 +106,7 @@ class ConversionOptions:
         `-attention-all` (an --attention other than the family's default) when set."""
         options = ("-similarity" if self.grouping == "similarity" else "") + ("-norm" if self.preserve_norm else "")
         options += f"-attention-{self.attention}" if self.attention not in (None, default_scope) else ""
+        options += f"-refined{self.refine_steps}" if self.refine_steps else ""
         return f"-gqa{self.groups}-{self.method}{options}"
 
 

@@ -152,6 +152,10 @@ def _method_description(record: dict[str, Any]) -> str:
                  "match, so the function of every head is unchanged")
     if record.get("preserve_norm"):
         what += "; each pooled head was scaled to its group's mean head norm"
+    if errors := record.get("refinement_error_mean"):
+        what += (f"; then each attention unit's K/V, Q and O were refined for {record['refine_steps']} steps against "
+                 f"the source's attention output on the calibration activations (relative error {errors[0]:.3g} -> "
+                 f"{errors[1]:.3g}, the mean over units)")
     return f"{what}. Query head `h` uses KV head `h // {H // G}`."
 
 

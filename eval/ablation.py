@@ -21,7 +21,8 @@ from pathlib import Path
 from gqa_toolkit.convert import convert_checkpoint
 from gqa_toolkit.convert.errors import Interrupted
 from gqa_toolkit.convert.io.hub import push_folder
-from gqa_toolkit.convert.families.geometry import check_context, divisors, model_geometry
+from gqa_toolkit.convert.families.geometry import check_context, check_groups, model_geometry
+from gqa_toolkit.convert.families.spec import spec_for
 from gqa_toolkit.convert.methods.variants import parse_variant
 from gqa_toolkit.uptrain import train, validate_recipe
 from gqa_toolkit.uptrain.model import check_text_model, load_config, load_tokenizer
@@ -61,11 +62,8 @@ class Ablation:
 
     def check_geometry(self, config) -> None:
         geometry = model_geometry(config)
-        kv_heads = geometry.kv_heads
-        bad = [g for g in self.recipe.groups if kv_heads % g]
-        if bad:
-            raise EvalError(f"groups {bad[0]} does not divide the original's {kv_heads} KV heads ({geometry.heads} "
-                            f"query heads); choose from {', '.join(map(str, divisors(kv_heads)))}")
+        for groups in self.recipe.groups:  # the converter's own check, the family's allowed G included
+            check_groups(groups, geometry, spec_for(config.model_type), "groups", "the original's")
         check_context(config, self.recipe.data.block_size, "data.block_size", EvalError)
         check_context(config, max(self.recipe.speed.contexts), "speed.contexts", EvalError,
                       self.recipe.speed.decode_steps)

@@ -16,11 +16,16 @@ def _tokens():
     return torch.randint(0, 128, (10, 16), generator=torch.Generator().manual_seed(0))
 
 
+def _moments(stream) -> dict:
+    """(kind, role, layer) -> moments, over every step of the stream."""
+    return {key: moments for step in stream for key, moments in step.moments.items()}
+
+
 def _streamed(model_dir, model_type, tokens, **kwargs):
     """Layer -> the stream's moments of the query input of the family's first attention kind."""
     block = spec_for(model_type).block
     return {layer: moments for (kind, role, layer), moments in
-            blockwise.BlockStream(model_dir, [block], tokens, **kwargs) if role == blockwise.QUERY}
+            _moments(blockwise.BlockStream(model_dir, [block], tokens, **kwargs)).items() if role == blockwise.QUERY}
 
 
 def _q_projections(model):
@@ -71,17 +76,18 @@ def test_blockwise_moments_equal_a_full_forward(family, family_dirs):
 def test_streamed_moments_run_only_as_far_as_asked(family_dirs):
     blocks = [spec_for("llama").block]
     stream = blockwise.BlockStream(family_dirs["llama"], blocks, _tokens())
-    queries, keys = blockwise.StreamedMoments(stream).of(blocks[0])
     expected = _streamed(family_dirs["llama"], "llama", _tokens())
-    assert keys is None and len(queries) == 2
-    torch.testing.assert_close(queries[0].total, expected[0].total, rtol=0, atol=0)
+    steps = iter(stream)
+    first = next(steps)
+    assert list(first.moments) == [("self", blockwise.QUERY, 0)]
+    torch.testing.assert_close(first.moments[("self", blockwise.QUERY, 0)].total, expected[0].total, rtol=0, atol=0)
     assert _live_blocks(stream) == ["model.layers.0"], "layer 1 has not run yet"
-    torch.testing.assert_close(queries[1].total, expected[1].total, rtol=0, atol=0)
-    # the last layer handed out: the stream has let go of its block, the embeddings and the activations
+    second = next(steps)
+    assert first.moments == {}, "a step's moments are let go once the next step runs"
+    torch.testing.assert_close(second.moments[("self", blockwise.QUERY, 1)].total, expected[1].total, rtol=0, atol=0)
+    steps.close()  # the conversion loop closes the stream after its last unit
     assert _live_blocks(stream) == [] and stream.outputs == {}
     assert all(p.device.type == "meta" for p in stream.model.parameters())
-    with pytest.raises(KeyError):
-        queries[1]  # handed out once, then freed
 
 
 def test_a_checkpoint_without_a_tensor_calibration_needs_is_refused(family_dirs, tmp_path):
@@ -121,7 +127,7 @@ def test_one_block_at_a_time(model_type, family_dirs, no_native_dirs, monkeypatc
     monkeypatch.setattr(blockwise, "_run", counting)
     stream = blockwise.BlockStream(src, spec_for(model_type).blocks, _tokens())
     streams.append(stream)
-    moments = dict(stream)
+    moments = _moments(stream)
     assert live_per_call and all(len(live) == 1 for live in live_per_call), live_per_call
     # 10 sequences: two batches per block, each stack in the order the forward reaches it
     order = [live[0] for live in live_per_call][::2]
@@ -137,16 +143,18 @@ def test_one_block_at_a_time(model_type, family_dirs, no_native_dirs, monkeypatc
 @pytest.fixture
 def handed_out(monkeypatch) -> dict:
     """Every moment the converter takes from the stream, by (kind, role, layer)."""
-    import gqa_toolkit.convert.api as api
+    import gqa_toolkit.convert.run as run
 
     seen = {}
+    real = run.convert_unit
 
-    class Recording(blockwise.StreamedMoments):
-        def take(self, key):
-            seen[key] = super().take(key)
-            return seen[key]
+    def recording(unit, read, how, moments=None, key_moments=None):
+        seen[(unit.kind, blockwise.QUERY, unit.layer)] = moments
+        if key_moments is not None:
+            seen[(unit.kind, blockwise.KEYS, unit.layer)] = key_moments
+        return real(unit, read, how, moments, key_moments)
 
-    monkeypatch.setattr(api, "StreamedMoments", Recording)
+    monkeypatch.setattr(run, "convert_unit", recording)
     return seen
 
 
@@ -261,7 +269,7 @@ def test_encoder_decoder_moments_equal_a_full_forward(model_type, no_native_dirs
     relative position bias, made by block 0 of each stack, reaches the later blocks as the model hands it on)."""
     src = no_native_dirs[model_type]
     tokens = torch.randint(3, 128, (10, 12), generator=torch.Generator().manual_seed(2))
-    ours = dict(blockwise.BlockStream(src, spec_for(model_type).blocks, tokens))
+    ours = _moments(blockwise.BlockStream(src, spec_for(model_type).blocks, tokens))
     reference = _seq2seq_reference(src, model_type, tokens)
     assert sorted(ours) == sorted(reference)
     for key in reference:

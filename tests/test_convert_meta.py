@@ -5,9 +5,36 @@ import torch
 from gqa_toolkit.convert.families.geometry import Geometry
 from gqa_toolkit.convert.families.spec import spec_for
 from gqa_toolkit.convert.io.tensors import SourceTensor
-from gqa_toolkit.convert.methods.registry import get_method
-from gqa_toolkit.convert.plan.checkpoint import plan_conversion
-from gqa_toolkit.convert.plan.settings import ConversionSettings
+from gqa_toolkit.convert.methods.unit import UnitConversion
+from gqa_toolkit.convert.plan.planner import plan_conversion
+from gqa_toolkit.convert.run import run_conversion
+
+
+class ShapeWriter:
+    """Records what the conversion loop hands the writer: every tensor checked against its planned dtype and
+    shape, on the meta device."""
+
+    def __init__(self, planned):
+        self.planned, self.written = {t.name: t for t in planned}, {}
+
+    def copy_unchanged(self):
+        self.written.update({n: None for n, t in self.planned.items() if t.copy_from is not None})
+
+    def put(self, name, data):
+        assert name not in self.written, name
+        self.written[name] = (data.device.type, tuple(data.shape))
+
+
+def converted_shapes(sources, read, spec, geometry, how, **plan_options) -> dict:
+    """Plan and run a conversion on the meta device; name -> planned shape, with every tensor handed over once."""
+    plan = plan_conversion(sources, spec, geometry, how.groups, **plan_options)
+    writer = ShapeWriter(plan.outputs)
+    run_conversion(plan, read, writer, how)
+    assert set(writer.written) == {t.name for t in plan.outputs}
+    for t in plan.outputs:
+        if writer.written[t.name] is not None:
+            assert writer.written[t.name] == ("meta", t.shape), t.name
+    return {t.name: t.shape for t in plan.outputs}
 
 
 def _llama_65b_shapes(layers=80, d=8192, heads=64, ffn=22016, vocab=32000):
@@ -31,15 +58,11 @@ def test_70b_shaped_mha_to_gqa8_on_meta():
         return torch.empty(shapes[name], dtype=torch.bfloat16, device="meta")
 
     for method in ("mean", "first", "random"):
-        settings = ConversionSettings(method=get_method(method), groups=8)
-        planned = plan_conversion(sources, read, spec_for("llama"), geometry, settings)
-        assert [t.name for t in planned] == list(shapes)
-        for t in planned:
-            produced = t.produce()
-            assert produced.device.type == "meta" and produced.dtype == torch.bfloat16
-            assert tuple(produced.shape) == t.shape
-            expected = (8 * 128, 8192) if t.name.endswith(("k_proj.weight", "v_proj.weight")) else shapes[t.name]
-            assert t.shape == expected, t.name
-    params = sum(torch.Size(t.shape).numel() for t in planned)
+        out = converted_shapes(sources, read, spec_for("llama"), geometry, UnitConversion(method, 8))
+        assert list(out) == list(shapes)
+        for name, shape in out.items():
+            expected = (8 * 128, 8192) if name.endswith(("k_proj.weight", "v_proj.weight")) else shapes[name]
+            assert shape == expected, name
+    params = sum(torch.Size(shape).numel() for shape in out.values())
     source_params = sum(torch.Size(s).numel() for s in shapes.values())
     assert source_params - params == 80 * 2 * (8192 * 8192) * 7 // 8  # 7/8 of every K/V projection is gone

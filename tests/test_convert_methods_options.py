@@ -95,27 +95,23 @@ def test_layer_api_names_bad_shapes():
 
 
 def test_layer_plan_shapes_of_a_70b_shaped_checkpoint():
-    """The per-layer plan knows every output shape before reading data (producers are not called here)."""
+    """The per-layer plan knows every output shape before reading data (nothing is converted here)."""
     from gqa_toolkit.convert.families.geometry import Geometry
-    from gqa_toolkit.convert.families.rope import RopeLayout
     from gqa_toolkit.convert.families.spec import spec_for
     from gqa_toolkit.convert.io.tensors import SourceTensor
-    from gqa_toolkit.convert.plan.checkpoint import plan_conversion
-    from gqa_toolkit.convert.plan.settings import ConversionSettings, LayerSettings
+    from gqa_toolkit.convert.plan.planner import plan_conversion
 
     d, layers = 8192, 80
     shapes = {"model.embed_tokens.weight": (32000, d)}
     for i in range(layers):
         shapes.update({f"model.layers.{i}.self_attn.{p}_proj.weight": (d, d) for p in "qkvo"})
     sources = {name: SourceTensor(torch.bfloat16, shape) for name, shape in shapes.items()}
-    settings = ConversionSettings(method=None, groups=8, layers=(LayerSettings(spec_for("llama").block, "fit",
-                                                                               "similarity", False,
-                                                                               RopeLayout(128, 128)),))
-    planned = plan_conversion(sources, lambda n: None, spec_for("llama"),
-                              Geometry(num_layers=layers, heads=64, kv_heads=64, head_dim=128, init_std=0.02),
-                              settings)
-    assert [t.name for t in planned] == list(shapes)
-    for t in planned:
+    plan = plan_conversion(sources, spec_for("llama"),
+                           Geometry(num_layers=layers, heads=64, kv_heads=64, head_dim=128, init_std=0.02), 8,
+                           per_layer=True)
+    assert [t.name for t in plan.outputs] == list(shapes)
+    assert len(plan.units) == layers and all(set(u.projections) >= {"q", "k", "v", "o"} for u in plan.units)
+    for t in plan.outputs:
         kv = t.name.endswith(("k_proj.weight", "v_proj.weight"))
         assert t.shape == ((8 * 128, d) if kv else shapes[t.name]), t.name
 

@@ -256,18 +256,16 @@ def test_loads_with_trust_remote_code_without_the_toolkit(no_native_dirs, tmp_pa
 
 def test_gpt2_xl_and_t5_11b_shaped_plans_on_meta():
     """Output shapes of the transposed fused layout and of T5's scopes, on the meta device with no memory."""
+    from test_convert_meta import converted_shapes
+
     from gqa_toolkit.convert.families.geometry import Geometry
     from gqa_toolkit.convert.io.tensors import SourceTensor
-    from gqa_toolkit.convert.methods.registry import get_method
-    from gqa_toolkit.convert.plan.checkpoint import plan_conversion
-    from gqa_toolkit.convert.plan.settings import ConversionSettings
+    from gqa_toolkit.convert.methods.unit import UnitConversion
 
     def plan(shapes, spec, geos, groups):
         sources = {n: SourceTensor(torch.bfloat16, s) for n, s in shapes.items()}
         read = lambda n: torch.empty(shapes[n], dtype=torch.bfloat16, device="meta")  # noqa: E731
-        planned = plan_conversion(sources, read, spec, geos, ConversionSettings(get_method("mean"), groups))
-        assert all(tuple(t.produce().shape) == t.shape for t in planned)
-        return {t.name: t.shape for t in planned}
+        return converted_shapes(sources, read, spec, geos, UnitConversion("mean", groups))
 
     d, hd = 1600, 64  # gpt2-xl: 48 layers, 25 heads
     gpt2 = {f"transformer.h.{i}.attn.c_attn.{p}": s for i in range(48)

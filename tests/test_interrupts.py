@@ -59,3 +59,16 @@ def test_sigterm_during_the_ablation_says_what_is_stored(tmp_path):
     assert code == 143, err
     assert last.startswith("gqa-eval: interrupted; ") and "finished cells are stored in" in last, last
     assert "stage 3/4" in err and "cell 1/" in err
+
+
+@pytest.mark.slow
+def test_sigterm_while_gqa_convert_writes_exits_143_and_leaves_nothing(uptrain_models, tmp_path):
+    """The command's handler and the output folder's are one: SIGTERM during the write is reported as SIGTERM."""
+    out = tmp_path / "out"
+    proc = _start("-c", "from gqa_toolkit.convert.cli import main; main()", str(uptrain_models["mha"]), "--groups",
+                  "2", "--method", "fit", "--calibration-samples", "4000", "--calibration-length", "64", "-o",
+                  str(out))
+    code, err = _terminate_when(proc, lambda: any(tmp_path.glob(".out.partial-*")))
+    assert code == 143, err
+    assert err.strip().splitlines()[-1].startswith("gqa-convert: interrupted; "), err
+    assert list(tmp_path.iterdir()) == [], "nothing is left: no output and no partial folder"

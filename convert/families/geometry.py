@@ -71,19 +71,21 @@ def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def check_groups(groups: int, geometry: Geometry, spec: ArchitectureSpec) -> None:
-    """G must divide the current KV head count and not exceed it; some families can express only some G."""
+def check_groups(groups: int, geometry: Geometry, spec: ArchitectureSpec, setting: str = "--groups",
+                 whose: str = "the checkpoint's") -> None:
+    """G must divide the current KV head count and not exceed it; some families can express only some G. The one
+    check of G against a model, for the converter and the ablation alike (`setting`: how the caller names G)."""
     G0 = geometry.kv_heads
     valid = [g for g in divisors(G0) if spec.only_groups is None or g in spec.only_groups]
     if groups > G0:
-        raise ConversionError(f"--groups {groups} is more than the checkpoint's {G0} KV heads; conversion can only "
+        raise ConversionError(f"{setting} {groups} is more than {whose} {G0} KV heads; conversion can only "
                               f"share heads, choose one of: {', '.join(map(str, valid))}")
     if groups < 1 or G0 % groups:
-        raise ConversionError(f"--groups {groups} does not divide the checkpoint's {G0} KV heads; choose one of: "
+        raise ConversionError(f"{setting} {groups} does not divide {whose} {G0} KV heads; choose one of: "
                               f"{', '.join(map(str, valid))}")
     if groups not in valid:
         raise ConversionError(f"this family's config can only express {', '.join(map(str, valid))} KV heads, "
-                              f"not {groups}; choose one of: {', '.join(map(str, valid))}")
+                              f"not {setting} {groups}; choose one of: {', '.join(map(str, valid))}")
 
 
 def model_geometry(config, kind: str | None = None) -> Geometry:

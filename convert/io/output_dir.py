@@ -11,11 +11,12 @@ import glob
 import json
 import os
 import shutil
-import signal
 import socket
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
+
+from gqa_toolkit.interrupts import sigterm_interrupts
 
 from ..errors import ConversionError
 from .disk import partial_name
@@ -78,10 +79,6 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _raise_keyboard_interrupt(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 @contextmanager
 def atomic_directory(dst: Path, force: bool = False, source: Path | None = None) -> Iterator[Path]:
     """Yield a temporary directory that becomes `dst` when the block finishes without an exception."""
@@ -91,26 +88,19 @@ def atomic_directory(dst: Path, force: bool = False, source: Path | None = None)
     tmp = dst.parent / _partial_name(dst, os.getpid())
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    previous = signal.getsignal(signal.SIGTERM)
-    in_main_thread = True
     try:
-        signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
-    except ValueError:  # not the main thread: leave signal handling alone
-        in_main_thread = False
-    try:
-        yield tmp
-        check_output_free(dst, force, source)  # again: the user may have put files there during a long run
-        if dst.exists():
-            old = dst.parent / f".{dst.name}.replaced-{os.getpid()}"
-            os.rename(dst, old)
-            os.rename(tmp, dst)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, dst)
+        with sigterm_interrupts():
+            yield tmp
+            check_output_free(dst, force, source)  # again: the user may have put files there during a long run
+            if dst.exists():
+                old = dst.parent / f".{dst.name}.replaced-{os.getpid()}"
+                os.rename(dst, old)
+                os.rename(tmp, dst)
+                shutil.rmtree(old)
+            else:
+                os.rename(tmp, dst)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        if in_main_thread:
-            signal.signal(signal.SIGTERM, previous)
 
 
 def listing(entries: Iterable[Path], shown: int = 3) -> str:

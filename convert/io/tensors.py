@@ -1,11 +1,10 @@
-"""What the planner hands the writer: each output tensor's name, dtype, shape and how to produce its bytes."""
+"""What the planner tells the writer: each output tensor's name, dtype and shape, and where an unchanged one's bytes
+already lie."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
-
 import torch
 
 
@@ -24,9 +23,12 @@ class SourceTensor:
 
 
 @dataclass(frozen=True)
-class PlannedTensor:
+class OutputTensor:
     name: str
     dtype: torch.dtype
     shape: tuple[int, ...]
-    produce: Callable[[], torch.Tensor]
     copy_from: ByteSpan | None = None  # an unchanged tensor: the writer copies these bytes without reading them
+
+    @property
+    def nbytes(self) -> int:
+        return torch.Size(self.shape).numel() * self.dtype.itemsize

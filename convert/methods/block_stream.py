@@ -19,7 +19,7 @@ import ctypes
 import re
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -31,11 +31,25 @@ from ..families.loading import from_pretrained, loading_bars
 from ..families.spec import AttentionBlock, key_pattern, lm_auto_class_name
 from ..io.reader import CheckpointReader
 from .layer_types import InputMoments
+from .refinement import AttentionCalls
 
 SEQUENTIAL_NEEDS_NAMES = ("sequential calibration needs a checkpoint whose on-disk names are the model's, and "
                           "transformers reshapes this one while loading it; use --calibration-mode source")
+REFINEMENT_NEEDS_NAMES = SEQUENTIAL_NEEDS_NAMES.replace("sequential calibration", "refinement").replace(
+    "use --calibration-mode source", "drop --refine-steps")
 QUERY, KEYS = "query", "keys"  # the roles of a recorded input: Q's (every block), K's and V's (cross-attention)
 Key = tuple[str, str, int]  # (attention kind, role, layer)
+
+
+@dataclass
+class BlockStep:
+    """One block's turn: the moments of its attention inputs by (attention kind, role, layer); in sequential mode the
+    consumer puts the block's converted projections in `converted` (on-disk name -> tensor shaped as the source's,
+    K/V repeated to its heads) before asking for the next step, and the block runs on them."""
+
+    moments: dict[Key, InputMoments]
+    converted: dict[str, torch.Tensor] = field(default_factory=dict)
+    attention: dict[str, AttentionCalls] = field(default_factory=dict)  # kind -> its module and calls (refinement)
 
 
 class _Reached(Exception):
@@ -74,6 +88,11 @@ class AttentionInputs:
     def modules(self) -> dict[str, str]:
         """role -> the module's name inside a block."""
         return {QUERY: self.query, **({KEYS: self.keys} if self.keys else {})}
+
+    @property
+    def attention_module(self) -> str:
+        """The attention module inside a block: the query projection's parent."""
+        return self.query.rpartition(".")[0]
 
 
 def _locate(model: nn.Module, templates: tuple[str, ...]) -> tuple[str, str]:
@@ -265,18 +284,20 @@ def calibration_footprint(model_dir: Path, blocks: Sequence[AttentionBlock]) -> 
 class BlockStream:
     """The source, ready to run block by block: built, checked and the first block's arguments recorded when made
     (so bad input fails before any output is written); iterating runs the blocks in the order the model's forward
-    reaches them and yields ((attention kind, role, layer), moments) for the kinds asked for."""
+    reaches them and yields one BlockStep per block, with the moments of the attention inputs of the kinds asked
+    for; a checkpoint that only loads whole yields one step with every layer's."""
 
     @torch.no_grad()
     def __init__(self, model_dir: Path, blocks: Sequence[AttentionBlock], tokens: torch.Tensor, *,
                  kinds: Collection[str] | None = None, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32, batch_size: int = 8,
-                 progress: Callable[[int], object] | None = None,
-                 converted: Callable[[str, int], dict[str, torch.Tensor]] | None = None):
+                 progress: Callable[[int], object] | None = None, sequential: bool = False,
+                 record_calls: bool = False):
         self.device, self.dtype, self.progress = device, dtype, progress
-        # sequential mode: a block's outputs come from its converted weights, so later layers are calibrated on
-        # what the converted model computes (`converted(kind, layer)`: on-disk name -> tensor, shaped as the source's)
-        self.converted = converted
+        # sequential mode: a block's outputs come from its converted weights (what the consumer puts in the step's
+        # `converted`), so later layers are calibrated on what the converted model computes
+        self.sequential = sequential
+        self.record_calls = record_calls  # refinement: each attention module's arguments, to run it again
         source = _Source(model_dir, blocks, device, dtype)
         model, weights = source.model, source.weights
         self.model, self.stacks, self.weights, self.outside = model, source.stacks, weights, source.outside
@@ -292,8 +313,8 @@ class BlockStream:
                        for first in range(0, len(tokens), batch_size)]
         self.whole = None
         if source.reshaped_on_load:
-            if converted is not None:
-                raise ConversionError(SEQUENTIAL_NEEDS_NAMES)
+            if sequential or record_calls:
+                raise ConversionError(SEQUENTIAL_NEEDS_NAMES if sequential else REFINEMENT_NEEDS_NAMES)
             self.whole = self._whole_model_moments(model_dir, source.auto, bars=progress is not None)
             return
         made = [names for names in self.outside if all(weights.find(n) is None for n in names)
@@ -336,9 +357,9 @@ class BlockStream:
         return *where, calls
 
     @torch.no_grad()
-    def __iter__(self) -> Iterator[tuple[Key, InputMoments]]:
+    def __iter__(self) -> Iterator[BlockStep]:
         if self.whole is not None:
-            yield from self.whole.items()
+            yield BlockStep(self.whole)
             return
         total = sum(map(len, self.originals.values()))
         bar = self.progress(total) if self.progress is not None else None
@@ -354,9 +375,9 @@ class BlockStream:
                     _free(layer, live)
             _free(self.model, self.outside)
 
-    def _step(self, bar) -> Iterator[tuple[Key, InputMoments]]:
-        """Run the first block not yet run on every batch, yield its attention inputs' moments, keep its outputs
-        for the next step and free it."""
+    def _step(self, bar) -> Iterator[BlockStep]:
+        """Run the first block not yet run on every batch, yield its attention inputs' moments (and in sequential
+        mode take back its converted projections), keep its outputs for the next step and free it."""
         stack, index, calls = self.pending if self.pending is not None else self._reach()
         self.pending = None
         layer = self.originals[stack][index]
@@ -367,21 +388,31 @@ class BlockStream:
                    for i in inside for role, name in i.modules().items()}
         moments: dict[Key, InputMoments] = {}
         # sequential mode runs the block again once converted: this pass only measures its inputs
-        sequential = self.converted is not None and bool(inside)
+        sequential = self.sequential and bool(inside)
         hooks = _record(modules, moments, stop=sequential)
+        attention = {}
+        if self.record_calls:
+            for i in inside:
+                module = layer.get_submodule(i.attention_module)
+                on_disk = {n: self.weights.find(f"{prefix}{i.attention_module}.{n}") for n, _ in module.named_parameters()}
+                attention[i.attention] = AttentionCalls(module, {n: d for n, d in on_disk.items() if d}, [])
+                hooks.append(module.register_forward_pre_hook(
+                    lambda m, args, kwargs, recorded=attention[i.attention].calls: recorded.append((args, kwargs)),
+                    with_kwargs=True))
         outputs = [_run(layer, call) for call in calls]
         for hook in hooks:
             hook.remove()
         if bar is not None:  # counted before the yield: the converter stops asking after its last layer
             bar.update()
-        yield from moments.items()
+        step = BlockStep(moments, attention=attention)
+        yield step
         if sequential:
-            for i in inside:
-                self._load_converted(layer, prefix, self.converted(i.attention, index))
+            self._load_converted(layer, prefix, step.converted)
             outputs = [_run(layer, call) for call in calls]
         self.outputs[stack] = outputs
         self.done[stack] += 1
-        del calls, outputs  # the previous block's outputs go before the next step's forwards
+        step.moments, step.converted, step.attention = {}, {}, {}  # the consumer may hold it while the next runs
+        del calls, outputs, moments, attention  # the previous block's outputs go before the next step's forwards
         _free(layer, names)
 
     def _load_converted(self, layer: nn.Module, prefix: str, tensors: dict[str, torch.Tensor]) -> None:
@@ -409,46 +440,3 @@ class BlockStream:
             for hook in hooks:
                 hook.remove()
         return moments
-
-
-class StreamedMoments:
-    """The stream's moments, computed when first asked for and handed out once: the converter asks layer by layer,
-    so the stream runs only as far as the layer being converted and each layer's moments are freed after use."""
-
-    def __init__(self, stream: BlockStream):
-        self._stream, self._ready, self.layers = iter(stream), {}, stream.layers
-        self._left = sum(self.layers[i.attention] * len(i.modules()) for i in stream.recorded)
-
-    def take(self, key: Key) -> InputMoments:
-        while key not in self._ready:
-            try:
-                found, moments = next(self._stream)
-            except StopIteration:
-                raise KeyError(key) from None
-            self._ready[found] = moments
-        self._left -= 1
-        if self._left == 0:
-            self._stream.close()  # the last layer's moments are out: the stream frees what it holds now
-        return self._ready.pop(key)
-
-    def of(self, block: AttentionBlock) -> tuple[Mapping[int, InputMoments], Mapping[int, InputMoments] | None]:
-        """Layer -> moments of one kind's query input, and of its key input for cross-attention (else None), as
-        LayerSettings takes them."""
-        return _ByLayer(self, block.attention, QUERY), \
-            (_ByLayer(self, block.attention, KEYS) if block.keys_from_encoder else None)
-
-
-@dataclass(frozen=True)
-class _ByLayer(Mapping):
-    streamed: StreamedMoments
-    attention: str
-    role: str
-
-    def __getitem__(self, layer: int) -> InputMoments:
-        return self.streamed.take((self.attention, self.role, layer))
-
-    def __iter__(self):
-        return iter(range(self.streamed.layers[self.attention]))
-
-    def __len__(self) -> int:
-        return self.streamed.layers[self.attention]

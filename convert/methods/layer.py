@@ -21,8 +21,8 @@ from ..errors import ConversionError
 from ..families.rope import KeyMap, RopeLayout
 from .grouping import similarity_permutation
 from .layer_types import HeadBlock, InputMoments, LayerContext, LayerResult
-from .per_head import preserve_norms
-from .registry import MethodContext, check_method, layer_methods, per_head_methods
+from .per_head import pool_heads, preserve_norms
+from .registry import MethodContext, check_method, layer_methods
 
 __all__ = ["AttentionWeights", "InputMoments", "RopeLayout", "convert_layer"]
 
@@ -58,15 +58,14 @@ def _check(w: AttentionWeights, heads: int, kv_heads: int, groups: int, rope: Ro
 def _per_head_method(name: str, block: HeadBlock, groups: int, ctx: LayerContext) -> LayerResult:
     """A registered per-head method (mean, first, random) on weight and bias separately, as the per-tensor path
     does; its maps are the identity."""
-    fn = per_head_methods()[name]
-
     def pool(part: str, heads: torch.Tensor) -> torch.Tensor:
         weight, bias = block.split_bias(heads, part)  # (G0, hd, d), (G0, hd) or None
-        init_std = ctx.init_std
-        out_w = fn(weight, groups, MethodContext(ctx.names.get(f"{part}.weight", part), "normal", init_std, ctx.seed))
+        out_w = pool_heads(weight, groups, name, MethodContext(ctx.names.get(f"{part}.weight", part), "normal",
+                                                               ctx.init_std, ctx.seed))
         if bias is None:
             return out_w
-        out_b = fn(bias, groups, MethodContext(ctx.names.get(f"{part}.bias", part), "zeros", init_std, ctx.seed))
+        out_b = pool_heads(bias, groups, name, MethodContext(ctx.names.get(f"{part}.bias", part), "zeros",
+                                                             ctx.init_std, ctx.seed))
         return torch.cat([out_w, out_b[..., None]], dim=-1)  # (G, hd, d + 1)
 
     G0, hd = block.k.shape[0], block.k.shape[1]

@@ -25,6 +25,18 @@ def preserve_norms(heads: torch.Tensor, pooled: torch.Tensor, groups: int,
     return pooled * (target / current).view(groups, *[1] * (pooled.dim() - 1))
 
 
+def pool_heads(heads: torch.Tensor, groups: int, method: str, ctx: MethodContext,
+               preserve_norm: bool = False) -> torch.Tensor:
+    """A per-head method by name on `(G0, ...)` heads -> `(G, ...)`, with optional norm preservation: the one place
+    every path applies them (a unit's K/V tensors, and `convert_layer`'s weights and biases)."""
+    from .registry import per_head_methods
+
+    pooled = per_head_methods()[method](heads, groups, ctx)
+    if preserve_norm and heads.device.type != "meta":
+        pooled = preserve_norms(heads, pooled, groups)
+    return pooled
+
+
 def _grouped(heads: torch.Tensor, groups: int) -> torch.Tensor:
     G0 = heads.shape[0]
     return heads.reshape(groups, G0 // groups, *heads.shape[1:])  # (G, G0/G, ...)

@@ -4,9 +4,8 @@ the shards, the calibration forward and an estimate of its peak memory on its de
 The estimate counts what the toolkit holds at its peak, not the interpreter (about 0.25 GB with torch): for the
 per-tensor methods, the largest computed tensor with its source in float32; with calibration, what lies outside the
 blocks and the largest block in float32 (read off the skeleton the calibration builds), the calibration
-activations (inputs and outputs of a block, and an encoder's last outputs), input moments in float64 (two layers',
-or at most every layer's for an encoder-decoder, with the converted layers that sequential mode runs ahead of the
-writer) and one layer's float64 solve.
+activations (inputs and outputs of a block, and an encoder's last outputs), one block's input moments in float64
+(with its converted projections in sequential mode) and one layer's float64 solve.
 """
 
 from __future__ import annotations
@@ -50,14 +49,13 @@ def _calibration_peak(prepared, options) -> tuple[int, str]:
     # a block's inputs and outputs, and an encoder's last outputs, which its decoder reads throughout
     activations = (2 + spec.encoder_decoder) * options.calibration_samples * options.calibration_length * width \
         * FLOAT32
-    moments = 2 * (width + 1) ** 2 * FLOAT64  # one layer's, and the next one's
+    # one block's: a query input per attention kind, and the encoder states' for cross-attention
+    matrices = max(1, sum(1 + b.keys_from_encoder for b in spec.blocks if b.attention in kinds))
+    moments = matrices * (width + 1) ** 2 * FLOAT64
     converted = 0
-    if spec.encoder_decoder:  # the converter may ask for the decoder's layers before the encoder's
-        matrices = sum((1 + b.keys_from_encoder) * _layers(sources, b) for b in spec.blocks if b.attention in kinds)
-        moments = matrices * (width + 1) ** 2 * FLOAT64  # at most every layer's
-        if options.calibration_mode == "sequential":  # and the converted layers run ahead of the writer
-            converted = sum(_numel(sources[name].shape) for b in spec.blocks if b.attention in kinds
-                            for name in _attention_tensors(sources, b)) * FLOAT32
+    if options.calibration_mode == "sequential":  # one block's converted projections, run by the stream
+        converted = sum(_numel(sources[name].shape) for b in spec.blocks if b.attention in kinds
+                        for name in _attention_tensors(sources, b, layer="0")) * FLOAT32
     solve = 3 * sum(_numel(sources[name].shape) for name in _attention_tensors(sources, spec.block, layer="0")) \
         * FLOAT64
     if footprint.whole is not None:
@@ -79,13 +77,8 @@ def _attention_tensors(sources, block, layer: str | None = None) -> list[str]:
             if any((m := p.match(name)) and (layer is None or m["layer"] == layer) for p in patterns)]
 
 
-def _layers(sources, block) -> int:
-    patterns = [key_pattern(t + ".weight") for t in block.q]
-    return sum(any(p.match(name) for p in patterns) for name in sources)
-
-
 def describe(prepared) -> list[str]:
-    planned, record = prepared.planned, prepared.record
+    planned, record = prepared.plan.outputs, prepared.record
     copied = [t for t in planned if t.copy_from is not None]
     computed = [t for t in planned if t.copy_from is None]
     total = planned_bytes(planned)

@@ -1,7 +1,12 @@
 """Architecture specs: per-family data saying where K/V heads live on disk and how the config counts them.
 
-A spec is a JSON file in this folder. Loading validates it against `ArchitectureSpec`; an unknown key is an error,
-so a misspelt field can never be silently ignored. Adding a family is adding a spec (plus its parity test).
+A spec is a JSON file in specs/, validated against `SpecFile`; an unknown key is an error at any depth, so a
+misspelt field can never be silently ignored. It holds one entry per attention kind (`AttentionEntry`: its module,
+the config attributes counting its layers and heads, q/k/v/o or a fused qkv, biases, extras such as k_norm, RoPE)
+and the model types the layer methods cover. `"extends": "<file stem>"` puts a parent file under it: objects merge
+key by key at any depth, a list or a value replaces the parent's. Files named `_*.json` are only extended. The
+converter reads the resolved `ArchitectureSpec`: the K/V tensors (`tensors`) and the layer methods' projections
+(`blocks`) derived from the entries. Adding a family is adding a spec (plus its parity test).
 """
 
 from __future__ import annotations
@@ -430,9 +435,10 @@ def _raw_spec(file_name: str, files: Mapping[str, str], chain: tuple[str, ...] =
     if parent_file not in files:
         raise ValueError(f"extends {parent!r}, which is not a spec file in this folder (one of: "
                          f"{', '.join(sorted(n.removesuffix('.json') for n in files))})")
+    chain = (*chain, file_name)
     if parent_file in chain:
-        raise ValueError(f"extends itself through {' -> '.join((*chain, parent_file))}")
-    return _merged(_raw_spec(parent_file, files, (*chain, file_name)), raw)
+        raise ValueError(f"extends in a circle: {' -> '.join((*chain, parent_file))}")
+    return _merged(_raw_spec(parent_file, files, chain), raw)
 
 
 def load_specs(files: Mapping[str, str]) -> dict[str, ArchitectureSpec]:

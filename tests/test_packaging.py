@@ -38,6 +38,14 @@ def test_wheel_imports_and_runs_outside_the_repo(llama_dir, tmp_path):
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "out" / "model.safetensors").is_file()
 
+    # specs that extend others read their parents from the installed package
+    specs = ("from gqa_toolkit.convert.families.spec import spec_for; "
+             "print(spec_for('mbart').blocks[0].q, spec_for('whisper').modeling.auto_class)")
+    done = subprocess.run([sys.executable, "-c", specs], cwd=tmp_path, env={"PYTHONPATH": str(site)},
+                          capture_output=True, text=True)
+    assert done.stdout.split() == ["('decoder.layers.{layer}.self_attn.q_proj',)", "AutoModelForSpeechSeq2Seq"], \
+        done.stderr
+
     # the shipped recipes: listed, and the tiny one validated by name, from the installed package alone
     run = ("import sys; from gqa_toolkit.uptrain.cli import main; sys.argv = ['gqa-uptrain', *sys.argv[1:]]; "
            "main()")

@@ -1,7 +1,12 @@
 """Architecture specs: per-family data saying where K/V heads live on disk and how the config counts them.
 
-A spec is a JSON file in this folder. Loading validates it against `ArchitectureSpec`; an unknown key is an error,
-so a misspelt field can never be silently ignored. Adding a family is adding a spec (plus its parity test).
+A spec is a JSON file in specs/, validated against `SpecFile`; an unknown key is an error at any depth, so a
+misspelt field can never be silently ignored. It holds one entry per attention kind (`AttentionEntry`: its module,
+the config attributes counting its layers and heads, q/k/v/o or a fused qkv, biases, extras such as k_norm, RoPE)
+and the model types the layer methods cover. `"extends": "<file stem>"` puts a parent file under it: objects merge
+key by key at any depth, a list or a value replaces the parent's. Files named `_*.json` are only extended. The
+converter reads the resolved `ArchitectureSpec`: the K/V tensors (`tensors`) and the layer methods' projections
+(`blocks`) derived from the entries. Adding a family is adding a spec (plus its parity test).
 """
 
 from __future__ import annotations
@@ -10,9 +15,9 @@ import json
 import re
 from functools import lru_cache
 from importlib import resources
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal, Mapping
 
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, model_validator
 
 from ..errors import ConversionError
 
@@ -193,28 +198,36 @@ class ConfigSchema(_Strict):
         return {**self.defaults, **self.model_type_defaults.get(model_type, {})}
 
 
-class ArchitectureSpec(_Strict):
+class _FamilyFacts(_Strict):
+    """What a family's spec file and its resolved `ArchitectureSpec` both hold, beside the attention kinds."""
+
     model_types: tuple[str, ...]
     # Config attribute that counts KV heads, read from config.json (see `config`) and rewritten to G. None: the
     # family's config has no trustworthy count (gpt_bigcode saves a stale one) and `requires` pins the source to
     # H KV heads.
     kv_heads_attr: str | None = None
-    # Attention kinds by name, and the named sets of them that `--attention` chooses from (default: the first).
-    attention: dict[str, AttentionKind] = {"self": AttentionKind()}
+    # The named sets of attention kinds that `--attention` chooses from (default: the first).
     scopes: dict[str, tuple[str, ...]] = {"all": ("self",)}
     modeling: Modeling | None = None
     native: NativeTarget | None = None
     requires: dict[str, bool | int | str] = {}  # source config values the spec relies on
     only_groups: tuple[int, ...] | None = None  # the G values the family's config can express
     set_config: dict[str, bool | int | str] = {}  # extra config.json values written on output
-    tensors: tuple[KVTensor, ...]
-    # where Q and O live, one block per attention kind the layer methods convert (t5: decoder self-, cross- and
-    # encoder attention); none: they refuse the family
-    blocks: tuple[AttentionBlock, ...] = ()
     config: ConfigSchema = ConfigSchema()
     # config attribute holding the positions the model can attend over; None: no limit (T5's relative buckets)
     context_attr: str | None = "max_position_embeddings"
     audio: AudioInput | None = None  # the encoder takes audio features (whisper), not token ids
+
+
+class ArchitectureSpec(_FamilyFacts):
+    """A family's spec resolved for the converter: its attention kinds, every K/V tensor (`tensors`) and, for the
+    layer methods, every kind's projections (`blocks`), derived from the spec file's attention entries."""
+
+    attention: dict[str, AttentionKind] = {"self": AttentionKind()}  # attention kinds by name
+    tensors: tuple[KVTensor, ...]
+    # where Q and O live, one block per attention kind the layer methods convert (t5: decoder self-, cross- and
+    # encoder attention); none: they refuse the family
+    blocks: tuple[AttentionBlock, ...] = ()
 
     @model_validator(mode="after")
     def _has_required_k_and_v(self) -> "ArchitectureSpec":
@@ -278,6 +291,119 @@ class ArchitectureSpec(_Strict):
                 for kind in self.attention.values()]
 
 
+# One module name, or several of which the first present is used (llama's o_proj, phi's dense).
+Names = Annotated[tuple[str, ...], BeforeValidator(lambda v: (v,) if isinstance(v, str) else v)]
+
+
+class ExtraTensor(_Strict):
+    """A per-KV-head tensor beside the K/V projections, converted with them (olmo2's and cohere's k_norm,
+    stablelm's per-head k_layernorm)."""
+
+    key: str  # relative to the kind's module, with {head} when stacked ("k_norm.weight")
+    part: Literal["k", "v"]
+    layout: Literal["rows", "heads", "stacked"] = "rows"
+    init: Init = "normal"
+    required: bool = False  # every layer must have it
+
+
+class AttentionEntry(_Strict):
+    """One attention kind in a spec file, everything said once: where it lives and how the config counts it, its
+    projections (module names relative to `module`), the tensors converted with K and V, and what the layer
+    methods need (RoPE, the norms that refuse them, a per-head position bias, keys read from the encoder)."""
+
+    module: str = "layers.{layer}.self_attn"
+    layers_attr: str = "num_hidden_layers"
+    heads_attr: str = "num_attention_heads"
+    kv_heads_attr: str | None = None
+    cached: bool = True
+    q: Names = ()
+    k: str | None = None
+    v: str | None = None
+    qkv: str | None = None  # instead of k and v (and q): one fused projection
+    fused_layout: str | None = None  # with qkv: its layout in convert/families/fused.py
+    fused_output_layout: str | None = None  # with qkv: the layout written, where it differs (gpt_bigcode)
+    transposed: bool = False  # weights stored `[in, out]` (GPT-2's Conv1D), not nn.Linear's `[out, in]`
+    o: Names = ()
+    bias: tuple[Literal["k", "v", "qkv"], ...] = ()  # projections with an (optional, zero-initialised) bias
+    extras: tuple[ExtraTensor, ...] = ()
+    rope: Rope | None = None
+    refuse_if_present: tuple[str, ...] = ()  # tensors (relative to module) the layer methods refuse
+    keys_from_encoder: bool = False
+    position_bias_per_head: bool = False
+
+    # what only the layer methods read: a kind of a spec without layer_methods leaves it out
+    LAYER_FIELDS: ClassVar[tuple[str, ...]] = ("q", "o", "rope", "refuse_if_present", "keys_from_encoder",
+                                               "position_bias_per_head")
+
+    @model_validator(mode="after")
+    def _separate_or_fused(self) -> "AttentionEntry":
+        if bool(self.qkv) == bool(self.k or self.v) or bool(self.k) != bool(self.v):
+            raise ValueError("an attention kind names either k and v, or a fused qkv")
+        if bool(self.qkv) != bool(self.fused_layout) or (self.fused_output_layout and not self.qkv):
+            raise ValueError("fused_layout (and fused_output_layout) go with qkv, and qkv needs fused_layout")
+        if self.qkv and self.q:
+            raise ValueError("a fused qkv holds q: name no separate q")
+        if unknown := set(self.bias) - {p for p in ("k", "v", "qkv") if getattr(self, p)}:
+            raise ValueError(f"bias names {sorted(unknown)}, which this kind does not have")
+        return self
+
+    def full(self, name: str) -> str:
+        return f"{self.module}.{name}"
+
+    def kind(self) -> AttentionKind:
+        return AttentionKind(layers_attr=self.layers_attr, heads_attr=self.heads_attr, module=self.module,
+                             kv_heads_attr=self.kv_heads_attr, cached=self.cached)
+
+    def tensors(self, attention: str) -> list[KVTensor]:
+        """Its K/V tensors in this order: the weights, then the biases, then the extras."""
+        fused = {"layout": "fused", "fused_layout": self.fused_layout,
+                 "fused_output_layout": self.fused_output_layout} if self.qkv else {}
+        parts = ("qkv",) if self.qkv else ("k", "v")
+        made = [KVTensor(key=self.full(f"{getattr(self, p)}.{suffix}"), part=p, transposed=self.transposed,
+                         attention=attention, **fused, **extra)
+                for suffix, extra, chosen in (("weight", {"required": True}, parts),
+                                              ("bias", {"init": "zeros"}, [p for p in parts if p in self.bias]))
+                for p in chosen]
+        return made + [KVTensor(**{**e.model_dump(), "key": self.full(e.key)}, attention=attention)
+                       for e in self.extras]
+
+    def block(self, attention: str, model_types: tuple[str, ...]) -> AttentionBlock:
+        names = {p: (self.full(getattr(self, p)),) for p in ("k", "v", "qkv") if getattr(self, p)}
+        return AttentionBlock(**names, q=tuple(map(self.full, self.q)), o=tuple(map(self.full, self.o)),
+                              fused_layout=self.fused_layout, transposed=self.transposed, rope=self.rope,
+                              model_types=model_types, refuse_if_present=tuple(map(self.full, self.refuse_if_present)),
+                              attention=attention, keys_from_encoder=self.keys_from_encoder,
+                              position_bias_per_head=self.position_bias_per_head)
+
+
+class SpecFile(_FamilyFacts):
+    """A spec file as written (after `extends`, see `load_specs`): the family facts, one entry per attention kind,
+    and the model types the layer methods cover (their exactness tests); none: the layer methods refuse it."""
+
+    attention: dict[str, AttentionEntry]
+    layer_methods: tuple[str, ...] = ()
+
+    @model_validator(mode="after")
+    def _layer_methods_covered(self) -> "SpecFile":
+        if unknown := set(self.layer_methods) - set(self.model_types):
+            raise ValueError(f"layer_methods names model types {sorted(unknown)} that are not in 'model_types'")
+        for name, entry in self.attention.items():
+            if self.layer_methods and not ((entry.q or entry.qkv) and entry.o and entry.rope):
+                raise ValueError(f"attention {name!r} needs q (or qkv), o and rope: the layer_methods convert it")
+            if not self.layer_methods and (unused := [f for f in entry.LAYER_FIELDS if f in entry.model_fields_set]):
+                raise ValueError(f"attention {name!r} sets {unused}, which only the layer methods read: list the "
+                                 f"model types they cover in 'layer_methods', or leave these out")
+        return self
+
+    def resolve(self) -> ArchitectureSpec:
+        facts = {name: getattr(self, name) for name in _FamilyFacts.model_fields}
+        return ArchitectureSpec(
+            **facts, attention={name: entry.kind() for name, entry in self.attention.items()},
+            tensors=tuple(t for name, entry in self.attention.items() for t in entry.tensors(name)),
+            blocks=tuple(entry.block(name, self.layer_methods) for name, entry in self.attention.items())
+            if self.layer_methods else ())
+
+
 def key_pattern(template: str) -> re.Pattern[str]:
     """A regex for an on-disk key template: {layer} and {head} become named groups, and any model prefix
     ("model.", "language_model.model.", ...) is captured as `prefix`. Use with `.match`."""
@@ -285,25 +411,56 @@ def key_pattern(template: str) -> re.Pattern[str]:
     return re.compile(rf"^(?P<prefix>(?:.+\.)?){body}$")
 
 
-def _spec_files() -> list[tuple[str, str]]:
+def _spec_files() -> dict[str, str]:
     folder = resources.files(__package__) / "specs"
-    return sorted((p.name, p.read_text()) for p in folder.iterdir() if p.name.endswith(".json"))
+    return {p.name: p.read_text() for p in folder.iterdir() if p.name.endswith(".json")}
 
 
-@lru_cache(maxsize=None)
-def all_specs() -> dict[str, ArchitectureSpec]:
-    """model_type -> spec, for every spec file shipped in this folder."""
+def _merged(parent: dict, child: dict) -> dict:
+    """`child` over `parent`: objects merge key by key, at any depth; a list or a value replaces the parent's."""
+    out = dict(parent)
+    for key, value in child.items():
+        both_objects = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = _merged(out[key], value) if both_objects else value
+    return out
+
+
+def _raw_spec(file_name: str, files: Mapping[str, str], chain: tuple[str, ...] = ()) -> dict:
+    """A spec file's JSON with its `extends` chain merged in, parent first."""
+    raw = json.loads(files[file_name])
+    parent = raw.pop("extends", None) if isinstance(raw, dict) else None
+    if parent is None:
+        return raw
+    parent_file = f"{parent}.json" if isinstance(parent, str) else None
+    if parent_file not in files:
+        raise ValueError(f"extends {parent!r}, which is not a spec file in this folder (one of: "
+                         f"{', '.join(sorted(n.removesuffix('.json') for n in files))})")
+    chain = (*chain, file_name)
+    if parent_file in chain:
+        raise ValueError(f"extends in a circle: {' -> '.join((*chain, parent_file))}")
+    return _merged(_raw_spec(parent_file, files, chain), raw)
+
+
+def load_specs(files: Mapping[str, str]) -> dict[str, ArchitectureSpec]:
+    """model_type -> spec, from spec files (file name -> JSON text). A file whose name starts with "_" holds what
+    several specs extend and is no spec itself (_bart_layout.json)."""
     by_type: dict[str, ArchitectureSpec] = {}
-    for file_name, text in _spec_files():
+    for file_name in sorted(n for n in files if not n.startswith("_")):
         try:
-            spec = ArchitectureSpec.model_validate(json.loads(text))
-        except (ValidationError, json.JSONDecodeError) as exc:
+            spec = SpecFile.model_validate(_raw_spec(file_name, files)).resolve()
+        except (ValidationError, ValueError) as exc:  # json.JSONDecodeError is a ValueError
             raise RuntimeError(f"architecture spec {file_name} is invalid: {exc}") from exc
         for model_type in spec.model_types:
             if model_type in by_type:
                 raise RuntimeError(f"model_type {model_type!r} appears in two architecture specs")
             by_type[model_type] = spec
     return by_type
+
+
+@lru_cache(maxsize=None)
+def all_specs() -> dict[str, ArchitectureSpec]:
+    """model_type -> spec, for every spec file shipped in this folder."""
+    return load_specs(_spec_files())
 
 
 def supported_model_types() -> list[str]:

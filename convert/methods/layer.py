@@ -21,7 +21,9 @@ from ..errors import ConversionError
 from ..families.rope import KeyMap, RopeLayout
 from .grouping import similarity_permutation
 from .layer_types import HeadBlock, InputMoments, LayerContext, LayerResult
+from .layer_attention import LayerAttention
 from .per_head import pool_heads, preserve_norms
+from .refinement import AttentionCalls, RefineSettings, refine
 from .registry import MethodContext, check_method, layer_methods
 
 __all__ = ["AttentionWeights", "InputMoments", "RopeLayout", "convert_layer"]
@@ -93,14 +95,21 @@ def convert_layer(weights: AttentionWeights, *, heads: int, kv_heads: int, group
                   rope: RopeLayout | None = None, grouping: str = "contiguous", preserve_norm: bool = False,
                   calibration: torch.Tensor | InputMoments | None = None,
                   key_calibration: torch.Tensor | InputMoments | None = None, seed: int = 0, init_std: float = 0.02,
-                  names: dict[str, str] | None = None) -> AttentionWeights:
+                  names: dict[str, str] | None = None, refine_steps: int = 0, refine_lr: float = 0.01,
+                  causal: bool = True, rope_theta: float = 10000.0) -> AttentionWeights:
     """One layer's attention converted from `kv_heads` to `groups` KV heads; returns weights in the input's dtype.
 
     rope: which key dimensions rotate (None: every dim, `RopeLayout(hd, hd)`; `RopeLayout(hd, 0)` for no RoPE).
     calibration: the layer's attention inputs `(N, d)` (normed hidden states) or their `InputMoments`; with them
     grouping, alignment and fitting weigh errors by the real activations instead of the raw weights.
-    key_calibration: K's and V's inputs where they are not Q's (cross-attention: the encoder's states)."""
+    key_calibration: K's and V's inputs where they are not Q's (cross-attention: the encoder's states).
+    refine_steps: then train K/V, Q and O so that standard attention's output (causal or not, RoPE at `rope_theta`
+    on `rope`'s rotary dims) matches the source's on `calibration` given as sequences `(B, T, d)` (and
+    `key_calibration` `(B, S, d_k)`), `refine_lr` Adam's step relative to each tensor's RMS."""
     check_method(method, grouping, preserve_norm)
+    if refine_steps and not (isinstance(calibration, torch.Tensor) and calibration.dim() == 3):
+        raise ConversionError("convert_layer: refine_steps trains on the attention inputs as sequences; give "
+                              "calibration as a (batch, tokens, d) tensor")
     block, rope = _checked_block(weights, heads, kv_heads, groups, rope)
     inputs = dict(moments=_moments(calibration), key_moments=_moments(key_calibration))
     ctx = LayerContext.build(block, rope, **inputs, seed=seed, init_std=init_std, names=names or {})
@@ -114,7 +123,34 @@ def convert_layer(weights: AttentionWeights, *, heads: int, kv_heads: int, group
     if preserve_norm:
         result = replace(result, k=preserve_norms(block.k, result.k, groups, ctx.metric_k),
                          v=preserve_norms(block.v, result.v, groups, ctx.metric_v))
-    return _weights(block.assembled(result, rope), weights.q.dtype)
+    converted = block.assembled(result, rope)
+    if refine_steps:
+        converted = _refined(weights, converted, heads, kv_heads, groups, rope, calibration, key_calibration,
+                             RefineSettings(refine_steps, refine_lr), causal, rope_theta)
+    return _weights(converted, weights.q.dtype)
+
+
+def _refined(weights: AttentionWeights, converted: dict, heads: int, kv_heads: int, groups: int, rope: RopeLayout,
+             inputs: torch.Tensor, keys: torch.Tensor | None, settings: RefineSettings, causal: bool,
+             theta: float) -> dict[str, torch.Tensor | None]:
+    """`converted` refined against standard attention with the source's weights on the calibration sequences."""
+    source = AttentionWeights(**{k: (v.float() if v is not None else None) for k, v in vars(weights).items()})
+    module = LayerAttention(source, heads, kv_heads, rope, causal=causal, theta=theta)
+    hd, share = rope.head_dim, kv_heads // groups
+
+    def to_source(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        def repeat(x: torch.Tensor) -> torch.Tensor:  # (G*hd, ...) -> (G0*hd, ...), group j for its source heads
+            return x.reshape(groups, hd, *x.shape[1:]).repeat_interleave(share, 0).flatten(0, 1)
+        return {name: repeat(x) if name[0] in "kv" else x for name, x in t.items()}
+
+    chunks = range(0, len(inputs), 8)
+    calls = [((inputs[i:i + 8].float(),), {"keys": keys[i:i + 8].float() if keys is not None else None})
+             for i in chunks]
+    names = {f"{role[0]}.{'bias' if role.endswith('bias') else 'weight'}": role
+             for role, t in converted.items() if t is not None}
+    trained = {role: t.float() for role, t in converted.items() if t is not None}
+    refined = refine(trained, AttentionCalls(module, names, calls), settings, to_source).tensors
+    return {role: refined.get(role) for role in converted}
 
 
 def align_layer(weights: AttentionWeights, *, heads: int, kv_heads: int, groups: int,

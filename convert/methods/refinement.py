@@ -51,12 +51,15 @@ def _first(output) -> torch.Tensor:
 def refine(converted: dict[str, torch.Tensor], attention: AttentionCalls, settings: RefineSettings,
            to_source: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]) -> Refined:
     """`converted`: the unit's tensors by on-disk name, as the output holds them; `to_source`: the same tensors
-    shaped as the source's (K/V repeated to its heads), differentiably."""
+    shaped as the source's (K/V repeated to its heads), differentiably. With several calibration batches the last
+    is held out: training never sees it, and the tensors kept (the start, or those of a checkpoint every fifth of
+    the steps) are those with the lowest error on it, so refinement cannot make the unit worse by overfitting."""
     module, calls = attention.module, attention.calls
     fixed = {name: p.detach() for name, p in module.named_parameters()}
     with torch.no_grad():
         targets = [_first(module(*args, **kwargs)).float() for args, kwargs in calls]
-    scale = sum(float(t.pow(2).sum()) for t in targets) or 1.0
+    train = list(range(max(len(calls) - 1, 1)))
+    held_out = [len(calls) - 1]
     trained = {name: t.detach().float().clone().requires_grad_(True) for name, t in converted.items()}
     groups = [{"params": [t], "lr": settings.lr * max(float(t.detach().pow(2).mean().sqrt()), 1e-8)}
               for t in trained.values()]
@@ -71,21 +74,23 @@ def refine(converted: dict[str, torch.Tensor], attention: AttentionCalls, settin
         args, kwargs = calls[batch]
         return _first(functional_call(module, parameters, args, kwargs)).float()
 
-    def error() -> float:
+    def error(batches: list[int]) -> float:
         with torch.no_grad():
-            return sum(float((outputs(b) - targets[b]).pow(2).sum()) for b in range(len(calls))) / scale
+            return sum(float((outputs(b) - targets[b]).pow(2).sum()) for b in batches) / \
+                (sum(float(targets[b].pow(2).sum()) for b in batches) or 1.0)
 
-    before = error()
+    before = error(held_out)
     best, best_error = {n: t.detach().clone() for n, t in trained.items()}, before
+    scale = sum(float(targets[b].pow(2).sum()) for b in train) / len(train) or 1.0
+    checks = {max(1, round(settings.steps * i / 5)) for i in range(1, 6)}
     with torch.enable_grad():
-        for step in range(settings.steps):
-            batch = step % len(calls)
-            loss = (outputs(batch) - targets[batch]).pow(2).sum() / (scale / len(calls))
+        for step in range(1, settings.steps + 1):
+            batch = train[(step - 1) % len(train)]
+            loss = (outputs(batch) - targets[batch]).pow(2).sum() / scale
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
             schedule.step()
-    after = error()
-    if after < best_error and math.isfinite(after):
-        best, best_error = {n: t.detach() for n, t in trained.items()}, after
+            if step in checks and (now := error(held_out)) < best_error and math.isfinite(now):
+                best, best_error = {n: t.detach().clone() for n, t in trained.items()}, now
     return Refined(best, before, best_error)

@@ -118,9 +118,9 @@ def test_fsdp2_on_two_cpu_processes_matches_one_and_resumes_bit_identical(write_
 
 @pytest.mark.slow
 def test_fsdp2_on_two_cpu_processes_matches_one_for_the_toolkits_t5_modeling(write_t5_recipe, tmp_path):
-    """T5 converted to MQA runs on the toolkit's own attention classes; Adafactor's factored moments are taken
-    over the whole (sharded) matrix."""
-    sections = dict(train={"max_steps": 3, "batch_size": 8, "micro_batch_size": 2, "precision": "fp32"},
+    """T5 converted to MQA runs on the toolkit's own attention classes (AdamW: Adafactor is refused under FSDP2)."""
+    sections = dict(train={"max_steps": 3, "batch_size": 8, "micro_batch_size": 2, "precision": "fp32",
+                           "optimizer": "adamw"},
                     data={"eval_blocks": 4}, objective={"distill_weight": 0.5})
     single = write_t5_recipe("single.yaml", output={"dir": str(tmp_path / "single")}, **sections)
     sharded = write_t5_recipe("sharded.yaml", output={"dir": str(tmp_path / "sharded")}, **sections)
@@ -130,3 +130,14 @@ def test_fsdp2_on_two_cpu_processes_matches_one_for_the_toolkits_t5_modeling(wri
     one, two = curve(tmp_path / "single"), curve(tmp_path / "sharded")
     assert len(two) == 3 and two == pytest.approx(one, rel=LOSS_RTOL)
     assert_same_model(tmp_path / "sharded", tmp_path / "single")
+
+
+def test_adafactor_is_refused_under_fsdp2_in_one_line():
+    from types import SimpleNamespace
+
+    from gqa_toolkit.uptrain.errors import UptrainError
+    from gqa_toolkit.uptrain.sharding import check_optimizer
+
+    with pytest.raises(UptrainError, match="adafactor cannot step FSDP2's sharded parameters.*adamw"):
+        check_optimizer(SimpleNamespace(is_fsdp2=True), "adafactor")
+    check_optimizer(SimpleNamespace(is_fsdp2=False), "adafactor")  # DDP and one process: Adafactor runs

@@ -48,6 +48,14 @@ def for_this_launch(accelerator):
     return CpuFsdp2(accelerator)
 
 
+def check_optimizer(accelerator, optimizer: str) -> None:
+    """Refuse an optimizer that cannot step FSDP2's sharded parameters, before anything is written."""
+    if optimizer == "adafactor" and getattr(accelerator, "is_fsdp2", False):
+        raise UptrainError("train.optimizer: adafactor cannot step FSDP2's sharded parameters (transformers' "
+                           "Adafactor mixes plain tensors into DTensor updates); use train.optimizer=adamw with "
+                           "FSDP, or launch with DDP (recipes/accelerate/ddp.yaml)")
+
+
 def shard_units(model: nn.Module) -> list[nn.Module]:
     """The modules sharded one by one: the classes FSDP_TRANSFORMER_CLS_TO_WRAP names, else the model's
     `_no_split_modules` (its layers), as accelerate's TRANSFORMER_BASED_WRAP picks them."""
@@ -64,9 +72,10 @@ def shard_units(model: nn.Module) -> list[nn.Module]:
 class CpuFsdp2:
     """The accelerator, with the calls that FSDP2 changes done by torch's `fully_shard` (see the module's doc)."""
 
+    is_fsdp2 = True
+
     def __init__(self, accelerator):
         self._accelerator = accelerator
-        self.is_fsdp2_on_cpu = True
 
     def __getattr__(self, name):
         return getattr(self._accelerator, name)
@@ -152,7 +161,14 @@ class CpuFsdp2:
         """The full state dict on the main process (gathered from the shards, on the CPU); empty on the others."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        # gathering copies tied weights apart; tie them again so that save_pretrained writes each once
+        first: dict[int, str] = {}
+        for name, param in model.named_parameters(remove_duplicate=False):
+            original = first.setdefault(id(param), name)
+            if original != name and original in state and name in state:
+                state[name] = state[original]
+        return state
 
     def unwrap_model(self, model: nn.Module) -> nn.Module:
         return model  # fully_shard changes the model in place

@@ -141,3 +141,28 @@ def test_adafactor_is_refused_under_fsdp2_in_one_line():
     with pytest.raises(UptrainError, match="adafactor cannot step FSDP2's sharded parameters.*adamw"):
         check_optimizer(SimpleNamespace(is_fsdp2=True), "adafactor")
     check_optimizer(SimpleNamespace(is_fsdp2=False), "adafactor")  # DDP and one process: Adafactor runs
+
+
+def test_cpu_processes_shard_only_as_the_toolkit_can(monkeypatch):
+    """Which accelerator the loop gets: accelerate's own unless an FSDP launch put CPU processes in MULTI_CPU; FSDP1
+    and other wrap policies are refused there in one line rather than run as something else."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from gqa_toolkit.uptrain.errors import UptrainError
+    from gqa_toolkit.uptrain.sharding import CpuFsdp2, for_this_launch
+
+    cpu, gpu = (SimpleNamespace(distributed_type=t) for t in (DistributedType.MULTI_CPU, DistributedType.FSDP))
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    assert for_this_launch(cpu) is cpu  # DDP on CPUs
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    assert for_this_launch(gpu) is gpu  # accelerate's own FSDP on GPUs
+    assert isinstance(for_this_launch(cpu), CpuFsdp2)
+    monkeypatch.setenv("FSDP_AUTO_WRAP_POLICY", "SIZE_BASED_WRAP")
+    with pytest.raises(UptrainError, match="fsdp_auto_wrap_policy is SIZE_BASED_WRAP.*TRANSFORMER_BASED_WRAP"):
+        for_this_launch(cpu)
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    with pytest.raises(UptrainError, match="FSDP version 1.*fsdp_version: 2"):
+        for_this_launch(cpu)

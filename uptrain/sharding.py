@@ -45,6 +45,11 @@ def for_this_launch(accelerator):
     if version != "2":
         raise UptrainError(f"the accelerate config asks for FSDP version {version}; on CPU processes the toolkit "
                            "shards with FSDP2 only: set fsdp_version: 2 (as recipes/accelerate/fsdp.yaml does)")
+    policy = os.environ.get("FSDP_AUTO_WRAP_POLICY", "TRANSFORMER_BASED_WRAP")
+    if policy != "TRANSFORMER_BASED_WRAP":
+        raise UptrainError(f"the accelerate config's fsdp_auto_wrap_policy is {policy}; on CPU processes the toolkit "
+                           "shards layer by layer only: set TRANSFORMER_BASED_WRAP (as recipes/accelerate/fsdp.yaml "
+                           "does)")
     return CpuFsdp2(accelerator)
 
 

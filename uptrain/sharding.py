@@ -36,6 +36,18 @@ def launched_with_fsdp() -> bool:
     return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
 
 
+def broadcast_from_main(module: nn.Module) -> nn.Module:
+    """Give every process the main process's weights. Under an FSDP launch with fsdp_cpu_ram_efficient_loading
+    (the shipped config), transformers reads the weights on each node's first process only and fills the others with
+    zeros, for FSDP's prepare to broadcast; a model that is not prepared (the distillation teacher), or one the
+    toolkit shards itself, needs this broadcast."""
+    efficient = os.environ.get("FSDP_CPU_RAM_EFFICIENT_LOADING", "false").lower() == "true"
+    if launched_with_fsdp() and efficient and torch.distributed.is_initialized():
+        for tensor in [*module.parameters(), *module.buffers()]:
+            torch.distributed.broadcast(tensor.data, src=0)
+    return module
+
+
 def for_this_launch(accelerator):
     """The accelerator itself, or `CpuFsdp2` around it when FSDP was asked for but accelerate runs the processes
     as plain multi-CPU ones."""
@@ -92,6 +104,7 @@ class CpuFsdp2:
         precision = MixedPrecisionPolicy()
         if self._accelerator.mixed_precision == "bf16":
             precision = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        broadcast_from_main(model)
         names = {id(p): n for n, p in model.named_parameters()}
         for unit in shard_units(model):
             fully_shard(unit, reshard_after_forward=reshard, mp_policy=precision)

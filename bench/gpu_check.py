@@ -38,7 +38,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 # stage -> seconds allowed (full run, small run)
-LIMITS = {"fit-precision": (90, 120), "fit-7b": (180, 240), "parity-bf16": (150, 480), "speed": (120, 240)}
+LIMITS = {"fit-precision": (90, 120), "fit-7b": (180, 240), "parity-bf16": (150, 480), "speed": (180, 240)}
 TITLES = {"fit-precision": "fit: float32 against float64 solves", "fit-7b": "7B-shaped fit --device cuda",
           "parity-bf16": "Parity and cached decoding in bfloat16", "speed": "gqa-eval speed of a converted 1B"}
 

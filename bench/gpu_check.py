@@ -27,7 +27,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -44,7 +43,7 @@ TITLES = {"fit-precision": "fit: float32 against float64 solves", "fit-7b": "7B-
 
 
 def device_name(device: str) -> str:
-    return torch.cuda.get_device_name() if device.startswith("cuda") else f"CPU ({platform.processor() or 'cpu'})"
+    return torch.cuda.get_device_name() if device.startswith("cuda") else f"the CPU ({os.cpu_count()} cores)"
 
 
 def synchronize(device: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,25 @@ from families import FAMILIES, family_config
 from transformers import AutoConfig, AutoModelForCausalLM
 
 pytest_plugins = ["fixtures_uptrain"]
+
+# Where and in what dtype load_model and the decoding tests run the models: the CPU in float32 here; bench/gpu_check.py
+# runs the parity and cached-decoding tests with GQA_TEST_DEVICE=cuda GQA_TEST_DTYPE=bfloat16.
+TEST_DEVICE = torch.device(os.environ.get("GQA_TEST_DEVICE", "cpu"))
+TEST_DTYPE = getattr(torch, os.environ.get("GQA_TEST_DTYPE", "float32"))
+# bfloat16 keeps 8 significant bits (relative step 2**-8 = 0.4%): logits of the tiny models (|logit| < ~2) computed
+# by two routes (cached and full, converted and reference) agree to about 1e-2 there
+BF16_TOLERANCE = dict(rtol=2e-2, atol=2e-2)
+
+
+def tolerance(rtol: float, atol: float) -> dict:
+    """assert_close's tolerances: a test's own in float32, BF16_TOLERANCE in a lower precision."""
+    return dict(rtol=rtol, atol=atol) if TEST_DTYPE == torch.float32 else BF16_TOLERANCE
+
+
+def on_model(model, inputs: dict) -> dict:
+    """`inputs` on the model's device, floating ones (audio features) in its dtype."""
+    return {k: (v.to(model.device, model.dtype if v.is_floating_point() else v.dtype)
+                if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
 
 
 class _Deprecations(logging.Handler):
@@ -73,7 +93,7 @@ def load_model(model_dir: Path):
     model, info = AutoModelForCausalLM.from_pretrained(model_dir, output_loading_info=True)
     problems = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
     assert not problems, f"stock transformers reports {problems} loading {model_dir}"
-    return model.eval()
+    return model.to(TEST_DEVICE, TEST_DTYPE).eval()
 
 
 def skip_without_sdpa(auto: str, model_dir: Path) -> None:
@@ -93,14 +113,14 @@ def greedy_generate(model, **kwargs) -> torch.Tensor:
     from inside transformers, which the suite treats as an error."""
     import transformers
 
-    return transformers.GenerationMixin.generate(model, do_sample=False, **kwargs)
+    return transformers.GenerationMixin.generate(model, do_sample=False, **on_model(model, kwargs)).cpu()
 
 
 def logits(model, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=g)
     with torch.no_grad():
-        return model(input_ids=ids).logits
+        return model(input_ids=ids.to(model.device)).logits.float().cpu()
 
 
 def build_tiny_no_native(family, seed: int = 0):

@@ -7,8 +7,13 @@ transformers attention module; it is test-side knowledge, written without the co
 from dataclasses import dataclass, field
 
 import torch
+import transformers
+from packaging.version import Version
 
 from gqa_toolkit.convert.families.presets import PRESETS
+
+# stock falcon repeated its K/V heads to one per query head before caching them, up to transformers 5.24
+FALCON_CACHES_QUERY_HEADS = Version(transformers.__version__) < Version("5.25")
 
 BASE = {**PRESETS["tiny-llama"].config, "vocab_size": 128, "max_position_embeddings": 128}
 
@@ -45,7 +50,7 @@ FAMILIES = [
     Family("stablelm", dict(qk_layernorm=True, use_qkv_bias=True), kv_norm="stablelm"),
     Family("phi3", dict(pad_token_id=0), kv_access="phi3"),
     Family("falcon", dict(new_decoder_architecture=True, num_attention_heads=8, num_kv_heads=4, bias=True,
-                          num_key_value_heads=None), kv_access="falcon", caches_query_heads=True),
+                          num_key_value_heads=None), kv_access="falcon", caches_query_heads=FALCON_CACHES_QUERY_HEADS),
     Family("gpt_bigcode", dict(multi_query=False, n_positions=128, num_key_value_heads=None), kv_access="bigcode",
            groups=1),
 ]

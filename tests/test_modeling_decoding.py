@@ -8,7 +8,7 @@ by full forwards; the cache holds G heads, read from the cache object itself.
 import pytest
 import torch
 import transformers
-from conftest import greedy_generate, skip_without_sdpa
+from conftest import TEST_DEVICE, TEST_DTYPE, greedy_generate, on_model, skip_without_sdpa, tolerance
 from families import FAMILIES, NO_NATIVE_FAMILIES, encoder_inputs
 
 from gqa_toolkit.convert import convert_checkpoint
@@ -64,9 +64,13 @@ class Decoder:
     def full(self, ids, mask, tokens):
         """Logits at the last position of a full forward over prompt + tokens (B, n)."""
         if self.seq2seq:
-            return self.model(**self.encoder(ids, mask), decoder_input_ids=tokens).logits[:, -1]
+            return self.run(**self.encoder(ids, mask), decoder_input_ids=tokens).logits[:, -1].float().cpu()
         whole = torch.cat([ids, tokens], 1)
-        return self.model(input_ids=whole, attention_mask=torch.cat([mask, torch.ones_like(tokens)], 1)).logits[:, -1]
+        out = self.run(input_ids=whole, attention_mask=torch.cat([mask, torch.ones_like(tokens)], 1))
+        return out.logits[:, -1].float().cpu()
+
+    def run(self, **inputs):
+        return self.model(**on_model(self.model, inputs))
 
     def step(self, ids, mask, tokens, cache):
         """(logits at the last position, cache) from feeding the newest token only (the whole prompt first)."""
@@ -76,8 +80,8 @@ class Decoder:
             inputs = dict(input_ids=torch.cat([ids, tokens], 1), attention_mask=mask)
         else:
             inputs = dict(input_ids=tokens[:, -1:], attention_mask=torch.cat([mask, torch.ones_like(tokens)], 1))
-        out = self.model(**inputs, use_cache=True, **({self.cache_argument: cache} if cache is not None else {}))
-        return out.logits[:, -1], output_cache(out)
+        out = self.run(**inputs, use_cache=True, **({self.cache_argument: cache} if cache is not None else {}))
+        return out.logits[:, -1].float().cpu(), output_cache(out)
 
 
 def _load(case, converted, attn_implementation):
@@ -86,7 +90,7 @@ def _load(case, converted, attn_implementation):
     if attn_implementation == "sdpa":
         skip_without_sdpa(auto, out)
     chosen = {"attn_implementation": attn_implementation} if attn_implementation else {}  # None: the default
-    model = getattr(transformers, auto).from_pretrained(out, **chosen).eval()
+    model = getattr(transformers, auto).from_pretrained(out, **chosen).to(TEST_DEVICE, TEST_DTYPE).eval()
     cached_heads = model.config.num_attention_heads if getattr(family, "caches_query_heads", False) else groups
     return model, Decoder(model, family), cached_heads
 
@@ -103,7 +107,7 @@ def test_cached_steps_equal_full_forwards_and_cache_holds_g_heads(case, attn_imp
         for _ in range(STEPS):
             cached, cache = decoder.step(ids, mask, tokens, cache)
             full = decoder.full(ids, mask, tokens)
-            torch.testing.assert_close(cached, full, rtol=0, atol=1e-5)
+            torch.testing.assert_close(cached, full, **tolerance(rtol=0, atol=1e-5))
             worst = max(worst, (cached - full).abs().max().item())
             tokens = torch.cat([tokens, full.argmax(-1, keepdim=True)], 1)
     shapes = _key_shapes(cache)

@@ -44,6 +44,7 @@ from .objective import heldout_loss, objective
 from .output import save_output
 from .recipe import Recipe
 from .run_dir import claim_run_dir, clear_partial_saves, write_recipe
+from .sharding import broadcast_from_main, check_optimizer, for_this_launch
 from .tasks import build_task
 from .trackers import resolve_trackers
 from .trainable import make_optimizer, select_trainable
@@ -114,6 +115,8 @@ def train(recipe: Recipe, *, stop_after: int | None = None) -> Path | None:
     trackers = resolve_trackers(recipe.output.trackers)
     accelerator = Accelerator(mixed_precision=mixed_precision(cfg.precision), log_with=trackers or None,
                               project_dir=str(Path(recipe.output.dir) / "trackers"))
+    accelerator = for_this_launch(accelerator)  # FSDP asked for on CPU processes: the toolkit shards (sharding.py)
+    check_optimizer(accelerator, cfg.optimizer)
     budget = plan_budget(cfg, data.block_size, accelerator.num_processes)
     out = claim_run_dir(recipe, folders_read(recipe, student_dir, teacher_path))
     if trackers:
@@ -136,7 +139,7 @@ def train(recipe: Recipe, *, stop_after: int | None = None) -> Path | None:
     teacher = None
     if teacher_path is not None:
         dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32
-        teacher = load_teacher(teacher_path, config, dtype).to(accelerator.device)
+        teacher = broadcast_from_main(load_teacher(teacher_path, config, dtype).to(accelerator.device))
 
     # 4. Resume from the last checkpoint of this same run, if any.
     if accelerator.is_main_process:

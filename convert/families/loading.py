@@ -61,7 +61,19 @@ def from_pretrained(auto_class, model_dir: str | Path, **kwargs):
     `allow_remote_code()`, with the folder's own code (transformers prefers registered classes to a folder's)."""
     if not _remote_code_allowed:
         register_own_modeling(model_dir)
+    if _loads_a_model(auto_class):
+        # transformers 5.25 swaps layers for kernels fetched from the hub unless told not to: the toolkit runs
+        # transformers' own torch code, the code its parity tests and measurements are made with
+        kwargs.setdefault("use_kernels", False)
     return auto_class.from_pretrained(model_dir, trust_remote_code=_remote_code_allowed, **kwargs)
+
+
+def _loads_a_model(auto_class) -> bool:
+    """A model class or an AutoModel* class (not a config, tokenizer or feature extractor)."""
+    from transformers import PreTrainedModel
+
+    return hasattr(auto_class, "_model_mapping") or (isinstance(auto_class, type)
+                                                      and issubclass(auto_class, PreTrainedModel))
 
 
 def load_transformers_config(model_dir: Path) -> TransformersConfig:

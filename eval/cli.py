@@ -3,6 +3,7 @@
     gqa-eval perplexity MODEL_DIR
     gqa-eval fidelity CONVERTED_DIR [--source SOURCE_DIR]
     gqa-eval speed CONVERTED_DIR [--source SOURCE_DIR]
+    gqa-eval tasks MODEL_DIR --tasks python_next_line [--include-path MY_TASKS]
     gqa-eval ablation recipes/tiny-ablation.yaml
 """
 
@@ -193,15 +194,40 @@ def _speed_models(model_dir: str, source_dir: str | None, contexts, decode_steps
 
 @main.command("tasks")
 @click.argument("model_dir")
-@click.option("--tasks", "task_names", required=True, help="comma-separated lm-eval-harness task names")
+@click.option("--tasks", "task_names", required=True,
+              help="comma-separated lm-eval task names: lm-eval's own, the shipped python_next_line (no download), "
+                   "or ones in --include-path")
+@click.option("--include-path", "include_paths", multiple=True,
+              help="a folder of your own lm-eval task YAML files (repeatable)")
+@click.option("--limit", type=IntAtLeast(1), default=None, help="examples per task [default: all]")
 @click.option("--batch-size", type=IntAtLeast(1), default=8, show_default=True)
-@click.option("--limit", type=IntAtLeast(1), default=None, help="examples per task")
+@click.option("--json", "as_json", is_flag=True, help="Print {task: {metric: value}} as JSON.")
 @user_errors
-def tasks_cmd(model_dir, task_names, batch_size, limit):
-    """Downstream tasks through lm-eval-harness (pip install 'gqa-toolkit[tasks]')."""
-    from .downstream import run_tasks
+def tasks_cmd(model_dir, task_names, include_paths, limit, batch_size, as_json):
+    """Downstream tasks of MODEL_DIR (a folder or hub id) through lm-eval-harness (pip install
+    'gqa-toolkit[tasks]')."""
+    from gqa_toolkit.uptrain.model import check_text_model, load_config, load_tokenizer
 
-    emit(json.dumps(run_tasks(model_dir, task_names.split(","), batch_size, limit), indent=2))
+    from .downstream import require_lm_eval, run_tasks, task_manager
+
+    require_lm_eval()  # before the model: a missing extra is the one thing to fix
+    manager = task_manager(names := [n.strip() for n in task_names.split(",") if n.strip()], list(include_paths))
+    path = _checked_model_dir(model_dir)
+    check_text_model(load_config(path, role="MODEL_DIR"))
+    scores = run_tasks(_load(path), load_tokenizer(path), names, manager, limit, batch_size)
+    if as_json:
+        emit(json.dumps(scores, indent=2))
+        return
+    width = max(map(len, scores), default=4)
+    emit("\n".join([f"{'task':<{width}} {'metric':<12} {'value':>8}",
+                     *(f"{task:<{width}} {metric:<12} {value:>8.4f}" for task, metrics in scores.items()
+                       for metric, value in metrics.items())]))
+
+
+def _checked_model_dir(model_dir: str):
+    from gqa_toolkit.uptrain.model import check_model_dir
+
+    return check_model_dir(model_dir, role="MODEL_DIR", wanted=ANY_MODEL)
 
 
 @main.command("ablation")

@@ -33,6 +33,7 @@ from .errors import EvalError
 from .fidelity import fidelity
 from .heldout import eval_task, heldout_set
 from .original import DONE_MARKER, Original, new_tokenizer, original_config, resolve_original
+from .downstream import require_lm_eval, run_tasks, task_manager
 from .outputs import write_files
 from .perplexity import perplexity
 from .placement import load_for_eval
@@ -52,6 +53,7 @@ class Ablation:
         self.cells = self.root / "cells"
         self.models = self.root / "models"
         self.started = time.perf_counter()
+        self.task_manager = None  # lm-eval's index of the recipe's tasks, made in the preflight
 
     # -- checks that run before any long work --------------------------------------------------------------------
     def check_results_dir(self) -> None:
@@ -76,11 +78,18 @@ class Ablation:
             raise EvalError(f"launcher {self.recipe.launcher!r}: {program} is not an installed command; install it "
                             f"(pip install accelerate) or fix the launcher")
 
+    def check_tasks(self) -> None:
+        tasks = self.recipe.tasks
+        if tasks.names:
+            require_lm_eval("the recipe's tasks")
+            self.task_manager = task_manager(list(tasks.names), list(tasks.include_path), role="tasks.include_path")
+
     def preflight(self):
         """Everything checkable before training, nothing written: geometry, context, the launcher and a non-empty
         held-out set (the uptrain keys are checked when the recipe loads). Returns the tokenizer a built original
         will use (None for a given original)."""
         self.check_launcher()
+        self.check_tasks()
         build = self.recipe.original.build
         tokenizer = None
         if build is not None:
@@ -146,12 +155,21 @@ class Ablation:
             train(recipe)
         return out
 
-    def measure(self, model_dir: Path, original_model, blocks) -> dict:
+    def measure(self, model_dir: Path, original_model, blocks, tokenizer) -> dict:
         model = load_for_eval(model_dir)
         quality = perplexity(model, blocks, self.recipe.eval_batch_size)
         agreement = fidelity(model, original_model, blocks, self.recipe.eval_batch_size)
         return {"heldout_loss": quality["loss"], "perplexity": quality["perplexity"], "kl": agreement["kl"],
-                "top1_agreement": agreement["top1_agreement"], "eval_tokens": quality["tokens"]}
+                "top1_agreement": agreement["top1_agreement"], "eval_tokens": quality["tokens"],
+                **self.task_scores(model, tokenizer)}
+
+    def task_scores(self, model, tokenizer) -> dict:
+        """{'tasks': {task: {metric: value}}} on the recipe's lm-eval tasks; nothing when it lists none."""
+        tasks = self.recipe.tasks
+        if not tasks.names:
+            return {}
+        return {"tasks": run_tasks(model, tokenizer, list(tasks.names), self.task_manager, tasks.limit,
+                                   tasks.batch_size)}
 
     def say(self, line: str) -> None:
         if self.progress:
@@ -215,7 +233,8 @@ class Ablation:
             quality = perplexity(original_model, blocks, self.recipe.eval_batch_size)
             _write_json(baseline, {"kind": "original", "method": "original", "groups": kv_heads, "fraction": None,
                                    "heads": heads, "heldout_loss": quality["loss"], "perplexity": quality["perplexity"],
-                                   "kl": 0.0, "top1_agreement": 1.0, "original_steps": original.original_steps})
+                                   "kl": 0.0, "top1_agreement": 1.0, "original_steps": original.original_steps,
+                                   **self.task_scores(original_model, tokenizer)})
         self.speed_cell("original", original.path, kv_heads)
 
         cells = [(m, g, f) for m in self.recipe.methods for g in self.recipe.groups for f in self.recipe.fractions]
@@ -237,7 +256,7 @@ class Ablation:
                                                                                groups, fraction)
                     row = {"kind": "cell", "method": method, "groups": groups, "fraction": fraction, "heads": heads,
                            "uptrain_steps": round(fraction * original.original_steps),
-                           **self.measure(model_dir, original_model, blocks),
+                           **self.measure(model_dir, original_model, blocks, tokenizer),
                            "seconds": round(time.perf_counter() - started, 1)}
                     _write_json(path, row)
                     spent.append(row["seconds"])

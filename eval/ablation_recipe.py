@@ -74,6 +74,16 @@ class SpeedSection(_Section):
         return values
 
 
+class TasksSection(_Section):
+    """lm-eval tasks each cell (and the original) is scored on after its uptraining (the `tasks` extra)."""
+
+    names: tuple[str, ...] = Field((), description="lm-eval task names: its own, the shipped python_next_line, or "
+                                                   "ones in include_path")
+    limit: int | None = Field(None, ge=1, description="examples per task [default: all]")
+    include_path: tuple[str, ...] = Field((), description="folders of lm-eval task YAML files of your own")
+    batch_size: int = Field(16, ge=1)
+
+
 class AblationRecipe(_Section):
     results_dir: str
     original: OriginalSection
@@ -93,6 +103,7 @@ class AblationRecipe(_Section):
                                                    "uptraining in that launcher instead of in this process")
     eval_batch_size: int = Field(16, ge=1)
     speed: SpeedSection = SpeedSection()
+    tasks: TasksSection = TasksSection()
 
     @field_validator("methods")
     @classmethod

@@ -180,11 +180,11 @@ class Ablation:
         if path.is_file():
             return
         s = self.recipe.speed
-        self.say(f"speed of {name}: contexts {list(s.contexts)} x batch sizes {list(s.batch_sizes)}, "
-                 f"{s.repeats} rounds each")
+        self.say(f"speed of {name}: contexts {list(s.contexts)} x batch sizes {list(s.batch_sizes)} x decode loops "
+                 f"{list(s.decode)}, {s.repeats} rounds each")
         model = load_for_eval(model_dir)
-        points = [asdict(measure_speed(model, c, b, s.decode_steps, s.repeats))
-                  for c in s.contexts for b in s.batch_sizes]
+        points = [asdict(measure_speed(model, c, b, s.decode_steps, s.repeats, loop))
+                  for c in s.contexts for b in s.batch_sizes for loop in s.decode]
         _write_json(path, {"kind": "speed", "model": name, "kv_heads": kv_heads,
                            "kv_bytes_per_token": kv_cache_bytes_per_token(model), "points": points})
 

@@ -16,6 +16,7 @@ from gqa_toolkit.uptrain.recipe import (DataSection, ModelOptions, ObjectiveSect
                                         read_recipe_yaml)
 
 from .errors import EvalError
+from .speed import DECODE_LOOPS
 
 
 class _Section(BaseModel):
@@ -65,6 +66,16 @@ class SpeedSection(_Section):
     batch_sizes: tuple[int, ...] = (1, 8)
     decode_steps: int = Field(16, ge=1)
     repeats: int = Field(3, ge=1)
+    decode: tuple[str, ...] = Field(("dynamic", "static"), min_length=1,
+                                    description=f"decode loops, each measured: {', '.join(DECODE_LOOPS)}")
+
+    @field_validator("decode")
+    @classmethod
+    def _known_loops(cls, loops: tuple[str, ...]) -> tuple[str, ...]:
+        bad = [loop for loop in loops if loop not in DECODE_LOOPS]
+        if bad:
+            raise ValueError(f"decode loop {bad[0]!r} is unknown; choose from {', '.join(DECODE_LOOPS)}")
+        return loops
 
     @field_validator("contexts", "batch_sizes")
     @classmethod

@@ -19,8 +19,8 @@ from .results_dir import DESTINATION
 
 QUALITY_COLUMNS = ["method", "groups", "fraction", "uptrain_steps", "heldout_loss", "perplexity", "kl",
                    "top1_agreement"]
-SPEED_COLUMNS = ["model", "kv_heads", "kv_bytes_per_token", "context", "batch_size", "prefill_tokens_per_s",
-                 "decode_tokens_per_s", "decode_ms_per_step"]
+SPEED_COLUMNS = ["model", "kv_heads", "kv_bytes_per_token", "context", "batch_size", "decode", "prefill_tokens_per_s",
+                 "decode_tokens_per_s", "decode_ms_per_step", "decode_vs_original", "device", "attention"]
 
 
 PAPER_ORDER = ("mean", "first", "random")  # the paper's ranking, best first; other methods follow by name
@@ -68,6 +68,13 @@ def load_cells(root: Path) -> tuple[dict | None, list[dict], list[dict]]:
             speed.extend({"model": data["model"], "kv_heads": data["kv_heads"],
                           "kv_bytes_per_token": data["kv_bytes_per_token"], **p} for p in data["points"])
     cells.sort(key=lambda c: (-c["groups"], c["fraction"], method_order(c["method"])))  # the README's order
+    for s in speed:
+        s.setdefault("decode", "dynamic")  # cells stored before the static loop existed
+    base = {(s["context"], s["batch_size"], s["decode"]): s["decode_tokens_per_s"] for s in speed
+            if s["model"] == "original"}
+    for s in speed:  # decode speed-up over the MHA original at the same point, in the same loop
+        original_speed = base.get((s["context"], s["batch_size"], s["decode"]))
+        s["decode_vs_original"] = s["decode_tokens_per_s"] / original_speed if original_speed else None
     return original, cells, speed
 
 
@@ -110,12 +117,19 @@ def markdown(original: dict | None, cells: list[dict], speed: list[dict]) -> str
                      f"{_fmt(c['heldout_loss'])} | {_fmt(c['perplexity'])} | {_fmt(c['kl'])} | "
                      f"{_fmt(c['top1_agreement'])} |" + "".join(f" {_fmt(c.get(t))} |" for t in tasks))
     if speed:
-        lines += ["", "| model | KV heads | KV bytes/token | context | batch | prefill tok/s | decode tok/s | "
-                      "decode ms/step |", "|---|---|---|---|---|---|---|---|"]
+        lines += ["", "| model | KV heads | KV bytes/token | context | batch | decode loop | prefill tok/s | "
+                      "decode tok/s | decode ms/step | decode vs MHA | device, attention |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         lines += [f"| {s['model']} | {s['kv_heads']} | {s['kv_bytes_per_token']:.0f} | {s['context']} | "
-                  f"{s['batch_size']} | {s['prefill_tokens_per_s']:.0f} | {s['decode_tokens_per_s']:.0f} | "
-                  f"{s['decode_ms_per_step']:.2f} |" for s in speed]
+                  f"{s['batch_size']} | {s['decode']} | {s['prefill_tokens_per_s']:.0f} | "
+                  f"{s['decode_tokens_per_s']:.0f} | {s['decode_ms_per_step']:.2f} | "
+                  f"{_ratio(s['decode_vs_original'])} | {s.get('device', '')}, {s.get('attention', '')} |"
+                  for s in speed]
     return "\n".join(lines) + "\n"
+
+
+def _ratio(value: float | None) -> str:
+    return "" if value is None else f"{value:.2f}x"
 
 
 def plot(original: dict | None, cells: list[dict], speed: list[dict]) -> dict[str, bytes]:
@@ -175,10 +189,13 @@ def plot(original: dict | None, cells: list[dict], speed: list[dict]) -> dict[st
     # Figure 6: decode time per step and KV bytes per token against KV heads
     if speed:
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-        for (context, batch) in sorted({(s["context"], s["batch_size"]) for s in speed}):
+        loops = sorted({s["decode"] for s in speed})
+        for (context, batch, loop) in sorted({(s["context"], s["batch_size"], s["decode"]) for s in speed}):
             pts = sorted((s["kv_heads"], s["decode_ms_per_step"]) for s in speed
-                         if (s["context"], s["batch_size"]) == (context, batch))
-            ax1.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"context {context}, batch {batch}")
+                         if (s["context"], s["batch_size"], s["decode"]) == (context, batch, loop))
+            ax1.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
+                     linestyle=("-", "--", ":")[loops.index(loop) % 3],
+                     label=f"context {context}, batch {batch}, {loop}")
         kv = sorted({(s["kv_heads"], s["kv_bytes_per_token"]) for s in speed})
         ax2.bar(range(len(kv)), [b / 1024 for _, b in kv])
         heads = sorted({s["kv_heads"] for s in speed})

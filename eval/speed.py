@@ -114,8 +114,12 @@ def decode_step(model, next_ids: torch.Tensor, cache, extra: dict, forward=None)
 
 
 def compiled_forward(model):
-    """The model compiled for single-token decode steps of fixed shapes (a static cache); one line when torch
-    cannot compile here."""
+    """The model compiled for single-token decode steps of fixed shapes (a static cache). Each model, batch size
+    and cache length is a graph of its own: past dynamo's recompile limit (8) it would fall back to eager without
+    a word, so the limit is raised."""
+    config = torch._dynamo.config
+    limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # renamed in torch 2.7
+    setattr(config, limit, max(getattr(config, limit), 256))
     return torch.compile(model, dynamic=False)
 
 

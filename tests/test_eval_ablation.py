@@ -69,6 +69,11 @@ def test_micro_ablation_writes_tables_and_plots(finished):
     assert data["original"]["kl"] == 0 and data["original"]["groups"] == 4
     kv = {s["kv_heads"]: s["kv_bytes_per_token"] for s in data["speed"]}
     assert kv[4] / kv[1] == 4
+    # both decode loops measured, each with its ratio to the MHA original in the same loop
+    assert sorted((s["model"], s["decode"]) for s in data["speed"]) == [
+        (m, loop) for m in ("g1", "original") for loop in ("dynamic", "static")]
+    assert all(s["decode_vs_original"] == 1.0 for s in data["speed"] if s["model"] == "original")
+    assert all(s["device"].startswith("cpu") and s["attention"] == "sdpa" for s in data["speed"])
     assert "| mean | 1 | 0.2 | 6 |" in stdout
     assert (results / "models" / "mean-g1" / "f0.2" / "model.safetensors").is_file()
     # each cell and the original carry the task's score, and the table and csv show it beside loss and KL
@@ -116,6 +121,7 @@ def test_results_dir_of_a_different_recipe_is_refused(finished, tmp_path):
     ({"uptrain": {"learning_rate": 1}}, "train.learning_rate: unknown key"),
     ({"tasks": {"names": ["mine"], "include_path": ["/no/such/tasks"]}}, "tasks.include_path /no/such/tasks is not a"),
     ({"tasks": {"names": ["python_next_line"], "limit": 0}}, "tasks.limit"),
+    ({"speed": {**MICRO["speed"], "decode": ["fast"]}}, "decode loop 'fast' is unknown; choose from dynamic, static"),
 ])
 def test_bad_recipes_fail_before_any_work(tmp_path, changes, needle):
     results = tmp_path / "results"

@@ -29,11 +29,11 @@ from gqa_toolkit.uptrain.recipe import DataSection
 from gqa_toolkit.uptrain.tasks import CausalLM
 
 from .ablation_recipe import AblationRecipe
+from .downstream import require_lm_eval, run_tasks, task_manager
 from .errors import EvalError
 from .fidelity import fidelity
 from .heldout import eval_task, heldout_set
 from .original import DONE_MARKER, Original, new_tokenizer, original_config, resolve_original
-from .downstream import require_lm_eval, run_tasks, task_manager
 from .outputs import write_files
 from .perplexity import perplexity
 from .placement import load_for_eval

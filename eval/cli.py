@@ -214,13 +214,16 @@ def _speed_models(model_dir: str, source_dir: str | None, contexts, decode_steps
 def tasks_cmd(model_dir, task_names, include_paths, limit, batch_size, as_json):
     """Downstream tasks of MODEL_DIR (a folder or hub id) through lm-eval-harness (pip install
     'gqa-toolkit[tasks]')."""
+    from gqa_toolkit.convert.io.model_dir import is_hub_id
     from gqa_toolkit.uptrain.model import check_text_model, load_config, load_tokenizer
 
     from .downstream import require_lm_eval, run_tasks, task_manager
 
     require_lm_eval()  # before the model: a missing extra is the one thing to fix
+    # a local folder is checked at once; a hub id is fetched only once every task name is known to exist
+    path = None if is_hub_id(model_dir) else _checked_model_dir(model_dir)
     manager = task_manager(names := [n.strip() for n in task_names.split(",") if n.strip()], list(include_paths))
-    path = _checked_model_dir(model_dir)
+    path = path or _checked_model_dir(model_dir)
     check_text_model(load_config(path, role="MODEL_DIR"))
     scores = run_tasks(_load(path), load_tokenizer(path), names, manager, limit, batch_size)
     if as_json:

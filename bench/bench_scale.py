@@ -62,7 +62,8 @@ def write_source(shape: str, out: Path, vocab: int) -> Path:
         from gqa_toolkit.eval.original import original_config
 
         torch.manual_seed(0)
-        LlamaForCausalLM(original_config(load_ablation_recipe("tiny-ablation.yaml").original.build)).save_pretrained(out)
+        build = load_ablation_recipe("tiny-ablation.yaml").original.build
+        LlamaForCausalLM(original_config(build)).save_pretrained(out)
         return out
     preset = PRESETS[SHAPES[shape]]
     if audio_window(shape):  # random weights at the real vocabulary; speed needs no tokenizer
@@ -180,7 +181,8 @@ def main() -> None:
         cells = []
         for each in loops:
             point, mha = speed[(name, c, b, each)], speed[("MHA", c, b, each)]
-            cells.append(f"{point['decode_tokens_per_s']:,.0f} ({point['decode_tokens_per_s'] / mha['decode_tokens_per_s']:.2f}x)")
+            ratio = point["decode_tokens_per_s"] / mha["decode_tokens_per_s"]
+            cells.append(f"{point['decode_tokens_per_s']:,.0f} ({ratio:.2f}x)")
         print(f"| {name} | {r['params'] / 1e6:,.1f}M | {r['kv_bytes_per_token']:,.0f} | {c} | {b} | "
               f"{r['prefill_tokens_per_s']:,.0f} | " + " | ".join(cells) + " |")
     if results["uptrain"]:

@@ -6,7 +6,7 @@ cache; decoding then reads that cache and the decoder's own self-attention cache
 takes a fixed window of audio (1,500 positions for 30 s), encoded here from random log-mel features.
 
 Three decode loops, each figure saying which, on which device and with which attention kernel:
-- `dynamic`: today's eager loop; the cache grows by concatenation at every step.
+- `dynamic`: the eager loop; the cache grows by concatenation at every step.
 - `static`: transformers' StaticCache, preallocated for the context plus the decode steps (G heads per layer,
   allocated at the prefill, written in place); the same tokens and logits as `dynamic` (tests check it).
 - `static+compile`: the static loop with the decode step compiled by torch.compile (where torch can compile:
@@ -110,7 +110,8 @@ def prefill(model, context: dict[str, torch.Tensor], decoder_ids: torch.Tensor |
 def decode_step(model, next_ids: torch.Tensor, cache, extra: dict, forward=None):
     """One token (B, 1) through the decoder with the cache (`forward`: a compiled model, else the model)."""
     key = "decoder_input_ids" if model.config.is_encoder_decoder else "input_ids"
-    return (model if forward is None else forward)(**{key: next_ids, cache_argument(model): cache}, use_cache=True, **extra)
+    run = model if forward is None else forward
+    return run(**{key: next_ids, cache_argument(model): cache}, use_cache=True, **extra)
 
 
 def compiled_forward(model):
@@ -118,7 +119,7 @@ def compiled_forward(model):
     and cache length is a graph of its own: past dynamo's recompile limit (8) it would fall back to eager without
     a word, so the limit is raised."""
     config = torch._dynamo.config
-    limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # renamed in torch 2.7
+    limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # its older name
     setattr(config, limit, max(getattr(config, limit), 256))
     return torch.compile(model, dynamic=False)
 

@@ -4,6 +4,13 @@ MHA model and its GQA conversions side by side. Meant for a GPU; runs (slowly) a
     python bench/bench_scale.py --shape t5-large --groups 8,1 --contexts 512,2048 --batch-sizes 1,32
     python bench/bench_scale.py --shape llama-1b --groups 4,1 --contexts 2048,8192 --batch-sizes 1,16
     python bench/bench_scale.py --shape whisper-base --groups 2,1 --batch-sizes 16
+    python bench/bench_scale.py --shape tiny-ablation --groups 2,1 --contexts 128,896 --batch-sizes 1,8 \
+        --decode-steps 16 --decode dynamic,static,static+compile
+
+Each point is decoded in each loop of --decode (gqa-eval speed's: the eager loop with a growing cache, a
+preallocated static cache, and the static cache with a torch.compile'd step), so the loops' figures come from one
+run, each with its ratio to MHA in the same loop. `tiny-ablation` is the llama that recipes/tiny-ablation.yaml
+pretrains (random weights here), to measure its speed cells in every loop.
 
 A random MHA checkpoint of the named shape is written in bf16 (no download: weights are random, the tokenizer is
 a byte-level BPE learnt from the python-stdlib corpus, so the vocabulary is smaller than the real model's). Each G
@@ -28,6 +35,7 @@ import torch
 SHAPES = {"t5-large": "t5-v1.1-large", "t5-base": "t5-v1.1-base", "t5-small": "t5-v1.1-small",
           "llama-1b": "llama-1b-mha", "whisper-base": "whisper-base",
           "whisper-large": "whisper-large-v3"}  # name here -> preset (gqa_toolkit.convert.families.presets)
+TINY_ABLATION = "tiny-ablation"  # the original that recipes/tiny-ablation.yaml builds
 
 
 def audio_window(shape: str) -> int | None:
@@ -35,6 +43,8 @@ def audio_window(shape: str) -> int | None:
     from gqa_toolkit.convert.families.presets import PRESETS
     from gqa_toolkit.convert.families.spec import audio_input
 
+    if shape == TINY_ABLATION:
+        return None
     preset = PRESETS[SHAPES[shape]]
     audio = audio_input(preset.model_type)
     return getattr(preset.transformers_config(), audio.positions_attr) if audio else None
@@ -45,6 +55,16 @@ def write_source(shape: str, out: Path, vocab: int) -> Path:
     from gqa_toolkit.convert.families.presets import PRESETS
     from gqa_toolkit.uptrain.tokenizer import train_tokenizer
 
+    if shape == TINY_ABLATION:  # random weights of the recipe's shape, in fp32 as the ablation measures it
+        from transformers import LlamaForCausalLM
+
+        from gqa_toolkit.eval.ablation_recipe import load_ablation_recipe
+        from gqa_toolkit.eval.original import original_config
+
+        torch.manual_seed(0)
+        build = load_ablation_recipe("tiny-ablation.yaml").original.build
+        LlamaForCausalLM(original_config(build)).save_pretrained(out)
+        return out
     preset = PRESETS[SHAPES[shape]]
     if audio_window(shape):  # random weights at the real vocabulary; speed needs no tokenizer
         torch.manual_seed(0)
@@ -84,12 +104,14 @@ def uptrain_throughput(model_dir: Path, out: Path, steps: int, block: int, batch
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="t5-large")
+    parser.add_argument("--shape", choices=sorted([*SHAPES, TINY_ABLATION]), default="t5-large")
     parser.add_argument("--groups", default="8,1")
     parser.add_argument("--contexts", default="512,2048")
     parser.add_argument("--batch-sizes", default="1,32")
     parser.add_argument("--decode-steps", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--decode", default="dynamic,static", help="decode loops, comma-separated: dynamic, static, "
+                                                                  "static+compile")
     parser.add_argument("--vocab", type=int, default=8192)
     parser.add_argument("--uptrain-steps", type=int, default=0)
     parser.add_argument("--uptrain-block", type=int, default=512)
@@ -106,6 +128,7 @@ def main() -> None:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     dtype = str(eval_dtype(eval_device())).removeprefix("torch.")
     groups = [int(g) for g in args.groups.split(",")]
+    loops = args.decode.split(",")
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         tmp = Path(tmp)
         t0 = time.perf_counter()
@@ -127,10 +150,13 @@ def main() -> None:
             kv = kv_cache_bytes_per_token(model)
             for c in [audio_window(args.shape)] if audio_window(args.shape) else map(int, args.contexts.split(",")):
                 for b in map(int, args.batch_sizes.split(",")):
-                    point = measure_speed(model, c, b, args.decode_steps, args.repeats)
-                    results["speed"].append({"model": name, "params": params, "kv_bytes_per_token": kv,
-                                             **point.__dict__})
-                    print(f"{name} ctx {c} batch {b}: decode {point.decode_tokens_per_s:,.0f} tok/s", flush=True)
+                    for loop in loops:
+                        t0 = time.perf_counter()
+                        point = measure_speed(model, c, b, args.decode_steps, args.repeats, loop)
+                        results["speed"].append({"model": name, "params": params, "kv_bytes_per_token": kv,
+                                                 **point.__dict__})
+                        print(f"{name} ctx {c} batch {b} {loop}: decode {point.decode_tokens_per_s:,.0f} tok/s "
+                              f"({time.perf_counter() - t0:.0f} s with warm-up)", flush=True)
             del model
             torch.cuda.empty_cache() if torch.cuda.is_available() else None
             if args.uptrain_steps and not audio_window(args.shape):
@@ -140,17 +166,25 @@ def main() -> None:
                                                               args.uptrain_micro)
                 print(f"{name} uptrain: {results['uptrain'][name]}", flush=True)
 
-    vocab = "its own vocab" if audio_window(args.shape) else f"vocab {args.vocab}"
-    print(f"\n{args.shape} (random weights, {vocab}), {dtype} on {device}; fastest of {args.repeats} "
-          f"rounds, {args.decode_steps} decode steps")
-    print("| model | params | KV bytes/token | context | batch | prefill tok/s | decode tok/s | decode vs MHA |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    base = {(r["context"], r["batch_size"]): r["decode_tokens_per_s"] for r in results["speed"] if r["model"] == "MHA"}
-    for r in results["speed"]:
-        ratio = r["decode_tokens_per_s"] / base[(r["context"], r["batch_size"])]
-        print(f"| {r['model']} | {r['params'] / 1e6:,.0f}M | {r['kv_bytes_per_token']:,.0f} | {r['context']} | "
-              f"{r['batch_size']} | {r['prefill_tokens_per_s']:,.0f} | {r['decode_tokens_per_s']:,.0f} | "
-              f"{ratio:.2f}x |")
+    vocab = "its own vocab" if audio_window(args.shape) or args.shape == TINY_ABLATION else f"vocab {args.vocab}"
+    first = results["speed"][0]
+    print(f"\n{args.shape} (random weights, {vocab}), {dtype} on {device} ({first['device']}), attention kernel "
+          f"{first['attention']}; fastest of {args.repeats} rounds, {args.decode_steps} decode steps, decode tok/s "
+          f"(x vs MHA in the same loop)")
+    print("| model | params | KV bytes/token | context | batch | prefill tok/s | " +
+          " | ".join(f"decode, {loop}" for loop in loops) + " |")
+    print("|---|---:|---:|---:|---:|---:|" + "---:|" * len(loops))
+    speed = {(r["model"], r["context"], r["batch_size"], r["decode"]): r for r in results["speed"]}
+    for (name, c, b, loop), r in speed.items():
+        if loop != loops[0]:
+            continue
+        cells = []
+        for each in loops:
+            point, mha = speed[(name, c, b, each)], speed[("MHA", c, b, each)]
+            ratio = point["decode_tokens_per_s"] / mha["decode_tokens_per_s"]
+            cells.append(f"{point['decode_tokens_per_s']:,.0f} ({ratio:.2f}x)")
+        print(f"| {name} | {r['params'] / 1e6:,.1f}M | {r['kv_bytes_per_token']:,.0f} | {c} | {b} | "
+              f"{r['prefill_tokens_per_s']:,.0f} | " + " | ".join(cells) + " |")
     if results["uptrain"]:
         print(f"\nuptraining, {args.uptrain_batch} x {args.uptrain_block} tokens per step, median tokens/s")
         print("| model | tokens/s | vs MHA | peak GPU memory (GiB) |\n|---|---:|---:|---:|")

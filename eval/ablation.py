@@ -30,6 +30,7 @@ from gqa_toolkit.uptrain.recipe import DataSection
 from gqa_toolkit.uptrain.tasks import CausalLM
 
 from .ablation_recipe import AblationRecipe
+from .downstream import require_lm_eval, run_tasks, task_manager
 from .errors import EvalError
 from .fidelity import fidelity
 from .heldout import eval_task, heldout_set
@@ -53,6 +54,7 @@ class Ablation:
         self.cells = self.root / "cells"
         self.models = self.root / "models"
         self.started = time.perf_counter()
+        self.task_manager = None  # lm-eval's index of the recipe's tasks, made in the preflight
 
     # -- checks that run before any long work --------------------------------------------------------------------
     def check_results_dir(self) -> None:
@@ -74,11 +76,18 @@ class Ablation:
             raise EvalError(f"launcher {self.recipe.launcher!r}: {program} is not an installed command; install it "
                             f"(pip install accelerate) or fix the launcher")
 
+    def check_tasks(self) -> None:
+        tasks = self.recipe.tasks
+        if tasks.names:
+            require_lm_eval("the recipe's tasks")
+            self.task_manager = task_manager(list(tasks.names), list(tasks.include_path), role="tasks.include_path")
+
     def preflight(self):
         """Everything checkable before training, nothing written: geometry, context, the launcher and a non-empty
         held-out set (the uptrain keys are checked when the recipe loads). Returns the tokenizer a built original
         will use (None for a given original)."""
         self.check_launcher()
+        self.check_tasks()
         build = self.recipe.original.build
         tokenizer = None
         if build is not None:
@@ -144,12 +153,21 @@ class Ablation:
             train(recipe)
         return out
 
-    def measure(self, model_dir: Path, original_model, blocks) -> dict:
+    def measure(self, model_dir: Path, original_model, blocks, tokenizer) -> dict:
         model = load_for_eval(model_dir)
         quality = perplexity(model, blocks, self.recipe.eval_batch_size)
         agreement = fidelity(model, original_model, blocks, self.recipe.eval_batch_size)
         return {"heldout_loss": quality["loss"], "perplexity": quality["perplexity"], "kl": agreement["kl"],
-                "top1_agreement": agreement["top1_agreement"], "eval_tokens": quality["tokens"]}
+                "top1_agreement": agreement["top1_agreement"], "eval_tokens": quality["tokens"],
+                **self.task_scores(model, tokenizer)}
+
+    def task_scores(self, model, tokenizer) -> dict:
+        """{'tasks': {task: {metric: value}}} on the recipe's lm-eval tasks; nothing when it lists none."""
+        tasks = self.recipe.tasks
+        if not tasks.names:
+            return {}
+        return {"tasks": run_tasks(model, tokenizer, list(tasks.names), self.task_manager, tasks.limit,
+                                   tasks.batch_size)}
 
     def say(self, line: str) -> None:
         if self.progress:
@@ -160,11 +178,11 @@ class Ablation:
         if path.is_file():
             return
         s = self.recipe.speed
-        self.say(f"speed of {name}: contexts {list(s.contexts)} x batch sizes {list(s.batch_sizes)}, "
-                 f"{s.repeats} rounds each")
+        self.say(f"speed of {name}: contexts {list(s.contexts)} x batch sizes {list(s.batch_sizes)} x decode loops "
+                 f"{list(s.decode)}, {s.repeats} rounds each")
         model = load_for_eval(model_dir)
-        points = [asdict(measure_speed(model, c, b, s.decode_steps, s.repeats))
-                  for c in s.contexts for b in s.batch_sizes]
+        points = [asdict(measure_speed(model, c, b, s.decode_steps, s.repeats, loop))
+                  for c in s.contexts for b in s.batch_sizes for loop in s.decode]
         _write_json(path, {"kind": "speed", "model": name, "kv_heads": kv_heads,
                            "kv_bytes_per_token": kv_cache_bytes_per_token(model), "points": points})
 
@@ -213,7 +231,8 @@ class Ablation:
             quality = perplexity(original_model, blocks, self.recipe.eval_batch_size)
             _write_json(baseline, {"kind": "original", "method": "original", "groups": kv_heads, "fraction": None,
                                    "heads": heads, "heldout_loss": quality["loss"], "perplexity": quality["perplexity"],
-                                   "kl": 0.0, "top1_agreement": 1.0, "original_steps": original.original_steps})
+                                   "kl": 0.0, "top1_agreement": 1.0, "original_steps": original.original_steps,
+                                   **self.task_scores(original_model, tokenizer)})
         self.speed_cell("original", original.path, kv_heads)
 
         cells = [(m, g, f) for m in self.recipe.methods for g in self.recipe.groups for f in self.recipe.fractions]
@@ -235,7 +254,7 @@ class Ablation:
                                                                                groups, fraction)
                     row = {"kind": "cell", "method": method, "groups": groups, "fraction": fraction, "heads": heads,
                            "uptrain_steps": round(fraction * original.original_steps),
-                           **self.measure(model_dir, original_model, blocks),
+                           **self.measure(model_dir, original_model, blocks, tokenizer),
                            "seconds": round(time.perf_counter() - started, 1)}
                     _write_json(path, row)
                     spent.append(row["seconds"])

@@ -16,6 +16,7 @@ from gqa_toolkit.uptrain.recipe import (DataSection, ModelOptions, ObjectiveSect
                                         read_recipe_yaml)
 
 from .errors import EvalError
+from .speed import DECODE_LOOPS
 
 
 class _Section(BaseModel):
@@ -65,6 +66,16 @@ class SpeedSection(_Section):
     batch_sizes: tuple[int, ...] = (1, 8)
     decode_steps: int = Field(16, ge=1)
     repeats: int = Field(3, ge=1)
+    decode: tuple[str, ...] = Field(("dynamic", "static"), min_length=1,
+                                    description=f"decode loops, each measured: {', '.join(DECODE_LOOPS)}")
+
+    @field_validator("decode")
+    @classmethod
+    def _known_loops(cls, loops: tuple[str, ...]) -> tuple[str, ...]:
+        bad = [loop for loop in loops if loop not in DECODE_LOOPS]
+        if bad:
+            raise ValueError(f"decode loop {bad[0]!r} is unknown; choose from {', '.join(DECODE_LOOPS)}")
+        return loops
 
     @field_validator("contexts", "batch_sizes")
     @classmethod
@@ -72,6 +83,16 @@ class SpeedSection(_Section):
         if not values or any(v < 1 for v in values):
             raise ValueError(f"give one or more positive integers, e.g. [128, 512] (got {list(values)})")
         return values
+
+
+class TasksSection(_Section):
+    """lm-eval tasks each cell (and the original) is scored on after its uptraining (the `tasks` extra)."""
+
+    names: tuple[str, ...] = Field((), description="lm-eval task names: its own, the shipped python_next_line, or "
+                                                   "ones in include_path")
+    limit: int | None = Field(None, ge=1, description="examples per task [default: all]")
+    include_path: tuple[str, ...] = Field((), description="folders of lm-eval task YAML files of your own")
+    batch_size: int = Field(16, ge=1)
 
 
 class AblationRecipe(_Section):
@@ -93,6 +114,7 @@ class AblationRecipe(_Section):
                                                    "uptraining in that launcher instead of in this process")
     eval_batch_size: int = Field(16, ge=1)
     speed: SpeedSection = SpeedSection()
+    tasks: TasksSection = TasksSection()
 
     @field_validator("methods")
     @classmethod

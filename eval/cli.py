@@ -3,6 +3,7 @@
     gqa-eval perplexity MODEL_DIR
     gqa-eval fidelity CONVERTED_DIR [--source SOURCE_DIR]
     gqa-eval speed CONVERTED_DIR [--source SOURCE_DIR]
+    gqa-eval tasks MODEL_DIR --tasks python_next_line [--include-path MY_TASKS]
     gqa-eval ablation recipes/tiny-ablation.yaml
 """
 
@@ -137,35 +138,43 @@ def fidelity_cmd(model_dir, source_dir, corpus, split, text_column, target_colum
 @click.option("--repeats", type=IntAtLeast(1), default=3, show_default=True,
               help="Timed rounds per point, after a warm-up; the fastest counts.")
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as a JSON list.")
+@click.option("--compile", "compile_step", is_flag=True,
+              help="Also decode with the static cache and a step compiled by torch.compile (needs a C++ compiler "
+                   "on CPU; the first round, not timed, compiles).")
 @user_errors
-def speed_cmd(model_dir, source_dir, contexts, batch_sizes, decode_steps, repeats, as_json):
-    """KV-cache bytes per token, prefill and decode tokens/s, side by side with the source (and their ratios)."""
+def speed_cmd(model_dir, source_dir, contexts, batch_sizes, decode_steps, repeats, as_json, compile_step):
+    """KV-cache bytes per token, prefill and decode tokens/s, side by side with the source (and their ratios), in
+    the eager loop with a growing cache (dynamic) and with a preallocated static cache (static, and with
+    --compile static+compile); each row names its device and attention kernel."""
     from dataclasses import asdict
 
     from .speed import kv_cache_bytes_per_token, measure_speed
 
     rows = []
     models, contexts = _speed_models(model_dir, source_dir, contexts, decode_steps)
+    loops = ("dynamic", "static", *(("static+compile",) if compile_step else ()))
     for name, path in models.items():
         model = _load(path, name)
         kv = kv_cache_bytes_per_token(model)
         for c in contexts:
             for b in batch_sizes:
-                point = asdict(measure_speed(model, c, b, decode_steps, repeats))
-                rows.append({"model": name, "kv_bytes_per_token": kv, **point})
-    source = {(r["context"], r["batch_size"]): r for r in rows if r["model"] == "source"}
-    for r in rows:  # decode speed-up over the source at the same point (1.0 for the source itself)
-        base = source.get((r["context"], r["batch_size"]))
+                for loop in loops:
+                    point = asdict(measure_speed(model, c, b, decode_steps, repeats, loop))
+                    rows.append({"model": name, "kv_bytes_per_token": kv, **point})
+    source = {(r["context"], r["batch_size"], r["decode"]): r for r in rows if r["model"] == "source"}
+    for r in rows:  # decode speed-up over the source at the same point and loop (1.0 for the source itself)
+        base = source.get((r["context"], r["batch_size"], r["decode"]))
         r["decode_vs_source"] = r["decode_tokens_per_s"] / base["decode_tokens_per_s"] if base else None
     if as_json:
         emit(json.dumps(rows, indent=2))
         return
-    header = (f"{'model':>10} {'KV B/token':>11} {'context':>8} {'batch':>6} {'prefill tok/s':>14} "
-              f"{'decode tok/s':>13} {'vs source':>10}")
+    header = (f"{'model':>10} {'KV B/token':>11} {'context':>8} {'batch':>6} {'decode loop':>15} "
+              f"{'prefill tok/s':>14} {'decode tok/s':>13} {'vs source':>10}")
     emit("\n".join([header, *(f"{r['model']:>10} {r['kv_bytes_per_token']:>11.0f} {r['context']:>8} "
-                                f"{r['batch_size']:>6} {r['prefill_tokens_per_s']:>14.0f} "
+                                f"{r['batch_size']:>6} {r['decode']:>15} {r['prefill_tokens_per_s']:>14.0f} "
                                 f"{r['decode_tokens_per_s']:>13.0f} {_ratio(r['decode_vs_source']):>10}"
-                                for r in rows)]))
+                                for r in rows),
+                     f"measured on {rows[0]['device']}, attention kernel {rows[0]['attention']}"]))
 
 
 def _ratio(value: float | None) -> str:
@@ -193,15 +202,43 @@ def _speed_models(model_dir: str, source_dir: str | None, contexts, decode_steps
 
 @main.command("tasks")
 @click.argument("model_dir")
-@click.option("--tasks", "task_names", required=True, help="comma-separated lm-eval-harness task names")
+@click.option("--tasks", "task_names", required=True,
+              help="comma-separated lm-eval task names: lm-eval's own, the shipped python_next_line (no download), "
+                   "or ones in --include-path")
+@click.option("--include-path", "include_paths", multiple=True,
+              help="a folder of your own lm-eval task YAML files (repeatable)")
+@click.option("--limit", type=IntAtLeast(1), default=None, help="examples per task [default: all]")
 @click.option("--batch-size", type=IntAtLeast(1), default=8, show_default=True)
-@click.option("--limit", type=IntAtLeast(1), default=None, help="examples per task")
+@click.option("--json", "as_json", is_flag=True, help="Print {task: {metric: value}} as JSON.")
 @user_errors
-def tasks_cmd(model_dir, task_names, batch_size, limit):
-    """Downstream tasks through lm-eval-harness (pip install 'gqa-toolkit[tasks]')."""
-    from .downstream import run_tasks
+def tasks_cmd(model_dir, task_names, include_paths, limit, batch_size, as_json):
+    """Downstream tasks of MODEL_DIR (a folder or hub id) through lm-eval-harness (pip install
+    'gqa-toolkit[tasks]')."""
+    from gqa_toolkit.convert.io.model_dir import is_hub_id
+    from gqa_toolkit.uptrain.model import check_text_model, load_config, load_tokenizer
 
-    emit(json.dumps(run_tasks(model_dir, task_names.split(","), batch_size, limit), indent=2))
+    from .downstream import require_lm_eval, run_tasks, task_manager
+
+    require_lm_eval()  # before the model: a missing extra is the one thing to fix
+    # a local folder is checked at once; a hub id is fetched only once every task name is known to exist
+    path = None if is_hub_id(model_dir) else _checked_model_dir(model_dir)
+    manager = task_manager(names := [n.strip() for n in task_names.split(",") if n.strip()], list(include_paths))
+    path = path or _checked_model_dir(model_dir)
+    check_text_model(load_config(path, role="MODEL_DIR"))
+    scores = run_tasks(_load(path), load_tokenizer(path), names, manager, limit, batch_size)
+    if as_json:
+        emit(json.dumps(scores, indent=2))
+        return
+    width = max(map(len, scores), default=4)
+    emit("\n".join([f"{'task':<{width}} {'metric':<12} {'value':>8}",
+                     *(f"{task:<{width}} {metric:<12} {value:>8.4f}" for task, metrics in scores.items()
+                       for metric, value in metrics.items())]))
+
+
+def _checked_model_dir(model_dir: str):
+    from gqa_toolkit.uptrain.model import check_model_dir
+
+    return check_model_dir(model_dir, role="MODEL_DIR", wanted=ANY_MODEL)
 
 
 @main.command("ablation")

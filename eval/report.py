@@ -1,8 +1,8 @@
 """Tables and plots of an ablation, rendered from its stored cells only (so they can be redrawn at any time).
 
 Writes results.csv, results.json, results.md, speed.csv and three figures after the paper's: quality by method
-(Figure 4), quality against uptraining fraction (Figure 5), and decode time and KV-cache bytes against groups
-(Figure 6).
+(Figure 4: held-out loss, and each lm-eval task of the recipe beside it), quality against uptraining fraction
+(Figure 5), and decode time and KV-cache bytes against groups (Figure 6).
 """
 
 from __future__ import annotations
@@ -12,14 +12,15 @@ import io
 import json
 from pathlib import Path
 
+from .downstream import headline
 from .errors import EvalError
 from .outputs import write_files
 from .results_dir import DESTINATION
 
 QUALITY_COLUMNS = ["method", "groups", "fraction", "uptrain_steps", "heldout_loss", "perplexity", "kl",
                    "top1_agreement"]
-SPEED_COLUMNS = ["model", "kv_heads", "kv_bytes_per_token", "context", "batch_size", "prefill_tokens_per_s",
-                 "decode_tokens_per_s", "decode_ms_per_step"]
+SPEED_COLUMNS = ["model", "kv_heads", "kv_bytes_per_token", "context", "batch_size", "decode", "prefill_tokens_per_s",
+                 "decode_tokens_per_s", "decode_ms_per_step", "decode_vs_original", "device", "attention"]
 
 
 PAPER_ORDER = ("mean", "first", "random")  # the paper's ranking, best first; other methods follow by name
@@ -33,10 +34,32 @@ def groups_label(groups: int) -> str:
     return "G=1 (MQA)" if groups == 1 else f"G={groups}"
 
 
+def task_columns(rows: list[dict]) -> list[str]:
+    """'task metric' of every task the rows were scored on, in order of first appearance (the headline metric of
+    each, as `task_column_values` gives it)."""
+    columns = []
+    for row in rows:
+        for column in task_column_values(row):
+            if column not in columns:
+                columns.append(column)
+    return columns
+
+
+def task_column_values(row: dict) -> dict[str, float]:
+    """{'task metric': value} of one stored row, e.g. {'python_next_line acc': 0.41}."""
+    out = {}
+    for task, scores in (row.get("tasks") or {}).items():
+        shown = headline(scores)
+        if shown:
+            out[f"{task} {shown[0]}"] = shown[1]
+    return out
+
+
 def load_cells(root: Path) -> tuple[dict | None, list[dict], list[dict]]:
     original, cells, speed = None, [], []
     for path in sorted((root / "cells").glob("*.json")):
         data = _read_cell(path)
+        data.update(task_column_values(data))
         if data["kind"] == "original":
             original = data
         elif data["kind"] == "cell":
@@ -45,6 +68,13 @@ def load_cells(root: Path) -> tuple[dict | None, list[dict], list[dict]]:
             speed.extend({"model": data["model"], "kv_heads": data["kv_heads"],
                           "kv_bytes_per_token": data["kv_bytes_per_token"], **p} for p in data["points"])
     cells.sort(key=lambda c: (-c["groups"], c["fraction"], method_order(c["method"])))  # the README's order
+    for s in speed:
+        s.setdefault("decode", "dynamic")  # cells stored before the static loop existed
+    base = {(s["context"], s["batch_size"], s["decode"]): s["decode_tokens_per_s"] for s in speed
+            if s["model"] == "original"}
+    for s in speed:  # decode speed-up over the MHA original at the same point, in the same loop
+        original_speed = base.get((s["context"], s["batch_size"], s["decode"]))
+        s["decode_vs_original"] = s["decode_tokens_per_s"] / original_speed if original_speed else None
     return original, cells, speed
 
 
@@ -74,22 +104,32 @@ def csv_text(rows: list[dict], columns: list[str]) -> str:
 
 
 def markdown(original: dict | None, cells: list[dict], speed: list[dict]) -> str:
+    tasks = task_columns(([original] if original else []) + cells)
     lines = ["| method | KV heads | fraction | uptrain steps | held-out loss | perplexity | KL to original | "
-             "top-1 agreement |", "|---|---|---|---|---|---|---|---|"]
+             "top-1 agreement |" + "".join(f" {t} |" for t in tasks), "|---|---|---|---|---|---|---|---|" +
+             "---|" * len(tasks)]
     if original:
         lines.append(f"| original (MHA) | {original['groups']} | | {original['original_steps']} (pretraining) | "
-                     f"{_fmt(original['heldout_loss'])} | {_fmt(original['perplexity'])} | 0 | 1 |")
+                     f"{_fmt(original['heldout_loss'])} | {_fmt(original['perplexity'])} | 0 | 1 |" +
+                     "".join(f" {_fmt(original.get(t))} |" for t in tasks))
     for c in cells:
         lines.append(f"| {c['method']} | {c['groups']} | {c['fraction']:g} | {c['uptrain_steps']} | "
                      f"{_fmt(c['heldout_loss'])} | {_fmt(c['perplexity'])} | {_fmt(c['kl'])} | "
-                     f"{_fmt(c['top1_agreement'])} |")
+                     f"{_fmt(c['top1_agreement'])} |" + "".join(f" {_fmt(c.get(t))} |" for t in tasks))
     if speed:
-        lines += ["", "| model | KV heads | KV bytes/token | context | batch | prefill tok/s | decode tok/s | "
-                      "decode ms/step |", "|---|---|---|---|---|---|---|---|"]
+        lines += ["", "| model | KV heads | KV bytes/token | context | batch | decode loop | prefill tok/s | "
+                      "decode tok/s | decode ms/step | decode vs MHA | device, attention |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         lines += [f"| {s['model']} | {s['kv_heads']} | {s['kv_bytes_per_token']:.0f} | {s['context']} | "
-                  f"{s['batch_size']} | {s['prefill_tokens_per_s']:.0f} | {s['decode_tokens_per_s']:.0f} | "
-                  f"{s['decode_ms_per_step']:.2f} |" for s in speed]
+                  f"{s['batch_size']} | {s['decode']} | {s['prefill_tokens_per_s']:.0f} | "
+                  f"{s['decode_tokens_per_s']:.0f} | {s['decode_ms_per_step']:.2f} | "
+                  f"{_ratio(s['decode_vs_original'])} | {s.get('device', '')}, {s.get('attention', '')} |"
+                  for s in speed]
     return "\n".join(lines) + "\n"
+
+
+def _ratio(value: float | None) -> str:
+    return "" if value is None else f"{value:.2f}x"
 
 
 def plot(original: dict | None, cells: list[dict], speed: list[dict]) -> dict[str, bytes]:
@@ -106,24 +146,29 @@ def plot(original: dict | None, cells: list[dict], speed: list[dict]) -> dict[st
     styles = {g: ("-", "--", ":", "-.")[i % 4] for i, g in enumerate(groups)}
     fractions = sorted({c["fraction"] for c in cells})
 
-    # Figure 4: held-out loss by method, one bar group per (KV heads, fraction)
-    fig, ax = plt.subplots(figsize=(7, 4))
+    # Figure 4: held-out loss by method, one bar group per (KV heads, fraction); each task's score in a panel beside
+    tasks = task_columns(([original] if original else []) + cells)
+    fig, axes = plt.subplots(1, 1 + len(tasks), figsize=(7 * (1 + len(tasks)), 4), squeeze=False)
     slots = [(g, f) for g in groups for f in fractions]
     width = 0.8 / max(1, len(methods))
-    for i, method in enumerate(methods):
-        values = [next((c["heldout_loss"] for c in cells if (c["method"], c["groups"], c["fraction"]) ==
-                        (method, g, f)), float("nan")) for g, f in slots]
-        ax.bar([s + i * width for s in range(len(slots))], values, width, label=method, color=colours[method])
-    if original:
-        ax.axhline(original["heldout_loss"], color="black", linestyle="--", label="original MHA")
-    lowest = min([c["heldout_loss"] for c in cells] + ([original["heldout_loss"]] if original else []))
-    ax.set_ylim(bottom=lowest - 0.1 * abs(lowest))  # losses differ in the first decimal: do not start at zero
-    ax.set_xticks([s + width * (len(methods) - 1) / 2 for s in range(len(slots))])
-    ax.set_xticklabels([f"{groups_label(g)}\nα={f:g}" for g, f in slots])
-    ax.set_xlabel("KV heads G and uptraining fraction α")
-    ax.set_ylabel("held-out loss")
-    ax.set_title("Conversion method (cf. GQA paper, Figure 4)")
-    ax.legend(fontsize=8)
+    for ax, column in zip(axes[0], ["heldout_loss", *tasks]):
+        for i, method in enumerate(methods):
+            values = [next((c.get(column, float("nan")) for c in cells if (c["method"], c["groups"], c["fraction"])
+                            == (method, g, f)), float("nan")) for g, f in slots]
+            ax.bar([s + i * width for s in range(len(slots))], values, width, label=method, color=colours[method])
+        if original and original.get(column) is not None:
+            ax.axhline(original[column], color="black", linestyle="--", label="original MHA")
+        if column == "heldout_loss":
+            lowest = min([c["heldout_loss"] for c in cells] + ([original["heldout_loss"]] if original else []))
+            ax.set_ylim(bottom=lowest - 0.1 * abs(lowest))  # losses differ in the first decimal: not from zero
+        ax.set_xticks([s + width * (len(methods) - 1) / 2 for s in range(len(slots))])
+        ax.set_xticklabels([f"{groups_label(g)}\nα={f:g}" for g, f in slots])
+        ax.set_xlabel("KV heads G and uptraining fraction α")
+        ax.set_ylabel("held-out loss" if column == "heldout_loss" else column)
+        ax.legend(fontsize=8)
+    axes[0][0].set_title("Conversion method (cf. GQA paper, Figure 4)")
+    for ax, column in zip(axes[0][1:], tasks):
+        ax.set_title(f"lm-eval task: {column}")
     figures["fig4_methods.png"] = _png(fig)
 
     # Figure 5: held-out loss against uptraining fraction
@@ -144,10 +189,13 @@ def plot(original: dict | None, cells: list[dict], speed: list[dict]) -> dict[st
     # Figure 6: decode time per step and KV bytes per token against KV heads
     if speed:
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-        for (context, batch) in sorted({(s["context"], s["batch_size"]) for s in speed}):
+        loops = sorted({s["decode"] for s in speed})
+        for (context, batch, loop) in sorted({(s["context"], s["batch_size"], s["decode"]) for s in speed}):
             pts = sorted((s["kv_heads"], s["decode_ms_per_step"]) for s in speed
-                         if (s["context"], s["batch_size"]) == (context, batch))
-            ax1.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"context {context}, batch {batch}")
+                         if (s["context"], s["batch_size"], s["decode"]) == (context, batch, loop))
+            ax1.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
+                     linestyle=("-", "--", ":")[loops.index(loop) % 3],
+                     label=f"context {context}, batch {batch}, {loop}")
         kv = sorted({(s["kv_heads"], s["kv_bytes_per_token"]) for s in speed})
         ax2.bar(range(len(kv)), [b / 1024 for _, b in kv])
         heads = sorted({s["kv_heads"] for s in speed})
@@ -181,7 +229,7 @@ def render(root: Path) -> Path:
     original, cells, speed = load_cells(root)
     rows = ([{**original, "method": "original"}] if original else []) + cells
     files = {
-        "results.csv": csv_text(rows, QUALITY_COLUMNS),
+        "results.csv": csv_text(rows, QUALITY_COLUMNS + task_columns(rows)),
         "speed.csv": csv_text(speed, SPEED_COLUMNS),
         "results.json": json.dumps({"original": original, "cells": cells, "speed": speed}, indent=2) + "\n",
         "results.md": markdown(original, cells, speed),

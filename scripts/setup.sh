@@ -14,4 +14,4 @@ CONSTRAINTS=${GQA_CONSTRAINTS:-constraints/newest.txt}
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 "$VENV/bin/python" -m pip install --quiet --upgrade pip
 "$VENV/bin/python" -c "import torch" 2>/dev/null || "$VENV/bin/pip" install --quiet "${GQA_TORCH:-torch==2.13.0}"
-"$VENV/bin/pip" install --quiet --constraint "$CONSTRAINTS" -e '.[test]'
+"$VENV/bin/pip" install --quiet --constraint "$CONSTRAINTS" -e '.[test,tasks]'

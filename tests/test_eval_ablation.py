@@ -24,6 +24,9 @@ MICRO = {
 }
 
 
+TASKS = {"names": ["python_next_line"], "limit": 8}  # the shipped local task, on 8 examples
+
+
 def write_recipe(tmp_path, results_dir, **changes) -> str:
     recipe = {**MICRO, "results_dir": str(results_dir), **changes}
     recipe["data"] = {**recipe["data"], "cache_dir": str(tmp_path / "cache")}
@@ -39,7 +42,7 @@ def run(*args):
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ablation")
-    recipe = write_recipe(tmp, tmp / "results")
+    recipe = write_recipe(tmp, tmp / "results", tasks=TASKS)
     result = run(recipe)
     assert result.exit_code == 0, result.output + str(result.exception)
     return tmp, recipe, tmp / "results", result.stdout
@@ -66,8 +69,28 @@ def test_micro_ablation_writes_tables_and_plots(finished):
     assert data["original"]["kl"] == 0 and data["original"]["groups"] == 4
     kv = {s["kv_heads"]: s["kv_bytes_per_token"] for s in data["speed"]}
     assert kv[4] / kv[1] == 4
+    # both decode loops measured, each with its ratio to the MHA original in the same loop
+    assert sorted((s["model"], s["decode"]) for s in data["speed"]) == [
+        (m, loop) for m in ("g1", "original") for loop in ("dynamic", "static")]
+    assert all(s["decode_vs_original"] == 1.0 for s in data["speed"] if s["model"] == "original")
+    assert all(s["device"].startswith("cpu") and s["attention"] == "sdpa" for s in data["speed"])
     assert "| mean | 1 | 0.2 | 6 |" in stdout
     assert (results / "models" / "mean-g1" / "f0.2" / "model.safetensors").is_file()
+    # each cell and the original carry the task's score, and the table and csv show it beside loss and KL
+    for row in [data["original"], *data["cells"]]:
+        assert row["python_next_line acc"] in {i / 8 for i in range(9)}, row
+    assert "| python_next_line acc |" in stdout.splitlines()[0]
+    assert "python_next_line acc" in (results / "results.csv").read_text().splitlines()[0]
+
+
+@pytest.mark.slow
+def test_stored_task_scores_are_what_gqa_eval_tasks_gives_for_the_cells_model(finished):
+    _, _, results, _ = finished
+    cell = json.loads((results / "cells" / "random-g1-f0.2.json").read_text())
+    result = CliRunner().invoke(main, ["tasks", str(results / "models" / "random-g1" / "f0.2"), "--tasks",
+                                       "python_next_line", "--limit", "8", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout[result.stdout.index("{"):]) == cell["tasks"]
 
 
 @pytest.mark.slow
@@ -96,6 +119,9 @@ def test_results_dir_of_a_different_recipe_is_refused(finished, tmp_path):
     ({"data": {**MICRO["data"], "block_size": 512}}, "longer than the model's context of 128"),
     ({"fractions": [0, 1.5], "methods": ["best"]}, "2 problems"),
     ({"uptrain": {"learning_rate": 1}}, "train.learning_rate: unknown key"),
+    ({"tasks": {"names": ["mine"], "include_path": ["/no/such/tasks"]}}, "tasks.include_path /no/such/tasks is not a"),
+    ({"tasks": {"names": ["python_next_line"], "limit": 0}}, "tasks.limit"),
+    ({"speed": {**MICRO["speed"], "decode": ["fast"]}}, "decode loop 'fast' is unknown; choose from dynamic, static"),
 ])
 def test_bad_recipes_fail_before_any_work(tmp_path, changes, needle):
     results = tmp_path / "results"

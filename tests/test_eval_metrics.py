@@ -75,11 +75,12 @@ def test_speed_json_has_a_row_per_point_and_ratios_to_the_source(uptrain_models,
                                        "--decode-steps", "2", "--repeats", "1", "--json"])
     assert result.exit_code == 0, result.output
     rows = json.loads(result.stdout)
-    assert sorted((r["model"], r["batch_size"]) for r in rows) == [("converted", 1), ("converted", 2),
-                                                                     ("source", 1), ("source", 2)]
-    by = {(r["model"], r["batch_size"]): r for r in rows}
-    for b in (1, 2):
-        converted, source = by["converted", b], by["source", b]
+    assert sorted((r["model"], r["batch_size"], r["decode"]) for r in rows) == [
+        (m, b, loop) for m in ("converted", "source") for b in (1, 2) for loop in ("dynamic", "static")]
+    assert {(r["device"], r["attention"]) for r in rows} == {("cpu (%d threads)" % torch.get_num_threads(), "sdpa")}
+    by = {(r["model"], r["batch_size"], r["decode"]): r for r in rows}
+    for b, loop in [(1, "dynamic"), (2, "dynamic"), (1, "static"), (2, "static")]:
+        converted, source = by["converted", b, loop], by["source", b, loop]
         assert source["decode_vs_source"] == 1.0
         assert converted["decode_vs_source"] == pytest.approx(converted["decode_tokens_per_s"]
                                                               / source["decode_tokens_per_s"])
@@ -90,7 +91,7 @@ def test_speed_names_a_model_without_a_conversion_record_as_a_model(uptrain_mode
     result = CliRunner().invoke(main, ["speed", str(uptrain_models["mha"]), "--contexts", "16", "--batch-sizes", "1",
                                        "--decode-steps", "1", "--repeats", "1", "--json"])
     assert result.exit_code == 0, result.output
-    assert [(r["model"], r["decode_vs_source"]) for r in json.loads(result.stdout)] == [("model", None)]
+    assert [(r["model"], r["decode_vs_source"]) for r in json.loads(result.stdout)] == [("model", None)] * 2
 
 
 def test_perplexity_is_exp_of_token_weighted_loss(uptrain_models, blocks):

@@ -59,3 +59,6 @@ def test_wheel_imports_and_runs_outside_the_repo(llama_dir, tmp_path):
     assert resolved.returncode == 0, resolved.stderr
     assert f"dir: {tmp_path / 'runs'}" in resolved.stdout  # the recipe's relative paths, from where it runs
     assert any(n.startswith("gqa_toolkit/recipes/accelerate/") for n in names)
+    # the shipped lm-eval task: its YAML and the module that builds its documents
+    assert {"gqa_toolkit/eval/lm_tasks/python_next_line.yaml", "gqa_toolkit/eval/lm_tasks/python_next_line.py"} <= \
+        set(names)

@@ -107,7 +107,7 @@ def inputs(uptrain_models, tmp_path, no_native_dirs):
 BAD_INPUTS = {
     # 1. a missing model
     "speed: missing model dir": (["speed", "{missing}"], ["MODEL_DIR", "is missing"]),
-    "tasks: missing model dir": (["tasks", "{missing}", "--tasks", "hellaswag"], ["is not a model directory"]),
+    "tasks: missing model dir": (["tasks", "{missing}", "--tasks", "hellaswag"], ["MODEL_DIR:", "is missing"]),
     "perplexity: not a model": (["perplexity", "{tmp}/not-a-model"], ["no config.json"]),
     "fidelity: config.json not JSON": (["fidelity", "{tmp}/bad-config"], ["cannot read", "not a valid JSON file"]),
     "speed: config.json not JSON": (["speed", "{tmp}/bad-config"], ["cannot read", "not a valid JSON file"]),

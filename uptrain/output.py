@@ -19,6 +19,7 @@ from .run_dir import MODEL_TMP, RECIPE_FILE
 from .storage import disk_writes
 
 _MODEL_FILES = ("*.safetensors", "model.safetensors.index.json")
+_PROCESSOR_FILES = ("preprocessor_config.json",)
 
 
 def uptraining_record(recipe: Recipe, state: dict, task: str) -> dict:
@@ -75,6 +76,9 @@ def save_output(accelerator, model, tokenizer, recipe: Recipe, state: dict, stud
                          cleanup=lambda: shutil.rmtree(tmp, ignore_errors=True)):
             unwrapped.save_pretrained(tmp, state_dict={k: v.to(dtype) for k, v in state_dict.items()})
             tokenizer.save_pretrained(tmp)
+            for name in _PROCESSOR_FILES:  # a speech model's feature extractor
+                if (student_dir / name).is_file():
+                    shutil.copy2(student_dir / name, tmp / name)
             card = student_dir / "README.md"
             text = with_section(card.read_text() if card.is_file() else "", UPTRAINING_SECTION,
                                 uptraining_section(record))

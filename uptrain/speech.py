@@ -23,17 +23,23 @@ from .speech_corpus import Clip
 from .tasks import IGNORE, shift_right
 
 FEATURES_BATCH = 32  # clips whose features are computed together
+# the feature extractor alone, or inside a whole processor's file (WhisperProcessor.save_pretrained in transformers 5)
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 
 
 def load_feature_extractor(model_dir: Path):
     """The audio feature extractor saved with the model (preprocessor_config.json)."""
     from transformers import AutoFeatureExtractor
 
+    if not any((model_dir / name).is_file() for name in PROCESSOR_FILES):
+        raise UptrainError(f"{model_dir} has no {PROCESSOR_FILES[0]} (the audio feature extractor that turns speech "
+                           f"into its input features); copy the source model's {' or '.join(PROCESSOR_FILES)} "
+                           "into it")
     try:
         return AutoFeatureExtractor.from_pretrained(model_dir)
     except (ValueError, OSError, TypeError) as e:
         raise UptrainError(f"{model_dir} has no usable audio feature extractor ({first_line(e)}); copy the source "
-                           "model's preprocessor_config.json into it") from None
+                           f"model's {' or '.join(PROCESSOR_FILES)} into it") from None
 
 
 def decoder_prompt(tokenizer, start_id: int, language: str | None) -> tuple[int, ...]:

@@ -129,3 +129,33 @@ def test_tone_corpus_round_trips_through_soundfile(tmp_path):
     samples, rate = read_audio(tmp_path / rows[0]["audio"], rows[0]["audio"])
     assert rate == 22_050 and len(rows) == 3
     np.testing.assert_allclose(samples, sentence_audio(rows[0]["text"]), atol=1e-4)  # 16-bit PCM
+
+
+def test_a_dataset_with_an_audio_column_reads_through_soundfile(tiny_whisper, tmp_path):
+    """A parquet file of datasets' Audio values ({bytes, path}), decoded by soundfile rather than datasets' own
+    decoder (torchcodec and ffmpeg), becomes the same features as the same clips in a folder."""
+    import datasets
+
+    from gqa_toolkit.uptrain.corpora import TextCorpus
+    from gqa_toolkit.uptrain.data import speech_rows
+    from gqa_toolkit.uptrain.model import load_config, load_tokenizer
+    from gqa_toolkit.uptrain.recipe import DataSection, ObjectiveSection
+    from gqa_toolkit.uptrain.tasks import build_task
+
+    transcripts = write_tone_corpus(tmp_path / "clips", count=3)
+    rows = list(csv.DictReader(transcripts.open()))
+    audio = [{"bytes": (tmp_path / "clips" / r["audio"]).read_bytes(), "path": r["audio"]} for r in rows]
+    table = datasets.Dataset.from_dict({"speech": audio, "words": [r["text"] for r in rows]})
+    table.cast_column("speech", datasets.Audio(decode=False)).to_parquet(str(tmp_path / "clips.parquet"))
+
+    config, tokenizer = load_config(tiny_whisper), load_tokenizer(tiny_whisper)
+    made = {}
+    for source, audio_column, text_column in ((tmp_path / "clips.parquet", "speech", "words"),
+                                              (tmp_path / "clips", "audio", "text")):
+        data = DataSection(source=str(source), audio_column=audio_column, text_column=text_column,
+                           cache_dir=str(tmp_path / "cache"))
+        task = build_task(ObjectiveSection(), data, config, tokenizer)
+        made[source.suffix] = speech_rows(TextCorpus(str(source), "train", text_column=text_column), tokenizer,
+                                          task, data).with_format("numpy")[:]
+    np.testing.assert_array_equal(made[".parquet"]["input_features"], made[""]["input_features"])
+    np.testing.assert_array_equal(made[".parquet"]["labels"], made[""]["labels"])

@@ -27,6 +27,7 @@ VERBS = ["carried", "painted", "found", "bought", "cleaned", "opened", "washed",
          "dropped", "counted"]
 OBJECTS = ["a red box", "the wooden chair", "two green apples", "the heavy door", "a small boat", "the blue car",
            "an old map", "the kitchen table", "a paper bag", "the garden gate", "three glass jars", "a long rope"]
+TARGET_LENGTH = 64  # decoder tokens: the prompt, a sentence and eos
 PLACES = ["near the river", "after lunch", "in the morning", "before the storm", "at the market",
           "behind the house", "on Sunday", "during the rain", "by the station", "at night", "in the yard",
           "after school"]
@@ -77,22 +78,45 @@ def gqa(command: str, *args: str) -> dict:
     return json.loads(last) if last.startswith("{") else {}
 
 
-def measure(model: Path, source: Path | None, data: Path) -> dict:
-    """WER against the text, and (given the source) against its transcripts and the decoder's KL to it."""
-    common = ["--data", str(data), "--language", "en", "--max-blocks", "1000", "--batch-size", "8"]
+def transcribe(model_dir: Path, data: Path, clips: int) -> tuple[list[str], list[str], dict, object]:
+    """Greedy transcripts of the first `clips` clips, the reference texts, the examples and the task."""
+    from gqa_toolkit.eval.heldout import eval_task, heldout_set
+    from gqa_toolkit.eval.placement import load_for_eval
+    from gqa_toolkit.eval.wer import greedy_transcripts, reference_transcripts
+    from gqa_toolkit.uptrain.model import load_config, load_tokenizer
+    from gqa_toolkit.uptrain.recipe import DataSection
+
+    config, tokenizer = load_config(model_dir), load_tokenizer(model_dir)
+    data = DataSection(source=str(data), language="en", target_length=TARGET_LENGTH, eval_blocks=clips)
+    task = eval_task(config, tokenizer, data)
+    examples = heldout_set(tokenizer, data, task)
+    texts = greedy_transcripts(load_for_eval(model_dir), examples, task, tokenizer, batch_size=8)
+    return texts, reference_transcripts(examples, task, tokenizer), examples, task
+
+
+def measure(model: Path, original: tuple | None, data: Path, clips: int) -> tuple[dict, tuple]:
+    """WER against the text and, given the original's (transcripts, examples, dir), against its transcripts and
+    the decoder's KL to it (on the reference transcripts); also returns this model's (transcripts, examples)."""
+    from gqa_toolkit.eval.fidelity import fidelity
+    from gqa_toolkit.eval.placement import load_for_eval
+    from gqa_toolkit.eval.wer import word_error_rate
+
     started = time.perf_counter()
-    figures = {"wer_vs_text": gqa("gqa-eval", "wer", str(model), "--against", "text", *common)["wer"]}
-    if source is not None:
-        figures["wer_vs_original"] = gqa("gqa-eval", "wer", str(model), "--source", str(source), *common)["wer"]
-        figures["kl"] = gqa("gqa-eval", "fidelity", str(model), "--source", str(source), *common)["kl"]
+    texts, references, examples, _ = transcribe(model, data, clips)
+    figures = {"wer_vs_text": word_error_rate(references, texts)}
+    if original is not None:
+        original_texts, _, original_dir = original
+        figures["wer_vs_original"] = word_error_rate(original_texts, texts)
+        figures["kl"] = fidelity(load_for_eval(model), load_for_eval(original_dir), examples, 8)["kl"]
     figures["seconds"] = round(time.perf_counter() - started, 1)
-    return figures
+    return figures, (texts, examples, model)
 
 
 def uptrain(model: Path, source: Path, data: Path, out: Path, steps: int, cache: Path) -> float:
     started = time.perf_counter()
     gqa("gqa-uptrain", "recipes/whisper-uptrain.yaml", f"model.path={model}", f"data.source={data}",
-        f"data.cache_dir={cache}", f"objective.teacher={source}", f"train.max_steps={steps}", "train.batch_size=8",
+        f"data.cache_dir={cache}", f"data.target_length={TARGET_LENGTH}", f"objective.teacher={source}",
+        f"train.max_steps={steps}", "train.batch_size=8",
         "train.micro_batch_size=8", "train.lr=3e-4", "train.warmup_fraction=0.0", "train.precision=fp32",
         "data.eval_blocks=0", f"output.dir={out}", "output.save_every=1000", "output.progress=false",
         "output.trackers=[]")
@@ -107,6 +131,7 @@ def main() -> None:
     parser.add_argument("--method", default="mean")
     parser.add_argument("--minutes", type=float, default=15.0)
     parser.add_argument("--train-clips", type=int, default=160)
+    parser.add_argument("--eval-clips", type=int, default=40)
     parser.add_argument("--work", type=Path, default=Path("runs/bench-speech-uptrain"))
     args = parser.parse_args()
 
@@ -119,9 +144,9 @@ def main() -> None:
     if not (converted / "config.json").is_file():
         gqa("gqa-convert", str(args.whisper), "--groups", str(args.groups), "--method", args.method, "--output",
             str(converted))
-    original = measure(args.whisper, None, heldout)
+    original, reference = measure(args.whisper, None, heldout, args.eval_clips)
     print(f"original: {json.dumps(original)}", flush=True)
-    before = measure(converted, args.whisper, heldout)
+    before, _ = measure(converted, reference, heldout, args.eval_clips)
     print(f"G={args.groups} {args.method}, before uptraining: {json.dumps(before)}", flush=True)
 
     probe_steps = 4  # time a short run (features are computed and cached there) to size the real one
@@ -132,7 +157,7 @@ def main() -> None:
     print(f"probe: {probe:.0f} s (features made), {probe_again:.0f} s again for {probe_steps} steps: "
           f"{steps} steps fit in {args.minutes:g} min", flush=True)
     seconds = uptrain(converted, args.whisper, train_data, work / "uptrained", steps, work / "cache")
-    after = measure(work / "uptrained", args.whisper, heldout)
+    after, _ = measure(work / "uptrained", reference, heldout, args.eval_clips)
     print(f"G={args.groups} {args.method}, after {steps} steps ({seconds / 60:.1f} min): {json.dumps(after)}")
 
 

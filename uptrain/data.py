@@ -119,7 +119,7 @@ def _write_cache(rows: datasets.Dataset, path: Path) -> None:
 
 
 def rows_as_tensors(rows) -> dict[str, torch.Tensor]:
-    """A list of row dicts, or a dict of column lists, as a dict of int64 tensors (N, ...)."""
+    """A list of row dicts, or a dict of column lists, as a dict of tensors (N, ...): int64 ids, float32 features."""
     if isinstance(rows, list):
         rows = {k: [row[k] for row in rows] for k in rows[0]} if rows else {"input_ids": []}
     return {k: _tensor(v) for k, v in rows.items()}

@@ -53,7 +53,8 @@ def _transcripts_file(path: Path, src: SpeechCorpus) -> Path:
         return path
     found = sorted(f for f in path.iterdir() if f.suffix in TRANSCRIPT_SUFFIXES and f.is_file())
     if len(found) != 1:
-        what = "no transcripts file" if not found else f"{len(found)} transcripts files ({', '.join(f.name for f in found)})"
+        names = ", ".join(f.name for f in found)
+        what = f"{len(found)} transcripts files ({names})" if found else "no transcripts file"
         raise UptrainError(f"{path} holds {what}; put one csv or jsonl file beside the audio, with the columns "
                            f"{src.audio_column!r} (the file) and {src.text_column!r} (its transcript), or point "
                            f"{src.settings.source} at the transcripts file")
@@ -118,7 +119,7 @@ def _dataset_clips(ds: datasets.Dataset, src: SpeechCorpus) -> Iterator[Clip]:
         elif audio.get("path"):
             yield Clip(Path(audio["path"]), text.strip(), name)
         else:
-            raise UptrainError(f"audio {name} holds neither bytes nor a path; fix data.{'audio_column'}")
+            raise UptrainError(f"audio {name} holds neither bytes nor a path; fix data.audio_column")
 
 
 def speech_clips(src: SpeechCorpus) -> tuple[list[Clip] | Iterator[Clip], str]:

@@ -90,6 +90,10 @@ def main(model_dir, groups, method, grouping, preserve_norm, calibration, calibr
                                 calibration=calibration, calibration_samples=calibration_samples,
                                 calibration_length=calibration_length, device=device,
                                 calibration_mode=calibration_mode, revision=revision, native=not no_native)
+    if push_to is not None:
+        from .io.hub import check_repo_id
+
+        check_repo_id(push_to, "--push-to-hub", ConversionError)
     if dry_run:
         lines = describe_conversion(model_dir, output, options)
         click.echo(json.dumps({"dry_run": lines}) if as_json else "\n".join(lines))

@@ -40,6 +40,10 @@ def read_geometry(config: ConfigReader, spec: ArchitectureSpec, kind: str | None
     # None (a missing or null count) means what transformers makes of it: one KV head per query head, and a head
     # size of hidden_size / heads
     kv_heads = (_count(config, kv_attr, optional=True) if kv_attr and counts_kv_heads else None) or heads
+    if kv_heads > heads or heads % kv_heads:
+        raise ConversionError(f"config.json has {kv_attr}={kv_heads} for {heads} query heads "
+                              f"({spec.attention[kind].heads_attr}); KV heads must divide the query heads "
+                              f"(one of: {', '.join(map(str, divisors(heads)))}): fix config.json or the checkpoint")
     head_dim = _count(config, "head_dim", optional=True) or _count(config, "hidden_size") // heads
     init_std = config.get("initializer_range")
     if init_std is not None and (isinstance(init_std, bool) or not isinstance(init_std, (int, float))):

@@ -80,6 +80,25 @@ def read_raw_config(model_dir: Path) -> dict[str, Any]:
         config = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ConversionError(f"{path} is not valid JSON ({exc}); fix or re-download it") from None
+    except UnicodeDecodeError as exc:
+        raise ConversionError(f"{path} is not UTF-8 text (byte {exc.start}); fix or re-download it") from None
+    except OSError as exc:
+        raise ConversionError(f"cannot read {path} ({exc.strerror}); check its permissions") from None
+    if not isinstance(config, dict):
+        raise ConversionError(f"{path} holds a JSON {type(config).__name__}, not an object of settings; fix or "
+                              f"re-download it")
     if "model_type" not in config:
         raise ConversionError(f"{path} has no model_type; it is not a transformers model config")
+    if not isinstance(config["model_type"], str):
+        raise ConversionError(f"{path} has model_type {short_value(config['model_type'])}, not a name such as "
+                              f"\"llama\"; fix it")
     return config
+
+
+def short_value(value: Any, limit: int = 60) -> str:
+    """A config value as JSON, cut to part of a line for a message."""
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -80,7 +80,12 @@ def main(model_dir, groups, method, grouping, preserve_norm, calibration, calibr
     print_warnings("gqa-convert", "gqa_toolkit.convert")
 
     if refresh_modeling:
-        for path in refresh(model_dir):
+        try:
+            rewritten = refresh(model_dir)
+        except IsADirectoryError as exc:  # a modeling file's place holds a folder: nothing was replaced
+            raise ConversionError(f"{exc.filename} is a folder where the modeling file goes; move it away and "
+                                  f"rerun --refresh-modeling") from None
+        for path in rewritten:
             click.echo(f"rewrote {path}")
         return
     if groups is None:

@@ -114,10 +114,10 @@ def load_model(path: Path, dtype: torch.dtype = torch.float32):
         raise UptrainError(f"{path}'s .bin weights need unsafe unpickling to load ({first_line(e)}); convert them "
                            "to safetensors from a trusted environment") from None
     except RuntimeError as e:
-        if "size mismatch" not in str(e) and "shape" not in str(e):
+        if not any(sign in str(e) for sign in ("size mismatch", "shape", "mismatched_sizes")):
             raise
-        raise UptrainError(f"the weights in {path} do not fit its config.json ({first_line(e)}); fix config.json or "
-                           "use the checkpoint it belongs to") from None
+        raise UptrainError(f"the weights in {path} do not fit its config.json (a tensor's shape is not the one "
+                           "config.json gives); fix config.json or use the checkpoint it belongs to") from None
     except (ValueError, OSError) as e:
         raise UptrainError(f"transformers cannot load the model in {path}: {first_line(e)}") from None
     missing = sorted(info.get("missing_keys") or ())

@@ -24,7 +24,8 @@ def exclusive(folder: Path, refused: str, error: type[Exception]) -> Iterator[No
     parent must exist."""
     path = lock_path(folder)
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        # read-only: flock needs no write access, and a file open for writing would keep the disk from a remount
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

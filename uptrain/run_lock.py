@@ -1,11 +1,12 @@
 """One run per output.dir: the main process holds the folder's lock (convert/io/lock.py) for the whole run, so a
 second gqa-uptrain on the same output.dir is refused in one line instead of interleaving its metrics and
-checkpoints with the first's. Every process of a multi-process run learns the answer, so none waits for a run
-that was refused."""
+checkpoints with the first's. The other processes of a multi-process run take no lock: when the main process is
+refused, the launcher (torchrun, accelerate launch) stops them with it."""
 
 from __future__ import annotations
 
-from contextlib import ExitStack, contextmanager
+import os
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Iterator
 
@@ -14,29 +15,15 @@ from gqa_toolkit.convert.io.lock import exclusive
 from .errors import UptrainError
 
 
-@contextmanager
-def run_lock(out: Path) -> Iterator[None]:
-    from accelerate import PartialState
+def _main_process() -> bool:
+    """Rank 0 as the launchers say it (before accelerate has set up its state), or a single process."""
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) or 0) == 0
 
-    state = PartialState()
+
+def run_lock(out: Path):
     refused = f"another gqa-uptrain is writing output.dir {out} now; wait for it to finish (then rerun to resume) "\
               "or choose another output.dir"
-    with ExitStack() as held:
-        problem = None
-        if state.is_main_process:
-            try:
-                held.enter_context(_held(out, refused))
-            except UptrainError as exc:
-                problem = str(exc)
-        if state.num_processes > 1:
-            from accelerate.utils import broadcast_object_list
-
-            answer = [problem]
-            broadcast_object_list(answer)
-            problem = answer[0]
-        if problem is not None:
-            raise UptrainError(problem)
-        yield
+    return _held(out, refused) if _main_process() else nullcontext()
 
 
 @contextmanager

@@ -216,3 +216,11 @@ def test_api_values_are_checked_where_they_enter(case, llama_dir, tmp_path):
         convert_checkpoint(llama_dir, tmp_path / "out", progress=False, **kwargs)
     assert needle in str(caught.value) and "\n" not in str(caught.value), str(caught.value)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_calibration_that_will_not_fit_never_starts(llama_dir, tmp_path):
+    """--dry-run refused it; the real run used to calibrate for minutes before failing."""
+    args = [llama_dir, "--groups", "2", "--method", "fit", "--calibration-samples", "100000000", "--device", "cpu",
+            "-o", tmp_path / "out", "-q"]
+    assert_refused(tmp_path, [*args, "--dry-run"], "needs about")
+    assert_refused(tmp_path, args, "needs about")

@@ -118,3 +118,27 @@ def test_fidelity_warns_when_source_is_not_the_recorded_one(models, tmp_path):
     code, err = invoke(["fidelity", gqa, "--source", copy, *FAST])
     assert code == 0, err
     assert "gqa-eval: warning: --source" in err and "is not the source recorded" in err, err
+
+
+def test_decode_steps_alone_past_the_context(models):
+    assert_refused(["speed", models["gqa"], "--contexts", "16", "--decode-steps", "100000"],
+                   ["100000 decode steps alone are past the model's context", "at most"], models["gqa"])
+
+
+@pytest.mark.parametrize("model", ["{mha}", "org/name"], ids=["local data", "hub id"])
+def test_hf_home_that_is_a_file_is_named(model, models, tmp_path):
+    """HF_HOME is read when datasets and huggingface_hub are imported: a fresh process."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "hf-file").write_text("not a folder\n")
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": "def f(x):\n    return x\n" * 8}) + "\n" for _ in range(20)))
+    script = shutil.which("gqa-eval", path=os.path.dirname(sys.executable))
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf-file"), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([script, "perplexity", model.format(**models), "--data", str(docs), "--split", "train",
+                           *FAST], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("gqa-eval: error: ") and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "cannot use the Hugging Face cache" in done.stderr and "set HF_HOME" in done.stderr, done.stderr

@@ -15,6 +15,7 @@ import datasets
 from huggingface_hub.utils import get_session
 
 from gqa_toolkit.convert import corpus
+from gqa_toolkit.convert.io.model_dir import cache_fault
 
 from .errors import UptrainError, first_line
 
@@ -140,6 +141,9 @@ def load_text(src: TextCorpus) -> tuple[datasets.Dataset | datasets.IterableData
             ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train",
                                        streaming=src.streaming, **kwargs)
         except Exception as e:  # malformed json/parquet
+            cache = cache_fault(e)
+            if cache and not any(str(f) in cache for f in files):
+                raise UptrainError(f"reading {path}: {cache}") from None
             raise UptrainError(f"could not read {path} as {builder}: {_read_problem(e, builder)}") from None
         stamp = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
         fp = "local:" + hashlib.sha1(json.dumps(stamp).encode()).hexdigest()

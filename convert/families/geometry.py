@@ -110,6 +110,9 @@ def check_context(config, tokens: int, setting: str, error: type[Exception], dec
     if limit is None or tokens + decode_steps <= limit:
         return
     given = f"{setting} {tokens}" if setting.startswith("--") else f"{setting}={tokens}"  # an option, a recipe key
+    if decode_steps >= limit:
+        raise error(f"{decode_steps} decode steps alone are past the model's context of {limit} tokens; take at most "
+                    f"{limit - 1} decode steps (and a context of at most {limit} minus them)")
     if decode_steps:
         raise error(f"{given} plus {decode_steps} decode steps is past the model's context of {limit} "
                     f"tokens; lower {setting} to at most {limit - decode_steps} or take fewer decode steps")

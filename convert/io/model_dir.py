@@ -57,10 +57,28 @@ def _download(repo_id: str, revision: str | None, error: type[Exception], role: 
                                       allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.py", "*.md",
                                                       "*.tiktoken"]))
     except Exception as exc:  # network, auth, missing repo or revision: all reported the same way
+        cache = cache_fault(exc)
+        if cache:
+            raise error(f"{role}{cache}") from None
         pinned = f" at revision {revision!r}" if revision else ""
         raise error(f"{role}{repo_id!r}{pinned} is not a local directory, and neither the hub cache nor the hub "
                     f"gave it ({type(exc).__name__}); check the name, or download the model and pass its "
                     f"directory") from None
+
+
+def cache_fault(exc: BaseException) -> str | None:
+    """The message for a hub or datasets cache that cannot be used (HF_HOME a file, an unwritable HOME), found in
+    `exc` or what it wraps; None when the fault is something else."""
+    seen = exc
+    for _ in range(10):
+        if seen is None:
+            break
+        if isinstance(seen, (PermissionError, NotADirectoryError, FileExistsError, IsADirectoryError)) and \
+                seen.filename:
+            return (f"cannot use the Hugging Face cache at {seen.filename} ({seen.strerror}); set HF_HOME to a "
+                    f"writable folder (it holds the hub and datasets caches)")
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def hub_source(model_dir: Path) -> dict[str, str]:

@@ -8,6 +8,10 @@ from .errors import EvalError
 
 
 def run_tasks(model_dir: str, tasks: list[str], batch_size: int = 8, limit: int | None = None) -> dict:
+    from gqa_toolkit.convert.io.model_dir import is_hub_id, resolve_model_dir
+
+    if is_hub_id(model_dir):  # from the hub cache (or the network), as the other commands take it
+        model_dir = str(resolve_model_dir(model_dir, error=EvalError, role="MODEL_DIR: "))
     if not (Path(model_dir) / "config.json").is_file():
         raise EvalError(f"MODEL_DIR {model_dir} is not a model directory (no config.json); pass a checkpoint folder")
     from gqa_toolkit.uptrain.model import check_text_model, load_config

@@ -142,3 +142,32 @@ def test_hf_home_that_is_a_file_is_named(model, models, tmp_path):
     assert done.returncode == 2, done.stderr
     assert done.stderr.startswith("gqa-eval: error: ") and len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert "cannot use the Hugging Face cache" in done.stderr and "set HF_HOME" in done.stderr, done.stderr
+
+
+def test_tasks_on_a_cached_hub_id_reaches_the_lm_eval_check(models, tmp_path, monkeypatch):
+    import importlib.util
+
+    if importlib.util.find_spec("lm_eval") is not None:
+        pytest.skip("lm-eval-harness is installed: the command would run the tasks")
+    snapshot = tmp_path / "hub" / "models--org--tiny" / "snapshots" / ("c" * 40)
+    shutil.copytree(models["mha"], snapshot)
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("c" * 40)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert_refused(["tasks", "org/tiny", "--tasks", "hellaswag"], ["lm-eval-harness is not installed"], snapshot)
+
+
+def test_pickle_only_bin_in_eval(models, tmp_path):
+    model = shutil.copytree(models["mha"], tmp_path / "pickled")
+    (model / "model.safetensors").unlink()
+
+    class Hostile:
+        def __reduce__(self):
+            return (print, ("ran",))
+
+    torch.save({"hostile": Hostile()}, model / "pytorch_model.bin")
+    assert_refused(["perplexity", model, *FAST], ["unsafe unpickling", "safetensors"], model)

@@ -17,7 +17,8 @@ from .errors import UptrainError
 
 def _main_process() -> bool:
     """Rank 0 as the launchers say it (before accelerate has set up its state), or a single process."""
-    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) or 0) == 0
+    rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")).strip()
+    return not rank.isdigit() or int(rank) == 0  # a rank that is no number is accelerate's to refuse
 
 
 def run_lock(out: Path):

@@ -159,7 +159,7 @@ def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
     if name is None:
         return name
     if isinstance(name, torch.dtype):
-        if name not in DTYPES.values():
+        if name not in (*DTYPES.values(), torch.float64):
             raise ConversionError(f"dtype {str(name).removeprefix('torch.')} cannot hold converted weights (the "
                                   f"methods average in floating point); choose one of: {', '.join(DTYPES)}")
         return name

@@ -59,7 +59,7 @@ def check_comparable(config, source_config, source: Path) -> None:
                             f"checkpoint MODEL_DIR was converted from; {FIX}")
 
 
-SHAPES = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+SHAPES = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
 
 
 def unrecorded_source(model_dir: Path, source: Path) -> str | None:

@@ -10,10 +10,12 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import shutil
 import signal
 import socket
 from contextlib import contextmanager
+from importlib import resources
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -52,10 +54,20 @@ def foreign_entries(path: Path) -> list[str]:
     record = config.get(CONVERSION_KEY)
     source = Path(record["source"]) if isinstance(record, dict) and isinstance(record.get("source"), str) else None
     if source is not None and source.is_dir():
-        own = {p.name for p in source.iterdir()} | {"config.json", "README.md", "model.safetensors.index.json"}
+        own = {p.name for p in source.iterdir()} | {"config.json", "README.md", "model.safetensors.index.json"} | \
+            _modeling_files()
         foreign += [p.name for p in entries if p.is_file() and p.name not in own and p.name not in RUN_FILES
-                    and not p.name.endswith((".safetensors", ".py"))]
+                    and not SHARD.fullmatch(p.name)]
     return foreign
+
+
+SHARD = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors")  # the writer's names
+
+
+def _modeling_files() -> set[str]:
+    """The toolkit's modeling files, which outputs of its own families carry."""
+    package = resources.files("gqa_toolkit.convert.families.modeling")
+    return {p.name for p in package.iterdir() if p.name.endswith(".py")}
 
 
 def check_output_free(dst: Path, force: bool, source: Path | None = None) -> None:

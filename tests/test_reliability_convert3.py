@@ -56,7 +56,8 @@ def _fp8_kv(weights):
 
 SOURCES = {  # damage -> needles of the refusal
     "model_type is a list": (lambda s: _edit_config(s, model_type=["llama"]), ["model_type [\"llama\"]"]),
-    "config.json is a JSON string": (lambda s: (s / "config.json").write_text('"llama"'), ["JSON str", "not an object"]),
+    "config.json is a JSON string": (lambda s: (s / "config.json").write_text('"llama"'),
+                                     ["JSON str", "not an object"]),
     "config.json is not UTF-8": (lambda s: (s / "config.json").write_bytes(b'{"model_type": "ll\xe1ma"}'),
                                  ["not UTF-8 text"]),
     "KV heads do not divide the query heads": (lambda s: _edit_config(s, num_key_value_heads=3),

@@ -107,7 +107,7 @@ def read_raw_config(model_dir: Path) -> dict[str, Any]:
                               f"re-download it")
     if "model_type" not in config:
         raise ConversionError(f"{path} has no model_type; it is not a transformers model config")
-    if not isinstance(config["model_type"], str):
+    if not isinstance(config["model_type"], str) or not 0 < len(config["model_type"]) <= 100:
         raise ConversionError(f"{path} has model_type {short_value(config['model_type'])}, not a name such as "
                               f"\"llama\"; fix it")
     return config

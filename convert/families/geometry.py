@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..errors import ConversionError
-from ..io.model_dir import short_value
+from ..io.model_dir import short_repr
 from .config import TransformersConfig
 from .spec import ArchitectureSpec, all_specs, spec_for
 
@@ -31,7 +31,7 @@ def read_geometry(config: ConfigReader, spec: ArchitectureSpec, kind: str | None
         found = config.get(attr)
         if found != wanted:
             raise ConversionError(f"{config.model_type} conversion needs {attr}={wanted!r} in config.json, found "
-                                  f"{short_value(found)}: this checkpoint's attention layout is not one the family's "
+                                  f"{short_repr(found)}: this checkpoint's attention layout is not one the family's "
                                   f"config can give fewer KV heads")
     heads = _count(config, spec.attention[kind].heads_attr)
     kv_attr = spec.kv_heads_attr_of(kind)
@@ -48,7 +48,7 @@ def read_geometry(config: ConfigReader, spec: ArchitectureSpec, kind: str | None
     head_dim = _count(config, "head_dim", optional=True) or _count(config, "hidden_size") // heads
     init_std = config.get("initializer_range")
     if init_std is not None and (isinstance(init_std, bool) or not isinstance(init_std, (int, float))):
-        raise ConversionError(f"config.json has initializer_range={short_value(init_std)}; expected a number")
+        raise ConversionError(f"config.json has initializer_range={short_repr(init_std)}; expected a number")
     return Geometry(
         num_layers=_count(config, spec.attention[kind].layers_attr),
         heads=heads,
@@ -63,7 +63,7 @@ def _count(config: ConfigReader, attr: str, optional: bool = False) -> int | Non
     if value is None and optional:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConversionError(f"config.json has {attr}={short_value(value)}; expected a positive whole number")
+        raise ConversionError(f"config.json has {attr}={short_repr(value)}; expected a positive whole number")
     return value
 
 

@@ -113,6 +113,12 @@ def read_raw_config(model_dir: Path) -> dict[str, Any]:
     return config
 
 
+def short_repr(value: Any, limit: int = 60) -> str:
+    """`repr(value)` cut to part of a line for a message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def short_value(value: Any, limit: int = 60) -> str:
     """A config value as JSON, cut to part of a line for a message."""
     try:

@@ -84,7 +84,12 @@ def main(model_dir, groups, method, grouping, preserve_norm, calibration, calibr
     print_warnings("gqa-convert", "gqa_toolkit.convert")
 
     if refresh_modeling:
-        for path in refresh(model_dir):
+        try:
+            rewritten = refresh(model_dir)
+        except IsADirectoryError as exc:  # a modeling file's place holds a folder: nothing was replaced
+            raise ConversionError(f"{exc.filename} is a folder where the modeling file goes; move it away and "
+                                  f"rerun --refresh-modeling") from None
+        for path in rewritten:
             click.echo(f"rewrote {path}")
         return
     if groups is None:
@@ -95,12 +100,18 @@ def main(model_dir, groups, method, grouping, preserve_norm, calibration, calibr
                                 calibration_length=calibration_length, device=device,
                                 calibration_mode=calibration_mode, refine_steps=refine_steps, refine_lr=refine_lr,
                                 revision=revision, native=not no_native)
+    if push_to is not None:
+        from .io.hub import check_repo_id
+
+        check_repo_id(push_to, "--push-to-hub", ConversionError)
     if dry_run:
         lines = describe_conversion(model_dir, output, options)
         click.echo(json.dumps({"dry_run": lines}) if as_json else "\n".join(lines))
         return
     if private and push_to is None:
         raise ConversionError("--private applies to --push-to-hub REPO; add it, or drop --private")
+    if options.calibrated:  # what --dry-run refuses (calibration past the device's memory) never starts either
+        describe_conversion(model_dir, output, options)
     result = convert(model_dir, output, options, progress=not quiet)
     pushed = None
     if push_to is not None:

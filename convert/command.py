@@ -69,8 +69,14 @@ def fail(prog: str, message) -> NoReturn:
         sys.stdout.flush()
     except OSError:
         _silence_stdout()
-    click.echo(f"{prog}: error: {message}", err=True)
+    click.echo(f"{prog}: error: {_bounded(str(message))}", err=True)
     sys.exit(2)
+
+
+def _bounded(message: str, width: int = 1000) -> str:
+    """Each line of a message cut to `width` characters: a value quoted whole (a path, a config value) never floods
+    the terminal."""
+    return "\n".join(line if len(line) <= width else line[: width - 3] + "..." for line in message.splitlines())
 
 
 def _silence_stdout() -> None:

@@ -49,6 +49,7 @@ class ConversionOptions:
     native: bool = True  # write a stock family when one holds the output exactly (gpt2 at G=1 as gpt_bigcode)
 
     def __post_init__(self):
+        check_types(self)
         check_method(self.method, self.grouping, self.preserve_norm)
         if self.calibration_mode not in CALIBRATION_MODES:
             raise ConversionError(f"unknown --calibration-mode {self.calibration_mode!r}; choose one of: "
@@ -79,6 +80,11 @@ class ConversionOptions:
         if isinstance(self.calibration, torch.Tensor) and self.calibration.dim() != 2:
             raise ConversionError(f"calibration token ids have shape {tuple(self.calibration.shape)}; give a "
                                   f"(sequences, tokens) tensor, e.g. ids[None] for one sequence")
+        if isinstance(self.calibration, torch.Tensor) and (self.calibration.dtype.is_floating_point or
+                                                           self.calibration.dtype.is_complex or
+                                                           self.calibration.dtype == torch.bool):
+            raise ConversionError(f"calibration token ids are {str(self.calibration.dtype).removeprefix('torch.')}; "
+                                  f"give integer ids (e.g. ids.long())")
         if self.calibrated:
             if self.calibration_samples < 1:
                 raise ConversionError(f"--calibration-samples {self.calibration_samples} must be at least 1 "
@@ -110,6 +116,42 @@ class ConversionOptions:
         return f"-gqa{self.groups}-{self.method}{options}"
 
 
+# The fields that must hold exactly these types (bool is not an int here: groups=True is a mistake, not 1 KV head)
+_TYPED = {"groups": int, "calibration_samples": int, "calibration_length": int, "seed": int, "method": str,
+          "grouping": str, "calibration_mode": str, "preserve_norm": bool, "force": bool, "native": bool}
+_OPTIONAL = {"attention": str, "revision": str}
+
+
+def check_types(options: ConversionOptions) -> None:
+    """Refuse a value of the wrong type where it enters (the API's keywords reach here unchecked by click)."""
+    def named(kind: type) -> str:
+        return {int: "a whole number", str: "a string", bool: "True or False"}[kind]
+
+    for name, kind in [*_TYPED.items(), *_OPTIONAL.items()]:
+        value = getattr(options, name)
+        if value is None and name in _OPTIONAL:
+            continue
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise ConversionError(f"{name}={_short(value)} must be {named(kind)} (got a {type(value).__name__})")
+    if options.groups < 1:
+        raise ConversionError(f"groups={options.groups} must be at least 1 (the KV heads to keep)")
+    if options.seed < 0:
+        raise ConversionError(f"seed={options.seed} must be 0 or more")
+    calibration = options.calibration
+    if calibration is not None and not isinstance(calibration, (str, Path, torch.Tensor)):
+        raise ConversionError(f"calibration must be a name, a path or a (sequences, tokens) tensor of token ids, "
+                              f"not a {type(calibration).__name__}")
+    if options.max_shard_size is not None and (isinstance(options.max_shard_size, bool) or
+                                               not isinstance(options.max_shard_size, (str, int))):
+        raise ConversionError(f"max_shard_size must be bytes or a size with a unit like '5GB', not a "
+                              f"{type(options.max_shard_size).__name__}")
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def parse_size(text: str | int) -> int:
     """Bytes from an int, or from a size with its unit: "5000000B", "5MB", "2GiB", "1.5GB"."""
     if isinstance(text, int) and text > 0:
@@ -125,9 +167,14 @@ def parse_size(text: str | int) -> int:
 
 
 def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
-    if name is None or isinstance(name, torch.dtype):
+    if name is None:
         return name
-    if name not in DTYPES:
+    if isinstance(name, torch.dtype):
+        if name not in (*DTYPES.values(), torch.float64):
+            raise ConversionError(f"dtype {str(name).removeprefix('torch.')} cannot hold converted weights (the "
+                                  f"methods average in floating point); choose one of: {', '.join(DTYPES)}")
+        return name
+    if not isinstance(name, str) or name not in DTYPES:
         raise ConversionError(f"unknown dtype {name!r}; choose one of: {', '.join(DTYPES)}")
     return DTYPES[name]
 
@@ -135,7 +182,11 @@ def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
 def parse_device(name: str | torch.device) -> torch.device:
     """`auto` (the GPU when there is one), `cpu`, `cuda` or `cuda:N`."""
     if isinstance(name, torch.device):
-        return name
+        if name.type not in ("cpu", "cuda"):
+            raise ConversionError(f"device {str(name)!r} cannot run calibration; choose auto, cpu, cuda or cuda:N")
+        return parse_device(str(name))
+    if not isinstance(name, str):
+        raise ConversionError(f"device must be a name such as 'cpu' or 'cuda:0', not a {type(name).__name__}")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:

@@ -20,7 +20,7 @@ from .speed import DECODE_LOOPS
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class BuildOriginal(_Section):
@@ -36,9 +36,9 @@ class BuildOriginal(_Section):
     steps: int = Field(1000, ge=1, description="pretraining steps; recorded as original_steps")
     batch_size: int = Field(16, ge=1)
     micro_batch_size: int = Field(16, ge=1)
-    lr: float = Field(1e-3, gt=0)
+    lr: float = Field(1e-3, gt=0, le=1)
     warmup_fraction: float = Field(0.05, ge=0, lt=1)
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32)
 
     @model_validator(mode="after")
     def _heads_divide_hidden(self) -> BuildOriginal:

@@ -106,11 +106,14 @@ def main(trust_remote_code):
 def perplexity_cmd(model_dir, corpus, split, text_column, target_column, audio_column, language, block_size,
                    max_blocks, batch_size):
     """Held-out loss and perplexity of MODEL_DIR (for whisper: of the transcripts of --data's audio)."""
+    from .causality import check_causal
     from .perplexity import perplexity
 
     data = _eval_data(corpus, split, text_column, target_column, audio_column, language, block_size, max_blocks)
     path, examples = _checked_examples(model_dir, "MODEL_DIR", data)
-    emit(json.dumps(perplexity(_load(path), examples, batch_size, progress=True)))
+    model = _load(path)
+    check_causal(model, "MODEL_DIR")
+    emit(json.dumps(perplexity(model, examples, batch_size, progress=True)))
 
 
 @main.command("fidelity")
@@ -124,13 +127,15 @@ def fidelity_cmd(model_dir, source_dir, corpus, split, text_column, target_colum
     from gqa_toolkit.uptrain.model import check_model_dir, load_config
 
     from .fidelity import fidelity
-    from .sources import check_comparable
+    from .sources import check_comparable, unrecorded_source
     from .sources import source_dir as checked_source
 
     converted = check_model_dir(model_dir, role="MODEL_DIR")
     config = load_config(converted, role="MODEL_DIR")  # a readable config.json, before its record is read
     source = checked_source(converted, source_dir)
     check_comparable(config, load_config(source, role="--source"), source)
+    if source_dir and (warning := unrecorded_source(converted, source)):
+        click.echo(f"{PROG}: warning: {warning}", err=True)
     data = _eval_data(corpus, split, text_column, target_column, audio_column, language, block_size, max_blocks)
     path, examples = _checked_examples(model_dir, "MODEL_DIR", data)
     emit(json.dumps(fidelity(_load(path), _load(source), examples, batch_size, progress=True)))

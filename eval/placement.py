@@ -13,7 +13,18 @@ DEVICE_ENV = "GQA_EVAL_DEVICE"  # e.g. cpu, to measure on the CPU of a GPU machi
 
 
 def eval_device() -> torch.device:
-    return torch.device(os.environ.get(DEVICE_ENV) or ("cuda" if torch.cuda.is_available() else "cpu"))
+    """GQA_EVAL_DEVICE when set (checked as gqa-convert's --device is), else the GPU when there is one."""
+    from gqa_toolkit.convert.errors import ConversionError
+    from gqa_toolkit.convert.options import parse_device
+
+    from .errors import EvalError
+
+    name = os.environ.get(DEVICE_ENV) or "auto"
+    try:
+        return parse_device(name)
+    except ConversionError as exc:
+        problem = str(exc).split("; ", 1)[0].replace("--device", DEVICE_ENV)  # the option's words, for the variable
+        raise EvalError(f"{problem}; set {DEVICE_ENV} to cpu, cuda or cuda:N, or unset it") from None
 
 
 def eval_dtype(device: torch.device) -> torch.dtype:

@@ -52,3 +52,20 @@ def check_comparable(config, source_config, source: Path) -> None:
     if config.vocab_size != source_config.vocab_size:
         raise EvalError(f"the source {source} has vocab_size {source_config.vocab_size} but MODEL_DIR has "
                         f"{config.vocab_size}, so their predictions cannot be compared; {FIX}")
+    for attr in SHAPES:  # conversion changes the KV heads only: every other shape is the source's
+        ours, theirs = getattr(config, attr, None), getattr(source_config, attr, None)
+        if ours is not None and theirs is not None and ours != theirs:
+            raise EvalError(f"the source {source} has {attr} {theirs} but MODEL_DIR has {ours}: it is not the "
+                            f"checkpoint MODEL_DIR was converted from; {FIX}")
+
+
+SHAPES = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+
+
+def unrecorded_source(model_dir: Path, source: Path) -> str | None:
+    """A warning when --source is not the source gqa-convert recorded in `model_dir` (still there), else None."""
+    recorded = recorded_source(model_dir)
+    if not recorded or not Path(recorded).is_dir() or Path(recorded).resolve() == source.resolve():
+        return None
+    return (f"--source {source} is not the source recorded in {model_dir / 'config.json'} ({recorded}); KL is "
+            "measured against the --source given")

@@ -129,11 +129,12 @@ def test_existing_output_needs_force_and_must_be_the_toolkits(llama_dir, tmp_pat
     out.rmdir()
     code, err = run_cli(llama_dir, "--groups", "2", "-o", out, "-q")
     assert code == 0, err
-    (out / "stale.txt").write_text("from the earlier conversion")
+    stale = out / "model-00002-of-00002.safetensors"  # a shard of an earlier, differently sharded conversion
+    shutil.copy(out / "model.safetensors", stale)
     assert_refused(tmp_path, [llama_dir, "--groups", "2", "-o", out], "already exists", "--force")
     code, err = run_cli(llama_dir, "--groups", "2", "-o", out, "--force", "-q")
     assert code == 0, err
-    assert not (out / "stale.txt").exists() and (out / "model.safetensors").is_file()
+    assert not stale.exists() and (out / "model.safetensors").is_file()
 
 
 @pytest.mark.parametrize("where, needle", [("source", "is the source"), ("parent", "a folder above the source"),

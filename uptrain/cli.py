@@ -46,7 +46,7 @@ def main(recipe: str | None, overrides: tuple[str, ...], print_recipe: bool, lis
     if print_recipe:
         click.echo(loaded.resolved().to_yaml(), nl=False)
         return
-    from .loop import train  # imports torch and transformers: only when there is training to do
+    from . import train  # imports torch and transformers: only when there is training to do
 
     out = train(loaded)
     from accelerate import PartialState

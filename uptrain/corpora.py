@@ -15,6 +15,7 @@ import datasets
 from huggingface_hub.utils import get_session
 
 from gqa_toolkit.convert import corpus
+from gqa_toolkit.convert.io.model_dir import cache_fault
 
 from .errors import UptrainError, first_line
 
@@ -106,6 +107,21 @@ def _hub_dataset(src: TextCorpus) -> datasets.Dataset | datasets.IterableDataset
                            ) from None
 
 
+def _read_problem(error: BaseException, builder: str) -> str:
+    """The cause under datasets' generic "An error occurred while generating the dataset", with the fix."""
+    chain, seen = [], error
+    while seen is not None and len(chain) < 10:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    for e in chain:
+        if isinstance(e, UnicodeDecodeError):
+            return f"it is not UTF-8 text (byte {e.start}); save it as UTF-8"
+    root = chain[-1]
+    fix = {"json": "write one JSON object per line, or a list of objects, each with the text column",
+           "csv": "write a header row naming the columns"}.get(builder, "check the file")
+    return f"{first_line(root)}; {fix}"
+
+
 def load_text(src: TextCorpus) -> tuple[datasets.Dataset | datasets.IterableDataset, str]:
     """The texts of `src` and a fingerprint of them; raises UptrainError for a missing path or text column."""
     if src.name == corpus.NAME:
@@ -125,7 +141,10 @@ def load_text(src: TextCorpus) -> tuple[datasets.Dataset | datasets.IterableData
             ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train",
                                        streaming=src.streaming, **kwargs)
         except Exception as e:  # malformed json/parquet
-            raise UptrainError(f"could not read {path} as {builder}: {first_line(e)}") from None
+            cache = cache_fault(e)
+            if cache and not any(str(f) in cache for f in files):
+                raise UptrainError(f"reading {path}: {cache}") from None
+            raise UptrainError(f"could not read {path} as {builder}: {_read_problem(e, builder)}") from None
         stamp = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
         fp = "local:" + hashlib.sha1(json.dumps(stamp).encode()).hexdigest()
     elif _looks_local(src.name):
@@ -143,6 +162,12 @@ def load_text(src: TextCorpus) -> tuple[datasets.Dataset | datasets.IterableData
                 f"dataset {src.name} has no {role} column {column!r} (columns: {', '.join(columns)}); "
                 f"set {getattr(src.settings, f'{role}_column')} to the one holding the {role}s"
             )
+    for role, column in zip(("text", "target"), src.columns):
+        feature = (ds.features or {}).get(column)
+        if feature is not None and getattr(feature, "dtype", None) not in ("string", "large_string"):
+            kind = getattr(feature, "dtype", None) or type(feature).__name__
+            raise UptrainError(f"dataset {src.name}'s {role} column {column!r} holds {kind} values, not text; set "
+                               f"{getattr(src.settings, f'{role}_column')} to a column of strings")
     if isinstance(ds, datasets.Dataset):
         ds = ds.remove_columns([c for c in columns if c not in src.columns])
     else:

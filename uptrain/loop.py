@@ -42,6 +42,7 @@ from .model import (
 from .objective import heldout_loss, objective
 from .output import save_output
 from .recipe import Recipe
+from .finite import check_weights_finite
 from .run_dir import claim_run_dir, clear_partial_saves, write_recipe
 from .sharding import broadcast_from_main, check_optimizer, for_this_launch
 from .tasks import build_task
@@ -215,6 +216,7 @@ def train(recipe: Recipe, *, stop_after: int | None = None) -> Path | None:
                 # the next window counts this logging (and any checkpoint save) but not the held-out evaluation
                 window_start, window_steps = now + eval_seconds, 0
             if state["step"] % recipe.output.save_every == 0 or done:
+                check_weights_finite(model, accelerator, state["step"], latest_checkpoint(out))
                 save_checkpoint(accelerator, out, state, recipe.output.keep_last)
             if stop_after is not None and state["step"] >= stop_after and not done:
                 log.close()

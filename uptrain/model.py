@@ -4,6 +4,7 @@ Decoder-only models load with their causal-LM head, encoder-decoders (T5) with t
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 import torch
@@ -113,10 +114,31 @@ def model_class(path: Path):
 
 
 def load_model(path: Path, dtype: torch.dtype = torch.float32):
+    """The model in `path` with its language-model head; refused when the checkpoint lacks weights the model needs
+    (transformers would start them random), when its shapes disagree with config.json, or when its .bin needs
+    unsafe unpickling."""
     try:
-        return from_pretrained(model_class(path), path, dtype=dtype)
+        model, info = from_pretrained(model_class(path), path, dtype=dtype, output_loading_info=True)
+    except pickle.UnpicklingError as e:
+        raise UptrainError(f"{path}'s .bin weights need unsafe unpickling to load ({first_line(e)}); convert them "
+                           "to safetensors from a trusted environment") from None
+    except RuntimeError as e:
+        if not any(sign in str(e) for sign in ("size mismatch", "shape", "mismatched_sizes")):
+            raise
+        raise UptrainError(f"the weights in {path} do not fit its config.json (a tensor's shape is not the one "
+                           "config.json gives); fix config.json or use the checkpoint it belongs to") from None
     except (ValueError, OSError) as e:
         raise UptrainError(f"transformers cannot load the model in {path}: {first_line(e)}") from None
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise UptrainError(f"{path} lacks {missing[0]}{more}, which the model would start at random; use the "
+                           f"complete checkpoint (for a separate lm_head, the one its source saved)")
+    mismatched = info.get("mismatched_keys") or ()
+    if mismatched:
+        raise UptrainError(f"the weights in {path} do not fit its config.json ({list(mismatched)[0]}); fix "
+                           "config.json or use the checkpoint it belongs to")
+    return model
 
 
 def teacher_dir(student_dir: Path, override: str | None) -> Path:

@@ -5,8 +5,9 @@ Unknown keys are errors, and every problem in a recipe is reported at once with 
 
 from __future__ import annotations
 
+import reprlib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -17,7 +18,7 @@ from .errors import UptrainError
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ModelOptions(_Section):
@@ -61,16 +62,16 @@ class TrainOptions(_Section):
 
     batch_size: int = Field(32, ge=1, description="sequences per optimizer step, over all processes")
     micro_batch_size: int = Field(8, ge=1, description="sequences per forward pass on one process")
-    lr: float = Field(1e-4, gt=0)
+    lr: float = Field(1e-4, gt=0, le=1)
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_fraction: float = Field(0.02, ge=0, lt=1)
     optimizer: Literal["adamw", "adafactor"] = "adamw"
     weight_decay: float = Field(0.0, ge=0)
-    betas: tuple[float, float] = (0.9, 0.95)
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.95)
     max_grad_norm: float | None = Field(1.0, gt=0)
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32, description="numpy's seeds run from 0 to 2**32 - 1")
 
 
 class TrainSection(TrainOptions):
@@ -167,6 +168,39 @@ class Recipe(_Section):
 BUDGET_KEYS = ("original_steps", "max_steps", "max_tokens")
 
 
+MAX_YAML_NODES = 100_000  # a recipe has a few dozen; an alias bomb has billions once its aliases are expanded
+_SHORT = reprlib.Repr()
+_SHORT.maxstring, _SHORT.maxother, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxlevel = 60, 60, 4, 4, 2
+
+
+def short(value: Any, limit: int = 80) -> str:
+    """`repr(value)` cut to part of a line, in bounded time whatever the value's size (messages quote user values)."""
+    text = _SHORT.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def safe_load_yaml(text: str, what: str) -> Any:
+    """`yaml.safe_load`, refusing a document whose aliases expand to more than MAX_YAML_NODES nodes (`what` names
+    the document in the error)."""
+    node = yaml.compose(text, Loader=yaml.SafeLoader)
+    if node is None:
+        return None
+    sizes: dict[int, int] = {}
+
+    def expanded(n: yaml.Node) -> int:  # each distinct node counted once, shared ones (aliases) at full size
+        if id(n) not in sizes:
+            sizes[id(n)] = 1  # a recursive alias counts once
+            children = [c for pair in n.value for c in pair] if isinstance(n, yaml.MappingNode) else \
+                n.value if isinstance(n, yaml.SequenceNode) else []
+            sizes[id(n)] = min(1 + sum(expanded(c) for c in children), MAX_YAML_NODES + 1)
+        return sizes[id(n)]
+
+    if expanded(node) > MAX_YAML_NODES:
+        raise UptrainError(f"{what} expands to more than {MAX_YAML_NODES:,} values through its YAML aliases (*name); "
+                           "write the values out instead of repeating anchors")
+    return yaml.SafeLoader(text).get_single_data()
+
+
 def yaml_problem(error: yaml.YAMLError) -> str:
     """What PyYAML found wrong, and where, in one line."""
     problem = getattr(error, "problem", None) or str(error).splitlines()[0]
@@ -176,7 +210,7 @@ def yaml_problem(error: yaml.YAMLError) -> str:
 
 def _override_value(item: str, value: str) -> Any:
     try:
-        return yaml.safe_load(value)
+        return safe_load_yaml(value, f"override {item!r}")
     except yaml.YAMLError as e:
         raise UptrainError(f"override {item!r}: the value {value!r} is not valid YAML ({yaml_problem(e)}); write a "
                            "number, true/false, null, a complete [list] or a quoted string, e.g. train.lr=3e-4"
@@ -222,13 +256,13 @@ def budget_overrides_win(raw: dict[str, Any], overrides: list[str]) -> dict[str,
 def _describe(err: dict[str, Any]) -> str:
     where = ".".join(str(p) for p in err["loc"]) or "recipe"
     if err["type"] == "extra_forbidden":
-        return f"{where}: unknown key (got {err['input']!r}); remove it or fix its spelling"
+        return f"{where}: unknown key (got {short(err['input'])}); remove it or fix its spelling"
     if err["type"] == "missing":
         return f"{where}: missing required key"
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "value_error":  # our cross-field checks carry their own wording
         return f"{where}: {msg}"
-    return f"{where}: {msg} (got {err['input']!r})"
+    return f"{where}: {msg} (got {short(err['input'])})"
 
 
 def describe_problems(name: str, error: ValidationError) -> str:
@@ -257,9 +291,16 @@ def read_recipe_yaml(path: str | Path, overrides: list[str] = (), example: str =
         raise UptrainError(f"recipe {path} does not exist; pass a YAML file such as {example}, or the name of a "
                            f"shipped recipe (gqa-uptrain --list)")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = safe_load_yaml(path.read_text(), f"recipe {path}") or {}
     except yaml.YAMLError as e:
         raise UptrainError(f"recipe {path} is not valid YAML ({yaml_problem(e)}); fix that line") from None
+    except RecursionError:
+        raise UptrainError(f"recipe {path} nests its values too deeply to read; a recipe has two levels: "
+                           "section, then key") from None
+    except UnicodeDecodeError as e:
+        raise UptrainError(f"recipe {path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+    except OSError as e:
+        raise UptrainError(f"cannot read recipe {path} ({e.strerror}); check its permissions") from None
     if not isinstance(raw, dict):
         raise UptrainError(f"recipe {path} must be a YAML mapping of sections")
     return apply_overrides(raw, list(overrides))

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
+from ..errors import ConversionError
+
 if TYPE_CHECKING:
     from .spec import ConfigSchema
 
@@ -39,10 +41,23 @@ class TransformersConfig:
         return value
 
 
+def check_not_quantized_config(raw: dict[str, Any]) -> None:
+    """A checkpoint saved quantized (bitsandbytes, GPTQ, AWQ, fp8, ...) keeps per-head scales that pooling would
+    leave with H heads: refused, with the fix."""
+    quantization = raw.get("quantization_config")
+    if quantization:
+        method = quantization.get("quant_method") if isinstance(quantization, dict) else None
+        named = f" ({method})" if isinstance(method, str) and len(method) < 40 else ""
+        raise ConversionError(f"config.json has a quantization_config{named}: the weights are quantized; dequantize "
+                              f"them first (load the model and save_pretrained in float16, bfloat16 or float32 "
+                              f"without quantization_config), then convert that")
+
+
 class SourceConfig:
     """config.json read through a `ConfigSchema`; AutoConfig (from `load`) answers what the schema cannot."""
 
     def __init__(self, raw: dict[str, Any], schema: ConfigSchema, load: Callable[[], ConfigReader]):
+        check_not_quantized_config(raw)
         self.raw = raw
         self.schema = schema
         self.model_type: str = raw["model_type"]

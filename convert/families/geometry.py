@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..errors import ConversionError
+from ..io.model_dir import short_repr
 from .config import TransformersConfig
 from .spec import ArchitectureSpec, all_specs, spec_for
 
@@ -30,8 +31,8 @@ def read_geometry(config: ConfigReader, spec: ArchitectureSpec, kind: str | None
         found = config.get(attr)
         if found != wanted:
             raise ConversionError(f"{config.model_type} conversion needs {attr}={wanted!r} in config.json, found "
-                                  f"{found!r}: this checkpoint's attention layout is not one the family's config "
-                                  f"can give fewer KV heads")
+                                  f"{short_repr(found)}: this checkpoint's attention layout is not one the family's "
+                                  f"config can give fewer KV heads")
     heads = _count(config, spec.attention[kind].heads_attr)
     kv_attr = spec.kv_heads_attr_of(kind)
     # A family converted through the toolkit's modeling code is MHA unless the source already runs that code: the
@@ -40,10 +41,14 @@ def read_geometry(config: ConfigReader, spec: ArchitectureSpec, kind: str | None
     # None (a missing or null count) means what transformers makes of it: one KV head per query head, and a head
     # size of hidden_size / heads
     kv_heads = (_count(config, kv_attr, optional=True) if kv_attr and counts_kv_heads else None) or heads
+    if kv_heads > heads or heads % kv_heads:
+        raise ConversionError(f"config.json has {kv_attr}={kv_heads} for {heads} query heads "
+                              f"({spec.attention[kind].heads_attr}); KV heads must divide the query heads "
+                              f"(one of: {', '.join(map(str, divisors(heads)))}): fix config.json or the checkpoint")
     head_dim = _count(config, "head_dim", optional=True) or _count(config, "hidden_size") // heads
     init_std = config.get("initializer_range")
     if init_std is not None and (isinstance(init_std, bool) or not isinstance(init_std, (int, float))):
-        raise ConversionError(f"config.json has initializer_range={init_std!r}; expected a number")
+        raise ConversionError(f"config.json has initializer_range={short_repr(init_std)}; expected a number")
     return Geometry(
         num_layers=_count(config, spec.attention[kind].layers_attr),
         heads=heads,
@@ -58,7 +63,7 @@ def _count(config: ConfigReader, attr: str, optional: bool = False) -> int | Non
     if value is None and optional:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConversionError(f"config.json has {attr}={value!r}; expected a positive whole number")
+        raise ConversionError(f"config.json has {attr}={short_repr(value)}; expected a positive whole number")
     return value
 
 
@@ -108,6 +113,9 @@ def check_context(config, tokens: int, setting: str, error: type[Exception], dec
     if limit is None or tokens + decode_steps <= limit:
         return
     given = f"{setting} {tokens}" if setting.startswith("--") else f"{setting}={tokens}"  # an option, a recipe key
+    if decode_steps >= limit:
+        raise error(f"{decode_steps} decode steps alone are past the model's context of {limit} tokens; take at most "
+                    f"{limit - 1} decode steps (and a context of at most {limit} minus them)")
     if decode_steps:
         raise error(f"{given} plus {decode_steps} decode steps is past the model's context of {limit} "
                     f"tokens; lower {setting} to at most {limit - decode_steps} or take fewer decode steps")

@@ -70,12 +70,25 @@ def rope_layout(rope: Rope, config: ConfigReader, head_dim: int) -> RopeLayout:
     if rope.style == "none":
         return RopeLayout(head_dim, 0)
     interleaved = rope.style == "interleaved"
-    dims = next((int(d) for d in (config.get(attr) for attr in rope.dims_attrs) if d is not None), None)
+    dims = next(((attr, d) for attr, d in ((attr, config.get(attr)) for attr in rope.dims_attrs) if d is not None),
+                None)
     if dims is not None:
-        return RopeLayout(head_dim, dims, interleaved)
-    factors = (config.get(attr) for attr in rope.factor_attrs)
-    factor = next((float(f) for f in factors if f is not None), 1.0)
+        attr, value = dims
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= head_dim or value % 2:
+            raise ConversionError(f"config.json has {attr}={_short(value)}; expected an even whole number of rotary "
+                                  f"dimensions from 0 to the head size {head_dim}: fix it in config.json")
+        return RopeLayout(head_dim, value, interleaved)
+    factors = ((attr, config.get(attr)) for attr in rope.factor_attrs)
+    attr, factor = next(((attr, f) for attr, f in factors if f is not None), (None, 1.0))
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 <= factor <= 1:
+        raise ConversionError(f"config.json has {attr}={_short(factor)}; expected the fraction of each head's "
+                              f"dimensions that rotate, from 0 to 1 (1: all): fix it in config.json")
     return RopeLayout(head_dim, int(head_dim * factor), interleaved)
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 @dataclass(frozen=True)

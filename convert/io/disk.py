@@ -149,6 +149,9 @@ def partial_path(path: Path) -> Path:
 def write_files(files: dict[Path, bytes | str]) -> None:
     """Write every file or none: each is staged and flushed in its hidden sibling, then all are renamed into place.
     An OSError names the final file that failed (`filename`), and no staged file is left behind."""
+    for path in files:
+        if path.is_dir():  # a rename onto it would fail after the other files were replaced
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
     staged: list[tuple[Path, Path]] = []
     try:
         for path, data in files.items():

@@ -9,6 +9,17 @@ from ..errors import first_line
 NOT_PUSHED = [".*", "checkpoints/*", "trackers/*", "metrics.jsonl"]  # bookkeeping of a run, not the model
 
 
+def check_repo_id(repo_id: str, setting: str, error: type[Exception]) -> None:
+    """Refuse, before any work, a repository name the hub would refuse after it (`setting` names the option)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as exc:
+        raise error(f"{setting} {repo_id!r} is not a hub repository name ({first_line(exc).split(': ', 1)[-1]}); "
+                    f"write NAME or ORG/NAME") from None
+
+
 def push_folder(folder: Path, repo_id: str, private: bool, message: str, error: type[Exception]) -> str:
     """Create `repo_id` (private if asked; an existing repository is kept) and upload `folder` in one commit;
     returns the commit's URL. A failure is `error(one line)`: the local output is complete either way."""

@@ -57,10 +57,28 @@ def _download(repo_id: str, revision: str | None, error: type[Exception], role: 
                                       allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.py", "*.md",
                                                       "*.tiktoken"]))
     except Exception as exc:  # network, auth, missing repo or revision: all reported the same way
+        cache = cache_fault(exc)
+        if cache:
+            raise error(f"{role}{cache}") from None
         pinned = f" at revision {revision!r}" if revision else ""
         raise error(f"{role}{repo_id!r}{pinned} is not a local directory, and neither the hub cache nor the hub "
                     f"gave it ({type(exc).__name__}); check the name, or download the model and pass its "
                     f"directory") from None
+
+
+def cache_fault(exc: BaseException) -> str | None:
+    """The message for a hub or datasets cache that cannot be used (HF_HOME a file, an unwritable HOME), found in
+    `exc` or what it wraps; None when the fault is something else."""
+    seen = exc
+    for _ in range(10):
+        if seen is None:
+            break
+        if isinstance(seen, (PermissionError, NotADirectoryError, FileExistsError, IsADirectoryError)) and \
+                seen.filename:
+            return (f"cannot use the Hugging Face cache at {seen.filename} ({seen.strerror}); set HF_HOME to a "
+                    f"writable folder (it holds the hub and datasets caches)")
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def hub_source(model_dir: Path) -> dict[str, str]:
@@ -80,6 +98,31 @@ def read_raw_config(model_dir: Path) -> dict[str, Any]:
         config = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ConversionError(f"{path} is not valid JSON ({exc}); fix or re-download it") from None
+    except UnicodeDecodeError as exc:
+        raise ConversionError(f"{path} is not UTF-8 text (byte {exc.start}); fix or re-download it") from None
+    except OSError as exc:
+        raise ConversionError(f"cannot read {path} ({exc.strerror}); check its permissions") from None
+    if not isinstance(config, dict):
+        raise ConversionError(f"{path} holds a JSON {type(config).__name__}, not an object of settings; fix or "
+                              f"re-download it")
     if "model_type" not in config:
         raise ConversionError(f"{path} has no model_type; it is not a transformers model config")
+    if not isinstance(config["model_type"], str) or not 0 < len(config["model_type"]) <= 100:
+        raise ConversionError(f"{path} has model_type {short_value(config['model_type'])}, not a name such as "
+                              f"\"llama\"; fix it")
     return config
+
+
+def short_repr(value: Any, limit: int = 60) -> str:
+    """`repr(value)` cut to part of a line for a message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def short_value(value: Any, limit: int = 60) -> str:
+    """A config value as JSON, cut to part of a line for a message."""
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -80,6 +80,29 @@ def read_safetensors_header(path: Path) -> list[TensorInfo]:
     return infos
 
 
+_FP8 = tuple(d for d in (getattr(torch, n, None) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz",
+                                                             "float8_e5m2fnuz", "float8_e8m0fnu")) if d is not None)
+
+
+def quantized_tensor(info: TensorInfo) -> bool:
+    """A tensor the methods cannot pool: fp8, a packed or int8 weight matrix, or an integer `weight` (the
+    position ids and masks some checkpoints carry stay allowed)."""
+    if info.dtype in _FP8:
+        return True
+    integer = not (info.dtype.is_floating_point or info.dtype.is_complex or info.dtype == torch.bool)
+    return integer and (info.name.endswith("weight") or (info.dtype in (torch.int8, torch.uint8) and
+                                                         len(info.shape) >= 2))
+
+
+def check_not_quantized(infos) -> None:
+    """Conversion averages weights in floating point: a quantized checkpoint is refused with the fix."""
+    for info in infos:
+        if quantized_tensor(info):
+            raise ConversionError(f"{info.file.name} holds {info.name} as {str(info.dtype).removeprefix('torch.')}"
+                                  f" (a quantized checkpoint); dequantize it first (load it and save_pretrained "
+                                  f"in float16, bfloat16 or float32), then convert that")
+
+
 def _count(value) -> bool:
     """A dimension or byte offset: a non-negative int (JSON true is not one)."""
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
@@ -169,10 +192,15 @@ class CheckpointReader:
         for path in self.files:
             for info in self._file_infos(path):
                 self.infos[info.name] = info
+        check_not_quantized(self.infos.values())
 
     def _file_infos(self, path: Path) -> list[TensorInfo]:
         if path.suffix == ".safetensors":
-            return read_safetensors_header(path)
+            try:
+                return read_safetensors_header(path)
+            except OSError as exc:
+                raise ConversionError(f"cannot read {path} ({exc.strerror or exc}); check its permissions, or "
+                                      f"re-download it") from None
         state = self._open_bin(path)
         return [TensorInfo(n, path, t.dtype, tuple(t.shape)) for n, t in state.items()]
 

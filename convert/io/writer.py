@@ -94,6 +94,10 @@ def check_finite(name: str, data: torch.Tensor) -> None:
     into every head of the group, silently."""
     if data.is_floating_point() and not torch.isfinite(data).all():
         bad = int((~torch.isfinite(data)).sum())
+        if data.dtype in (torch.float16, torch.bfloat16) and not torch.isnan(data).any():
+            raise ConversionError(f"{name} would hold {bad} Inf values: past {str(data.dtype)[6:]}'s range (largest "
+                                  f"{torch.finfo(data.dtype).max:.6g}); write a wider dtype (--dtype float32, or "
+                                  f"drop --dtype to keep the source's)")
         raise ConversionError(f"{name} would hold {bad} NaN or Inf values (from the source's weights of that layer); "
                               f"the source checkpoint is damaged, re-download it or repair that tensor")
 

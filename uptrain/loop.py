@@ -28,6 +28,7 @@ from .budget import lr_at, plan_budget
 from .checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
 from .data import global_batches, load_blocks, process_micro_batches
 from .errors import UptrainError
+from .finite import check_weights_finite
 from .metrics import MetricsLog
 from .model import (
     check_block_size,
@@ -43,7 +44,6 @@ from .model import (
 from .objective import heldout_loss, objective
 from .output import save_output
 from .recipe import Recipe
-from .finite import check_weights_finite
 from .run_dir import claim_run_dir, clear_partial_saves, write_recipe
 from .tasks import build_task
 from .trackers import resolve_trackers

@@ -125,6 +125,7 @@ def test_decode_steps_alone_past_the_context(models):
                    ["100000 decode steps alone are past the model's context", "at most"], models["gqa"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["{mha}", "org/name"], ids=["local data", "hub id"])
 def test_hf_home_that_is_a_file_is_named(model, models, tmp_path):
     """HF_HOME is read when datasets and huggingface_hub are imported: a fresh process."""

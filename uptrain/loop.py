@@ -28,6 +28,7 @@ from .budget import lr_at, plan_budget
 from .checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
 from .data import global_batches, load_blocks, process_micro_batches
 from .errors import UptrainError
+from .finite import check_weights_finite
 from .metrics import MetricsLog
 from .model import (
     check_model_dir,
@@ -42,7 +43,6 @@ from .model import (
 from .objective import heldout_loss, objective
 from .output import save_output
 from .recipe import Recipe
-from .finite import check_weights_finite
 from .run_dir import claim_run_dir, clear_partial_saves, write_recipe
 from .sharding import broadcast_from_main, check_optimizer, for_this_launch
 from .tasks import build_task

@@ -66,6 +66,7 @@ def test_uptraining_recovers_kl_and_wer_of_a_converted_whisper(speech, tmp_path)
 
     record = json.loads((out / "config.json").read_text())
     assert record["gqa_uptraining"]["objective"] == "speech+distill"
+    assert record["gqa_uptraining"]["trainable"] == "attention"  # what auto means for speech
     assert record["gqa_uptraining"]["tokens"] == 40 * 16 * 16  # steps x clips x encoder positions
     assert (out / "preprocessor_config.json").is_file()
     # trainable auto is attention for speech: the audio encoder's convolutions and the embeddings stay as they were

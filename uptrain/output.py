@@ -18,11 +18,12 @@ from .recipe import Recipe
 from .run_dir import MODEL_TMP, RECIPE_FILE
 from .speech import PROCESSOR_FILES
 from .storage import disk_writes
+from .trainable import resolve_trainable
 
 _MODEL_FILES = ("*.safetensors", "model.safetensors.index.json")
 
 
-def uptraining_record(recipe: Recipe, state: dict, task: str) -> dict:
+def uptraining_record(recipe: Recipe, state: dict, task: str, model_type: str) -> dict:
     t = recipe.train
     return {
         "steps": state["step"],
@@ -33,7 +34,7 @@ def uptraining_record(recipe: Recipe, state: dict, task: str) -> dict:
         "heldout_loss": state.get("heldout_loss"),
         "objective": task if recipe.objective.distill_weight == 0 else f"{task}+distill",
         "distill_weight": recipe.objective.distill_weight,
-        "trainable": recipe.model.trainable,
+        "trainable": resolve_trainable(model_type, recipe.model.trainable),
         "data": recipe.data.source,
         "block_size": recipe.data.block_size,
         "batch_size": t.batch_size,
@@ -63,8 +64,8 @@ def save_output(accelerator, model, tokenizer, recipe: Recipe, state: dict, stud
     if accelerator.is_main_process:
         source = read_config_json(student_dir)
         dtype = DTYPES.get(source.get("dtype") or source.get("torch_dtype") or "float32", torch.float32)
-        record = uptraining_record(recipe, state, task)
         unwrapped = accelerator.unwrap_model(model)
+        record = uptraining_record(recipe, state, task, unwrapped.config.model_type)
         config = unwrapped.config
         config.dtype = dtype
         if CONVERSION_KEY in source:

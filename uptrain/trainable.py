@@ -35,12 +35,18 @@ def _patterns(model_type: str, which: str) -> list[re.Pattern[str]]:
     return [key_pattern(t.key) for t in spec.tensors]
 
 
+def resolve_trainable(model_type: str, which: str) -> str:
+    """`which`, with `auto` made concrete: speech models train attention, text models all."""
+    if which != "auto":
+        return which
+    from gqa_toolkit.convert.families.spec import audio_input
+
+    return "attention" if audio_input(model_type) is not None else "all"
+
+
 def select_trainable(model: nn.Module, which: str) -> list[str]:
     """Freeze everything but `which`; returns the names of the parameters left trainable."""
-    if which == "auto":  # speech models keep their audio encoder and train attention; text models train all
-        from gqa_toolkit.convert.families.spec import audio_input
-
-        which = "attention" if audio_input(model.config.model_type) is not None else "all"
+    which = resolve_trainable(model.config.model_type, which)
     if which == "all":
         chosen = {n for n, _ in model.named_parameters()}
     else:

@@ -33,7 +33,8 @@ def _text_files(source: str) -> list[Path]:
 
 
 def calibration_tokens(model_dir: Path, source: str, samples: int, length: int) -> torch.Tensor:
-    """`(samples, length)` token ids: one window from each of `samples` files spread over the source."""
+    """`(samples, length)` token ids: documents spread over the source packed end to end (with the tokenizer's
+    end-of-text between them) into full rows; each file read once."""
     from transformers import AutoTokenizer
 
     fix = "add the source's tokenizer files, or pass --calibration none to convert on the weights only"
@@ -49,16 +50,25 @@ def calibration_tokens(model_dir: Path, source: str, samples: int, length: int) 
         raise ConversionError(f"the tokenizer in {model_dir} has no vocabulary (it turns text into nothing or into "
                               f"special tokens only); {fix}")
     files = _text_files(source)
-    rows: list[list[int]] = []
     step = max(1, len(files) // samples)
-    for f in files[::step] + files:  # a second pass through all files if the spread ones ran short
+    spread = files[::step]
+    chosen = set(spread)
+    order = spread + [f for f in files if f not in chosen]  # every file at most once: no window counted twice
+    quota = -(-samples * length // len(spread))  # tokens per file, so the rows come from many files
+    separator = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    rows: list[list[int]] = []
+    packed: list[int] = []  # documents packed end to end into full rows, never padded or truncated to fit
+    for f in order:
         if len(rows) >= samples:
             break
         try:
             ids = tokenizer(f.read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
         except (UnicodeDecodeError, OSError):
             continue
-        rows.extend(ids[i:i + length] for i in range(0, len(ids) - length + 1, length * 8))
+        packed.extend(ids[:quota] + separator)
+        while len(packed) >= length and len(rows) < samples:
+            rows.append(packed[:length])
+            del packed[:length]
     if not rows:
         raise ConversionError(f"calibration source {source!r} holds no text of {length} tokens; lower "
                               f"--calibration-length or give more text")

@@ -114,6 +114,9 @@ def _validate(sources: Mapping[str, SourceTensor], matches: dict[str, _Match], e
     for entry in entries:
         geo = geos[entry.attention]
         layers = {m.layer for m in matches.values() if m.entry is entry}
+        if beyond := sorted(layer for layer in layers if layer >= geo.num_layers)[:5]:
+            raise ConversionError(f"the weights hold {entry.key!r} for layers {beyond} beyond the config's "
+                                  f"{geo.num_layers}; the weight files do not match config.json's layer count")
         if entry.required and layers != set(range(geo.num_layers)):
             missing = sorted(set(range(geo.num_layers)) - layers)[:5]
             raise ConversionError(f"the weights have no {entry.key!r} for layers {missing} of the config's "

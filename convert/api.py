@@ -210,7 +210,12 @@ def convert_checkpoint(src: str | Path, dst: str | Path | None = None, options: 
 def convert(src: str | Path, dst: str | Path | None = None, options: ConversionOptions | None = None, *,
             progress: bool = True, **kwargs) -> ConversionResult:
     """`convert_checkpoint`, returning the output dir with its KV heads, KV-cache bytes and bytes written."""
-    p = _prepare(src, dst, _options(options, kwargs), progress)
+    options = _options(options, kwargs)
+    if options.calibrated and options.per_layer:  # what the dry run refuses (past the device's memory) never starts
+        from .plan.dry_run import describe
+
+        describe(_prepare(src, dst, options, progress=False, calibrate=False))
+    p = _prepare(src, dst, options, progress)
     total = planned_bytes(p.plan.outputs)
     check_free_space(p.out, total, "--output", ConversionError)
     with disk_writes(f"the output {p.out}", "--output", ConversionError, path=p.out.parent), \

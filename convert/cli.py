@@ -110,8 +110,6 @@ def main(model_dir, groups, method, grouping, preserve_norm, calibration, calibr
         return
     if private and push_to is None:
         raise ConversionError("--private applies to --push-to-hub REPO; add it, or drop --private")
-    if options.calibrated:  # what --dry-run refuses (calibration past the device's memory) never starts either
-        describe_conversion(model_dir, output, options)
     result = convert(model_dir, output, options, progress=not quiet)
     pushed = None
     if push_to is not None:

@@ -175,7 +175,7 @@ def stage_parity_bf16(args) -> str:
     lines = done.stdout.splitlines()
     summary = [line for line in lines if " passed" in line or " failed" in line or " error" in line][-1:]
     failures = [line for line in lines if line.startswith(("FAILED", "ERROR"))]
-    worst = [line for line in lines if "largest |cached - full|" in line]
+    worst = [line.lstrip(".") for line in lines if "largest |cached - full|" in line]
     return "\n".join([
         f"`{' '.join(tests)}` with every model on {args.device} in bfloat16. Tolerances: the tests' own in float32; "
         f"in bfloat16 `assert_close(rtol={BF16_TOLERANCE['rtol']}, atol={BF16_TOLERANCE['atol']})` for logits "

@@ -200,3 +200,12 @@ def test_quiet_calibration_of_an_encoder_decoder_shows_no_loading_bar(no_native_
     convert_checkpoint(no_native_dirs["t5"], tmp_path / "o", method="fit", groups=2, progress=False,
                        calibration=torch.randint(3, 128, (4, 8)))
     assert "Loading weights" not in capfd.readouterr().err
+
+
+def test_the_layer_apis_earlier_homes_still_import():
+    """gqa_toolkit.convert.layer_api and gqa_toolkit.convert.rope moved; the old names keep working for a release."""
+    from gqa_toolkit.convert import layer_api, rope
+    from gqa_toolkit.convert.families.rope import RopeLayout
+    from gqa_toolkit.convert.methods.layer import convert_layer as moved
+
+    assert layer_api.convert_layer is moved and rope.RopeLayout is RopeLayout

@@ -93,7 +93,14 @@ def load_model(model_dir: Path):
     model, info = AutoModelForCausalLM.from_pretrained(model_dir, output_loading_info=True)
     problems = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
     assert not problems, f"stock transformers reports {problems} loading {model_dir}"
-    return model.to(TEST_DEVICE, TEST_DTYPE).eval()
+    return on_test_device(model).eval()
+
+
+def on_test_device(model):
+    """On GQA_TEST_DEVICE, and cast to GQA_TEST_DTYPE only when it is set: otherwise a model keeps the dtype its
+    checkpoint loads in (a test may be checking exactly that)."""
+    model = model.to(TEST_DEVICE)
+    return model.to(TEST_DTYPE) if "GQA_TEST_DTYPE" in os.environ else model
 
 
 def skip_without_sdpa(auto: str, model_dir: Path) -> None:

@@ -8,7 +8,7 @@ by full forwards; the cache holds G heads, read from the cache object itself.
 import pytest
 import torch
 import transformers
-from conftest import TEST_DEVICE, TEST_DTYPE, greedy_generate, on_model, skip_without_sdpa, tolerance
+from conftest import TEST_DEVICE, greedy_generate, on_model, on_test_device, skip_without_sdpa, tolerance
 from families import FAMILIES, NO_NATIVE_FAMILIES, encoder_inputs
 
 from gqa_toolkit.convert import convert_checkpoint
@@ -90,7 +90,8 @@ def _load(case, converted, attn_implementation):
     if attn_implementation == "sdpa":
         skip_without_sdpa(auto, out)
     chosen = {"attn_implementation": attn_implementation} if attn_implementation else {}  # None: the default
-    model = getattr(transformers, auto).from_pretrained(out, **chosen).to(TEST_DEVICE, TEST_DTYPE).eval()
+    model = getattr(transformers, auto).from_pretrained(out, **chosen)
+    model = on_test_device(model).eval()
     cached_heads = model.config.num_attention_heads if getattr(family, "caches_query_heads", False) else groups
     return model, Decoder(model, family), cached_heads
 

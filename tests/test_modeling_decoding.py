@@ -8,7 +8,7 @@ by full forwards; the cache holds G heads, read from the cache object itself.
 import pytest
 import torch
 import transformers
-from conftest import TEST_DEVICE, greedy_generate, on_model, on_test_device, skip_without_sdpa, tolerance
+from conftest import greedy_generate, on_model, on_test_device, skip_without_sdpa, tolerance
 from families import FAMILIES, NO_NATIVE_FAMILIES, encoder_inputs
 
 from gqa_toolkit.convert import convert_checkpoint

@@ -189,3 +189,16 @@ def test_cli_string_is_parsed_once():
     assert options.kind_groups == {"cross": 1, "decoder": 2}
     assert options.groups_of("cross") == 1 and options.groups_of("encoder") == 4
     assert options.output_suffix("decoder") == "-gqa4-cross1-decoder2-mean"
+
+
+@pytest.mark.slow
+def test_layer_methods_take_each_units_g(no_native_dirs, tmp_path):
+    """fit, calibrated sequentially (each converted unit run back in the source's block at its own G) and refined."""
+    ids = torch.randint(3, 128, (4, 16), generator=torch.Generator().manual_seed(0))
+    result = convert(no_native_dirs["bart"], tmp_path / "out", groups=DECODER_G, kind_groups={"cross": CROSS_G},
+                     method="fit", calibration=ids, calibration_mode="sequential", refine_steps=2, progress=False)
+    model = _load(FAMILIES["bart"], result.output)
+    for layer in model.model.decoder.layers:
+        assert layer.self_attn.k_proj.weight.shape[0] == DECODER_G * 64 // HEADS
+        assert layer.encoder_attn.v_proj.weight.shape[0] == CROSS_G * 64 // HEADS
+    assert sorted(result.refinement_error) == ["cross.0", "cross.1", "decoder.0", "decoder.1"]

@@ -21,8 +21,7 @@ from .methods.registry import GROUPINGS, all_method_names
                                                             "[required]")
 @click.option("--kind-groups", default=None, metavar="KIND=G,...",
               help="Give attention kinds their own G, the others taking --groups: e.g. cross=1 for an "
-                   "encoder-decoder's cross-attention (kinds: decoder, cross, encoder; the family's config must "
-                   "hold a KV-head count per kind).")
+                   "encoder-decoder's cross-attention (kinds: decoder, cross, encoder).")
 @click.option("--method", "-m", default="mean", help=f"K/V initialiser: {', '.join(all_method_names())}. "
                                                       "aligned and fit also change Q and O (see docs/methods.md).")
 @click.option("--grouping", default="contiguous", type=click.Choice(GROUPINGS),

@@ -13,7 +13,7 @@ import torch
 import transformers
 from conftest import greedy_generate, read_config
 from families import NO_NATIVE_FAMILIES
-from reference import _separate
+from reference import _separate, _tie_rows_in_place
 from safetensors import safe_open
 from test_modeling_decoding import Decoder, _key_shapes, _prompt
 
@@ -24,6 +24,7 @@ from gqa_toolkit.convert.options import ConversionOptions
 from gqa_toolkit.eval.speed import kv_cache_bytes_per_token
 
 FAMILIES = {f.model_type: f for f in NO_NATIVE_FAMILIES if f.model_type in ("bart", "whisper")}
+T5 = next(f for f in NO_NATIVE_FAMILIES if f.model_type == "t5")
 HEADS, DECODER_G, CROSS_G = 4, 2, 1
 SELF_ATTR = {"bart": "num_key_value_heads", "whisper": "decoder_num_key_value_heads"}
 
@@ -97,9 +98,9 @@ def test_per_kind_g_loads_with_its_shapes_and_equals_reference(model_type, per_k
                        greedy_generate(reference, **inputs, max_new_tokens=6, min_new_tokens=6, pad_token_id=0))
 
 
-@pytest.mark.parametrize("model_type", FAMILIES)
+@pytest.mark.parametrize("model_type", [*FAMILIES, "t5"])
 def test_per_kind_cached_decoding_equals_full_forwards_with_each_kinds_heads(model_type, per_kind):
-    family = FAMILIES[model_type]
+    family = FAMILIES.get(model_type, T5)
     model = _load(family, per_kind(model_type)[1].output)
     decoder = Decoder(model, family)
     ids, mask = _prompt(model.config.vocab_size, padded=False)
@@ -176,7 +177,34 @@ def test_bad_kind_groups_are_refused_in_one_line(kind_groups, message, no_native
     assert not (tmp_path / "out").exists()
 
 
-def test_a_family_with_one_count_for_both_kinds_refuses_per_kind_g(no_native_dirs, tmp_path):
+def test_t5_per_kind_g_equals_reference(no_native_dirs, tmp_path):
+    family, src = T5, no_native_dirs["t5"]
+    out = convert_checkpoint(src, tmp_path / "out", groups=DECODER_G, kind_groups={"cross": CROSS_G}, progress=False)
+    config = read_config(out)
+    assert config["num_key_value_heads"] == DECODER_G and config["cross_num_key_value_heads"] == CROSS_G
+    converted = _load(family, out)
+    reference = _load(family, src)
+    with torch.no_grad():
+        for block in reference.decoder.block:
+            for attn, groups in ((block.layer[0].SelfAttention, DECODER_G), (block.layer[1].EncDecAttention, CROSS_G)):
+                for proj in (attn.k, attn.v):
+                    _tie_rows_in_place(proj.weight, HEADS, groups, "mean")
+    ids = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(1))
+    logits = [m(input_ids=ids, decoder_input_ids=ids[:, :6]).logits.detach() for m in (converted, reference)]
+    torch.testing.assert_close(*logits, rtol=1e-5, atol=1e-5)
+    assert converted.decoder.block[0].layer[1].EncDecAttention.k.weight.shape == (CROSS_G * family.head_dim, 64)
+    assert converted.decoder.block[0].layer[0].SelfAttention.k.weight.shape == (DECODER_G * family.head_dim, 64)
+
+
+def test_kinds_sharing_one_config_count_refuse_per_kind_g(no_native_dirs, tmp_path, monkeypatch):
+    """A family whose config holds one KV-head count for two kinds cannot give them their own G."""
+    from gqa_toolkit.convert import api
+    from gqa_toolkit.convert.families.spec import spec_for
+
+    spec = spec_for("t5")
+    cross = spec.attention["cross"].model_copy(update={"kv_heads_attr": "num_key_value_heads"})
+    shared = spec.model_copy(update={"attention": {**spec.attention, "cross": cross}})
+    monkeypatch.setattr(api, "spec_for", lambda model_type: shared)
     with pytest.raises(ConversionError, match=r"^t5's config holds one KV-head count \(num_key_value_heads\) for "
                                               r"its decoder and cross attention, so they cannot have their own G"):
         convert_checkpoint(no_native_dirs["t5"], tmp_path / "out", groups=2, kind_groups={"cross": 1},

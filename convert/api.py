@@ -112,29 +112,62 @@ class ConversionResult:
 
     output: Path
     kv_heads_before: int
-    kv_heads_after: int
+    kv_heads_after: int  # --groups (a kind named in --kind-groups has its own, in `kinds`)
     kv_cache_bytes_per_token_before: int  # K and V of every converted attention kind, all layers, one token
     kv_cache_bytes_per_token_after: int
     bytes_written: int
     # refinement: each attention unit's relative output error ("kind.layer" -> [before, after]); empty without
     refinement_error: dict[str, list[float]] = field(default_factory=dict)
+    # each converted kind's KV heads and KV-cache bytes per token, before and after (`kind_figures`)
+    kinds: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def as_json(self) -> dict:
         before, after = self.kv_cache_bytes_per_token_before, self.kv_cache_bytes_per_token_after
         return {"output": str(self.output), "kv_heads_before": self.kv_heads_before,
                 "kv_heads_after": self.kv_heads_after, "kv_cache_bytes_per_token_before": before,
                 "kv_cache_bytes_per_token_after": after, "kv_cache_saving": 1 - after / before,
-                "bytes_written": self.bytes_written,
+                "bytes_written": self.bytes_written, **({"kinds": self.kinds} if self.kinds else {}),
                 **({"refinement_error": self.refinement_error} if self.refinement_error else {})}
 
 
-def _kv_cache_bytes_per_token(planned, spec: ArchitectureSpec, geometries: dict, kv_heads: int | None) -> int:
-    """K and V of one token in every layer of the converted kinds that keep a KV cache, in the output's floating
-    dtype; `kv_heads` None: the source's."""
+def kind_figures(planned, spec: ArchitectureSpec, geometries: dict, groups: dict[str, int]) -> dict[str, dict]:
+    """Each converted kind's KV heads before and after and, for the kinds that keep a KV cache, K and V of one token
+    in all its layers, in bytes of the output's floating dtype."""
     floating = [t.dtype for t in planned if t.dtype.is_floating_point]
     element = (floating[0] if floating else torch.float32).itemsize
-    return sum(2 * g.num_layers * (kv_heads or g.kv_heads) * g.head_dim * element for kind, g in geometries.items()
-               if spec.attention[kind].cached)
+    figures = {}
+    for kind, g in geometries.items():
+        figures[kind] = {"kv_heads_before": g.kv_heads, "kv_heads_after": groups[kind]}
+        if spec.attention[kind].cached:
+            figures[kind].update({f"kv_cache_bytes_per_token_{when}": 2 * g.num_layers * heads * g.head_dim * element
+                                  for when, heads in (("before", g.kv_heads), ("after", groups[kind]))})
+    return figures
+
+
+def _kind_groups(options: ConversionOptions, spec: ArchitectureSpec, geometries: dict, model_type: str) -> dict:
+    """kind -> G for the converted kinds, each checked against its heads; --kind-groups names only converted kinds,
+    and kinds that share a config attribute for their KV heads get one G."""
+    for kind in options.kind_groups:
+        if kind not in geometries:
+            scopes = [s for s, kinds in spec.scopes.items() if kind in kinds]
+            hint = f"add --attention {scopes[0]}" if scopes else f"{model_type} has no {kind!r} attention"
+            raise ConversionError(f"--kind-groups names {kind!r}, which this conversion does not convert (it "
+                                  f"converts {', '.join(geometries)}); {hint}, or drop {kind}=")
+    groups = {kind: options.groups_of(kind) for kind in geometries}
+    for kind, geometry in geometries.items():
+        if kind in options.kind_groups:
+            check_groups(groups[kind], geometry, spec, f"--kind-groups {kind}", f"the checkpoint's {kind} attention's")
+        else:
+            check_groups(groups[kind], geometry, spec)
+    shared: dict[str, str] = {}
+    for kind in geometries:
+        attr = spec.kv_heads_attr_of(kind)
+        if attr in shared and groups[shared[attr]] != groups[kind]:
+            raise ConversionError(f"{model_type}'s config holds one KV-head count ({attr}) for its "
+                                  f"{shared[attr]} and {kind} attention, so they cannot have their own G; drop "
+                                  f"--kind-groups")
+        shared.setdefault(attr, kind)
+    return groups
 
 
 def _prepare(src, dst, options: ConversionOptions, progress: bool, calibrate: bool = True) -> Prepared:
@@ -146,8 +179,7 @@ def _prepare(src, dst, options: ConversionOptions, progress: bool, calibrate: bo
     scope = options.attention or spec.default_scope
     config = SourceConfig(raw_config, spec.config, load=lambda: load_transformers_config(model_dir))
     geometries = read_geometries(config, spec, scope)
-    for geometry in geometries.values():
-        check_groups(options.groups, geometry, spec)
+    groups = _kind_groups(options, spec, geometries, raw_config["model_type"])
     out = Path(dst).expanduser().resolve() if dst is not None \
         else default_output(model_dir, options, spec.default_scope)
     check_output_free(out, options.force, model_dir)
@@ -159,33 +191,38 @@ def _prepare(src, dst, options: ConversionOptions, progress: bool, calibrate: bo
                                                  options, progress, calibrate)
     if options.preserve_norm:
         record_options["preserve_norm"] = True
-    native = _native_target(spec, config, options)
-    plan = plan_conversion(sources, spec, geometries, options.groups, dtype=options.dtype,
+    native = _native_target(spec, config, options, set(groups.values()))
+    plan = plan_conversion(sources, spec, geometries, groups, dtype=options.dtype,
                            per_layer=options.per_layer, native=native)
     ropes = {b.attention: rope_layout(b.rope, config, geometries[b.attention].head_dim)
              for b in spec.blocks if b.attention in geometries} if options.per_layer else {}
-    how = UnitConversion(options.method, options.groups, options.seed, options.grouping, options.preserve_norm,
+    how = UnitConversion(options.method, options.seed, options.grouping, options.preserve_norm,
                          options.per_layer, rows_first=native is not None, ropes=ropes)
     shard_bytes = options.max_shard_size or max(p.stat().st_size for p in reader.files)
     record = conversion_record(method=options.method, groups=options.groups, source=str(model_dir),
                                geometries=geometries, scope=scope, seed=options.seed, dtype=options.dtype,
                                options=record_options)
+    if options.kind_groups:
+        record["kind_groups"] = groups  # every converted kind's G
     if native is not None:
         record["native"] = native.model_type
         record["native_config"] = {attr: config.get(attr) for attr in native.copy_config}
     if hub := hub_source(model_dir):
         record["source_repo"], record["source_revision"] = hub["repo"], hub["revision"]
-    record["kv_cache_bytes_per_token_source"] = _kv_cache_bytes_per_token(plan.outputs, spec, geometries, None)
-    record["kv_cache_bytes_per_token"] = _kv_cache_bytes_per_token(plan.outputs, spec, geometries, options.groups)
+    record["kinds"] = kind_figures(plan.outputs, spec, geometries, groups)
+    cached = [f for f in record["kinds"].values() if "kv_cache_bytes_per_token_before" in f]
+    record["kv_cache_bytes_per_token_source"] = sum(f["kv_cache_bytes_per_token_before"] for f in cached)
+    record["kv_cache_bytes_per_token"] = sum(f["kv_cache_bytes_per_token_after"] for f in cached)
     refine = RefineSettings(options.refine_steps, options.refine_lr) if options.refine_steps else None
     return Prepared(model_dir, out, raw_config, spec, plan, how, stream, refine, reader.read, shard_bytes, record,
                     sources, options)
 
 
-def _native_target(spec: ArchitectureSpec, config: ConfigReader, options: ConversionOptions):
-    """The stock family the output is written as, when the spec names one that holds it exactly; else None."""
+def _native_target(spec: ArchitectureSpec, config: ConfigReader, options: ConversionOptions, groups: set[int]):
+    """The stock family the output is written as, when the spec names one that holds it exactly (every kind's G
+    among its `groups`); else None."""
     native = spec.native
-    if native is None or not options.native or options.groups not in native.groups or options.per_layer:
+    if native is None or not options.native or not groups <= set(native.groups) or options.per_layer:
         return None
     if config.model_type == (spec.modeling.model_type if spec.modeling else None):
         return None  # an earlier toolkit output stays the toolkit's family
@@ -230,7 +267,7 @@ def convert(src: str | Path, dst: str | Path | None = None, options: ConversionO
         write_metadata(p.model_dir, tmp, p.raw_config, p.spec, p.record)
     return ConversionResult(p.out, p.record["source_kv_heads"], p.options.groups,
                             p.record["kv_cache_bytes_per_token_source"], p.record["kv_cache_bytes_per_token"], total,
-                            errors)
+                            errors, p.record["kinds"])
 
 
 def describe_conversion(src: str | Path, dst: str | Path | None = None, options: ConversionOptions | None = None,

@@ -19,6 +19,9 @@ from .methods.registry import GROUPINGS, all_method_names
 @click.argument("model_dir")
 @click.option("--groups", "-g", type=int, default=None, help="KV heads (G) in the output; must divide the source's. "
                                                             "[required]")
+@click.option("--kind-groups", default=None, metavar="KIND=G,...",
+              help="Give attention kinds their own G, the others taking --groups: e.g. cross=1 for an "
+                   "encoder-decoder's cross-attention (kinds: decoder, cross, encoder).")
 @click.option("--method", "-m", default="mean", help=f"K/V initialiser: {', '.join(all_method_names())}. "
                                                       "aligned and fit also change Q and O (see docs/methods.md).")
 @click.option("--grouping", default="contiguous", type=click.Choice(GROUPINGS),
@@ -71,7 +74,7 @@ from .methods.registry import GROUPINGS, all_method_names
 @user_errors("gqa-convert", "nothing was written",
              out_of_memory="nothing was written; lower --calibration-samples or --calibration-length, or use "
                            "--device cuda (gqa-convert --dry-run estimates the peak)")
-def main(model_dir, groups, method, grouping, preserve_norm, calibration, calibration_samples, calibration_length,
+def main(model_dir, groups, kind_groups, method, grouping, preserve_norm, calibration, calibration_samples, calibration_length,
          calibration_mode, refine_steps, refine_lr, device, output, attention, seed, dtype, max_shard_size, no_native, revision, force, push_to,
          private,
          quiet, as_json, dry_run, refresh_modeling):
@@ -94,8 +97,9 @@ def main(model_dir, groups, method, grouping, preserve_norm, calibration, calibr
         return
     if groups is None:
         raise ConversionError("--groups is required: the number of KV heads in the output, e.g. --groups 8")
-    options = ConversionOptions(method=method, groups=groups, seed=seed, dtype=dtype, max_shard_size=max_shard_size,
-                                attention=attention, force=force, grouping=grouping, preserve_norm=preserve_norm,
+    options = ConversionOptions(method=method, groups=groups, kind_groups=kind_groups, seed=seed, dtype=dtype,
+                                max_shard_size=max_shard_size, attention=attention, force=force, grouping=grouping,
+                                preserve_norm=preserve_norm,
                                 calibration=calibration, calibration_samples=calibration_samples,
                                 calibration_length=calibration_length, device=device,
                                 calibration_mode=calibration_mode, refine_steps=refine_steps, refine_lr=refine_lr,

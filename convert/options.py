@@ -28,6 +28,9 @@ CALIBRATION_MODES = ("source", "sequential")
 @dataclass(frozen=True, eq=False)
 class ConversionOptions:
     groups: int  # KV heads in the output (checked against the source's heads when it is read)
+    # attention kind -> its own G, for the kinds named (the others take `groups`): {"cross": 1}, or the CLI's
+    # "cross=1,decoder=2"; checked against the family's kinds and each kind's heads when the source is read
+    kind_groups: dict[str, int] | str | None = None
     method: str = "mean"
     grouping: str = "contiguous"  # or "similarity": the most alike heads share a group
     preserve_norm: bool = False  # scale each pooled head to its group's mean head norm
@@ -62,7 +65,8 @@ class ConversionOptions:
         if calibration is None:
             layer = self.layer_method
             calibration = BUILTIN if (layer is not None and layer.calibrated) or self.refine_steps else "none"
-        normalised = dict(dtype=parse_dtype(self.dtype), device=parse_device(self.device), calibration=calibration,
+        normalised = dict(kind_groups=parse_kind_groups(self.kind_groups), dtype=parse_dtype(self.dtype),
+                          device=parse_device(self.device), calibration=calibration,
                           max_shard_size=parse_size(self.max_shard_size) if self.max_shard_size is not None else None)
         for name, value in normalised.items():
             object.__setattr__(self, name, value)
@@ -93,6 +97,10 @@ class ConversionOptions:
                 raise ConversionError(f"--calibration-length {self.calibration_length} must be at least 2 tokens "
                                       f"(default 128)")
 
+    def groups_of(self, kind: str) -> int:
+        """G for one attention kind: its own when --kind-groups names it, else --groups."""
+        return self.kind_groups.get(kind, self.groups)
+
     @property
     def layer_method(self) -> LayerMethod | None:
         return layer_methods().get(self.method)
@@ -113,7 +121,35 @@ class ConversionOptions:
         options = ("-similarity" if self.grouping == "similarity" else "") + ("-norm" if self.preserve_norm else "")
         options += f"-attention-{self.attention}" if self.attention not in (None, default_scope) else ""
         options += f"-refined{self.refine_steps}" if self.refine_steps else ""
-        return f"-gqa{self.groups}-{self.method}{options}"
+        kinds = "".join(f"-{kind}{g}" for kind, g in self.kind_groups.items())
+        return f"-gqa{self.groups}{kinds}-{self.method}{options}"
+
+
+def parse_kind_groups(given: dict[str, int] | str | None) -> dict[str, int]:
+    """{kind: G} from a mapping or from "cross=1,decoder=2"; every kind one of some family's attention kinds
+    (the source's family is checked when it is read) and every G a positive whole number."""
+    from .families.spec import all_specs
+
+    example = "e.g. --kind-groups cross=1 (kind_groups={'cross': 1})"
+    if given is None:
+        return {}
+    if isinstance(given, str):
+        pairs = [part.split("=", 1) for part in given.split(",") if part.strip()]
+        if not pairs or any(len(p) != 2 for p in pairs):
+            raise ConversionError(f"cannot read --kind-groups {given!r}; write KIND=G pairs separated by commas, "
+                                  f"{example}")
+        given = {kind.strip(): g.strip() for kind, g in pairs}
+        given = {kind: int(g) if g.isdigit() else g for kind, g in given.items()}
+    if not isinstance(given, dict):
+        raise ConversionError(f"kind_groups {given!r} must map attention kinds to G, {example}")
+    known = sorted({kind for spec in all_specs().values() for kind in spec.attention})
+    for kind, g in given.items():
+        if kind not in known:
+            raise ConversionError(f"--kind-groups names {kind!r}, which is no attention kind; choose among "
+                                  f"{', '.join(known)}, {example}")
+        if isinstance(g, bool) or not isinstance(g, int) or g < 1:
+            raise ConversionError(f"--kind-groups {kind}={g} must be a positive whole number of KV heads, {example}")
+    return dict(given)
 
 
 # The fields that must hold exactly these types (bool is not an int here: groups=True is a mistake, not 1 KV head)

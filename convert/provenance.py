@@ -59,12 +59,17 @@ def converted_config(raw: dict[str, Any], spec: ArchitectureSpec, record: dict[s
         return _with_record(config, record)
     for kind in record["attention_kinds"]:
         if (attr := spec.kv_heads_attr_of(kind)) is not None:
-            config[attr] = record["groups"]
+            config[attr] = groups_of(record, kind)
     config.update(spec.set_config)
     if spec.modeling is not None:  # the toolkit's GQA modeling code, shipped in the output directory
         config.update(model_type=spec.modeling.model_type, architectures=list(spec.modeling.architectures),
                       auto_map=dict(spec.modeling.auto_map))
     return _with_record(config, record)
+
+
+def groups_of(record: dict[str, Any], kind: str) -> int:
+    """The G a conversion record gives one attention kind (its own under --kind-groups, else --groups)."""
+    return record.get("kind_groups", {}).get(kind, record["groups"])
 
 
 def _with_record(config: dict[str, Any], record: dict[str, Any]) -> dict[str, Any]:
@@ -156,6 +161,9 @@ def _method_description(record: dict[str, Any]) -> str:
         what += (f"; then each attention unit's K/V, Q and O were refined for {record['refine_steps']} steps against "
                  f"the source's attention output on the calibration activations (relative error {errors[0]:.3g} -> "
                  f"{errors[1]:.3g}, the mean over units)")
+    if "kind_groups" in record:
+        shares = ", ".join(f"`h // {H // g}` in the {kind} attention" for kind, g in record["kind_groups"].items())
+        return f"{what}. Query head `h` uses KV head {shares}."
     return f"{what}. Query head `h` uses KV head `h // {H // G}`."
 
 
@@ -190,7 +198,13 @@ def model_card(record: dict[str, Any], model_type: str, spec: ArchitectureSpec |
         if spec is not None and len(spec.attention) > 1 else ""
     before, after = record.get("kv_cache_bytes_per_token_source"), record.get("kv_cache_bytes_per_token")
     kv_bytes = f"{before:,} -> {after:,} bytes ({after / before:.3g}x)" if before else f"{G / G0:.3g}x the source's"
-    body = f"""# {model_type} with grouped-query attention ({G} KV heads)
+    kv_heads = f"{G0} -> {G} (each shared by {H // G} query heads)"
+    title = f"{G} KV heads"
+    if "kind_groups" in record:  # each kind its own G
+        title = ", ".join(f"{kind} {g}" for kind, g in record["kind_groups"].items()) + " KV heads"
+        kv_heads = ", ".join(f"{kind} {G0} -> {g}" for kind, g in record["kind_groups"].items())
+        attention_row += _kind_rows(record["kinds"])
+    body = f"""# {model_type} with grouped-query attention ({title})
 
 Converted from `{record.get('source_repo') or record['source']}` by gqa-toolkit {record['toolkit_version']}.
 
@@ -203,7 +217,7 @@ Converted from `{record.get('source_repo') or record['source']}` by gqa-toolkit 
 | norm preservation | {'yes' if record.get('preserve_norm') else 'no'} |
 | calibration | {_calibration(record)} |
 | query heads | {H} |
-| KV heads | {G0} -> {G} (each shared by {H // G} query heads) |
+| KV heads | {kv_heads} |
 | KV cache per token | {kv_bytes} |
 {attention_row}| seed | {record['seed']} |
 | dtype | {record['dtype'] or 'as the source'} |
@@ -214,6 +228,16 @@ Converted from `{record.get('source_repo') or record['source']}` by gqa-toolkit 
 
 {NOT_UPTRAINED_AUDIO if spec is not None and spec.audio else NOT_UPTRAINED}{_loading_note(record, spec)}{_foreign_code_note(list(code))}"""
     return ModelCard(f"---\n{card_data(record, auto_class, source_card).to_yaml()}\n---\n{body}")
+
+
+def _kind_rows(kinds: dict[str, dict[str, int]]) -> str:
+    """A table row per converted kind with a KV cache: its bytes per token before and after."""
+    rows = ""
+    for kind, f in kinds.items():
+        if "kv_cache_bytes_per_token_before" in f:
+            before, after = f["kv_cache_bytes_per_token_before"], f["kv_cache_bytes_per_token_after"]
+            rows += f"| KV cache per token, {kind} | {before:,} -> {after:,} bytes ({after / before:.3g}x) |\n"
+    return rows
 
 
 def with_section(text: str, title: str, body: str) -> str:

@@ -44,12 +44,12 @@ def run_conversion(plan: Plan, read: Callable[[str], torch.Tensor], writer: Chec
                                          step.moments.get((unit.kind, KEYS, unit.layer)))
                 if refine is not None:
                     refined = refine_unit(converted, step.attention[unit.kind], refine,
-                                          lambda tensors, u=unit: source_shaped(u, tensors, how.groups))
+                                          lambda tensors, u=unit: source_shaped(u, tensors))
                     converted = refined.tensors
                     errors[f"{unit.kind}.{unit.layer}"] = [refined.error_before, refined.error_after]
                 _write(writer, converted)
                 if stream.sequential:
-                    step.converted.update(source_shaped(unit, converted, how.groups))
+                    step.converted.update(source_shaped(unit, converted))
                 left.remove(unit)
             if not left:
                 break

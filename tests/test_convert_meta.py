@@ -25,9 +25,9 @@ class ShapeWriter:
         self.written[name] = (data.device.type, tuple(data.shape))
 
 
-def converted_shapes(sources, read, spec, geometry, how, **plan_options) -> dict:
+def converted_shapes(sources, read, spec, geometry, groups, how, **plan_options) -> dict:
     """Plan and run a conversion on the meta device; name -> planned shape, with every tensor handed over once."""
-    plan = plan_conversion(sources, spec, geometry, how.groups, **plan_options)
+    plan = plan_conversion(sources, spec, geometry, groups, **plan_options)
     writer = ShapeWriter(plan.outputs)
     run_conversion(plan, read, writer, how)
     assert set(writer.written) == {t.name for t in plan.outputs}
@@ -58,7 +58,7 @@ def test_70b_shaped_mha_to_gqa8_on_meta():
         return torch.empty(shapes[name], dtype=torch.bfloat16, device="meta")
 
     for method in ("mean", "first", "random"):
-        out = converted_shapes(sources, read, spec_for("llama"), geometry, UnitConversion(method, 8))
+        out = converted_shapes(sources, read, spec_for("llama"), geometry, 8, UnitConversion(method))
         assert list(out) == list(shapes)
         for name, shape in out.items():
             expected = (8 * 128, 8192) if name.endswith(("k_proj.weight", "v_proj.weight")) else shapes[name]

@@ -265,7 +265,7 @@ def test_gpt2_xl_and_t5_11b_shaped_plans_on_meta():
     def plan(shapes, spec, geos, groups):
         sources = {n: SourceTensor(torch.bfloat16, s) for n, s in shapes.items()}
         read = lambda n: torch.empty(shapes[n], dtype=torch.bfloat16, device="meta")  # noqa: E731
-        return converted_shapes(sources, read, spec, geos, UnitConversion("mean", groups))
+        return converted_shapes(sources, read, spec, geos, groups, UnitConversion("mean"))
 
     d, hd = 1600, 64  # gpt2-xl: 48 layers, 25 heads
     gpt2 = {f"transformer.h.{i}.attn.c_attn.{p}": s for i in range(48)

@@ -30,13 +30,17 @@ class ConfigReader(Protocol):
 class TransformersConfig:
     """A transformers config object (attribute_map and class defaults applied) behind `ConfigReader`."""
 
-    def __init__(self, config: Any):
+    def __init__(self, config: Any, keys: dict[str, tuple[str, ...]] | None = None):
         self.config = config
         self.model_type: str = config.model_type
+        # attribute -> further attributes to read where it is None, in order (ConfigSchema's keys: a fallback chain)
+        self.keys = keys or {}
 
     def get(self, path: str) -> Any:
-        value = self.config
-        for part in path.split("."):
+        attr, *rest = path.split(".")
+        chain = (attr, *self.keys.get(attr, ()))
+        value = next((v for key in chain if (v := getattr(self.config, key, None)) is not None), None)
+        for part in rest:
             value = value.get(part) if isinstance(value, dict) else getattr(value, part, None)
         return value
 

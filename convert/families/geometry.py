@@ -95,7 +95,8 @@ def check_groups(groups: int, geometry: Geometry, spec: ArchitectureSpec, settin
 
 def model_geometry(config, kind: str | None = None) -> Geometry:
     """The geometry of a loaded transformers config (a model's `.config`), read through its family's spec."""
-    return read_geometry(TransformersConfig(config), spec_for(config.model_type), kind)
+    spec = spec_for(config.model_type)
+    return read_geometry(TransformersConfig(config, spec.config.keys), spec, kind)
 
 
 def context_length(config) -> int | None:

@@ -80,11 +80,16 @@ def load_transformers_config(model_dir: Path) -> TransformersConfig:
     from huggingface_hub.errors import StrictDataclassError  # a value of the wrong type, or one out of range
     from transformers import AutoConfig
 
+    from .spec import all_specs
+
     try:
-        return TransformersConfig(from_pretrained(AutoConfig, model_dir))
+        config = from_pretrained(AutoConfig, model_dir)
     except (ValueError, OSError, TypeError, StrictDataclassError) as exc:
         reason = " ".join(str(exc).split())
         raise ConversionError(f"transformers cannot read {model_dir / 'config.json'}: {reason}") from None
+    # the spec's fallback chains (a cross-attention count that is None reads the decoder's, as the modeling does)
+    spec = all_specs().get(config.model_type)
+    return TransformersConfig(config, spec.config.keys if spec is not None else None)
 
 
 @contextmanager

@@ -30,7 +30,6 @@ class UnitConversion:
     """How every unit of a conversion is converted."""
 
     method: str
-    groups: int  # G, KV heads in the output (see ConversionOptions)
     seed: int = 0
     grouping: str = "contiguous"
     preserve_norm: bool = False
@@ -44,32 +43,33 @@ def convert_unit(unit: AttentionUnit, read: Read, how: UnitConversion, moments: 
     """`moments`: the unit's attention input (Q's); `key_moments`: K's and V's where they differ (cross-attention)."""
     if how.per_layer:
         return _layer_unit(unit, read, how, moments, key_moments)
-    return {name: t for kv in unit.kv for name, t in _per_head_tensor(kv, read, unit.geometry, how).items()}
+    return {name: t for kv in unit.kv for name, t in _per_head_tensor(kv, read, unit, how).items()}
 
 
-def _pool(heads: torch.Tensor, kv: KVTensors, name: str, how: UnitConversion, geo: Geometry) -> torch.Tensor:
+def _pool(heads: torch.Tensor, kv: KVTensors, name: str, how: UnitConversion, unit: AttentionUnit) -> torch.Tensor:
     """(G0, ...) -> (G, ...) by the per-head method; norm scales (init ones) are never rescaled."""
-    return pool_heads(heads.float(), how.groups, how.method, MethodContext(name, kv.entry.init, geo.init_std, how.seed),
+    context = MethodContext(name, kv.entry.init, unit.geometry.init_std, how.seed)
+    return pool_heads(heads.float(), unit.groups, how.method, context,
                       preserve_norm=how.preserve_norm and kv.entry.init != "ones")
 
 
-def _per_head_tensor(kv: KVTensors, read: Read, geo: Geometry, how: UnitConversion) -> dict[str, torch.Tensor]:
-    entry = kv.entry
+def _per_head_tensor(kv: KVTensors, read: Read, unit: AttentionUnit, how: UnitConversion) -> dict[str, torch.Tensor]:
+    entry, geo = kv.entry, unit.geometry
     rows_axis = -1 if entry.transposed else 0
     out_axis = 0 if how.rows_first else rows_axis
     if entry.layout == "stacked":
         stack = torch.stack([read(n) for n in kv.names])  # (G0, *shape)
-        pooled = _pool(stack, kv, kv.names[0], how, geo)  # (G, *shape)
-        return {kv.names[h]: pooled[h] for h in range(how.groups)}
+        pooled = _pool(stack, kv, kv.names[0], how, unit)  # (G, *shape)
+        return {kv.names[h]: pooled[h] for h in range(unit.groups)}
     name = kv.names[0]
     t = read(name).float().movedim(rows_axis, 0)  # rows first
     if entry.layout == "fused":
         q, k, v = fused_layout(entry.fused_layout).split(t, geo.heads, geo.kv_heads, geo.head_dim)
-        k, v = _pool(k, kv, f"{name}:k", how, geo), _pool(v, kv, f"{name}:v", how, geo)  # (G, hd, *rest)
+        k, v = _pool(k, kv, f"{name}:k", how, unit), _pool(v, kv, f"{name}:v", how, unit)  # (G, hd, *rest)
         out = fused_layout(entry.fused_output_layout or entry.fused_layout).fuse(Heads(q, k, v))  # (rows, *rest)
     else:
         heads = t.reshape(geo.kv_heads, -1, *t.shape[1:])  # (G0, hd or 1, *rest)
-        out = _pool(heads, kv, name, how, geo).flatten(0, 1)  # (G * (hd or 1), *rest)
+        out = _pool(heads, kv, name, how, unit).flatten(0, 1)  # (G * (hd or 1), *rest)
     return {name: out.movedim(0, out_axis).contiguous()}
 
 
@@ -102,7 +102,7 @@ def _layer_unit(unit: AttentionUnit, read: Read, how: UnitConversion, moments, k
         tensors.update(_split(layout, tensors.pop("qkv_bias"), geo, geo.kv_heads, "bias"))
     weights = AttentionWeights(tensors["q"], tensors["k"], tensors["v"], tensors["o"], tensors["q_bias"],
                                tensors["k_bias"], tensors["v_bias"])
-    out = convert_layer(weights, heads=geo.heads, kv_heads=geo.kv_heads, groups=how.groups, method=how.method,
+    out = convert_layer(weights, heads=geo.heads, kv_heads=geo.kv_heads, groups=unit.groups, method=how.method,
                         rope=how.ropes[unit.kind], grouping=how.grouping, preserve_norm=how.preserve_norm,
                         calibration=moments, key_calibration=key_moments, seed=how.seed, init_std=geo.init_std,
                         names={f"{r.split('_')[0]}.{'bias' if r.endswith('bias') else 'weight'}": n
@@ -110,19 +110,19 @@ def _layer_unit(unit: AttentionUnit, read: Read, how: UnitConversion, moments, k
     if layout is None:
         result = {role: getattr(out, role) for role in names}
     else:
-        result = {"qkv": _fuse(layout, out.q, out.k, out.v, geo, how.groups),
-                  "qkv_bias": _fuse(layout, out.q_bias, out.k_bias, out.v_bias, geo, how.groups), "o": out.o}
+        result = {"qkv": _fuse(layout, out.q, out.k, out.v, geo, unit.groups),
+                  "qkv_bias": _fuse(layout, out.q_bias, out.k_bias, out.v_bias, geo, unit.groups), "o": out.o}
     if block.transposed:
         result = {role: t.T.contiguous() if t is not None and not role.endswith("bias") else t
                   for role, t in result.items()}
     return {n: result[role] for role, n in names.items() if n is not None}
 
 
-def source_shaped(unit: AttentionUnit, converted: dict[str, torch.Tensor], groups: int) -> dict[str, torch.Tensor]:
+def source_shaped(unit: AttentionUnit, converted: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A converted layer unit's tensors by on-disk name, shaped as the source's: K/V (split out of a fused qkv by
     its layout) repeated from G heads back to the source's G0, group j serving the contiguous heads it replaced.
     The source's MHA-shaped block holding them computes the converted attention (sequential calibration runs it)."""
-    geo, block = unit.geometry, unit.block
+    geo, block, groups = unit.geometry, unit.block, unit.groups
 
     def to_source_heads(t: torch.Tensor) -> torch.Tensor:
         heads = t.reshape(groups, geo.head_dim, *t.shape[1:])  # (G, hd, ...)

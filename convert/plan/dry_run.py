@@ -85,7 +85,7 @@ def describe(prepared) -> list[str]:
     shards = split_into_shards(planned, prepared.shard_bytes)
     lines = [
         f"source: {prepared.model_dir} ({prepared.raw_config['model_type']}, {record['num_attention_heads']} query "
-        f"heads, {record['source_kv_heads']} KV heads) -> {record['groups']} KV heads by {record['method']}"
+        f"heads, {record['source_kv_heads']} KV heads) -> {_kv_heads(record)} KV heads by {record['method']}"
         + (f", written as stock {record['native']}" if "native" in record else ""),
         f"output: {prepared.out} (nothing written by this dry run)",
         f"tensors: {len(copied)} copied unchanged ({format_bytes(planned_bytes(copied))}), {len(computed)} "
@@ -115,3 +115,10 @@ def describe(prepared) -> list[str]:
                               f"{format_bytes(memory)} is available; use --device cuda, fewer "
                               f"--calibration-samples, or a bigger machine")
     return lines
+
+
+def _kv_heads(record: dict) -> str:
+    """G, or each kind's under --kind-groups."""
+    if "kind_groups" in record:
+        return ", ".join(f"{kind} {g}" for kind, g in record["kind_groups"].items())
+    return str(record["groups"])

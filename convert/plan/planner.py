@@ -37,6 +37,7 @@ class AttentionUnit:
     kind: str  # the spec's attention kind
     layer: int
     geometry: Geometry
+    groups: int  # G, this unit's KV heads in the output (its kind's)
     kv: tuple[KVTensors, ...]  # every K/V tensor the spec names in this unit (per-head methods convert these)
     # the layer methods: role (q, k, v, o, q_bias, k_bias, v_bias; or qkv, qkv_bias, o) -> on-disk name or None
     projections: Mapping[str, str | None] | None = None
@@ -205,12 +206,15 @@ def check_layer_support(spec: ArchitectureSpec, model_type: str, names: list[str
 
 
 def plan_conversion(sources: Mapping[str, SourceTensor], spec: ArchitectureSpec,
-                    geo: Geometry | Mapping[str, Geometry], groups: int, *, dtype: torch.dtype | None = None,
-                    per_layer: bool = False, native: NativeTarget | None = None) -> Plan:
+                    geo: Geometry | Mapping[str, Geometry], groups: int | Mapping[str, int], *,
+                    dtype: torch.dtype | None = None, per_layer: bool = False,
+                    native: NativeTarget | None = None) -> Plan:
     """`geo`: one geometry for every attention kind, or kind -> geometry for the kinds to convert (tensors of the
-    other kinds are copied unchanged: T5's encoder under the default scope). `per_layer`: the units convert q, k,
-    v and o together (layer methods, similarity grouping). `dtype`: floating outputs' dtype (None keeps each's)."""
+    other kinds are copied unchanged: T5's encoder under the default scope). `groups`: G for every kind, or kind ->
+    its G. `per_layer`: the units convert q, k, v and o together (layer methods, similarity grouping). `dtype`:
+    floating outputs' dtype (None keeps each's)."""
     geos = dict(geo) if isinstance(geo, Mapping) else {kind: geo for kind in spec.attention}
+    kind_groups = dict(groups) if isinstance(groups, Mapping) else {kind: groups for kind in geos}
     entries = [t for t in spec.tensors if t.attention in geos]
     names = list(sources)
     matches = _match_names(names, entries)
@@ -227,7 +231,8 @@ def plan_conversion(sources: Mapping[str, SourceTensor], spec: ArchitectureSpec,
             order[n] for n in [*(n for kv in kv_units.get(k, ()) for n in kv.names),
                                *(n for n in projections.get(k, (None, {}))[1].values() if n)])):
         block, roles = projections.get(key, (None, None))
-        unit = AttentionUnit(key[0], key[2], geos[key[0]], tuple(kv_units.get(key, ())), roles, block)
+        unit = AttentionUnit(key[0], key[2], geos[key[0]], kind_groups[key[0]], tuple(kv_units.get(key, ())), roles,
+                             block)
         if per_layer and (roles is None or not {n for kv in unit.kv for n in kv.names} <= set(roles.values())):
             outside = next(n for kv in unit.kv for n in kv.names if roles is None or n not in roles.values())
             raise ConversionError(f"{outside} holds K/V heads that the per-layer conversion does not reach; this "
@@ -235,11 +240,11 @@ def plan_conversion(sources: Mapping[str, SourceTensor], spec: ArchitectureSpec,
         units.append(unit)
     transposed = frozenset(n for n in names if n not in matches and native is not None
                            and any(key_pattern(t).match(n) for t in native.transpose))
-    return Plan(tuple(_outputs(sources, matches, units, transposed, groups, dtype, native is not None)),
+    return Plan(tuple(_outputs(sources, matches, units, transposed, dtype, native is not None)),
                 tuple(units), transposed)
 
 
-def _projection_rows(units: Iterable[AttentionUnit], groups: int) -> dict[str, tuple[int | None, bool]]:
+def _projection_rows(units: Iterable[AttentionUnit]) -> dict[str, tuple[int | None, bool]]:
     """A layer unit's tensors -> (their rows in the output, None where q and o keep theirs; whether the head axis
     is the last, as in a Conv1D weight)."""
     shaped = {}
@@ -247,15 +252,15 @@ def _projection_rows(units: Iterable[AttentionUnit], groups: int) -> dict[str, t
         for role, name in unit.projections.items():
             if name is None:
                 continue
-            rows = kv_rows("fused", unit.block.fused_layout, unit.geometry, groups) if role.startswith("qkv") \
-                else kv_rows("rows", None, unit.geometry, groups) if role[0] in "kv" else None
+            rows = kv_rows("fused", unit.block.fused_layout, unit.geometry, unit.groups) if role.startswith("qkv") \
+                else kv_rows("rows", None, unit.geometry, unit.groups) if role[0] in "kv" else None
             shaped[name] = rows, unit.block.transposed and not role.endswith("bias")
     return shaped
 
 
-def _outputs(sources, matches, units, transposed, groups: int, dtype, rows_first: bool) -> Iterable[OutputTensor]:
-    geos = {name: unit.geometry for unit in units for name in unit.names}
-    projections = _projection_rows(units, groups)
+def _outputs(sources, matches, units, transposed, dtype, rows_first: bool) -> Iterable[OutputTensor]:
+    unit_of = {name: unit for unit in units for name in unit.names}
+    projections = _projection_rows(units)
     for name, source in sources.items():
         out_dtype = dtype if dtype is not None and source.dtype.is_floating_point else source.dtype
         shape, m = tuple(source.shape), matches.get(name)
@@ -264,9 +269,11 @@ def _outputs(sources, matches, units, transposed, groups: int, dtype, rows_first
         elif name in projections:
             yield OutputTensor(name, out_dtype, _output_shape(shape, *projections[name], rows_first=False))
         elif m is not None:
-            if m.head is not None and m.head >= groups:
+            unit = unit_of[name]
+            if m.head is not None and m.head >= unit.groups:
                 continue  # a stacked entry keeps one tensor per output KV head
-            rows = kv_rows(m.entry.layout, m.entry.fused_output_layout or m.entry.fused_layout, geos[name], groups)
+            rows = kv_rows(m.entry.layout, m.entry.fused_output_layout or m.entry.fused_layout, unit.geometry,
+                           unit.groups)
             yield OutputTensor(name, out_dtype, _output_shape(shape, rows, m.entry.transposed, rows_first))
         else:
             yield OutputTensor(name, out_dtype, shape, source.span if out_dtype == source.dtype else None)

@@ -4,8 +4,9 @@ key/value heads shared by H query heads; the KV cache holds G heads.
 Written by gqa-toolkit into every converted BART, mBART, Marian or Whisper directory, beside `gqa_attention.py` (the
 shared core), and loaded from there with `AutoModelForSeq2SeqLM.from_pretrained(dir, trust_remote_code=True)`
 (`AutoModelForSpeechSeq2Seq` for whisper). Imports torch and transformers only. `num_key_value_heads` (whisper:
-`decoder_num_key_value_heads`) counts the decoder's K/V heads (self- and cross-attention, the ones the KV cache
-holds); `encoder_num_key_value_heads` the encoder's (None: MHA). `k_proj` and `v_proj` are `[G*hd, d]`
+`decoder_num_key_value_heads`) counts the decoder's self-attention K/V heads, `cross_num_key_value_heads` its
+cross-attention's (None: the decoder's count, as outputs written before it existed have), both held by the KV cache;
+`encoder_num_key_value_heads` the encoder's (None: MHA). `k_proj` and `v_proj` are `[G*hd, d]`
 (head-major); query head h uses KV head h // (H/G).
 """
 
@@ -23,10 +24,11 @@ from .gqa_attention import GroupedAttention
 
 class _EncoderKVHeads:
     encoder_num_key_value_heads: int | None = None  # encoder self-attention; None: MHA
+    cross_num_key_value_heads: int | None = None  # decoder cross-attention; None: as the decoder's self-attention
 
 
 class _KVHeads(_EncoderKVHeads):
-    num_key_value_heads: int | None = None  # decoder self- and cross-attention; None: MHA
+    num_key_value_heads: int | None = None  # decoder self-attention (and cross-attention, unless set); None: MHA
 
 
 class GQABartConfig(_KVHeads, BartConfig):
@@ -44,7 +46,7 @@ class GQAMarianConfig(_KVHeads, MarianConfig):
 class GQAWhisperConfig(_EncoderKVHeads, WhisperConfig):
     model_type = "gqa_whisper"
     # WhisperConfig maps `num_key_value_heads` to the encoder's query heads, so the decoder's count has its own name
-    decoder_num_key_value_heads: int | None = None  # decoder self- and cross-attention; None: MHA
+    decoder_num_key_value_heads: int | None = None  # decoder self-attention (and cross, unless set); None: MHA
 
 
 class _Grouped:
@@ -110,9 +112,10 @@ class _GroupedModel:
         for layer in self.model.encoder.layers:
             layer.self_attn = grouped(layer.self_attn, config.encoder_num_key_value_heads)
         decoder_kv_heads = getattr(config, self.decoder_kv_heads_attr)
+        cross_kv_heads = getattr(config, "cross_num_key_value_heads", None) or decoder_kv_heads
         for layer in self.model.decoder.layers:
             layer.self_attn = grouped(layer.self_attn, decoder_kv_heads)
-            layer.encoder_attn = grouped(layer.encoder_attn, decoder_kv_heads)
+            layer.encoder_attn = grouped(layer.encoder_attn, cross_kv_heads)
         self.post_init()
 
 

@@ -2,8 +2,9 @@
 
 Written by gqa-toolkit into every converted T5 directory, beside `gqa_attention.py` (the shared core), and loaded
 from there with `AutoModelForSeq2SeqLM.from_pretrained(dir, trust_remote_code=True)`. Imports torch and
-transformers only. `num_key_value_heads` counts the decoder's K/V heads (self- and cross-attention, the ones the
-KV cache holds); `encoder_num_key_value_heads` the encoder's (None: MHA, the paper's choice). `k` and `v` are
+transformers only. `num_key_value_heads` counts the decoder's self-attention K/V heads, `cross_num_key_value_heads`
+its cross-attention's (None: the decoder's count, as outputs written before it existed have), both held by the KV
+cache; `encoder_num_key_value_heads` the encoder's (None: MHA, the paper's choice). `k` and `v` are
 `[G * d_kv, d_model]` (head-major); query head h uses KV head h // (H/G). The relative position bias is per query
 head and unchanged.
 """
@@ -20,7 +21,8 @@ from .gqa_attention import GroupedAttention
 
 class GQAT5Config(T5Config):
     model_type = "gqa_t5"
-    num_key_value_heads: int | None = None  # decoder self- and cross-attention; None: MHA
+    num_key_value_heads: int | None = None  # decoder self-attention (and cross-attention, unless set); None: MHA
+    cross_num_key_value_heads: int | None = None  # decoder cross-attention; None: as the decoder's self-attention
     encoder_num_key_value_heads: int | None = None  # encoder self-attention; None: MHA
 
 
@@ -68,9 +70,10 @@ class GQAT5ForConditionalGeneration(T5ForConditionalGeneration):
         super().__init__(config)
         for block in self.encoder.block:
             block.layer[0].SelfAttention = _grouped(block.layer[0].SelfAttention, config.encoder_num_key_value_heads)
+        cross_kv_heads = getattr(config, "cross_num_key_value_heads", None) or config.num_key_value_heads
         for block in self.decoder.block:
             block.layer[0].SelfAttention = _grouped(block.layer[0].SelfAttention, config.num_key_value_heads)
-            block.layer[1].EncDecAttention = _grouped(block.layer[1].EncDecAttention, config.num_key_value_heads)
+            block.layer[1].EncDecAttention = _grouped(block.layer[1].EncDecAttention, cross_kv_heads)
         self.post_init()
 
 

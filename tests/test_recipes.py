@@ -88,3 +88,34 @@ def test_private_without_a_repository_is_refused():
 
     with pytest.raises(UptrainError, match="private applies to output.push_to_hub"):
         validate_recipe({"model": {"path": "m"}, "train": {"max_steps": 1}, "output": {"dir": "o", "private": True}})
+
+
+@pytest.mark.slow
+def test_tiny_whisper_recipe_runs_as_its_comment_says(tmp_path, monkeypatch):
+    """The commands in recipes/tiny-whisper-uptrain.yaml's header, the recipe itself (fewer steps), then the WER
+    command it ends with."""
+    import json
+
+    from click.testing import CliRunner
+
+    from gqa_toolkit.convert.cli import main as convert_main
+    from gqa_toolkit.eval.cli import main as eval_main
+    from gqa_toolkit.uptrain.tiny import main as tiny_main
+    from gqa_toolkit.uptrain.tones import main as tones_main
+
+    monkeypatch.chdir(tmp_path)
+    assert CliRunner().invoke(tiny_main, ["--family", "whisper", "runs/tiny-whisper"]).exit_code == 0
+    assert CliRunner().invoke(tones_main, ["runs/tones", "--count", "40"]).exit_code == 0
+    converted = CliRunner().invoke(convert_main, ["runs/tiny-whisper", "--groups", "2", "--method", "mean",
+                                                  "--output", "runs/tiny-whisper-gqa2"])
+    assert converted.exit_code == 0, converted.output
+    recipe = Path(__file__).parent.parent / "recipes" / "tiny-whisper-uptrain.yaml"
+    out = train(load_recipe(recipe, ["train.fraction=0.002", "data.eval_blocks=4",
+                                     f"data.cache_dir={tmp_path / 'cache'}", "output.progress=false"]))
+    record = json.loads((out / "config.json").read_text())
+    assert record["gqa_uptraining"]["objective"] == "speech+distill" and record["gqa_uptraining"]["steps"] == 4
+    assert record["gqa_conversion"]["groups"] == 2 and record["model_type"] == "gqa_whisper"
+    measured = CliRunner().invoke(eval_main, ["wer", "runs/tiny-whisper-gqa2-uptrained", "--data", "runs/tones",
+                                              "--max-blocks", "4"])
+    assert measured.exit_code == 0, measured.output
+    assert json.loads(measured.stdout.strip().splitlines()[-1])["against"] == "source"

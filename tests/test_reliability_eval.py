@@ -165,7 +165,8 @@ BAD_INPUTS = {
     "ablation: original.path not a model": (["ablation", "{recipe}", "original.path={tmp}/not-a-model"],
                                             ["original.path", "has no config.json"]),
     "ablation: original.path an audio model": (["ablation", "{recipe}", "original.path={whisper}"],
-                                               ["encoder takes audio features", "gqa-eval speed measures it"]),
+                                               ["whisper has no preprocessor_config.json (the audio feature "
+                                                "extractor", "copy the source model's preprocessor_config.json or"]),
 }
 
 

@@ -1,6 +1,7 @@
 """Whisper through the commands: gqa-convert's record of the KV cache equals what a prefill really caches (the
 decoder's self-attention cache per token plus the cross-attention cache per encoder position), gqa-eval speed
-encodes the audio window and reports the cache shrinking by H/G, and the text tasks refuse the model in one line."""
+encodes the audio window and reports the cache shrinking by H/G, and lm-eval's text tasks refuse the model in one
+line (uptraining and the other measures take audio: tests/test_speech_*.py)."""
 
 import json
 
@@ -60,21 +61,13 @@ def test_speed_refuses_another_context_with_the_window(whisper):
     assert len(result.output.strip().splitlines()) == 1
 
 
-def test_text_tasks_refuse_an_audio_model(whisper):
-    result = CliRunner().invoke(eval_main, ["perplexity", str(whisper[2])])
+def test_lm_eval_tasks_refuse_an_audio_model(whisper):
+    """lm-eval's tasks are text; gqa-eval's own measures take (audio, transcript) pairs (tests/test_speech_*.py)."""
+    result = CliRunner().invoke(eval_main, ["tasks", str(whisper[2]), "--tasks", "hellaswag"])
     assert result.exit_code == 2, result.output
-    assert "encoder takes audio features, and the toolkit's tasks are text" in result.output
+    assert "encoder takes audio features, and these tasks are text; score it on (audio, transcript) pairs with " \
+           "gqa-eval wer" in result.output
     assert len(result.output.strip().splitlines()) == 1
-
-
-def test_uptraining_refuses_an_audio_model(whisper, tmp_path):
-    from gqa_toolkit.uptrain import UptrainError, train, validate_recipe
-
-    recipe = validate_recipe({"model": {"path": str(whisper[2])}, "train": {"max_steps": 1},
-                              "output": {"dir": str(tmp_path / "run")}})
-    with pytest.raises(UptrainError, match="encoder takes audio features, and the toolkit's tasks are text"):
-        train(recipe)
-    assert not (tmp_path / "run").exists()  # refused before anything is written
 
 
 def test_spec_names_the_audio_input():
@@ -89,13 +82,6 @@ def test_speed_refuses_decoding_past_the_decoders_positions(whisper):
     assert result.exit_code == 2
     assert f"decoder's {limit} positions; take at most {limit - 1}" in result.output
     assert len(result.output.strip().splitlines()) == 1
-
-
-@pytest.mark.parametrize("command", [["tasks", "--tasks", "hellaswag"], ["fidelity"]])
-def test_other_text_measures_refuse_an_audio_model(whisper, command):
-    result = CliRunner().invoke(eval_main, [command[0], str(whisper[2]), *command[1:]])
-    assert result.exit_code == 2, result.output
-    assert "encoder takes audio features, and the toolkit's tasks are text" in result.output
 
 
 def test_record_counts_only_the_caches_with_attention_all(whisper, tmp_path):

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
+import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
@@ -51,6 +52,8 @@ def _tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
 def task_rows(src: TextCorpus, tokenizer, task: Task, cfg: DataSection, main_first=contextlib.nullcontext):
     """Rows of `src` as `task` stores them: from the cache when this (text, tokenizer, row format) was made before,
     else made now. Streaming sources are tokenized on the fly and never cached."""
+    if task.name == "speech":
+        return speech_rows(src, tokenizer, task, cfg, main_first)
     with main_first():
         ds, text_fp = load_text(src)
         if src.streaming:
@@ -63,6 +66,31 @@ def task_rows(src: TextCorpus, tokenizer, task: Task, cfg: DataSection, main_fir
             if len(rows) == 0:  # datasets cannot reload a saved dataset with no rows
                 raise UptrainError(f"{src.name} (split {src.split}) gives no block of {task.row_length} tokens; give "
                                    f"more text or a smaller block size")
+            _write_cache(rows, path)
+            cached = datasets.load_from_disk(str(path))
+        return cached
+
+
+def speech_rows(src: TextCorpus, tokenizer, task, cfg: DataSection, main_first=contextlib.nullcontext):
+    """(features, transcript) rows of a speech corpus: from the cache when these clips, tokenizer and feature
+    extractor made them before, else made now (each clip decoded, resampled and turned into log-mel features)."""
+    from .speech_corpus import SpeechCorpus, speech_clips
+
+    if src.name == corpus.NAME:
+        raise UptrainError(f"this model's encoder takes audio, and {corpus.NAME} is text; set {src.settings.source} "
+                           "to (audio, transcript) pairs: a csv or jsonl transcripts file beside wav/flac files, a "
+                           "folder holding them, or a dataset with audio and text columns")
+    with main_first():
+        speech = SpeechCorpus(src.name, src.split, src.config, src.text_column, cfg.audio_column, src.max_documents,
+                              src.settings)
+        clips, clips_fp = speech_clips(speech)
+        key = hashlib.sha1(f"{clips_fp}|{_tokenizer_fingerprint(tokenizer)}|{task.format_key}".encode())
+        path = cache_root(cfg) / key.hexdigest()[:20]
+        cached = _read_cache(path)
+        if cached is None:
+            rows = task.rows(clips, tokenizer)
+            if len(rows) == 0:
+                raise UptrainError(f"{src.name} holds no (audio, transcript) pair; give some clips")
             _write_cache(rows, path)
             cached = datasets.load_from_disk(str(path))
         return cached
@@ -91,15 +119,21 @@ def _write_cache(rows: datasets.Dataset, path: Path) -> None:
 
 
 def rows_as_tensors(rows) -> dict[str, torch.Tensor]:
-    """A list of row dicts, or a dict of column lists, as a dict of int64 tensors (N, ...)."""
+    """A list of row dicts, or a dict of column lists, as a dict of tensors (N, ...): int64 ids, float32 features."""
     if isinstance(rows, list):
         rows = {k: [row[k] for row in rows] for k in rows[0]} if rows else {"input_ids": []}
-    return {k: torch.tensor(list(v), dtype=torch.long) for k, v in rows.items()}
+    return {k: _tensor(v) for k, v in rows.items()}
+
+
+def _tensor(values) -> torch.Tensor:
+    """Token ids as int64, audio features as float32."""
+    array = np.asarray(values if isinstance(values, torch.Tensor) else list(values))
+    return torch.from_numpy(array).float() if array.dtype.kind == "f" else torch.tensor(array, dtype=torch.long)
 
 
 def example_batches(examples: dict[str, torch.Tensor], batch_size: int, device) -> Iterator[dict[str, torch.Tensor]]:
     """Consecutive slices (column -> (b, ...)) of a set of examples, on `device`."""
-    n = len(examples["input_ids"]) if examples else 0
+    n = len(next(iter(examples.values()))) if examples else 0
     for start in range(0, n, batch_size):
         yield {k: v[start:start + batch_size].to(device) for k, v in examples.items()}
 
@@ -107,7 +141,7 @@ def example_batches(examples: dict[str, torch.Tensor], batch_size: int, device) 
 def heldout_examples(rows, task: Task) -> dict[str, torch.Tensor]:
     """The task's examples of held-out rows, made with a fixed seed; {} when there are none."""
     tensors = rows_as_tensors(rows)
-    return task.examples(tensors, HELDOUT_SEED) if len(tensors["input_ids"]) else {}
+    return task.examples(tensors, HELDOUT_SEED) if len(next(iter(tensors.values()))) else {}
 
 
 def load_blocks(cfg: DataSection, tokenizer, task: Task, main_first=contextlib.nullcontext) -> Blocks:
@@ -151,7 +185,7 @@ def global_batches(train, batch_size: int, seed: int, start_step: int = 0,
             epoch, k = divmod(step, per_epoch)
             perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
             batch = rows[perm[k * batch_size : (k + 1) * batch_size].tolist()]
-            yield {column: values.long() for column, values in batch.items()}
+            yield {column: values if values.is_floating_point() else values.long() for column, values in batch.items()}
             step += 1
     # streaming: the order is (seed, epoch)-deterministic, so resuming skips the blocks already consumed
     skip, buf, epoch = start_step * batch_size, [], 0

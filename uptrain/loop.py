@@ -30,10 +30,9 @@ from .data import global_batches, load_blocks, process_micro_batches
 from .errors import UptrainError
 from .metrics import MetricsLog
 from .model import (
-    check_block_size,
     check_model_dir,
-    check_text_model,
     check_tokenizer_fits,
+    example_length,
     load_config,
     load_model,
     load_teacher,
@@ -105,8 +104,7 @@ def train(recipe: Recipe, *, stop_after: int | None = None) -> Path | None:
     # 1. Everything that can fail on user input is checked before anything is written.
     student_dir = check_model_dir(recipe.model.path)
     config = load_config(student_dir)
-    check_text_model(config)
-    check_block_size(config, data.block_size)
+    row_length = example_length(config, data.block_size)
     teacher_path = teacher_dir(student_dir, obj.teacher) if obj.distill_weight > 0 else None
     # One process may run several recipes (the ablation runner does), each with its own precision: forget the
     # previous run's accelerator settings but keep the process group (PartialState).
@@ -114,7 +112,7 @@ def train(recipe: Recipe, *, stop_after: int | None = None) -> Path | None:
     trackers = resolve_trackers(recipe.output.trackers)
     accelerator = Accelerator(mixed_precision=mixed_precision(cfg.precision), log_with=trackers or None,
                               project_dir=str(Path(recipe.output.dir) / "trackers"))
-    budget = plan_budget(cfg, data.block_size, accelerator.num_processes)
+    budget = plan_budget(cfg, row_length, accelerator.num_processes)
     out = claim_run_dir(recipe, folders_read(recipe, student_dir, teacher_path))
     if trackers:
         accelerator.init_trackers("gqa-uptrain")

@@ -86,12 +86,21 @@ def check_tokenizer_fits(tokenizer, config, path: Path) -> None:
                            "with (the source checkpoint's tokenizer files) in model.path")
 
 
+def example_length(config, block_size: int) -> int:
+    """Positions per example as the budget counts them: the text block (checked against the model's context), or
+    for a model whose encoder takes audio (whisper), its window of encoder positions."""
+    audio = audio_input(config.model_type)
+    if audio is not None:
+        return getattr(config, audio.positions_attr)
+    check_block_size(config, block_size)
+    return block_size
+
+
 def check_text_model(config) -> None:
-    """Refuse a model whose encoder takes audio (whisper): the uptraining and evaluation tasks are text."""
+    """Refuse a model whose encoder takes audio (whisper) where only text can feed it (lm-eval's tasks)."""
     if audio_input(config.model_type) is not None:
-        raise UptrainError(f"this {config.model_type} model's encoder takes audio features, and the toolkit's tasks "
-                           "are text; gqa-eval speed measures it, and uptraining it needs an audio training loop "
-                           "of your own (it loads with AutoModelForSpeechSeq2Seq)")
+        raise UptrainError(f"this {config.model_type} model's encoder takes audio features, and these tasks are "
+                           "text; score it on (audio, transcript) pairs with gqa-eval wer, perplexity or fidelity")
 
 
 def model_class(path: Path):

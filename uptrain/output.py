@@ -16,6 +16,7 @@ from gqa_toolkit.convert.provenance import UPTRAINING_SECTION, with_section
 from .model import read_config_json
 from .recipe import Recipe
 from .run_dir import MODEL_TMP, RECIPE_FILE
+from .speech import PROCESSOR_FILES
 from .storage import disk_writes
 
 _MODEL_FILES = ("*.safetensors", "model.safetensors.index.json")
@@ -75,6 +76,9 @@ def save_output(accelerator, model, tokenizer, recipe: Recipe, state: dict, stud
                          cleanup=lambda: shutil.rmtree(tmp, ignore_errors=True)):
             unwrapped.save_pretrained(tmp, state_dict={k: v.to(dtype) for k, v in state_dict.items()})
             tokenizer.save_pretrained(tmp)
+            for name in PROCESSOR_FILES:  # a speech model's feature extractor
+                if (student_dir / name).is_file():
+                    shutil.copy2(student_dir / name, tmp / name)
             card = student_dir / "README.md"
             text = with_section(card.read_text() if card.is_file() else "", UPTRAINING_SECTION,
                                 uptraining_section(record))

@@ -23,7 +23,8 @@ class _Section(BaseModel):
 class ModelOptions(_Section):
     """How the model trains, whichever model it is (the ablation gives these for every cell)."""
 
-    trainable: Literal["all", "attention", "kv"] = "all"
+    trainable: Literal["auto", "all", "attention", "kv"] = Field(
+        "auto", description="auto: attention for speech models (whisper), all for the rest")
     gradient_checkpointing: bool = False
     trust_remote_code: bool = Field(False, description="run the Python files of the model folders (never needed "
                                     "for the toolkit's own families, which load through its registered classes)")
@@ -42,7 +43,12 @@ class DataSection(_Section):
     text_column: str = Field("text", description="the text (causal_lm, span_corruption) or the inputs (seq2seq)")
     target_column: str | None = Field(None, description="seq2seq only: the column holding each input's target")
     block_size: int = Field(256, ge=2, description="tokens per block; for encoder-decoders, per encoder input")
-    target_length: int = Field(128, ge=2, description="seq2seq only: target tokens (truncated or padded to it)")
+    target_length: int = Field(128, ge=2, description="seq2seq and speech: target tokens (truncated or padded to "
+                                                      "it)")
+    audio_column: str = Field("audio", description="speech: the column naming each clip's audio file (a dataset's "
+                                                   "Audio column, or a transcripts file's file column)")
+    language: str | None = Field(None, description="speech: the transcripts' language, for a multilingual "
+                                                   "whisper's language token (e.g. en)")
     eval_blocks: int = Field(64, ge=0)
     max_documents: int | None = Field(None, ge=1)
     streaming: bool = False
@@ -88,9 +94,9 @@ class TrainSection(TrainOptions):
 
 
 class ObjectiveSection(_Section):
-    task: Literal["auto", "causal_lm", "span_corruption", "seq2seq"] = Field(
+    task: Literal["auto", "causal_lm", "span_corruption", "seq2seq", "speech"] = Field(
         "auto", description="auto: causal_lm for decoder-only models; for encoder-decoders span_corruption, or "
-                            "seq2seq when data.target_column is set")
+                            "seq2seq when data.target_column is set; speech (audio, transcript) pairs for whisper")
     noise_density: float = Field(0.15, gt=0, lt=1, description="span_corruption: fraction of tokens hidden")
     mean_noise_span_length: float = Field(3.0, ge=1, description="span_corruption: mean tokens per hidden span")
     distill_weight: float = Field(0.0, ge=0, le=1, description="w in (1 - w) * CE + w * T^2 * KL(teacher||student)")

@@ -148,8 +148,13 @@ def sentinel_ids(tokenizer, needed: int, settings: CorpusSettings = CorpusSettin
 
 def resolve_task_name(objective: ObjectiveSection, data: DataSection, config) -> str:
     """objective.task, with 'auto' made concrete, checked against the model's kind (decoder-only or not)."""
+    from gqa_toolkit.convert.families.spec import audio_input
+
     encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
     name = objective.task
+    speech = audio_input(config.model_type) is not None
+    if speech or name == "speech":
+        return _speech_task_name(name, speech, data, config)
     if name == "auto":
         name = ("seq2seq" if data.target_column else "span_corruption") if encoder_decoder else "causal_lm"
     if encoder_decoder and name == "causal_lm":
@@ -167,6 +172,20 @@ def resolve_task_name(objective: ObjectiveSection, data: DataSection, config) ->
     return name
 
 
+def _speech_task_name(name: str, speech: bool, data: DataSection, config) -> str:
+    """'speech' for a model whose encoder takes audio, which no text task fits (and the reverse)."""
+    if not speech:
+        raise UptrainError(f"objective.task speech needs a model whose encoder takes audio (whisper), but this "
+                           f"{config.model_type} takes text; use objective.task auto")
+    if name not in ("auto", "speech"):
+        raise UptrainError(f"this {config.model_type} model's encoder takes audio, so objective.task {name} (text) "
+                           "cannot feed it; use objective.task speech (or auto) with (audio, transcript) pairs")
+    if data.target_column:
+        raise UptrainError("data.target_column is for text pairs; speech reads each clip's transcript from "
+                           "data.text_column and its audio from data.audio_column: remove data.target_column")
+    return "speech"
+
+
 def build_task(objective: ObjectiveSection, data: DataSection, config, tokenizer,
                settings: CorpusSettings = CorpusSettings()) -> Task:
     """The task the recipe asks for, fitted to this model and tokenizer (`settings`: how messages name the
@@ -174,6 +193,10 @@ def build_task(objective: ObjectiveSection, data: DataSection, config, tokenizer
     name = resolve_task_name(objective, data, config)
     if name == "causal_lm":
         return CausalLM(data.block_size)
+    if name == "speech":
+        from .speech import speech_task
+
+        return speech_task(config, tokenizer, data.target_length, data.language)
     pad_id = config.pad_token_id if config.pad_token_id is not None else 0
     start_id = getattr(config, "decoder_start_token_id", None)
     start_id = pad_id if start_id is None else start_id  # T5 starts decoding from pad

@@ -37,6 +37,10 @@ def _patterns(model_type: str, which: str) -> list[re.Pattern[str]]:
 
 def select_trainable(model: nn.Module, which: str) -> list[str]:
     """Freeze everything but `which`; returns the names of the parameters left trainable."""
+    if which == "auto":  # speech models keep their audio encoder and train attention; text models train all
+        from gqa_toolkit.convert.families.spec import audio_input
+
+        which = "attention" if audio_input(model.config.model_type) is not None else "all"
     if which == "all":
         chosen = {n for n, _ in model.named_parameters()}
     else:

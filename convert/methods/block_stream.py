@@ -285,7 +285,9 @@ class BlockStream:
     """The source, ready to run block by block: built, checked and the first block's arguments recorded when made
     (so bad input fails before any output is written); iterating runs the blocks in the order the model's forward
     reaches them and yields one BlockStep per block, with the moments of the attention inputs of the kinds asked
-    for; a checkpoint that only loads whole yields one step with every layer's."""
+    for; a checkpoint that only loads whole yields one step with every layer's. The calibration is token ids
+    `(sequences, length)`, batched here, or the model's forward arguments per batch, made by the caller (whisper's
+    log-mel features and decoder tokens: methods/audio_calibration.py)."""
 
     @torch.no_grad()
     def __init__(self, model_dir: Path, blocks: Sequence[AttentionBlock],

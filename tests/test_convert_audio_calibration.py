@@ -126,3 +126,16 @@ def test_audio_calibration_for_a_text_model_is_refused_with_what_to_pass(speech,
     assert result.exit_code != 0
     assert "holds audio, and llama calibrates on text; pass --calibration python-stdlib" in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_an_unreadable_clip_is_refused_naming_the_file(speech, tmp_path):
+    folder = tmp_path / "clips"
+    shutil.copytree(speech["held_out"], folder)
+    (folder / "bad.wav").write_bytes(b"RIFF not really a wav file")
+    with (folder / "transcripts.csv").open("a", newline="") as f:
+        csv.writer(f).writerow(["bad.wav", "red"])
+    result = CliRunner().invoke(convert_main, [str(speech["whisper"]), "-o", str(tmp_path / "out"), "--groups", "2",
+                                               "--method", "fit", "--calibration", str(folder)])
+    assert result.exit_code != 0
+    assert f"audio {folder / 'bad.wav'} cannot be read" in result.output and "give a wav or flac file" in result.output
+    assert not (tmp_path / "out").exists()

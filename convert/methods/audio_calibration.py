@@ -110,7 +110,8 @@ def _transcribe(model_dir: Path, clips: list[Clip], features: torch.Tensor, pref
     return [Clip(c.audio, t.strip(), c.name) for c, t in zip(clips, texts)]
 
 
-def audio_calibration(model_dir: Path, source: str | Path, samples: int, auto_class: str, batch_size: int = 8, device="cpu") -> tuple[list[dict[str, torch.Tensor]], int, int]:
+def audio_calibration(model_dir: Path, source: str | Path, samples: int, auto_class: str, batch_size: int = 8,
+                      device="cpu") -> tuple[list[dict[str, torch.Tensor]], int, int]:
     """The forward arguments of each calibration batch, the clip count and the decoder token count, from at most
     `samples` clips of `source`."""
     from transformers import AutoConfig, AutoTokenizer

@@ -139,3 +139,12 @@ def test_an_unreadable_clip_is_refused_naming_the_file(speech, tmp_path):
     assert result.exit_code != 0
     assert f"audio {folder / 'bad.wav'} cannot be read" in result.output and "give a wav or flac file" in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_the_dry_run_counts_clips_over_the_encoder_window(speech, tmp_path):
+    result = CliRunner().invoke(convert_main, [str(speech["whisper"]), "-o", str(tmp_path / "out"), "--groups", "2",
+                                               "--method", "fit", "--calibration", str(speech["calibration"]),
+                                               "--calibration-samples", "24", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert f"calibration: up to 24 clips of {speech['calibration']} (audio: 16 encoder positions each" in result.output
+    assert not (tmp_path / "out").exists()

@@ -18,7 +18,7 @@ from .families.config import ConfigReader, SourceConfig
 from .families.geometry import check_groups, read_geometries
 from .families.loading import load_transformers_config, own_model_types
 from .families.rope import rope_layout
-from .families.spec import ArchitectureSpec, spec_for
+from .families.spec import ArchitectureSpec, lm_auto_class_name, spec_for
 from .io.disk import check_free_space, disk_writes
 from .io.model_dir import hub_source, read_raw_config, resolve_model_dir
 from .io.output_dir import atomic_directory, check_output_free
@@ -26,7 +26,8 @@ from .io.reader import CheckpointReader
 from .io.tensors import ByteSpan, SourceTensor
 from .io.writer import CheckpointWriter, planned_bytes
 from .methods.block_stream import BlockStream
-from .methods.calibration import calibration_tokens
+from .methods.audio_calibration import audio_calibration, has_transcripts, holds_audio
+from .methods.calibration import BUILTIN, calibration_tokens
 from .methods.refinement import RefineSettings
 from .methods.unit import UnitConversion
 from .options import ConversionOptions
@@ -54,18 +55,27 @@ def _calibration_stream(model_dir: Path, config: ConfigReader, raw_config: dict,
     calibration = options.calibration
     if options.calibrated:
         _check_calibration(spec, raw_config["model_type"], options, config)
-    stream, tokens = None, None
+    stream, sequences, tokens, audio = None, 0, 0, options.calibrated and spec.audio is not None
     if options.calibrated and calibrate:
-        tokens = calibration if isinstance(calibration, torch.Tensor) else calibration_tokens(
-            model_dir, calibration, options.calibration_samples, options.calibration_length)
+        if audio:
+            inputs, sequences, tokens = audio_calibration(
+                model_dir, calibration, options.calibration_samples, lm_auto_class_name(raw_config["model_type"], True),
+                device=options.device)
+        else:
+            inputs = calibration if isinstance(calibration, torch.Tensor) else calibration_tokens(
+                model_dir, calibration, options.calibration_samples, options.calibration_length)
+            sequences, tokens = len(inputs), inputs.numel()
         bar = (lambda n: tqdm(total=n, unit="block", desc=f"calibration on {options.device}")) if progress else None
-        stream = BlockStream(model_dir, spec.blocks, tokens, kinds=list(geometries), device=options.device,
+        stream = BlockStream(model_dir, spec.blocks, inputs, kinds=list(geometries), device=options.device,
                              progress=bar, sequential=options.calibration_mode == "sequential",
                              record_calls=options.refine_steps > 0)
     record = {"grouping": options.grouping,
               "calibration": "token ids" if isinstance(calibration, torch.Tensor) else str(calibration),
-              "calibration_sequences": int(len(tokens)) if stream is not None else 0,
-              "calibration_tokens": int(tokens.numel()) if stream is not None else 0}
+              "calibration_sequences": int(sequences), "calibration_tokens": int(tokens)}
+    if audio:  # the sequences are clips, and the tokens their decoder's
+        record["calibration_data"] = "audio"
+        record["calibration_transcripts"] = "given" if has_transcripts(Path(calibration).expanduser()) \
+            else "the source's greedy decoding"
     if stream is not None:
         record["calibration_mode"] = options.calibration_mode
     if options.refine_steps:
@@ -75,16 +85,23 @@ def _calibration_stream(model_dir: Path, config: ConfigReader, raw_config: dict,
 
 def _check_calibration(spec, model_type: str, options: ConversionOptions, config: ConfigReader) -> None:
     """Refuse, before any work, a calibration the family or the model cannot run."""
-    limit = config.get(spec.context_attr) if spec.context_attr else None
     given = options.calibration
+    if spec.audio is not None:
+        if not holds_audio(given):
+            what = "token ids" if isinstance(given, torch.Tensor) else repr(str(given))
+            raise ConversionError(f"calibration for {model_type} takes audio, and {what} is not a folder of wav/flac "
+                                  "clips; pass --calibration FOLDER of clips (with a transcripts csv/jsonl, or none "
+                                  "to transcribe them with the source) or --calibration none")
+        return
+    if holds_audio(given):
+        raise ConversionError(f"{given} holds audio, and {model_type} calibrates on text; pass --calibration "
+                              f"{BUILTIN}, a text file or folder, or none")
+    limit = config.get(spec.context_attr) if spec.context_attr else None
     length, setting = (given.shape[1], "the calibration token ids' length") if isinstance(given, torch.Tensor) \
         else (options.calibration_length, "--calibration-length")
     if isinstance(limit, int) and length > limit:
         raise ConversionError(f"{setting} {length} is longer than the model's context of {limit} tokens; "
                               f"calibrate on at most {limit} tokens per sequence")
-    if spec.audio is not None:
-        raise ConversionError(f"calibration feeds text, and {model_type}'s encoder takes audio features; pass "
-                              "--calibration none to convert on the weights")
 
 
 @dataclass(frozen=True)

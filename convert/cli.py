@@ -30,9 +30,10 @@ from .methods.registry import GROUPINGS, all_method_names
 @click.option("--preserve-norm", is_flag=True, help="Scale each pooled head to its group's mean head norm "
                                                     "(mean, first, random, aligned).")
 @click.option("--calibration", default=None, help=f"Text whose activations weigh the errors: {BUILTIN}, a text "
-                                                  f"file or folder, or none. [default: {BUILTIN} for fit, none "
-                                                  f"otherwise]")
-@click.option("--calibration-samples", type=int, default=256, help="Calibration sequences.")
+                                                  "file or folder, or none; for whisper, a folder of wav/flac clips "
+                                                  "(with a transcripts csv/jsonl, or transcribed by the source). "
+                                                  f"[default: {BUILTIN} for fit, none otherwise]")
+@click.option("--calibration-samples", type=int, default=256, help="Calibration sequences (audio: clips).")
 @click.option("--calibration-length", type=int, default=128, help="Tokens per calibration sequence.")
 @click.option("--calibration-mode", default="source", type=click.Choice(["source", "sequential"]),
               help="Calibrate each layer on the source's activations, or on the outputs of the already converted "

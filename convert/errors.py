@@ -1,9 +1,7 @@
-"""The toolkit's one error base, and the convert stage's exception; every command prints them as a single line."""
+"""The convert stage's exceptions (the toolkit's error base lives in the kernel, gqa_toolkit.errors); every command
+prints them as a single line."""
 
-
-class ToolkitError(Exception):
-    """A problem with the user's input, or a run that cannot go on, stated with what was found and how to fix it.
-    Each stage raises its own subclass (ConversionError, UptrainError, EvalError); the commands catch this base."""
+from gqa_toolkit.errors import ToolkitError, first_line  # noqa: F401  (re-exported: the stages import them from here)
 
 
 class Interrupted(ToolkitError):
@@ -12,12 +10,3 @@ class Interrupted(ToolkitError):
 
 class ConversionError(ToolkitError):
     """A problem with the checkpoint or the conversion options."""
-
-
-def first_line(error: BaseException, limit: int = 160) -> str:
-    """`Type: first line of the message` (cut at `limit` characters), to quote a library's exception inside a
-    one-line error."""
-    text = str(error).strip()
-    line = text.splitlines()[0] if text else ""
-    line = line if len(line) <= limit else line[: limit - 3] + "..."
-    return f"{type(error).__name__}: {line}" if line else type(error).__name__

@@ -295,7 +295,8 @@ def test_calibrated_layer_methods_on_an_encoder_decoder(model_type, no_native_di
 
 
 def test_calibration_the_encoder_decoder_cannot_run_is_refused_with_the_fix(no_native_dirs, tmp_path):
-    with pytest.raises(ConversionError, match="whisper's encoder takes audio features; pass --calibration none"):
+    with pytest.raises(ConversionError, match="calibration for whisper takes audio, and token ids is not a folder of "
+                                              "wav/flac clips; pass --calibration FOLDER"):
         convert_checkpoint(no_native_dirs["whisper"], tmp_path / "w", method="fit", groups=2,
                            calibration=torch.zeros(2, 8, dtype=torch.long), progress=False)
     assert not (tmp_path / "w").exists()

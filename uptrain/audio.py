@@ -1,99 +1,15 @@
-"""Audio for speech models: decode a wav/flac file (or its bytes) to mono float32 and resample it to the feature
-extractor's rate. Every refusal is one line naming the file.
+"""Audio decoding and resampling live in the kernel (gqa_toolkit.audio), shared with conversion's audio
+calibration; re-exported here for the uptrain stage's modules. The kernel raises the toolkit's base error, which
+`uptrain_errors` turns into this stage's."""
 
-Decoding goes through soundfile (libsndfile ships in its wheel: no ffmpeg). Resampling is band-limited
-interpolation with a Hann-windowed sinc: each output sample is a weighted sum of the input samples within `ZEROS`
-zero crossings of the kernel, whose cutoff is the lower of the two Nyquist frequencies (so downsampling filters out
-what the new rate cannot hold).
-"""
-
-from __future__ import annotations
-
-import io
-import math
-from pathlib import Path
-
-import numpy as np
-import torch
-
-from .errors import UptrainError
-
-AUDIO_SUFFIXES = (".wav", ".flac")
-MIN_RATE = 1_000  # Hz: below this a file holds no speech band to resample from
-ZEROS = 16  # zero crossings of the sinc kernel on each side: the filter's length, and its sharpness
-ROLLOFF = 0.945  # the cutoff as a fraction of the lower Nyquist frequency, so the window's transition band fits
-CHUNK = 16_384  # output samples computed at once: memory of CHUNK x kernel taps
-POLYPHASE_TAPS = 4_000_000  # the largest polyphase filter bank (phases x taps) built for a rational ratio
-
-
-def read_audio(source: str | Path | bytes, name: str) -> tuple[np.ndarray, int]:
-    """The samples (n,) as mono float32 in [-1, 1] and their rate; `name` names the file in errors."""
-    import soundfile
-
-    try:
-        data, rate = soundfile.read(io.BytesIO(source) if isinstance(source, bytes) else str(source),
-                                    dtype="float32", always_2d=True)  # (n, channels)
-    except (RuntimeError, OSError, ValueError, TypeError) as e:  # soundfile.LibsndfileError is a RuntimeError
-        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UptrainError(f"audio {name} cannot be read ({why}); give a wav or flac file") from None
-    if len(data) == 0:
-        raise UptrainError(f"audio {name} is empty (no samples); remove it or its transcript")
-    return data.mean(axis=1), int(rate)
-
-
-def resample(samples: np.ndarray, rate: int, new_rate: int, name: str = "audio") -> np.ndarray:
-    """`samples` (n,) at `rate` Hz as float32 samples (round(n * new_rate / rate),) at `new_rate` Hz."""
-    if rate < MIN_RATE:
-        raise UptrainError(f"audio {name} is sampled at {rate} Hz, too low to resample to {new_rate} Hz for speech; "
-                           f"give audio recorded at {MIN_RATE} Hz or more")
-    if rate == new_rate:
-        return samples.astype(np.float32, copy=False)
-    x = torch.from_numpy(np.ascontiguousarray(samples, dtype=np.float64))  # (n,)
-    n_out = round(len(x) * new_rate / rate)
-    if n_out == 0:
-        raise UptrainError(f"audio {name} is shorter than one sample at {new_rate} Hz; remove it or its transcript")
-    cutoff = ROLLOFF * min(1.0, new_rate / rate)  # in cycles per input sample x 2 (1.0 = the input's Nyquist)
-    half = math.ceil(ZEROS / cutoff)  # input samples on each side of an output sample
-    g = math.gcd(rate, new_rate)
-    up, down = new_rate // g, rate // g  # output j sits at input position j * down / up
-    if up * (2 * half + down + 1) <= POLYPHASE_TAPS:
-        y = _polyphase(x, up, down, half, cutoff)
-    else:
-        y = _direct(x, n_out, rate / new_rate, half, cutoff)
-    return y[:n_out].to(torch.float32).numpy()
-
-
-def _kernel(distance: torch.Tensor, half: int, cutoff: float) -> torch.Tensor:
-    """The Hann-windowed sinc at `distance` input samples (zero beyond `half`)."""
-    window = torch.where(distance.abs() <= half, 0.5 + 0.5 * torch.cos(math.pi * distance / (half + 1)), 0.0)
-    return cutoff * torch.sinc(cutoff * distance) * window
-
-
-def _polyphase(x: torch.Tensor, up: int, down: int, half: int, cutoff: float) -> torch.Tensor:
-    """A rational ratio as one strided convolution: output j = q * up + p is channel p's output q."""
-    taps = 2 * half + down + 1
-    phase = torch.arange(up, dtype=torch.float64) * down / up  # (up,) offset of phase p within a period
-    distance = phase[:, None] + half - torch.arange(taps, dtype=torch.float64)  # (up, taps)
-    weight = _kernel(distance, half, cutoff)[:, None, :]  # (up, 1, taps)
-    padded = torch.nn.functional.pad(x, (half, taps))[None, None, :]  # (1, 1, n + pads)
-    y = torch.nn.functional.conv1d(padded, weight, stride=down)  # (1, up, periods)
-    return y[0].T.reshape(-1)  # (periods * up,) in output order
-
-
-def _direct(x: torch.Tensor, n_out: int, step: float, half: int, cutoff: float) -> torch.Tensor:
-    """Any ratio, output sample by output sample (chunked): for rates with few common factors."""
-    taps = torch.arange(-half, half + 1, dtype=torch.float64)  # (K,)
-    padded = torch.nn.functional.pad(x, (half + 1, half + 1))
-    out = []
-    for start in range(0, n_out, CHUNK):
-        t = torch.arange(start, min(start + CHUNK, n_out), dtype=torch.float64) * step  # input positions (c,)
-        offsets = torch.floor(t)[:, None] + taps  # (c, K) input sample indices
-        kernel = _kernel(t[:, None] - offsets, half, cutoff)  # (c, K)
-        out.append((padded[(offsets + half + 1).long()] * kernel).sum(dim=1))  # (c,)
-    return torch.cat(out)
-
-
-def load_audio(source: str | Path | bytes, rate: int, name: str) -> np.ndarray:
-    """A file's (or its bytes') samples at `rate` Hz, mono float32 (n,)."""
-    samples, file_rate = read_audio(source, name)
-    return resample(samples, file_rate, rate, name)
+from gqa_toolkit.audio import (  # noqa: F401
+    AUDIO_SUFFIXES,
+    CHUNK,
+    MIN_RATE,
+    POLYPHASE_TAPS,
+    ROLLOFF,
+    ZEROS,
+    load_audio,
+    read_audio,
+    resample,
+)

@@ -18,7 +18,7 @@ from gqa_toolkit.convert.errors import first_line
 from gqa_toolkit.convert.families.spec import audio_input
 
 from .audio import load_audio
-from .errors import UptrainError
+from .errors import UptrainError, uptrain_errors
 from .speech_corpus import Clip
 from .tasks import IGNORE, shift_right
 
@@ -85,7 +85,8 @@ class SpeechTranscripts:
         fe = self.feature_extractor
         audio = []
         for clip in clips:
-            samples = load_audio(clip.audio, fe.sampling_rate, clip.name)
+            with uptrain_errors():
+                samples = load_audio(clip.audio, fe.sampling_rate, clip.name)
             if len(samples) > fe.n_samples:
                 raise UptrainError(f"audio {clip.name} lasts {len(samples) / fe.sampling_rate:.1f} s, longer than "
                                    f"the model's {fe.n_samples / fe.sampling_rate:g} s window; cut it into shorter "

@@ -9,7 +9,6 @@ would decode through torchcodec and ffmpeg).
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 from collections.abc import Iterator
@@ -18,21 +17,10 @@ from pathlib import Path
 
 import datasets
 
-from .audio import AUDIO_SUFFIXES
+from gqa_toolkit.audio import FILE_NAME, TRANSCRIPT_SUFFIXES, Clip, ClipColumns, local_clips  # noqa: F401
+
 from .corpora import BUILDERS, CorpusSettings, TextCorpus, _hub_dataset
-from .errors import UptrainError, first_line
-
-TRANSCRIPT_SUFFIXES = (".csv", ".jsonl")
-FILE_NAME = "file_name"  # datasets' audiofolder column naming each file
-
-
-@dataclass(frozen=True)
-class Clip:
-    """One pair: the audio (a path, or a file's bytes) and its transcript; `name` names it in errors."""
-
-    audio: Path | bytes
-    text: str
-    name: str
+from .errors import UptrainError, first_line, uptrain_errors
 
 
 @dataclass(frozen=True)
@@ -48,55 +36,11 @@ class SpeechCorpus:
     settings: CorpusSettings = CorpusSettings()
 
 
-def _transcripts_file(path: Path, src: SpeechCorpus) -> Path:
-    if path.is_file():
-        return path
-    found = sorted(f for f in path.iterdir() if f.suffix in TRANSCRIPT_SUFFIXES and f.is_file())
-    if len(found) != 1:
-        names = ", ".join(f.name for f in found)
-        what = f"{len(found)} transcripts files ({names})" if found else "no transcripts file"
-        raise UptrainError(f"{path} holds {what}; put one csv or jsonl file beside the audio, with the columns "
-                           f"{src.audio_column!r} (the file) and {src.text_column!r} (its transcript), or point "
-                           f"{src.settings.source} at the transcripts file")
-    return found[0]
-
-
-def _transcript_rows(path: Path) -> list[dict]:
-    try:
-        if path.suffix == ".csv":
-            with path.open(newline="", encoding="utf-8") as f:
-                return list(csv.DictReader(f))
-        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    except (ValueError, UnicodeDecodeError, csv.Error) as e:
-        raise UptrainError(f"transcripts {path} cannot be read as {path.suffix[1:]}: {first_line(e)}") from None
-
-
 def _local_clips(path: Path, src: SpeechCorpus) -> list[Clip]:
-    transcripts = _transcripts_file(path, src)
-    rows = _transcript_rows(transcripts)
-    if not rows:
-        raise UptrainError(f"transcripts {transcripts} lists no audio; give one row per audio file")
-    audio_key = src.audio_column if src.audio_column in rows[0] else FILE_NAME
-    for key, setting in ((audio_key, "audio_column"), (src.text_column, "text_column")):
-        if key not in rows[0]:
-            raise UptrainError(f"transcripts {transcripts} has no column {key!r} (columns: {', '.join(rows[0])}); "
-                               f"set data.{setting} to the one holding the {setting.split('_')[0]}")
-    root = transcripts.parent
-    clips, named = [], set()
-    for row in rows:
-        file = root / str(row[audio_key] or "")
-        text = row.get(src.text_column)
-        if not row[audio_key] or not file.is_file():
-            raise UptrainError(f"audio {file} (listed in {transcripts}) does not exist; fix the row or add the file")
-        if not isinstance(text, str) or not text.strip():
-            raise UptrainError(f"audio {file} has no transcript in {transcripts}; give its text or remove its row")
-        clips.append(Clip(file, text.strip(), str(file)))
-        named.add(file.resolve())
-    for file in sorted(f for f in root.rglob("*") if f.suffix.lower() in AUDIO_SUFFIXES):
-        if file.resolve() not in named:
-            raise UptrainError(f"audio {file} has no transcript in {transcripts}; add a row for it or move it out "
-                               f"of {root}")
-    return clips[: src.max_documents]
+    """A transcripts file beside its audio (read by the kernel's reader, shared with conversion's calibration)."""
+    with uptrain_errors():
+        return local_clips(path, ClipColumns(src.audio_column, src.text_column, src.settings.source),
+                           src.max_documents)
 
 
 def _dataset_clips(ds: datasets.Dataset, src: SpeechCorpus) -> Iterator[Clip]:

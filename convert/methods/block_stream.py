@@ -285,10 +285,13 @@ class BlockStream:
     """The source, ready to run block by block: built, checked and the first block's arguments recorded when made
     (so bad input fails before any output is written); iterating runs the blocks in the order the model's forward
     reaches them and yields one BlockStep per block, with the moments of the attention inputs of the kinds asked
-    for; a checkpoint that only loads whole yields one step with every layer's."""
+    for; a checkpoint that only loads whole yields one step with every layer's. The calibration is token ids
+    `(sequences, length)`, batched here, or the model's forward arguments per batch, made by the caller (whisper's
+    log-mel features and decoder tokens: methods/audio_calibration.py)."""
 
     @torch.no_grad()
-    def __init__(self, model_dir: Path, blocks: Sequence[AttentionBlock], tokens: torch.Tensor, *,
+    def __init__(self, model_dir: Path, blocks: Sequence[AttentionBlock],
+                 calibration: torch.Tensor | Sequence[Mapping[str, torch.Tensor]], *,
                  kinds: Collection[str] | None = None, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32, batch_size: int = 8,
                  progress: Callable[[int], object] | None = None, sequential: bool = False,
@@ -301,16 +304,14 @@ class BlockStream:
         source = _Source(model_dir, blocks, device, dtype)
         model, weights = source.model, source.weights
         self.model, self.stacks, self.weights, self.outside = model, source.stacks, weights, source.outside
-        vocab = model.get_input_embeddings().num_embeddings
-        if tokens.numel() == 0:
-            raise ConversionError("the calibration holds no tokens; give token ids of shape (sequences, length)")
-        if tokens.max() >= vocab:
-            raise ConversionError(f"calibration token id {int(tokens.max())} is outside the model's vocabulary of "
-                                  f"{vocab}; calibrate with the source's own tokenizer (--calibration TEXT)")
         self.recorded = [i for i in source.located if kinds is None or i.attention in kinds]
         self.layers = {i.attention: len(self.stacks[i.stack]) for i in self.recorded}
-        self.inputs = [self._forward_inputs(tokens[first:first + batch_size].to(device))
-                       for first in range(0, len(tokens), batch_size)]
+        if isinstance(calibration, torch.Tensor):
+            self.inputs = self._text_inputs(calibration, batch_size)
+        else:  # the model's forward arguments per batch, made by the caller (audio features and transcripts)
+            self.inputs = [{**{k: v.to(device) for k, v in batch.items()}, "use_cache": False} for batch in calibration]
+            if not self.inputs:
+                raise ConversionError("the calibration holds no batch; give some calibration data")
         self.whole = None
         if source.reshaped_on_load:
             if sequential or record_calls:
@@ -328,6 +329,17 @@ class BlockStream:
         self.done = dict.fromkeys(self.stacks, 0)  # per stack: how many of its blocks have run
         self.outputs: dict[str, list] = {}  # per stack, per batch: what its last block run returned
         self.pending = self._reach()
+
+    def _text_inputs(self, tokens: torch.Tensor, batch_size: int) -> list[dict]:
+        """Token ids `(sequences, length)` as the model's arguments, `batch_size` sequences a batch."""
+        vocab = self.model.get_input_embeddings().num_embeddings
+        if tokens.numel() == 0:
+            raise ConversionError("the calibration holds no tokens; give token ids of shape (sequences, length)")
+        if tokens.max() >= vocab:
+            raise ConversionError(f"calibration token id {int(tokens.max())} is outside the model's vocabulary of "
+                                  f"{vocab}; calibrate with the source's own tokenizer (--calibration TEXT)")
+        return [self._forward_inputs(tokens[first:first + batch_size].to(self.device))
+                for first in range(0, len(tokens), batch_size)]
 
     def _forward_inputs(self, ids: torch.Tensor) -> dict:
         """The model's arguments for one batch `(B, T)`: an encoder-decoder's decoder reads the text as its target,

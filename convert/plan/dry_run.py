@@ -47,8 +47,8 @@ def _calibration_peak(prepared, options) -> tuple[int, str]:
         raise ConversionError(SEQUENTIAL_NEEDS_NAMES)
     width, kinds = footprint.width, prepared.record.get("attention_kinds", [])
     # a block's inputs and outputs, and an encoder's last outputs, which its decoder reads throughout
-    activations = (2 + spec.encoder_decoder) * options.calibration_samples * options.calibration_length * width \
-        * FLOAT32
+    activations = (2 + spec.encoder_decoder) * options.calibration_samples * _calibration_positions(prepared) \
+        * width * FLOAT32
     # one block's: a query input per attention kind, and the encoder states' for cross-attention
     matrices = max(1, sum(1 + b.keys_from_encoder for b in spec.blocks if b.attention in kinds))
     moments = matrices * (width + 1) ** 2 * FLOAT64
@@ -68,6 +68,15 @@ def _calibration_peak(prepared, options) -> tuple[int, str]:
     parts += [f"activations {format_bytes(activations)}", f"moments {format_bytes(moments)}",
               *([f"converted layers {format_bytes(converted)}"] if converted else []), f"solve {format_bytes(solve)}"]
     return held + activations + moments + converted + solve, " + ".join(parts)
+
+
+def _calibration_positions(prepared) -> int:
+    """Positions of one calibration sequence: the tokens asked for, or for audio the encoder's window (whisper's
+    1500 frames, longer than any transcript the decoder reads)."""
+    audio = prepared.spec.audio
+    if audio is None:
+        return prepared.options.calibration_length
+    return prepared.raw_config[audio.positions_attr]
 
 
 def _attention_tensors(sources, block, layer: str | None = None) -> list[str]:
@@ -100,9 +109,11 @@ def describe(prepared) -> list[str]:
     else:
         peak, breakdown = _calibration_peak(prepared, options)
         where = options.device
-        lines.append(f"calibration: {options.calibration_samples} x {options.calibration_length} tokens of "
-                     f"{record.get('calibration')}, {options.calibration_mode} mode, "
-                     f"one block at a time on {where}")
+        data = (f"up to {options.calibration_samples} clips of {record.get('calibration')} (audio: "
+                f"{_calibration_positions(prepared)} encoder positions each, and their transcripts)"
+                if prepared.spec.audio is not None else
+                f"{options.calibration_samples} x {options.calibration_length} tokens of {record.get('calibration')}")
+        lines.append(f"calibration: {data}, {options.calibration_mode} mode, one block at a time on {where}")
     lines.append(f"peak memory (estimate, beyond the interpreter): {format_bytes(peak)} on {where} ({breakdown})")
     lines.append(f"disk: {format_bytes(total)} to write, {format_bytes(free_bytes(prepared.out))} free at "
                  f"{prepared.out.parent}")

@@ -1,0 +1,146 @@
+"""Calibration audio for a speech model (whisper): a folder of wav/flac clips becomes, per batch, the model's forward
+arguments `input_features` (the feature extractor's log-mel, from the model folder's preprocessor_config.json or
+processor_config.json) and `decoder_input_ids` (the decoder's start and prompt tokens, then the transcript's, as the
+speech uptraining builds its targets), so that cross-attention K/V are fitted on the real encoder states and decoder
+self-attention on the transcripts.
+
+Transcripts come from a csv or jsonl file beside the audio (the format gqa-uptrain's speech data reads: columns
+`audio` or `file_name`, and `text`). A folder without one is transcribed by the source itself: the whole model is
+loaded once and decodes each clip greedily (acceptable at whisper's sizes, under 2 B parameters; the block stream
+that then calibrates runs block by block as for text).
+
+Transcripts of different lengths are padded at the end of the batch, with `decoder_attention_mask` zero there; the
+decoder is causal, so no real position reads the padding, though the padded positions' own inputs add to the
+decoder's moments.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from gqa_toolkit.audio import TRANSCRIPT_SUFFIXES, Clip, ClipColumns, audio_files, load_audio, local_clips
+
+from ..errors import ConversionError, first_line
+from ..families.loading import from_pretrained
+
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
+# a missing column in a calibration transcripts file: convert has no setting that names the columns
+COLUMNS = ClipColumns(source="--calibration", column_fix="name the column holding the {what} {wanted!r}")
+TRANSCRIBE_BATCH = 8
+
+
+def holds_audio(source) -> bool:
+    """`source` (the --calibration value) is audio: a wav/flac file's folder or a transcripts file."""
+    if not isinstance(source, (str, Path)):
+        return False
+    path = Path(source).expanduser()
+    if path.is_file():
+        return path.suffix in TRANSCRIPT_SUFFIXES
+    return path.is_dir() and bool(audio_files(path))
+
+
+def has_transcripts(path: Path) -> bool:
+    return path.is_file() or any(f.suffix in TRANSCRIPT_SUFFIXES and f.is_file() for f in path.iterdir())
+
+
+def load_feature_extractor(model_dir: Path):
+    """The audio feature extractor saved with the model."""
+    from transformers import AutoFeatureExtractor
+
+    fix = f"copy the source model's {' or '.join(PROCESSOR_FILES)} into it, or pass --calibration none"
+    if not any((model_dir / name).is_file() for name in PROCESSOR_FILES):
+        raise ConversionError(f"audio calibration needs the model's feature extractor, and {model_dir} has no "
+                              f"{PROCESSOR_FILES[0]}; {fix}")
+    try:
+        return AutoFeatureExtractor.from_pretrained(model_dir)
+    except (ValueError, OSError, TypeError) as e:
+        raise ConversionError(f"{model_dir} has no usable audio feature extractor ({first_line(e)}); {fix}") from None
+
+
+def _features(clips: list[Clip], extractor) -> torch.Tensor:
+    """Log-mel features (clips, mel bins, frames), each clip refused in one line when unusable."""
+    audio = []
+    for clip in clips:
+        samples = load_audio(clip.audio, extractor.sampling_rate, clip.name)
+        if len(samples) > extractor.n_samples:
+            raise ConversionError(f"calibration audio {clip.name} lasts {len(samples) / extractor.sampling_rate:.1f} "
+                                  f"s, longer than the model's {extractor.n_samples / extractor.sampling_rate:g} s "
+                                  "window; cut it into shorter clips")
+        audio.append(samples)
+    rate = extractor.sampling_rate
+    return torch.from_numpy(extractor(audio, sampling_rate=rate, return_tensors="np")["input_features"]).float()
+
+
+def _prefix(tokenizer, start_id: int) -> list[int]:
+    """The decoder's first tokens: its start token, then whisper's <|transcribe|><|notimestamps|> when the
+    tokenizer has them (no language token: the model's own detection is what it saw in training)."""
+    if not hasattr(tokenizer, "set_prefix_tokens"):
+        return [start_id]
+    tokenizer.set_prefix_tokens(language=None, task="transcribe", predict_timestamps=False)
+    prefix = list(tokenizer.prefix_tokens)
+    return prefix if prefix and prefix[0] == start_id else [start_id, *prefix]
+
+
+def _transcribe(model_dir: Path, clips: list[Clip], features: torch.Tensor, prefix: list[int], auto_class: str,
+                tokenizer, device, max_tokens: int) -> list[Clip]:
+    """The clips with the source's own greedy transcripts after `prefix` (the whole source loaded once; each batch
+    encoded once, the decoder run again on the tokens so far: transcripts are short)."""
+    import transformers
+    from transformers.modeling_outputs import BaseModelOutput
+
+    model = from_pretrained(getattr(transformers, auto_class), model_dir, dtype=torch.float32).to(device).eval()
+    eos, texts = model.config.eos_token_id, []
+    with torch.no_grad():
+        for first in range(0, len(clips), TRANSCRIBE_BATCH):
+            batch = features[first:first + TRANSCRIBE_BATCH].to(device)  # (B, mel bins, frames)
+            encoded = BaseModelOutput(last_hidden_state=model.get_encoder()(batch).last_hidden_state)
+            ids = torch.tensor([prefix] * len(batch), device=device)  # (B, P)
+            done = torch.zeros(len(batch), dtype=torch.bool, device=device)
+            for _ in range(max_tokens):
+                logits = model(encoder_outputs=encoded, decoder_input_ids=ids, use_cache=False).logits[:, -1]
+                token = logits.argmax(-1).masked_fill(done, eos)  # (B,)
+                ids, done = torch.cat([ids, token[:, None]], dim=1), done | (token == eos)
+                if bool(done.all()):
+                    break
+            for row in ids[:, len(prefix):].tolist():
+                texts.append(tokenizer.decode(row[: row.index(eos)] if eos in row else row, skip_special_tokens=True))
+    del model
+    return [Clip(c.audio, t.strip(), c.name) for c, t in zip(clips, texts)]
+
+
+def audio_calibration(model_dir: Path, source: str | Path, samples: int, auto_class: str, batch_size: int = 8,
+                      device="cpu") -> tuple[list[dict[str, torch.Tensor]], int, int]:
+    """The forward arguments of each calibration batch, the clip count and the decoder token count, from at most
+    `samples` clips of `source`."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    path = Path(source).expanduser()
+    config = from_pretrained(AutoConfig, model_dir)
+    extractor = load_feature_extractor(model_dir)
+    try:
+        tokenizer = from_pretrained(AutoTokenizer, model_dir)
+    except (OSError, ValueError) as exc:
+        raise ConversionError(f"audio calibration needs the source's tokenizer, and {model_dir} has none that loads "
+                              f"({first_line(exc)}); add its tokenizer files, or pass --calibration none") from None
+    transcribed = not has_transcripts(path)
+    clips = (local_clips(path, COLUMNS) if not transcribed
+             else [Clip(f, "", str(f)) for f in audio_files(path)])[:samples]
+    features = _features(clips, extractor)  # (clips, mel bins, frames)
+    limit = config.max_target_positions
+    prefix = _prefix(tokenizer, config.decoder_start_token_id)
+    if transcribed:
+        clips = _transcribe(model_dir, clips, features, prefix, auto_class, tokenizer, device, limit - len(prefix))
+    ids = [(prefix + tokenizer(c.text, add_special_tokens=False)["input_ids"])[:limit] for c in clips]
+    pad = config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
+    batches = []
+    for first in range(0, len(clips), batch_size):
+        rows = ids[first:first + batch_size]
+        width = max(map(len, rows))
+        decoder = torch.tensor([r + [pad] * (width - len(r)) for r in rows])  # (B, T)
+        batch = {"input_features": features[first:first + batch_size], "decoder_input_ids": decoder}
+        if any(len(r) < width for r in rows):
+            batch["decoder_attention_mask"] = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+        batches.append(batch)
+    return batches, len(clips), sum(map(len, ids))

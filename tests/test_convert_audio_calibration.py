@@ -1,0 +1,150 @@
+"""Audio calibration for whisper: a folder of clips (with transcripts, or transcribed by the source) calibrates
+`--method fit`: the record says so, cross-attention's key moments are those of the stock whisper run whole on the
+same features, the calibrated fit is closer to the source on held-out clips than the weights-only fit, and
+calibration of the wrong kind for the family is refused in one line."""
+
+import csv
+import json
+import shutil
+
+import pytest
+import torch
+import transformers
+from click.testing import CliRunner
+
+from gqa_toolkit.convert import ConversionError, convert_checkpoint
+from gqa_toolkit.convert.cli import main as convert_main
+from gqa_toolkit.convert.families.spec import spec_for
+from gqa_toolkit.convert.methods import block_stream as blockwise
+from gqa_toolkit.convert.methods.audio_calibration import audio_calibration
+from gqa_toolkit.uptrain.model import load_model
+from gqa_toolkit.uptrain.tiny import build_tiny_whisper
+from gqa_toolkit.uptrain.tones import write_tone_corpus
+
+AUTO = "AutoModelForSpeechSeq2Seq"
+
+
+@pytest.fixture(scope="module")
+def speech(tmp_path_factory):
+    """The tiny whisper, 24 tone clips to calibrate on (transcripts.csv beside them) and 8 held out."""
+    root = tmp_path_factory.mktemp("audio-calibration")
+    whisper = build_tiny_whisper(root / "whisper")
+    write_tone_corpus(root / "all", count=32, seed=3)
+    rows = list(csv.DictReader((root / "all" / "transcripts.csv").open()))
+    for folder, part in (("calibration", rows[:24]), ("held-out", rows[24:])):
+        (root / folder).mkdir()
+        for row in part:
+            shutil.copy(root / "all" / row["audio"], root / folder / row["audio"])
+        with (root / folder / "transcripts.csv").open("w", newline="") as f:
+            writer = csv.DictWriter(f, ["audio", "text"])
+            writer.writeheader()
+            writer.writerows(part)
+    return {"whisper": whisper, "calibration": root / "calibration", "held_out": root / "held-out", "root": root}
+
+
+def _kl(source, converted, batches) -> float:
+    """Mean KL(source || converted) of the decoder's next-token distributions over the batches' positions."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for batch in batches:
+            p = source(**batch).logits.log_softmax(-1)
+            q = converted(**batch).logits.log_softmax(-1)
+            mask = batch.get("decoder_attention_mask", torch.ones(p.shape[:2]))
+            total += float(((p.exp() * (p - q)).sum(-1) * mask).sum())
+            count += int(mask.sum())
+    return total / count
+
+
+@pytest.mark.slow
+def test_audio_calibration_fits_closer_to_the_source_on_held_out_clips(speech, tmp_path):
+    src = speech["whisper"]
+    result = CliRunner().invoke(convert_main, [str(src), "-o", str(tmp_path / "fit-audio"), "--groups", "2", "--method",
+                                               "fit", "--calibration", str(speech["calibration"]), "-q"])
+    assert result.exit_code == 0, result.output
+    weights = convert_checkpoint(src, tmp_path / "fit-weights", groups=2, method="fit", calibration="none",
+                                 progress=False)
+    record = json.loads((tmp_path / "fit-audio" / "config.json").read_text())["gqa_conversion"]
+    assert record["calibration_data"] == "audio" and record["calibration_sequences"] == 24
+    assert record["calibration_transcripts"] == "given" and record["calibration_tokens"] > 24
+    held_out, _, _ = audio_calibration(src, speech["held_out"], 64, AUTO)
+    source = load_model(src).eval()
+    calibrated = _kl(source, load_model(tmp_path / "fit-audio").eval(), held_out)
+    uncalibrated = _kl(source, load_model(weights).eval(), held_out)
+    assert calibrated < uncalibrated, (calibrated, uncalibrated)
+
+
+def test_the_stream_reads_cross_attention_keys_of_the_whole_model(speech):
+    """The moments of cross-attention's key inputs (the encoder's last states) and of the decoder's queries, from
+    the stream run block by block, equal hooks on the stock whisper run whole on the same features."""
+    src = speech["whisper"]
+    batches, clips, tokens = audio_calibration(src, speech["calibration"], 12, AUTO, batch_size=5)
+    assert clips == 12 and len(batches) == 3 and "decoder_attention_mask" in batches[0]
+    ours = {key: m for step in blockwise.BlockStream(src, spec_for("whisper").blocks, batches)
+            for key, m in step.moments.items()}
+    model = transformers.WhisperForConditionalGeneration.from_pretrained(src).eval()
+    layers = model.model.decoder.layers
+    modules = {**{("cross", "keys", i): layer.encoder_attn.k_proj for i, layer in enumerate(layers)},
+               **{("decoder", "query", i): layer.self_attn.q_proj for i, layer in enumerate(layers)}}
+    seen = {}
+    hooks = [m.register_forward_pre_hook(lambda m, args, key=key: seen.setdefault(key, []).append(args[0]))
+             for key, m in modules.items()]
+    with torch.no_grad():
+        for batch in batches:
+            model(**batch, use_cache=False)
+    for hook in hooks:
+        hook.remove()
+    for key, xs in seen.items():
+        x = torch.cat([x.reshape(-1, x.shape[-1]) for x in xs]).double()
+        xa = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)  # (N, d + 1)
+        torch.testing.assert_close(ours[key].total, xa.T @ xa, rtol=1e-6, atol=1e-6)
+    assert ours["cross", "keys", 0].count == 12 * model.config.max_source_positions
+    assert ours["decoder", "query", 0].count == sum(b["decoder_input_ids"].numel() for b in batches)
+
+
+def test_clips_without_transcripts_are_transcribed_by_the_source(speech, tmp_path):
+    folder = tmp_path / "clips"
+    shutil.copytree(speech["held_out"], folder)
+    (folder / "transcripts.csv").unlink()
+    out = convert_checkpoint(speech["whisper"], tmp_path / "out", groups=2, method="fit", calibration=folder,
+                             progress=False)
+    record = json.loads((out / "config.json").read_text())["gqa_conversion"]
+    assert record["calibration_transcripts"] == "the source's greedy decoding"
+    assert record["calibration_sequences"] == 8
+
+
+def test_text_calibration_for_whisper_is_refused_with_what_to_pass(speech, tmp_path):
+    with pytest.raises(ConversionError) as caught:
+        convert_checkpoint(speech["whisper"], tmp_path / "out", groups=2, method="fit", progress=False)
+    message = str(caught.value)
+    assert "\n" not in message and "takes audio" in message and "--calibration FOLDER" in message
+    assert not (tmp_path / "out").exists()
+
+
+def test_audio_calibration_for_a_text_model_is_refused_with_what_to_pass(speech, llama_dir, tmp_path):
+    result = CliRunner().invoke(convert_main, [str(llama_dir), "-o", str(tmp_path / "out"), "--groups", "2", "--method",
+                                               "fit", "--calibration", str(speech["calibration"])])
+    assert result.exit_code != 0
+    assert "holds audio, and llama calibrates on text; pass --calibration python-stdlib" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_unreadable_clip_is_refused_naming_the_file(speech, tmp_path):
+    folder = tmp_path / "clips"
+    shutil.copytree(speech["held_out"], folder)
+    (folder / "bad.wav").write_bytes(b"RIFF not really a wav file")
+    with (folder / "transcripts.csv").open("a", newline="") as f:
+        csv.writer(f).writerow(["bad.wav", "red"])
+    result = CliRunner().invoke(convert_main, [str(speech["whisper"]), "-o", str(tmp_path / "out"), "--groups", "2",
+                                               "--method", "fit", "--calibration", str(folder)])
+    assert result.exit_code != 0
+    assert f"audio {folder / 'bad.wav'} cannot be read" in result.output and "give a wav or flac file" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_dry_run_counts_clips_over_the_encoder_window(speech, tmp_path):
+    result = CliRunner().invoke(convert_main, [str(speech["whisper"]), "-o", str(tmp_path / "out"), "--groups", "2",
+                                               "--method", "fit", "--calibration", str(speech["calibration"]),
+                                               "--calibration-samples", "24", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert f"calibration: up to 24 clips of {speech['calibration']} (audio: 16 encoder positions each" in result.output
+    assert not (tmp_path / "out").exists()

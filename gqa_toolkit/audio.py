@@ -105,6 +105,19 @@ def load_audio(source: str | Path | bytes, rate: int, name: str) -> np.ndarray:
     return resample(samples, file_rate, rate, name)
 
 
+def log_mel_features(clips, extractor, what: str = "audio", fix: str = "cut it into shorter clips") -> np.ndarray:
+    """The feature extractor's log-mel features `(clips, mel bins, frames)` of clips decoded at its rate, a clip
+    longer than its window refused in one line naming the file (`what` names the clip's role, `fix` the remedy)."""
+    rate, audio = extractor.sampling_rate, []
+    for clip in clips:
+        samples = load_audio(clip.audio, rate, clip.name)
+        if len(samples) > extractor.n_samples:
+            raise ToolkitError(f"{what} {clip.name} lasts {len(samples) / rate:.1f} s, longer than the model's "
+                               f"{extractor.n_samples / rate:g} s window; {fix}")
+        audio.append(samples)
+    return extractor(audio, sampling_rate=rate, return_tensors="np")["input_features"].astype(np.float32)
+
+
 @dataclass(frozen=True)
 class Clip:
     """One pair: the audio (a path, or a file's bytes) and its transcript; `name` names it in errors."""

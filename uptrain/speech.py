@@ -14,10 +14,10 @@ import datasets
 import numpy as np
 import torch
 
+from gqa_toolkit.audio import log_mel_features
 from gqa_toolkit.convert.errors import first_line
 from gqa_toolkit.convert.families.spec import audio_input
 
-from .audio import load_audio
 from .errors import UptrainError, uptrain_errors
 from .speech_corpus import Clip
 from .tasks import IGNORE, shift_right
@@ -82,17 +82,9 @@ class SpeechTranscripts:
 
     def features(self, clips: list[Clip]) -> np.ndarray:
         """Log-mel features (n, mel bins, frames) of the clips, each refused in one line when unusable."""
-        fe = self.feature_extractor
-        audio = []
-        for clip in clips:
-            with uptrain_errors():
-                samples = load_audio(clip.audio, fe.sampling_rate, clip.name)
-            if len(samples) > fe.n_samples:
-                raise UptrainError(f"audio {clip.name} lasts {len(samples) / fe.sampling_rate:.1f} s, longer than "
-                                   f"the model's {fe.n_samples / fe.sampling_rate:g} s window; cut it into shorter "
-                                   "clips with their transcripts")
-            audio.append(samples)
-        return fe(audio, sampling_rate=fe.sampling_rate, return_tensors="np")["input_features"].astype(np.float32)
+        with uptrain_errors():
+            return log_mel_features(clips, self.feature_extractor,
+                                    fix="cut it into shorter clips with their transcripts")
 
     def rows(self, clips, tokenizer) -> datasets.Dataset:
         columns: dict[str, list] = {"input_features": [], "labels": []}

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from gqa_toolkit.audio import TRANSCRIPT_SUFFIXES, Clip, ClipColumns, audio_files, load_audio, local_clips
+from gqa_toolkit.audio import TRANSCRIPT_SUFFIXES, Clip, ClipColumns, audio_files, local_clips, log_mel_features
+from gqa_toolkit.errors import ToolkitError
 
 from ..errors import ConversionError, first_line
 from ..families.loading import from_pretrained
@@ -57,20 +58,6 @@ def load_feature_extractor(model_dir: Path):
         return AutoFeatureExtractor.from_pretrained(model_dir)
     except (ValueError, OSError, TypeError) as e:
         raise ConversionError(f"{model_dir} has no usable audio feature extractor ({first_line(e)}); {fix}") from None
-
-
-def _features(clips: list[Clip], extractor) -> torch.Tensor:
-    """Log-mel features (clips, mel bins, frames), each clip refused in one line when unusable."""
-    audio = []
-    for clip in clips:
-        samples = load_audio(clip.audio, extractor.sampling_rate, clip.name)
-        if len(samples) > extractor.n_samples:
-            raise ConversionError(f"calibration audio {clip.name} lasts {len(samples) / extractor.sampling_rate:.1f} "
-                                  f"s, longer than the model's {extractor.n_samples / extractor.sampling_rate:g} s "
-                                  "window; cut it into shorter clips")
-        audio.append(samples)
-    rate = extractor.sampling_rate
-    return torch.from_numpy(extractor(audio, sampling_rate=rate, return_tensors="np")["input_features"]).float()
 
 
 def _prefix(tokenizer, start_id: int) -> list[int]:
@@ -127,7 +114,10 @@ def audio_calibration(model_dir: Path, source: str | Path, samples: int, auto_cl
     transcribed = not has_transcripts(path)
     clips = (local_clips(path, COLUMNS) if not transcribed
              else [Clip(f, "", str(f)) for f in audio_files(path)])[:samples]
-    features = _features(clips, extractor)  # (clips, mel bins, frames)
+    try:
+        features = torch.from_numpy(log_mel_features(clips, extractor, "calibration audio"))  # (clips, mel, frames)
+    except ToolkitError as e:
+        raise ConversionError(str(e)) from None
     limit = config.max_target_positions
     prefix = _prefix(tokenizer, config.decoder_start_token_id)
     if transcribed:

@@ -225,19 +225,15 @@ def plan_conversion(sources: Mapping[str, SourceTensor], spec: ArchitectureSpec,
         for block in (b for b in spec.blocks if b.attention in geos):
             for (prefix, layer), roles in _projections(block, names, geos[block.attention]).items():
                 projections[(block.attention, prefix, layer)] = (block, roles)
+    units = [AttentionUnit(key[0], key[2], geos[key[0]], kind_groups[key[0]], tuple(kv_units.get(key, ())),
+                           *reversed(projections.get(key, (None, None))))
+             for key in {*kv_units, *projections}]
     order = {name: i for i, name in enumerate(names)}
-    units = []
-    for key in sorted({*kv_units, *projections}, key=lambda k: min(
-            order[n] for n in [*(n for kv in kv_units.get(k, ()) for n in kv.names),
-                               *(n for n in projections.get(k, (None, {}))[1].values() if n)])):
-        block, roles = projections.get(key, (None, None))
-        unit = AttentionUnit(key[0], key[2], geos[key[0]], kind_groups[key[0]], tuple(kv_units.get(key, ())), roles,
-                             block)
-        if per_layer and (roles is None or not {n for kv in unit.kv for n in kv.names} <= set(roles.values())):
-            outside = next(n for kv in unit.kv for n in kv.names if roles is None or n not in roles.values())
-            raise ConversionError(f"{outside} holds K/V heads that the per-layer conversion does not reach; this "
+    units.sort(key=lambda unit: min(order[n] for n in [*unit.names, *(n for kv in unit.kv for n in kv.names)]))
+    for unit in units if per_layer else ():
+        if outside := [n for kv in unit.kv for n in kv.names if n not in (unit.projections or {}).values()]:
+            raise ConversionError(f"{outside[0]} holds K/V heads that the per-layer conversion does not reach; this "
                                   f"family's spec needs its block section to cover it")
-        units.append(unit)
     transposed = frozenset(n for n in names if n not in matches and native is not None
                            and any(key_pattern(t).match(n) for t in native.transpose))
     return Plan(tuple(_outputs(sources, matches, units, transposed, dtype, native is not None)),

@@ -20,7 +20,7 @@ from pathlib import Path
 
 _BUILD = """
 import sys, torch
-from gqa_toolkit.convert.families.presets import PRESETS
+from gqa_toolkit.families.presets import PRESETS
 torch.manual_seed(0)
 PRESETS["llama-2048-wide"].model(num_hidden_layers=int(sys.argv[2])).to(torch.bfloat16).save_pretrained(sys.argv[1])
 """

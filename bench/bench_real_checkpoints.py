@@ -205,9 +205,9 @@ class WhisperBench:
                 "eval_s": self.transcribe_s, "example": self.transcripts[0]}
 
     def load(self, path: Path):
-        from gqa_toolkit.uptrain.model import load_model
+        from gqa_toolkit.eval.placement import load_for_eval
 
-        return load_model(path).eval()
+        return load_for_eval(path)
 
     def run(self, cells: list[tuple[str, int, list[str]]], store) -> None:
         for label, groups, flags in cells:
@@ -224,10 +224,13 @@ class SmolBench:
 
     def __init__(self, source: Path, work: Path, blocks: int = 64, batch_size: int = 4):
         from gqa_toolkit.eval.heldout import HELDOUT, eval_task, heldout_set
-        from gqa_toolkit.uptrain.model import load_config, load_model, load_tokenizer
+        from gqa_toolkit.errors import ToolkitError
+        from gqa_toolkit.eval.placement import load_for_eval
+        from gqa_toolkit.model_dir import ModelDir
 
-        self.source, self.work, self.batch_size, self._load = source, work, batch_size, load_model
-        tokenizer, config = load_tokenizer(source), load_config(source)
+        self.source, self.work, self.batch_size, self._load = source, work, batch_size, load_for_eval
+        original = ModelDir(Path(source), "source", ToolkitError)
+        tokenizer, config = original.tokenizer, original.config
         data = HELDOUT.model_copy(update=dict(cache_dir=str(work / "data"), eval_blocks=blocks))
         self.examples = heldout_set(tokenizer, data, eval_task(config, tokenizer, data))
 

@@ -34,14 +34,14 @@ import torch
 
 SHAPES = {"t5-large": "t5-v1.1-large", "t5-base": "t5-v1.1-base", "t5-small": "t5-v1.1-small",
           "llama-1b": "llama-1b-mha", "whisper-base": "whisper-base",
-          "whisper-large": "whisper-large-v3"}  # name here -> preset (gqa_toolkit.convert.families.presets)
+          "whisper-large": "whisper-large-v3"}  # name here -> preset (gqa_toolkit.families.presets)
 TINY_ABLATION = "tiny-ablation"  # the original that recipes/tiny-ablation.yaml builds
 
 
 def audio_window(shape: str) -> int | None:
     """The encoder positions of an audio shape's whole window (whisper: 1,500); None for a text shape."""
-    from gqa_toolkit.convert.families.presets import PRESETS
-    from gqa_toolkit.convert.families.spec import audio_input
+    from gqa_toolkit.families.presets import PRESETS
+    from gqa_toolkit.families.spec import audio_input
 
     if shape == TINY_ABLATION:
         return None
@@ -51,8 +51,8 @@ def audio_window(shape: str) -> int | None:
 
 
 def write_source(shape: str, out: Path, vocab: int) -> Path:
-    from gqa_toolkit.convert import corpus
-    from gqa_toolkit.convert.families.presets import PRESETS
+    from gqa_toolkit import corpus
+    from gqa_toolkit.families.presets import PRESETS
     from gqa_toolkit.uptrain.tokenizer import train_tokenizer
 
     if shape == TINY_ABLATION:  # random weights of the recipe's shape, in fp32 as the ablation measures it

@@ -26,7 +26,9 @@ from gqa_toolkit.eval.fidelity import fidelity
 from gqa_toolkit.eval.heldout import HELDOUT, eval_task, heldout_set
 from gqa_toolkit.eval.perplexity import perplexity
 from gqa_toolkit.uptrain import load_recipe, train
-from gqa_toolkit.uptrain.model import load_config, load_model, load_tokenizer
+from gqa_toolkit.eval.placement import load_for_eval
+from gqa_toolkit.errors import ToolkitError
+from gqa_toolkit.model_dir import ModelDir
 from gqa_toolkit.uptrain.tiny import build_tiny_mha
 
 SHAPE = dict(d_model=128, d_ff=344, d_kv=16, num_heads=8, num_layers=4, num_decoder_layers=4)
@@ -57,10 +59,11 @@ def main() -> None:
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     src = pretrained(args.work, args.steps)
-    tokenizer, config = load_tokenizer(src), load_config(src)
+    original = ModelDir(Path(src), "source", ToolkitError)
+    tokenizer, config = original.tokenizer, original.config
     data = HELDOUT.model_copy(update=dict(block_size=128, eval_blocks=32, cache_dir=str(args.work / "data")))
     examples = heldout_set(tokenizer, data, eval_task(config, tokenizer, data))
-    source = load_model(src)
+    source = load_for_eval(original)
     heads = config.num_heads
     print(f"held-out loss of the source: {perplexity(source, examples)['loss']:.4f}")
     print("| --attention | G | method | calibration | KL | top-1 | convert s |\n|---|---|---|---|---|---|---|")
@@ -73,7 +76,7 @@ def main() -> None:
                                                                             "calibration_mode": mode}))
             seconds = time.perf_counter() - t0
             with torch.no_grad():
-                result = fidelity(load_model(out), source, examples)
+                result = fidelity(load_for_eval(out), source, examples)
             print(f"| {scope} | {groups} | {method} | {mode or 'none'} | {result['kl']:.4f} | {result['top1_agreement']:.3f} "
                   f"| {seconds:.1f} |", flush=True)
 

@@ -83,10 +83,12 @@ def transcribe(model_dir: Path, data: Path, clips: int) -> tuple[list[str], list
     from gqa_toolkit.eval.heldout import eval_task, heldout_set
     from gqa_toolkit.eval.placement import load_for_eval
     from gqa_toolkit.eval.wer import greedy_transcripts, reference_transcripts
-    from gqa_toolkit.uptrain.model import load_config, load_tokenizer
+    from gqa_toolkit.errors import ToolkitError
+    from gqa_toolkit.model_dir import ModelDir
     from gqa_toolkit.uptrain.recipe import DataSection
 
-    config, tokenizer = load_config(model_dir), load_tokenizer(model_dir)
+    model = ModelDir(Path(model_dir), "model", ToolkitError)
+    config, tokenizer = model.config, model.tokenizer
     data = DataSection(source=str(data), language="en", target_length=TARGET_LENGTH, eval_blocks=clips)
     task = eval_task(config, tokenizer, data)
     examples = heldout_set(tokenizer, data, task)

@@ -118,8 +118,8 @@ def stage_fit_precision(args) -> str:
 
 def write_random_llama(preset_name: str, out: Path, vocab: int, device: str, **overrides) -> Path:
     """A random llama of a preset's shape in bf16, with a byte-level BPE tokenizer learnt from python-stdlib."""
-    from gqa_toolkit.convert import corpus
-    from gqa_toolkit.convert.families.presets import PRESETS
+    from gqa_toolkit import corpus
+    from gqa_toolkit.families.presets import PRESETS
     from gqa_toolkit.uptrain.tokenizer import train_tokenizer
 
     texts = corpus.iter_texts("train", limit=50 if vocab <= 512 else 200)

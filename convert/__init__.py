@@ -8,11 +8,15 @@ Names are imported on first use, so that the commands' --help answers without im
 
 import importlib
 
+from gqa_toolkit import moved
+
+moved.install()  # the modules that moved into the kernel answer at their old paths too
+
 _EXPORTS = {  # name -> module (relative to this package)
     "convert_checkpoint": ".api", "convert": ".api", "describe_conversion": ".api", "ConversionResult": ".api",
     "ConversionOptions": ".options", "ConversionError": ".errors", "ToolkitError": ".errors",
     "AttentionWeights": ".methods.layer", "convert_layer": ".methods.layer", "align_layer": ".methods.layer",
-    "permute_layer": ".methods.layer", "RopeLayout": ".families.rope",
+    "permute_layer": ".methods.layer", "RopeLayout": "gqa_toolkit.families.rope",
     "MethodContext": ".methods.registry", "register_method": ".methods.registry",
     "register_layer_method": ".methods.registry", "all_method_names": ".methods.registry",
 }

@@ -14,14 +14,14 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import ConversionError
-from .families.config import ConfigReader, SourceConfig
-from .families.geometry import check_groups, read_geometries
-from .families.loading import load_transformers_config, own_model_types
-from .families.rope import rope_layout
-from .families.spec import ArchitectureSpec, lm_auto_class_name, spec_for
-from .io.disk import check_free_space, disk_writes
-from .io.model_dir import hub_source, read_raw_config, resolve_model_dir
-from .io.output_dir import atomic_directory, check_output_free
+from gqa_toolkit.families.config import ConfigReader, SourceConfig
+from gqa_toolkit.families.geometry import check_groups, read_geometries
+from gqa_toolkit.families.loading import load_transformers_config, own_model_types
+from gqa_toolkit.families.rope import rope_layout
+from gqa_toolkit.families.spec import ArchitectureSpec, lm_auto_class_name, spec_for
+from gqa_toolkit.disk import check_free_space, disk_writes
+from gqa_toolkit.model_dir import hub_source, read_raw_config, resolve_model_dir
+from gqa_toolkit.output_dir import atomic_directory, check_output_free
 from .io.reader import CheckpointReader
 from .io.tensors import ByteSpan, SourceTensor
 from .io.writer import CheckpointWriter, planned_bytes
@@ -192,7 +192,7 @@ def _prepare(src, dst, options: ConversionOptions, progress: bool, calibrate: bo
     raw_config = read_raw_config(model_dir)
     spec = spec_for(raw_config["model_type"])
     if spec.modeling is not None:
-        from .families import modeling  # noqa: F401  registers the GQA classes (4 s of imports only families like gpt2 need)
+        from gqa_toolkit.families import modeling  # noqa: F401  registers the GQA classes (4 s of imports only families like gpt2 need)
     scope = options.attention or spec.default_scope
     config = SourceConfig(raw_config, spec.config, load=lambda: load_transformers_config(model_dir))
     geometries = read_geometries(config, spec, scope)

@@ -9,9 +9,9 @@ import json
 
 import click
 
-from .command import HELP, Command, print_warnings, user_errors
+from gqa_toolkit.command import HELP, Command, print_warnings, user_errors
 from .errors import ConversionError
-from .corpus import NAME as BUILTIN
+from gqa_toolkit.corpus import NAME as BUILTIN
 from .methods.registry import GROUPINGS, all_method_names
 
 
@@ -106,7 +106,7 @@ def main(model_dir, groups, kind_groups, method, grouping, preserve_norm, calibr
                                 calibration_mode=calibration_mode, refine_steps=refine_steps, refine_lr=refine_lr,
                                 revision=revision, native=not no_native)
     if push_to is not None:
-        from .io.hub import check_repo_id
+        from gqa_toolkit.hub import check_repo_id
 
         check_repo_id(push_to, "--push-to-hub", ConversionError)
     if dry_run:
@@ -118,7 +118,7 @@ def main(model_dir, groups, kind_groups, method, grouping, preserve_norm, calibr
     result = convert(model_dir, output, options, progress=not quiet)
     pushed = None
     if push_to is not None:
-        from .io.hub import push_folder
+        from gqa_toolkit.hub import push_folder
 
         pushed = push_folder(result.output, push_to, private, f"gqa-convert --method {method} --groups {groups}",
                              ConversionError)

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 
 from .errors import ConversionError
-from .io.dtypes import DTYPES
-from .corpus import NAME as BUILTIN
+from gqa_toolkit.dtypes import DTYPES
+from gqa_toolkit.corpus import NAME as BUILTIN
 from .methods.registry import LayerMethod, check_method, layer_methods
 
 SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -128,7 +128,7 @@ class ConversionOptions:
 def parse_kind_groups(given: dict[str, int] | str | None) -> dict[str, int]:
     """{kind: G} from a mapping or from "cross=1,decoder=2"; every kind one of some family's attention kinds
     (the source's family is checked when it is read) and every G a positive whole number."""
-    from .families.spec import all_specs
+    from gqa_toolkit.families.spec import all_specs
 
     example = "e.g. --kind-groups cross=1 (kind_groups={'cross': 1})"
     if given is None:

@@ -16,10 +16,10 @@ from huggingface_hub.repocard import REGEX_YAML_BLOCK  # the hub's own test for 
 
 import gqa_toolkit
 
-from .families.spec import ArchitectureSpec, lm_auto_class_name
-from .io.disk import write_files
+from gqa_toolkit.families.spec import ArchitectureSpec, lm_auto_class_name
+from gqa_toolkit.disk import write_files
 from .io.reader import stays_inside_source
-from .io.records import CONVERSION_KEY
+from gqa_toolkit.records import CONVERSION_KEY
 from .methods.registry import layer_methods, method_summary
 
 log = logging.getLogger("gqa_toolkit.convert")
@@ -121,7 +121,7 @@ def _modeling_note(spec: ArchitectureSpec) -> str:
     return f"""
 transformers has no grouped-query attention for this family, so the modeling code is in this directory
 (`{spec.modeling.file}`); load it with `{auto}.from_pretrained(path, trust_remote_code=True)`, or without
-`trust_remote_code` in a process that has imported `gqa_toolkit.convert.families.modeling`.
+`trust_remote_code` in a process that has imported `gqa_toolkit.families.modeling`.
 """
 
 
@@ -277,7 +277,7 @@ def write_metadata(src: Path, dst: Path, raw_config: dict[str, Any], spec: Archi
 def write_modeling(dst: Path, spec: ArchitectureSpec) -> list[Path]:
     """Write the family's modeling files into `dst`, all replaced atomically (a reader sees the old files or the
     new ones, never half of one); returns their paths."""
-    files = {dst / name: (resources.files("gqa_toolkit.convert.families.modeling") / name).read_text()
+    files = {dst / name: (resources.files("gqa_toolkit.families.modeling") / name).read_text()
              for name in spec.modeling.files}
     write_files(files)
     return list(files)

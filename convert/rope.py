@@ -1,6 +1,6 @@
-"""Moved to `gqa_toolkit.convert.families.rope` (`RopeLayout` is also importable from `gqa_toolkit.convert`); this
+"""Moved to `gqa_toolkit.families.rope` (`RopeLayout` is also importable from `gqa_toolkit.convert`); this
 alias stays for one release so that scripts written against it keep working."""
 
-from .families.rope import KeyMap, RopeLayout, rope_layout
+from gqa_toolkit.families.rope import KeyMap, RopeLayout, rope_layout
 
 __all__ = ["KeyMap", "RopeLayout", "rope_layout"]

@@ -19,13 +19,12 @@ from dataclasses import asdict
 from pathlib import Path
 
 from gqa_toolkit.convert import convert_checkpoint
-from gqa_toolkit.convert.errors import Interrupted
-from gqa_toolkit.convert.io.hub import push_folder
-from gqa_toolkit.convert.families.geometry import check_context, check_groups, model_geometry
-from gqa_toolkit.convert.families.spec import audio_input, spec_for
+from gqa_toolkit.errors import Interrupted
+from gqa_toolkit.hub import push_folder
+from gqa_toolkit.families.geometry import check_context, check_groups, model_geometry
+from gqa_toolkit.families.spec import audio_input, spec_for
 from gqa_toolkit.convert.methods.variants import parse_variant
 from gqa_toolkit.uptrain import train, validate_recipe
-from gqa_toolkit.uptrain.model import load_config, load_tokenizer
 from gqa_toolkit.uptrain.recipe import DataSection
 from gqa_toolkit.uptrain.tasks import CausalLM
 
@@ -98,9 +97,8 @@ class Ablation:
             self.heldout(None, tokenizer)
         else:
             original = resolve_original(self.recipe, self.root)
-            config = load_config(original.path, role="original.path")
-            self.check_geometry(config)
-            self.heldout(config, load_tokenizer(original.path))
+            self.check_geometry(original.dir.config)
+            self.heldout(original.dir.config, original.dir.tokenizer)
         return tokenizer
 
     def eval_data(self) -> DataSection:
@@ -216,7 +214,7 @@ class Ablation:
         for old in self.cells.glob("speed-*.json"):
             old.unlink()
         self.say("speed only: measuring the original and each G again")
-        self.speed_cell("original", original.path, model_geometry(load_config(original.path)).kv_heads)
+        self.speed_cell("original", original.path, model_geometry(original.dir.config).kv_heads)
         for groups in self.recipe.groups:
             self.speed_cell(f"g{groups}", self.converted(original, self.recipe.methods[0], groups), groups)
         return render(self.root)
@@ -225,12 +223,10 @@ class Ablation:
         if self.recipe.original.build is not None and not (self.root / "original" / DONE_MARKER).is_file():
             self.say(f"stage 1/4: pretraining the original ({self.recipe.original.build.steps} steps)")
         original = resolve_original(self.recipe, self.root, self.progress, tokenizer)
-        tokenizer = load_tokenizer(original.path)
-        config = load_config(original.path)
-        if audio_input(config.model_type) is None:
-            check_context(config, self.recipe.data.block_size, "data.block_size", EvalError)
+        tokenizer, config = original.dir.tokenizer, original.dir.config
+        original.dir.preflight(self.recipe.data.block_size, "data.block_size")
         blocks = self.heldout(config, tokenizer)
-        original_model = load_for_eval(original.path)
+        original_model = load_for_eval(original.dir)
         speech = None
         if audio_input(config.model_type) is not None:  # cells also report WER against the original's transcripts
             task = eval_task(config, tokenizer, self.eval_data(), self.recipe.objective)

@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from gqa_toolkit.convert.errors import ConversionError
+from gqa_toolkit.errors import ConversionError
 from gqa_toolkit.convert.methods.variants import parse_variant
 from gqa_toolkit.uptrain.shipped_recipes import resolve_recipe
 from gqa_toolkit.uptrain.recipe import (DataSection, ModelOptions, ObjectiveSection, TrainOptions, describe_problems,

@@ -14,9 +14,9 @@ import json
 
 import click
 
-from gqa_toolkit.convert.command import HELP, Group
-from gqa_toolkit.convert.command import emit as emit_line
-from gqa_toolkit.convert.command import user_errors as one_line_errors
+from gqa_toolkit.command import HELP, Group
+from gqa_toolkit.command import emit as emit_line
+from gqa_toolkit.command import user_errors as one_line_errors
 
 from .options import IntAtLeast, PositiveInts
 
@@ -57,36 +57,36 @@ def _eval_data(corpus, split, text_column, target_column, audio_column, language
                        audio_column=audio_column, language=language, block_size=block_size, eval_blocks=max_blocks)
 
 
-def _checked_examples(model_dir: str, role: str, data, with_task: bool = False):
-    """The model dir and its held-out examples (and the task that made them), after every check that needs no
-    weights."""
-    from gqa_toolkit.convert.families.geometry import check_context
-    from gqa_toolkit.convert.families.spec import audio_input
-    from gqa_toolkit.uptrain.corpora import CorpusSettings
-    from gqa_toolkit.uptrain.model import check_model_dir, load_config, load_tokenizer
+def _model_dir(model_dir: str, role: str = "MODEL_DIR"):
+    """MODEL_DIR (a folder or hub id) as the kernel's checked ModelDir."""
+    from gqa_toolkit.model_dir import ModelDir
 
     from .errors import EvalError
+
+    return ModelDir.open(model_dir, role, ANY_MODEL, EvalError)
+
+
+def _checked_examples(model, data, with_task: bool = False):
+    """The held-out examples of `model` (a ModelDir; and the task that made them), after every check that needs
+    no weights (the kernel's one preflight)."""
+    from gqa_toolkit.uptrain.corpora import CorpusSettings
+
     from .heldout import eval_task, heldout_set
 
-    path = check_model_dir(model_dir, role=role, wanted=ANY_MODEL)
-    config = load_config(path, role=role)
-    if audio_input(config.model_type) is None:  # an audio encoder takes its window, whatever the block size
-        check_context(config, data.block_size, "--block-size", EvalError)
-    tokenizer = load_tokenizer(path)
+    model.preflight(data.block_size, "--block-size")  # an audio encoder takes its window, whatever the block size
+    config, tokenizer = model.config, model.tokenizer
     options = CorpusSettings(source="--data", split="--split", config="the dataset's config",  # named in messages
                              text_column="--text-column", target_column="--target-column", block_size="--block-size",
                              noise_density=None)
     task = eval_task(config, tokenizer, data, settings=options)
     examples = heldout_set(tokenizer, data, task, options)
-    return (path, examples, task, tokenizer) if with_task else (path, examples)
+    return (examples, task, tokenizer) if with_task else examples
 
 
-def _load(model_dir, role: str = "MODEL_DIR"):
-    from gqa_toolkit.uptrain.model import check_model_dir
-
+def _load(model):
     from .placement import load_for_eval
 
-    return load_for_eval(check_model_dir(model_dir, role=role, wanted=ANY_MODEL))
+    return load_for_eval(model)
 
 
 @click.group(cls=Group, context_settings=HELP)
@@ -94,7 +94,7 @@ def _load(model_dir, role: str = "MODEL_DIR"):
               help="Run the Python files of model folders. Never needed for the toolkit's own families.")
 def main(trust_remote_code):
     """Measure what a GQA conversion cost."""
-    from gqa_toolkit.convert.families.loading import allow_remote_code
+    from gqa_toolkit.families.loading import allow_remote_code
 
     allow_remote_code(trust_remote_code)
 
@@ -110,7 +110,8 @@ def perplexity_cmd(model_dir, corpus, split, text_column, target_column, audio_c
     from .perplexity import perplexity
 
     data = _eval_data(corpus, split, text_column, target_column, audio_column, language, block_size, max_blocks)
-    path, examples = _checked_examples(model_dir, "MODEL_DIR", data)
+    path = _model_dir(model_dir)
+    examples = _checked_examples(path, data)
     model = _load(path)
     check_causal(model, "MODEL_DIR")
     emit(json.dumps(perplexity(model, examples, batch_size, progress=True)))
@@ -124,21 +125,19 @@ def perplexity_cmd(model_dir, corpus, split, text_column, target_column, audio_c
 def fidelity_cmd(model_dir, source_dir, corpus, split, text_column, target_column, audio_column, language,
                  block_size, max_blocks, batch_size):
     """KL(source || MODEL_DIR) per token and top-1 agreement on held-out text."""
-    from gqa_toolkit.uptrain.model import check_model_dir, load_config
-
     from .fidelity import fidelity
     from .sources import check_comparable, unrecorded_source
     from .sources import source_dir as checked_source
 
-    converted = check_model_dir(model_dir, role="MODEL_DIR")
-    config = load_config(converted, role="MODEL_DIR")  # a readable config.json, before its record is read
+    converted = _model_dir(model_dir)
+    config = converted.config  # a readable config.json, before its record is read
     source = checked_source(converted, source_dir)
-    check_comparable(config, load_config(source, role="--source"), source)
+    check_comparable(config, source)
     if source_dir and (warning := unrecorded_source(converted, source)):
         click.echo(f"{PROG}: warning: {warning}", err=True)
     data = _eval_data(corpus, split, text_column, target_column, audio_column, language, block_size, max_blocks)
-    path, examples = _checked_examples(model_dir, "MODEL_DIR", data)
-    emit(json.dumps(fidelity(_load(path), _load(source), examples, batch_size, progress=True)))
+    examples = _checked_examples(converted, data)
+    emit(json.dumps(fidelity(_load(converted), _load(source), examples, batch_size, progress=True)))
 
 
 @main.command("wer")
@@ -153,30 +152,26 @@ def fidelity_cmd(model_dir, source_dir, corpus, split, text_column, target_colum
 def wer_cmd(model_dir, source_dir, against, corpus, split, text_column, target_column, audio_column, language,
             block_size, max_blocks, batch_size):
     """Word error rate of MODEL_DIR's greedy transcripts of --data's audio (speech models such as whisper)."""
-    from gqa_toolkit.convert.families.spec import audio_input
-    from gqa_toolkit.uptrain.model import check_model_dir, load_config
-
     from .errors import EvalError
     from .sources import check_comparable
     from .sources import source_dir as checked_source
     from .wer import greedy_transcripts, reference_transcripts, word_error_rate
 
-    path = check_model_dir(model_dir, role="MODEL_DIR", wanted=ANY_MODEL)
-    config = load_config(path, role="MODEL_DIR")
-    if audio_input(config.model_type) is None:
+    path = _model_dir(model_dir)
+    config = path.config
+    if not path.takes_audio:
         raise EvalError(f"wer transcribes audio, and this {config.model_type} model takes text; score it with "
                         "gqa-eval perplexity or fidelity")
     source = checked_source(path, source_dir, required=against == "source") if against != "text" else None
     if source is not None:
-        check_comparable(config, load_config(source, role="--source"), source)
+        check_comparable(config, source)
     data = _eval_data(corpus, split, text_column, target_column, audio_column, language, block_size, max_blocks)
-    path, examples, task, tokenizer = _checked_examples(model_dir, "MODEL_DIR", data, with_task=True)
+    examples, task, tokenizer = _checked_examples(path, data, with_task=True)
     hypotheses = greedy_transcripts(_load(path), examples, task, tokenizer, batch_size, progress=True)
     if source is None:
         references = reference_transcripts(examples, task, tokenizer)
     else:
-        references = greedy_transcripts(_load(source, "--source"), examples, task, tokenizer, batch_size,
-                                        progress=True)
+        references = greedy_transcripts(_load(source), examples, task, tokenizer, batch_size, progress=True)
     emit(json.dumps({"wer": word_error_rate(references, hypotheses), "against": "text" if source is None else
                      "source", "clips": len(hypotheses)}))
 
@@ -209,7 +204,7 @@ def speed_cmd(model_dir, source_dir, contexts, batch_sizes, decode_steps, repeat
     models, contexts = _speed_models(model_dir, source_dir, contexts, decode_steps)
     loops = ("dynamic", "static", *(("static+compile",) if compile_step else ()))
     for name, path in models.items():
-        model = _load(path, name)
+        model = _load(path)
         kv = kv_cache_bytes_per_token(model)
         for c in contexts:
             for b in batch_sizes:
@@ -240,19 +235,17 @@ def _speed_models(model_dir: str, source_dir: str | None, contexts, decode_steps
     """{'converted' (or 'model', when MODEL_DIR records no conversion): dir, 'source': dir (given or recorded, if
     any)} and the contexts (None: the default), each model checked to hold the longest context plus the decode
     steps, before any weights load."""
-    from gqa_toolkit.uptrain.model import CONVERSION_KEY, check_model_dir, load_config
-
     from .sources import source_dir as checked_source
     from .speed import speed_contexts
 
-    converted = check_model_dir(model_dir, role="MODEL_DIR", wanted=ANY_MODEL)
-    config = load_config(converted, role="MODEL_DIR")  # a readable config.json, before its record is read
-    models = {"converted" if hasattr(config, CONVERSION_KEY) else "model": (converted, config)}
+    converted = _model_dir(model_dir)
+    converted.config  # a readable config.json, before its record is read
+    models = {"converted" if converted.conversion is not None else "model": converted}
     source = checked_source(converted, source_dir, required=False)
     if source is not None:
-        models["source"] = (source, load_config(source, role="--source"))
-    contexts = speed_contexts([config for _, config in models.values()], contexts, decode_steps)
-    return {name: path for name, (path, _) in models.items()}, contexts
+        models["source"] = source
+    contexts = speed_contexts([model.config for model in models.values()], contexts, decode_steps)
+    return models, contexts
 
 
 @main.command("tasks")
@@ -269,18 +262,17 @@ def _speed_models(model_dir: str, source_dir: str | None, contexts, decode_steps
 def tasks_cmd(model_dir, task_names, include_paths, limit, batch_size, as_json):
     """Downstream tasks of MODEL_DIR (a folder or hub id) through lm-eval-harness (pip install
     'gqa-toolkit[tasks]')."""
-    from gqa_toolkit.convert.io.model_dir import is_hub_id
-    from gqa_toolkit.uptrain.model import check_text_model, load_config, load_tokenizer
+    from gqa_toolkit.model_dir import is_hub_id
 
     from .downstream import require_lm_eval, run_tasks, task_manager
 
     require_lm_eval()  # before the model: a missing extra is the one thing to fix
     # a local folder is checked at once; a hub id is fetched only once every task name is known to exist
-    path = None if is_hub_id(model_dir) else _checked_model_dir(model_dir)
+    path = None if is_hub_id(model_dir) else _model_dir(model_dir)
     manager = task_manager(names := [n.strip() for n in task_names.split(",") if n.strip()], list(include_paths))
-    path = path or _checked_model_dir(model_dir)
-    check_text_model(load_config(path, role="MODEL_DIR"))
-    scores = run_tasks(_load(path), load_tokenizer(path), names, manager, limit, batch_size)
+    path = path or _model_dir(model_dir)
+    path.preflight(text_only=True)
+    scores = run_tasks(_load(path), path.tokenizer, names, manager, limit, batch_size)
     if as_json:
         emit(json.dumps(scores, indent=2))
         return
@@ -288,12 +280,6 @@ def tasks_cmd(model_dir, task_names, include_paths, limit, batch_size, as_json):
     emit("\n".join([f"{'task':<{width}} {'metric':<12} {'value':>8}",
                      *(f"{task:<{width}} {metric:<12} {value:>8.4f}" for task, metrics in scores.items()
                        for metric, value in metrics.items())]))
-
-
-def _checked_model_dir(model_dir: str):
-    from gqa_toolkit.uptrain.model import check_model_dir
-
-    return check_model_dir(model_dir, role="MODEL_DIR", wanted=ANY_MODEL)
 
 
 @main.command("ablation")

@@ -1,6 +1,6 @@
 """The exception the eval stage raises for bad input; the command prints it as one line."""
 
-from gqa_toolkit.convert.errors import ToolkitError
+from gqa_toolkit.errors import ToolkitError
 
 
 class EvalError(ToolkitError):

@@ -7,16 +7,17 @@ loop that uptrains converted models, so the original and its uptrained conversio
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
 
-from gqa_toolkit.convert.io.model_dir import resolve_model_dir
-from gqa_toolkit.convert.io.output_dir import atomic_directory
+from gqa_toolkit.model_dir import resolve_model_dir
+from gqa_toolkit.output_dir import atomic_directory
 from gqa_toolkit.uptrain import train, validate_recipe
-from gqa_toolkit.convert.corpus import NAME as STDLIB
-from gqa_toolkit.convert.corpus import iter_texts
-from gqa_toolkit.uptrain.model import checkpoint_problem
+from gqa_toolkit.corpus import NAME as STDLIB
+from gqa_toolkit.corpus import iter_texts
+from gqa_toolkit.model_dir import ModelDir, checkpoint_problem
 from gqa_toolkit.uptrain.tokenizer import train_tokenizer
 
 from .ablation_recipe import AblationRecipe, BuildOriginal
@@ -31,6 +32,11 @@ DONE_MARKER = ".original-complete"
 class Original:
     path: Path
     original_steps: int
+
+    @cached_property
+    def dir(self) -> ModelDir:
+        """The original as a model folder (its config and tokenizer read once)."""
+        return ModelDir(self.path, "original.path", EvalError)
 
 
 def _tokenizer_texts(recipe: AblationRecipe, build: BuildOriginal):

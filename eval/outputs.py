@@ -1,11 +1,11 @@
-"""gqa-eval's writes go through gqa_toolkit.convert.io.disk: files appear whole or not at all, and a disk fault while
+"""gqa-eval's writes go through gqa_toolkit.disk: files appear whole or not at all, and a disk fault while
 writing is one EvalError line naming the file and the setting to change (e.g. 'another results_dir')."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from gqa_toolkit.convert.io import disk
+from gqa_toolkit import disk
 
 from .errors import EvalError
 

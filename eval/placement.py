@@ -7,14 +7,14 @@ from pathlib import Path
 
 import torch
 
-from gqa_toolkit.uptrain.model import load_model
+from gqa_toolkit.model_dir import ModelDir
 
 DEVICE_ENV = "GQA_EVAL_DEVICE"  # e.g. cpu, to measure on the CPU of a GPU machine
 
 
 def eval_device() -> torch.device:
     """GQA_EVAL_DEVICE when set (checked as gqa-convert's --device is), else the GPU when there is one."""
-    from gqa_toolkit.convert.errors import ConversionError
+    from gqa_toolkit.errors import ConversionError
     from gqa_toolkit.convert.options import parse_device
 
     from .errors import EvalError
@@ -33,7 +33,10 @@ def eval_dtype(device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def load_for_eval(path: str | Path):
-    """The model in `path`, on the evaluation device, in its precision, in eval mode."""
+def load_for_eval(model: ModelDir | str | Path):
+    """The model (a checked folder), on the evaluation device, in its precision, in eval mode."""
+    from .errors import EvalError
+
     device = eval_device()
-    return load_model(Path(path), eval_dtype(device)).to(device).eval()
+    model = model if isinstance(model, ModelDir) else ModelDir(Path(model), "MODEL_DIR", EvalError)
+    return model.model(eval_dtype(device)).to(device).eval()

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import yaml
 
-from gqa_toolkit.convert.errors import first_line
-from gqa_toolkit.convert.io.disk import is_partial
-from gqa_toolkit.convert.io.output_dir import listing
+from gqa_toolkit.errors import first_line
+from gqa_toolkit.disk import is_partial
+from gqa_toolkit.output_dir import listing
 
 from .errors import EvalError
 from .outputs import write_fault, write_files

@@ -5,45 +5,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gqa_toolkit.convert.io.model_dir import is_hub_id, resolve_model_dir
-from gqa_toolkit.uptrain.model import CONVERSION_KEY, checkpoint_problem, read_config_json
+from gqa_toolkit.model_dir import ModelDir
 
 from .errors import EvalError
 
 FIX = "pass --source MHA_DIR, the MHA checkpoint it was converted from"
-FIX_GIVEN = "give --source the MHA checkpoint it was converted from"
 
 
-def recorded_source(model_dir: Path) -> str | None:
-    """The source path gqa-convert recorded in `model_dir`, if any."""
-    record = read_config_json(model_dir).get(CONVERSION_KEY)
-    return record.get("source") if isinstance(record, dict) else None
-
-
-def source_dir(model_dir: Path, given: str | None, required: bool = True) -> Path | None:
-    """The checked source checkpoint of the converted `model_dir`; None when none is given, none is recorded and
+def source_dir(model: ModelDir, given: str | None, required: bool = True) -> ModelDir | None:
+    """The checked source checkpoint of the converted `model`; None when none is given, none is recorded and
     `required` is false."""
-    if given:
-        if is_hub_id(given):
-            given = str(resolve_model_dir(given, error=EvalError, role="--source: "))
-        problem = checkpoint_problem(Path(given).expanduser())
-        if problem:
-            raise EvalError(f"--source {given} {problem}; {FIX_GIVEN}")
-        return Path(given).expanduser().resolve()
-    recorded = recorded_source(model_dir)
-    if not recorded:
-        if not required:
-            return None
-        raise EvalError(f"{model_dir} records no conversion source ({CONVERSION_KEY}.source in config.json); {FIX}")
-    problem = checkpoint_problem(Path(recorded))
-    if problem:
-        raise EvalError(f"the MHA source checkpoint recorded by gqa-convert ({CONVERSION_KEY}.source in "
-                        f"{model_dir / 'config.json'}), {recorded}, {problem}; {FIX}")
-    return Path(recorded).resolve()
+    return model.source(given, "--source", FIX, required)
 
 
-def check_comparable(config, source_config, source: Path) -> None:
+def check_comparable(config, source: ModelDir) -> None:
     """Fidelity compares the two models' distributions token by token: they must be of one kind and vocabulary."""
+    source_config, source = source.config, source.path
     kinds = [("an encoder-decoder" if getattr(c, "is_encoder_decoder", False) else "a decoder-only model")
              for c in (config, source_config)]
     if kinds[0] != kinds[1]:
@@ -62,10 +39,10 @@ def check_comparable(config, source_config, source: Path) -> None:
 SHAPES = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
 
 
-def unrecorded_source(model_dir: Path, source: Path) -> str | None:
-    """A warning when --source is not the source gqa-convert recorded in `model_dir` (still there), else None."""
-    recorded = recorded_source(model_dir)
-    if not recorded or not Path(recorded).is_dir() or Path(recorded).resolve() == source.resolve():
+def unrecorded_source(model: ModelDir, source: ModelDir) -> str | None:
+    """A warning when --source is not the source gqa-convert recorded in `model` (still there), else None."""
+    recorded = model.recorded_source
+    if not recorded or not Path(recorded).is_dir() or Path(recorded).resolve() == source.path:
         return None
-    return (f"--source {source} is not the source recorded in {model_dir / 'config.json'} ({recorded}); KL is "
+    return (f"--source {source.path} is not the source recorded in {model.path / 'config.json'} ({recorded}); KL is "
             "measured against the --source given")

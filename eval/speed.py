@@ -20,9 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
-from gqa_toolkit.convert.families.geometry import check_context, context_length
-from gqa_toolkit.convert.families.spec import audio_input
-from gqa_toolkit.convert.families.transformers_names import cache_argument, output_cache
+from gqa_toolkit.families.geometry import check_context, context_length
+from gqa_toolkit.families.spec import audio_input
+from gqa_toolkit.families.transformers_names import cache_argument, output_cache
 
 from .errors import EvalError
 

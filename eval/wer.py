@@ -12,7 +12,7 @@ import re
 import torch
 from transformers.modeling_outputs import BaseModelOutput
 
-from gqa_toolkit.convert.families.transformers_names import cache_argument, output_cache
+from gqa_toolkit.families.transformers_names import cache_argument, output_cache
 from gqa_toolkit.uptrain.speech import SpeechTranscripts
 from gqa_toolkit.uptrain.tasks import IGNORE
 

@@ -14,3 +14,12 @@ def first_line(error: BaseException, limit: int = 160) -> str:
     line = text.splitlines()[0] if text else ""
     line = line if len(line) <= limit else line[: limit - 3] + "..."
     return f"{type(error).__name__}: {line}" if line else type(error).__name__
+
+
+class ConversionError(ToolkitError):
+    """A problem with the checkpoint or the conversion options (raised by the kernel's family and checkpoint readers
+    too, since every stage reads checkpoints through them)."""
+
+
+class Interrupted(ToolkitError):
+    """Ctrl-C or SIGTERM stopped a run; the message says what was kept and how to go on."""

@@ -96,6 +96,27 @@ def load_model(model_dir: Path):
     return on_test_device(model).eval()
 
 
+def toolkit_dir(model_dir: Path):
+    """`model_dir` as the toolkit's stages read it (the kernel's ModelDir, unchecked: the tests made it)."""
+    from gqa_toolkit.errors import ToolkitError
+    from gqa_toolkit.model_dir import ModelDir
+
+    return ModelDir(Path(model_dir), "MODEL_DIR", ToolkitError)
+
+
+def toolkit_model(model_dir: Path):
+    """The model with its language-model head, loaded as uptraining and evaluation load it."""
+    return toolkit_dir(model_dir).model()
+
+
+def toolkit_tokenizer(model_dir: Path):
+    return toolkit_dir(model_dir).tokenizer
+
+
+def toolkit_config(model_dir: Path):
+    return toolkit_dir(model_dir).config
+
+
 def on_test_device(model):
     """On GQA_TEST_DEVICE, and cast to GQA_TEST_DTYPE only when it is set: otherwise a model keeps the dtype its
     checkpoint loads in (a test may be checking exactly that)."""

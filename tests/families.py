@@ -10,7 +10,7 @@ import torch
 import transformers
 from packaging.version import Version
 
-from gqa_toolkit.convert.families.presets import PRESETS
+from gqa_toolkit.families.presets import PRESETS
 
 # stock falcon repeated its K/V heads to one per query head before caching them, up to transformers 5.24
 FALCON_CACHES_QUERY_HEADS = Version(transformers.__version__) < Version("5.25")

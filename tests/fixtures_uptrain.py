@@ -11,8 +11,8 @@ import torch
 import yaml
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from gqa_toolkit.convert import corpus
-from gqa_toolkit.convert.families.presets import PRESETS
+from gqa_toolkit import corpus
+from gqa_toolkit.families.presets import PRESETS
 from gqa_toolkit.uptrain.tokenizer import train_tokenizer
 
 TINY = {**PRESETS["tiny-llama"].config, "max_position_embeddings": 256}

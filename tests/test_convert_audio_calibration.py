@@ -14,10 +14,10 @@ from click.testing import CliRunner
 
 from gqa_toolkit.convert import ConversionError, convert_checkpoint
 from gqa_toolkit.convert.cli import main as convert_main
-from gqa_toolkit.convert.families.spec import spec_for
+from gqa_toolkit.families.spec import spec_for
 from gqa_toolkit.convert.methods import block_stream as blockwise
 from gqa_toolkit.convert.methods.audio_calibration import audio_calibration
-from gqa_toolkit.uptrain.model import load_model
+from conftest import toolkit_model as load_model
 from gqa_toolkit.uptrain.tiny import build_tiny_whisper
 from gqa_toolkit.uptrain.tones import write_tone_corpus
 

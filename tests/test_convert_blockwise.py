@@ -6,7 +6,7 @@ import torch
 from conftest import load_model
 from families import FAMILIES
 
-from gqa_toolkit.convert.families.spec import spec_for
+from gqa_toolkit.families.spec import spec_for
 from gqa_toolkit.convert.methods import block_stream as blockwise
 
 LAYER_METHOD_FAMILIES = [f for f in FAMILIES if f.model_type in spec_for("llama").block.model_types]

@@ -14,13 +14,13 @@ import pytest
 from families import FAMILIES, NO_NATIVE_FAMILIES, family_config
 from transformers import AutoConfig
 
-import gqa_toolkit.convert.families.modeling  # noqa: F401  registers the gqa_* config classes with AutoConfig
+import gqa_toolkit.families.modeling  # noqa: F401  registers the gqa_* config classes with AutoConfig
 from gqa_toolkit.convert.errors import ConversionError
-from gqa_toolkit.convert.families.config import SourceConfig, TransformersConfig
-from gqa_toolkit.convert.families.geometry import read_geometries
-from gqa_toolkit.convert.families.loading import load_transformers_config
-from gqa_toolkit.convert.families.rope import rope_layout
-from gqa_toolkit.convert.families.spec import spec_for
+from gqa_toolkit.families.config import SourceConfig, TransformersConfig
+from gqa_toolkit.families.geometry import read_geometries
+from gqa_toolkit.families.loading import load_transformers_config
+from gqa_toolkit.families.rope import rope_layout
+from gqa_toolkit.families.spec import spec_for
 
 CASES = {f.model_type: (f.model_type, family_config(f)) for f in FAMILIES}
 CASES.update({f.model_type: (f.model_type, f.config) for f in NO_NATIVE_FAMILIES})

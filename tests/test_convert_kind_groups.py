@@ -17,7 +17,7 @@ from reference import _separate, _tie_rows_in_place
 from safetensors import safe_open
 from test_modeling_decoding import Decoder, _key_shapes, _prompt
 
-import gqa_toolkit.convert.families.modeling  # noqa: F401  registers the GQA classes: loads need no remote code
+import gqa_toolkit.families.modeling  # noqa: F401  registers the GQA classes: loads need no remote code
 from gqa_toolkit.convert import ConversionError, convert_checkpoint
 from gqa_toolkit.convert.api import convert
 from gqa_toolkit.convert.options import ConversionOptions
@@ -199,7 +199,7 @@ def test_t5_per_kind_g_equals_reference(no_native_dirs, tmp_path):
 def test_kinds_sharing_one_config_count_refuse_per_kind_g(no_native_dirs, tmp_path, monkeypatch):
     """A family whose config holds one KV-head count for two kinds cannot give them their own G."""
     from gqa_toolkit.convert import api
-    from gqa_toolkit.convert.families.spec import spec_for
+    from gqa_toolkit.families.spec import spec_for
 
     spec = spec_for("t5")
     cross = spec.attention["cross"].model_copy(update={"kv_heads_attr": "num_key_value_heads"})

@@ -2,8 +2,8 @@
 
 import torch
 
-from gqa_toolkit.convert.families.geometry import Geometry
-from gqa_toolkit.convert.families.spec import spec_for
+from gqa_toolkit.families.geometry import Geometry
+from gqa_toolkit.families.spec import spec_for
 from gqa_toolkit.convert.io.tensors import SourceTensor
 from gqa_toolkit.convert.methods.unit import UnitConversion
 from gqa_toolkit.convert.plan.planner import plan_conversion

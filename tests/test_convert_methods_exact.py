@@ -12,7 +12,7 @@ from conftest import build_tiny_model, load_model, logits, read_config
 from families import FAMILIES, NO_NATIVE_FAMILIES, family_config
 
 from gqa_toolkit.convert import AttentionWeights, ConversionError, align_layer, convert_checkpoint
-from gqa_toolkit.convert.families.rope import RopeLayout
+from gqa_toolkit.families.rope import RopeLayout
 from gqa_toolkit.convert.methods.layer import permute_layer
 
 # model_type -> (config changes, rotary dims of a 16-dim head, interleaved pairs): full RoPE, RoPE with GQA and

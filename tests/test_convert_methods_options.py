@@ -40,7 +40,7 @@ def test_preserve_norm_on_the_layer_path(llama_dir, tmp_path):
 
 
 def test_calibration_uses_only_the_corpus_training_files():
-    from gqa_toolkit.convert.corpus import stdlib_files
+    from gqa_toolkit.corpus import stdlib_files
     from gqa_toolkit.convert.methods.calibration import BUILTIN, _text_files
 
     calibration = set(_text_files(BUILTIN))
@@ -96,8 +96,8 @@ def test_layer_api_names_bad_shapes():
 
 def test_layer_plan_shapes_of_a_70b_shaped_checkpoint():
     """The per-layer plan knows every output shape before reading data (nothing is converted here)."""
-    from gqa_toolkit.convert.families.geometry import Geometry
-    from gqa_toolkit.convert.families.spec import spec_for
+    from gqa_toolkit.families.geometry import Geometry
+    from gqa_toolkit.families.spec import spec_for
     from gqa_toolkit.convert.io.tensors import SourceTensor
     from gqa_toolkit.convert.plan.planner import plan_conversion
 
@@ -138,7 +138,7 @@ def test_the_dry_run_of_a_calibrated_encoder_decoder_counts_one_block(no_native_
     from safetensors import safe_open
 
     from gqa_toolkit.convert import describe_conversion
-    from gqa_toolkit.convert.io.disk import format_bytes
+    from gqa_toolkit.disk import format_bytes
 
     src = no_native_dirs["t5"]
     with safe_open(str(src / "model.safetensors"), "pt") as f:
@@ -205,7 +205,28 @@ def test_quiet_calibration_of_an_encoder_decoder_shows_no_loading_bar(no_native_
 def test_the_layer_apis_earlier_homes_still_import():
     """gqa_toolkit.convert.layer_api and gqa_toolkit.convert.rope moved; the old names keep working for a release."""
     from gqa_toolkit.convert import layer_api, rope
-    from gqa_toolkit.convert.families.rope import RopeLayout
+    from gqa_toolkit.families.rope import RopeLayout
     from gqa_toolkit.convert.methods.layer import convert_layer as moved
 
     assert layer_api.convert_layer is moved and rope.RopeLayout is RopeLayout
+
+
+def test_modules_moved_into_the_kernel_answer_at_their_old_paths():
+    """The families, the checkpoint folder readers, the corpus and the command wrapper moved from
+    gqa_toolkit.convert into the kernel; their old import paths give the same module objects for a release."""
+    import importlib
+    import subprocess
+    import sys
+
+    import gqa_toolkit.convert  # noqa: F401  (installs the old paths)
+    from gqa_toolkit.moved import MOVED
+
+    for old, new in MOVED.items():
+        assert importlib.import_module(old) is importlib.import_module(new), old
+    from gqa_toolkit.convert.families.spec import spec_for
+    from gqa_toolkit.families import spec
+
+    assert spec_for is spec.spec_for
+    # a fresh process whose first import is an old path
+    code = "import gqa_toolkit.convert.families.modeling as m, gqa_toolkit.families.modeling as n; assert m is n"
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -9,8 +9,8 @@ from families import NO_NATIVE_FAMILIES, NO_NATIVE_IDS
 from pydantic import ValidationError
 from test_convert_errors import assert_refused
 
-from gqa_toolkit.convert.families.spec import ArchitectureSpec, all_specs
-from gqa_toolkit.convert.families.transformers_names import output_cache
+from gqa_toolkit.families.spec import ArchitectureSpec, all_specs
+from gqa_toolkit.families.transformers_names import output_cache
 
 
 def test_unknown_attention_scope_lists_choices(no_native_dirs, llama_dir, tmp_path):
@@ -45,7 +45,7 @@ def test_specs_ship_their_modeling_files_and_reject_unknown_kinds():
 
     for model_type in ("t5", "gpt2", "gpt_neox", "opt"):
         spec = all_specs()[model_type]
-        assert (resources.files("gqa_toolkit.convert.families.modeling") / spec.modeling.file).is_file()
+        assert (resources.files("gqa_toolkit.families.modeling") / spec.modeling.file).is_file()
         assert spec.modeling.model_type in spec.model_types
     with pytest.raises(ValidationError, match="not declared"):
         ArchitectureSpec.model_validate({"model_types": ["x"], "tensors": [
@@ -61,7 +61,7 @@ def test_registered_without_trust_remote_code(no_native_dirs, tmp_path):
 
     out = convert_checkpoint(no_native_dirs["opt"], tmp_path / "out", groups=1, progress=False)
     model = AutoModelForCausalLM.from_pretrained(out)
-    assert type(model).__module__ == "gqa_toolkit.convert.families.modeling.gqa_opt"
+    assert type(model).__module__ == "gqa_toolkit.families.modeling.gqa_opt"
     assert model.model.decoder.layers[0].self_attn.k_proj.weight.shape == (16, 64)
     with torch.no_grad():
         cache = output_cache(model(torch.tensor([[1, 2, 3]]), use_cache=True))
@@ -84,7 +84,7 @@ def test_refresh_modeling_repairs_an_earlier_output_in_place(no_native_dirs, lla
     result = CliRunner().invoke(main, ["--refresh-modeling", str(out)])
     assert result.exit_code == 0, result.output
     assert result.output.splitlines() == [f"rewrote {out / 'gqa_attention.py'}", f"rewrote {out / 'gqa_opt.py'}"]
-    package = resources.files("gqa_toolkit.convert.families.modeling")
+    package = resources.files("gqa_toolkit.families.modeling")
     for name in ("gqa_attention.py", "gqa_opt.py"):
         assert (out / name).read_text() == (package / name).read_text()
     assert {p.name: p.read_bytes() for p in out.iterdir() if not p.name.endswith(".py")} == before
@@ -96,7 +96,7 @@ def test_core_refuses_a_stock_argument_it_does_not_know():
     """A release that adds or renames an attention argument fails at import, naming it, instead of dropping it."""
     from torch import nn
 
-    from gqa_toolkit.convert.families.modeling.gqa_attention import GroupedAttention
+    from gqa_toolkit.families.modeling.gqa_attention import GroupedAttention
 
     class StockAttention(nn.Module):
         def forward(self, hidden_states, attention_mask=None, cache=None, sliding_window_size=None, **kwargs):

@@ -19,8 +19,8 @@ from reference import apply_reference_no_native
 from safetensors import safe_open
 
 from gqa_toolkit.convert import convert_checkpoint
-from gqa_toolkit.convert.families.spec import spec_for
-from gqa_toolkit.convert.families.transformers_names import output_cache
+from gqa_toolkit.families.spec import spec_for
+from gqa_toolkit.families.transformers_names import output_cache
 
 GROUPS = 2
 
@@ -258,7 +258,7 @@ def test_gpt2_xl_and_t5_11b_shaped_plans_on_meta():
     """Output shapes of the transposed fused layout and of T5's scopes, on the meta device with no memory."""
     from test_convert_meta import converted_shapes
 
-    from gqa_toolkit.convert.families.geometry import Geometry
+    from gqa_toolkit.families.geometry import Geometry
     from gqa_toolkit.convert.io.tensors import SourceTensor
     from gqa_toolkit.convert.methods.unit import UnitConversion
 

@@ -14,7 +14,7 @@ from gqa_toolkit.eval.fidelity import fidelity
 from gqa_toolkit.eval.heldout import HELDOUT, heldout_set
 from gqa_toolkit.eval.perplexity import perplexity
 from gqa_toolkit.eval.speed import kv_cache_bytes_per_token, measure_speed
-from gqa_toolkit.uptrain.model import load_model, load_tokenizer
+from conftest import toolkit_model as load_model, toolkit_tokenizer as load_tokenizer
 from gqa_toolkit.uptrain.tasks import CausalLM
 
 

@@ -10,7 +10,7 @@ import torch
 from gqa_toolkit.convert import convert_checkpoint
 from gqa_toolkit.eval.placement import load_for_eval
 from gqa_toolkit.eval.speed import compiled_forward, context_inputs, decode_step, measure_speed, prefill, static_cache
-from gqa_toolkit.convert.families.transformers_names import output_cache
+from gqa_toolkit.families.transformers_names import output_cache
 
 STEPS = 5
 

@@ -14,7 +14,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from gqa_toolkit.convert import convert_checkpoint
 from gqa_toolkit.eval.cli import main
 from gqa_toolkit.eval.placement import load_for_eval
-from gqa_toolkit.uptrain.model import load_tokenizer
+from conftest import toolkit_tokenizer as load_tokenizer
 
 pytest.importorskip("lm_eval")
 

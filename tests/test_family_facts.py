@@ -7,8 +7,8 @@ import transformers
 from families import FAMILIES, FAMILY_IDS, NO_NATIVE_FAMILIES, NO_NATIVE_IDS, family_config
 
 from gqa_toolkit.convert.errors import ConversionError
-from gqa_toolkit.convert.families.geometry import context_length, model_geometry
-from gqa_toolkit.convert.families.spec import spec_for
+from gqa_toolkit.families.geometry import context_length, model_geometry
+from gqa_toolkit.families.spec import spec_for
 from gqa_toolkit.uptrain.trainable import select_trainable
 
 CASES = [(f.model_type, family_config(f), "AutoModelForCausalLM") for f in FAMILIES] + \

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from gqa_toolkit.convert.families.spec import all_specs, load_specs, spec_for
+from gqa_toolkit.families.spec import all_specs, load_specs, spec_for
 
 BASE = {"model_types": ["base"], "kv_heads_attr": "num_key_value_heads", "layer_methods": ["base"],
         "attention": {"self": {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "bias": ["k", "v"],

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from huggingface_hub import HfApi
 
 from gqa_toolkit.convert.cli import main as convert_main
-from gqa_toolkit.uptrain.model import check_model_dir
+from gqa_toolkit.uptrain.model import open_student
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -50,7 +50,7 @@ def test_an_unknown_revision_is_one_line(hub_cache, tmp_path):
 
 
 def test_uptrain_and_eval_take_hub_ids(hub_cache):
-    assert check_model_dir("org/tiny") == hub_cache.resolve()
+    assert open_student("org/tiny").path == hub_cache.resolve()
 
 
 def test_push_to_hub_uploads_the_finished_output(llama_dir, tmp_path, monkeypatch):

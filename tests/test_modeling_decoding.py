@@ -12,7 +12,7 @@ from conftest import greedy_generate, on_model, on_test_device, skip_without_sdp
 from families import FAMILIES, NO_NATIVE_FAMILIES, encoder_inputs
 
 from gqa_toolkit.convert import convert_checkpoint
-from gqa_toolkit.convert.families.transformers_names import cache_argument, output_cache
+from gqa_toolkit.families.transformers_names import cache_argument, output_cache
 
 GROUPS_NO_NATIVE = 2
 STEPS = 4

@@ -39,7 +39,7 @@ def test_wheel_imports_and_runs_outside_the_repo(llama_dir, tmp_path):
     assert (tmp_path / "out" / "model.safetensors").is_file()
 
     # specs that extend others read their parents from the installed package
-    specs = ("from gqa_toolkit.convert.families.spec import spec_for; "
+    specs = ("from gqa_toolkit.families.spec import spec_for; "
              "print(spec_for('mbart').blocks[0].q, spec_for('whisper').modeling.auto_class)")
     done = subprocess.run([sys.executable, "-c", specs], cwd=tmp_path, env={"PYTHONPATH": str(site)},
                           capture_output=True, text=True)

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from test_convert_errors import assert_refused, run_cli
 
 from gqa_toolkit.convert import ConversionError, convert_checkpoint
-from gqa_toolkit.convert.io.lock import exclusive
+from gqa_toolkit.lock import exclusive
 
 
 def _source(llama_dir, tmp_path):

@@ -23,7 +23,7 @@ from gqa_toolkit.eval.cli import main
 from gqa_toolkit.eval.errors import EvalError
 from gqa_toolkit.eval.original import write_initial_model
 from gqa_toolkit.eval.outputs import write_files
-from gqa_toolkit.uptrain.model import load_tokenizer
+from conftest import toolkit_tokenizer as load_tokenizer
 
 # The smallest ablation on the session's tiny llama: one conversion, no uptraining, one speed point.
 TINY_ABLATION = {

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from test_reliability_eval import assert_refused, invoke
 
-from gqa_toolkit.uptrain.model import load_tokenizer
+from conftest import toolkit_tokenizer as load_tokenizer
 
 FAST = ["--block-size", "16", "--max-blocks", "1", "--batch-size", "1"]
 

@@ -21,7 +21,7 @@ import yaml
 from click.testing import CliRunner
 from faults import fill, mounted_tmpfs, remount
 
-from gqa_toolkit.convert import corpus
+from gqa_toolkit import corpus
 from gqa_toolkit.uptrain import load_recipe
 from gqa_toolkit.uptrain import loop as loop_module
 from gqa_toolkit.uptrain.cli import main

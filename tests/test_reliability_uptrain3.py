@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from test_reliability_uptrain import invoke, one_error, snapshot
 
-from gqa_toolkit.convert.io.lock import exclusive
+from gqa_toolkit.lock import exclusive
 from gqa_toolkit.uptrain import UptrainError
 
 

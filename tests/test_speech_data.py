@@ -138,7 +138,7 @@ def test_a_dataset_with_an_audio_column_reads_through_soundfile(tiny_whisper, tm
 
     from gqa_toolkit.uptrain.corpora import TextCorpus
     from gqa_toolkit.uptrain.data import speech_rows
-    from gqa_toolkit.uptrain.model import load_config, load_tokenizer
+    from conftest import toolkit_config as load_config, toolkit_tokenizer as load_tokenizer
     from gqa_toolkit.uptrain.recipe import DataSection, ObjectiveSection
     from gqa_toolkit.uptrain.tasks import build_task
 

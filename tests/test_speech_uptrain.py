@@ -16,7 +16,7 @@ from gqa_toolkit.convert import convert_checkpoint
 from gqa_toolkit.eval.cli import main as eval_main
 from gqa_toolkit.uptrain import load_recipe, train, validate_recipe
 from gqa_toolkit.uptrain.metrics import read_metrics
-from gqa_toolkit.uptrain.model import load_model
+from conftest import toolkit_model as load_model
 from gqa_toolkit.uptrain.tiny import build_tiny_whisper
 from gqa_toolkit.uptrain.tones import write_tone_corpus
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, T5ForConditionalGeneration
 
-from gqa_toolkit.convert.families.transformers_names import output_cache
+from gqa_toolkit.families.transformers_names import output_cache
 from gqa_toolkit.eval.fidelity import fidelity
 from gqa_toolkit.eval.heldout import HELDOUT, eval_task, heldout_set
 from gqa_toolkit.eval.perplexity import perplexity
@@ -17,7 +17,7 @@ from gqa_toolkit.eval.speed import kv_cache_bytes_per_token, measure_speed
 from gqa_toolkit.uptrain import load_recipe, train
 from gqa_toolkit.uptrain.errors import UptrainError
 from gqa_toolkit.uptrain.metrics import read_metrics
-from gqa_toolkit.uptrain.model import load_config, load_model, load_tokenizer
+from conftest import toolkit_config as load_config, toolkit_model as load_model, toolkit_tokenizer as load_tokenizer
 from gqa_toolkit.uptrain.objective import objective
 from gqa_toolkit.uptrain.recipe import DataSection, ObjectiveSection
 from gqa_toolkit.uptrain.span_corruption import corrupt, counts_for_input_length, span_counts

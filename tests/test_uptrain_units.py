@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from gqa_toolkit.convert import corpus
+from gqa_toolkit import corpus
 from gqa_toolkit.uptrain import data, tasks
 from gqa_toolkit.uptrain.budget import lr_at, plan_budget
 from gqa_toolkit.uptrain.errors import UptrainError

@@ -10,10 +10,10 @@ from click.testing import CliRunner
 from families import NO_NATIVE_FAMILIES
 
 from gqa_toolkit.convert import convert_checkpoint
-from gqa_toolkit.convert.families.spec import spec_for
+from gqa_toolkit.families.spec import spec_for
 from gqa_toolkit.eval.cli import main as eval_main
 from gqa_toolkit.eval.speed import kv_cache_bytes_per_token
-from gqa_toolkit.uptrain.model import load_model
+from conftest import toolkit_model as load_model
 
 WHISPER = next(f for f in NO_NATIVE_FAMILIES if f.model_type == "whisper")
 WINDOW = WHISPER.config["max_source_positions"]

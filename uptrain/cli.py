@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import click
 
-from gqa_toolkit.convert.command import HELP, Command, print_warnings, user_errors
+from gqa_toolkit.command import HELP, Command, print_warnings, user_errors
 
 
 @click.command(cls=Command, context_settings=HELP)

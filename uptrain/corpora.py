@@ -14,8 +14,8 @@ from pathlib import Path
 import datasets
 from huggingface_hub.utils import get_session
 
-from gqa_toolkit.convert import corpus
-from gqa_toolkit.convert.io.model_dir import cache_fault
+from gqa_toolkit import corpus
+from gqa_toolkit.model_dir import cache_fault
 
 from .errors import UptrainError, first_line
 

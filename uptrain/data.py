@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from gqa_toolkit.convert import corpus
+from gqa_toolkit import corpus
 from .errors import UptrainError, first_line
 from .recipe import DataSection
 from .corpora import TextCorpus, load_text

@@ -3,7 +3,7 @@
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from gqa_toolkit.convert.errors import ToolkitError, first_line  # noqa: F401  (first_line: the stage's quoting helper)
+from gqa_toolkit.errors import ToolkitError, first_line  # noqa: F401  (first_line: the stage's quoting helper)
 
 
 class UptrainError(ToolkitError):

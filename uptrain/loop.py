@@ -19,10 +19,11 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 
-from gqa_toolkit.convert.errors import Interrupted
-from gqa_toolkit.convert.families.loading import allow_remote_code
-from gqa_toolkit.convert.families.transformers_names import enable_activation_checkpointing
-from gqa_toolkit.convert.io.hub import push_folder
+from gqa_toolkit.errors import Interrupted
+from gqa_toolkit.families.loading import allow_remote_code
+from gqa_toolkit.families.transformers_names import enable_activation_checkpointing
+from gqa_toolkit.hub import push_folder
+from gqa_toolkit.model_dir import ModelDir
 
 from .budget import lr_at, plan_budget
 from .checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -30,16 +31,7 @@ from .data import global_batches, load_blocks, process_micro_batches
 from .errors import UptrainError
 from .finite import check_weights_finite
 from .metrics import MetricsLog
-from .model import (
-    check_model_dir,
-    check_tokenizer_fits,
-    example_length,
-    load_config,
-    load_model,
-    load_teacher,
-    load_tokenizer,
-    teacher_dir,
-)
+from .model import load_teacher, open_student, teacher_dir
 from .objective import heldout_loss, objective
 from .output import save_output
 from .recipe import Recipe
@@ -67,11 +59,11 @@ def evaluate_heldout(model, heldout: dict[str, torch.Tensor], micro_batch: int, 
     return loss
 
 
-def folders_read(recipe: Recipe, student_dir: Path, teacher_path: Path | None) -> dict[str, Path]:
+def folders_read(recipe: Recipe, student: ModelDir, teacher: ModelDir | None) -> dict[str, Path]:
     """The folders and files a run reads (role -> path), which its output.dir must stay clear of."""
-    found = {"model.path": student_dir}
-    if teacher_path is not None:
-        found["the distillation teacher"] = teacher_path
+    found = {"model.path": student.path}
+    if teacher is not None:
+        found["the distillation teacher"] = teacher.path
     for key in ("source", "eval_source"):
         name = getattr(recipe.data, key)
         if name is not None and Path(name).is_absolute() and Path(name).exists():  # resolved(): local paths only
@@ -104,10 +96,10 @@ def train(recipe: Recipe, *, stop_after: int | None = None) -> Path | None:
     allow_remote_code(recipe.model.trust_remote_code)
 
     # 1. Everything that can fail on user input is checked before anything is written.
-    student_dir = check_model_dir(recipe.model.path)
-    config = load_config(student_dir)
-    row_length = example_length(config, data.block_size)
-    teacher_path = teacher_dir(student_dir, obj.teacher) if obj.distill_weight > 0 else None
+    student = open_student(recipe.model.path)
+    config = student.config
+    row_length = student.preflight(data.block_size, "data.block_size")
+    teacher_source = teacher_dir(student, obj.teacher) if obj.distill_weight > 0 else None
     # One process may run several recipes (the ablation runner does), each with its own precision: forget the
     # previous run's accelerator settings but keep the process group (PartialState).
     AcceleratorState._reset_state(reset_partial_state=False)
@@ -117,11 +109,10 @@ def train(recipe: Recipe, *, stop_after: int | None = None) -> Path | None:
     accelerator = for_this_launch(accelerator)  # FSDP asked for on CPU processes: the toolkit shards (sharding.py)
     check_optimizer(accelerator, cfg.optimizer)
     budget = plan_budget(cfg, row_length, accelerator.num_processes)
-    out = claim_run_dir(recipe, folders_read(recipe, student_dir, teacher_path))
+    out = claim_run_dir(recipe, folders_read(recipe, student, teacher_source))
     if trackers:
         accelerator.init_trackers("gqa-uptrain")
-    tokenizer = load_tokenizer(student_dir)
-    check_tokenizer_fits(tokenizer, config, student_dir)
+    tokenizer = student.tokenizer
     task = build_task(obj, data, config, tokenizer)
 
     # 2. Data: tokenized and cached rows (the main process makes them; the others read its cache).
@@ -129,16 +120,16 @@ def train(recipe: Recipe, *, stop_after: int | None = None) -> Path | None:
 
     # 3. Model, teacher, optimizer.
     set_seed(cfg.seed)
-    model = load_model(student_dir)
+    model = student.model()
     select_trainable(model, recipe.model.trainable)
     if recipe.model.gradient_checkpointing:
         enable_activation_checkpointing(model, use_reentrant=False)
     optimizer = make_optimizer(model, cfg)
     model, optimizer = accelerator.prepare(model, optimizer)
     teacher = None
-    if teacher_path is not None:
+    if teacher_source is not None:
         dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32
-        teacher = broadcast_from_main(load_teacher(teacher_path, config, dtype).to(accelerator.device))
+        teacher = broadcast_from_main(load_teacher(teacher_source, config, dtype).to(accelerator.device))
 
     # 4. Resume from the last checkpoint of this same run, if any.
     if accelerator.is_main_process:
@@ -226,7 +217,7 @@ def train(recipe: Recipe, *, stop_after: int | None = None) -> Path | None:
         accelerator.end_training()
 
     # 6. Save the uptrained model.
-    final = save_output(accelerator, model, tokenizer, recipe, state, student_dir, task.name)
+    final = save_output(accelerator, model, tokenizer, recipe, state, student, task.name)
     if recipe.output.push_to_hub and accelerator.is_main_process:
         url = push_folder(final, recipe.output.push_to_hub, recipe.output.private,
                           f"gqa-uptrain: {state['step']} steps", UptrainError)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from gqa_toolkit.convert.io.disk import write_files
+from gqa_toolkit.disk import write_files
 
 from .storage import disk_writes
 

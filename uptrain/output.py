@@ -9,11 +9,11 @@ from pathlib import Path
 import torch
 
 import gqa_toolkit
-from gqa_toolkit.convert.io.dtypes import DTYPES
-from gqa_toolkit.convert.io.records import CONVERSION_KEY, UPTRAINING_KEY
+from gqa_toolkit.dtypes import DTYPES
+from gqa_toolkit.model_dir import ModelDir
+from gqa_toolkit.records import CONVERSION_KEY, UPTRAINING_KEY
 from gqa_toolkit.convert.provenance import UPTRAINING_SECTION, with_section
 
-from .model import read_config_json
 from .recipe import Recipe
 from .run_dir import MODEL_TMP, RECIPE_FILE
 from .speech import PROCESSOR_FILES
@@ -57,12 +57,12 @@ def uptraining_section(record: dict) -> str:
     )
 
 
-def save_output(accelerator, model, tokenizer, recipe: Recipe, state: dict, student_dir: Path, task: str) -> Path:
+def save_output(accelerator, model, tokenizer, recipe: Recipe, state: dict, student: ModelDir, task: str) -> Path:
     """Write the uptrained model into output.dir (files are written to a temporary folder, then moved in)."""
     out = Path(recipe.output.dir)
     state_dict = accelerator.get_state_dict(model)  # every process takes part (FSDP gathers shards)
     if accelerator.is_main_process:
-        source = read_config_json(student_dir)
+        source = student.settings
         dtype = DTYPES.get(source.get("dtype") or source.get("torch_dtype") or "float32", torch.float32)
         unwrapped = accelerator.unwrap_model(model)
         record = uptraining_record(recipe, state, task, unwrapped.config.model_type)
@@ -78,9 +78,9 @@ def save_output(accelerator, model, tokenizer, recipe: Recipe, state: dict, stud
             unwrapped.save_pretrained(tmp, state_dict={k: v.to(dtype) for k, v in state_dict.items()})
             tokenizer.save_pretrained(tmp)
             for name in PROCESSOR_FILES:  # a speech model's feature extractor
-                if (student_dir / name).is_file():
-                    shutil.copy2(student_dir / name, tmp / name)
-            card = student_dir / "README.md"
+                if (student.path / name).is_file():
+                    shutil.copy2(student.path / name, tmp / name)
+            card = student.path / "README.md"
             text = with_section(card.read_text() if card.is_file() else "", UPTRAINING_SECTION,
                                 uptraining_section(record))
             (tmp / "README.md").write_text(text)

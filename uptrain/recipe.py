@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from gqa_toolkit.convert.io.model_dir import is_hub_id
+from gqa_toolkit.model_dir import is_hub_id
 
 from .errors import UptrainError
 
@@ -229,9 +229,12 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, list[str], Any]]:
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `a.b=value` overrides (value parsed as YAML) to a nested dict, returning a new dict."""
-    out = yaml.safe_load(yaml.safe_dump(raw))  # deep copy
-    for item, (*parents, leaf), value in parse_overrides(overrides):
+    """Apply `a.b=value` overrides (each parsed once, its value as YAML) to a nested dict, returning a new dict. A
+    step budget given as an override (train.max_steps=5) replaces the budget the recipe sets
+    (train.original_steps), instead of clashing with it."""
+    parsed = parse_overrides(list(overrides))
+    out = yaml.safe_load(yaml.safe_dump(_budget_overrides_win(raw, parsed)))  # deep copy
+    for item, (*parents, leaf), value in parsed:
         node = out
         for part in parents:
             if node.get(part) is None:  # a missing section, or an empty one (`train:` in YAML)
@@ -243,10 +246,8 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return out
 
 
-def budget_overrides_win(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """A step budget given as an override (train.max_steps=5) replaces the budget the recipe file sets
-    (train.original_steps), instead of clashing with it."""
-    given = {keys[1] for _, keys, value in parse_overrides(overrides)
+def _budget_overrides_win(raw: dict[str, Any], parsed: list[tuple[str, list[str], Any]]) -> dict[str, Any]:
+    given = {keys[1] for _, keys, value in parsed
              if len(keys) == 2 and keys[0] == "train" and keys[1] in BUDGET_KEYS and value is not None}
     if not given or not isinstance(raw.get("train"), dict):
         return raw
@@ -308,6 +309,4 @@ def read_recipe_yaml(path: str | Path, overrides: list[str] = (), example: str =
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     """Read, override and validate a YAML recipe. Paths are left as written; call `.resolved()` to anchor them."""
-    overrides = list(overrides)
-    raw = apply_overrides(budget_overrides_win(read_recipe_yaml(path), overrides), overrides)
-    return validate_recipe(raw, name=f"recipe {path}")
+    return validate_recipe(read_recipe_yaml(path, overrides), name=f"recipe {path}")

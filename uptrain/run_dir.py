@@ -12,8 +12,8 @@ from pathlib import Path
 
 import yaml
 
-from gqa_toolkit.convert.io.disk import is_partial, partial_name, write_files
-from gqa_toolkit.convert.io.output_dir import listing
+from gqa_toolkit.disk import is_partial, partial_name, write_files
+from gqa_toolkit.output_dir import listing
 
 from .errors import UptrainError
 from .recipe import Recipe, yaml_problem

@@ -1,4 +1,4 @@
-"""One run per output.dir: the main process holds the folder's lock (convert/io/lock.py) for the whole run, so a
+"""One run per output.dir: the main process holds the folder's lock (gqa_toolkit/lock.py) for the whole run, so a
 second gqa-uptrain on the same output.dir is refused in one line instead of interleaving its metrics and
 checkpoints with the first's. The other processes of a multi-process run take no lock: when the main process is
 refused, the launcher (torchrun, accelerate launch) stops them with it."""
@@ -10,7 +10,7 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Iterator
 
-from gqa_toolkit.convert.io.lock import exclusive
+from gqa_toolkit.lock import exclusive
 
 from .errors import UptrainError
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
-from gqa_toolkit.convert.io import disk
+from gqa_toolkit import disk
 
 from .errors import UptrainError
 

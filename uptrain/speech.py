@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from gqa_toolkit.audio import log_mel_features
-from gqa_toolkit.convert.errors import first_line
-from gqa_toolkit.convert.families.spec import audio_input
+from gqa_toolkit.errors import first_line
+from gqa_toolkit.families.spec import audio_input
 
 from .errors import UptrainError, uptrain_errors
 from .speech_corpus import Clip

@@ -148,7 +148,7 @@ def sentinel_ids(tokenizer, needed: int, settings: CorpusSettings = CorpusSettin
 
 def resolve_task_name(objective: ObjectiveSection, data: DataSection, config) -> str:
     """objective.task, with 'auto' made concrete, checked against the model's kind (decoder-only or not)."""
-    from gqa_toolkit.convert.families.spec import audio_input
+    from gqa_toolkit.families.spec import audio_input
 
     encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
     name = objective.task

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from gqa_toolkit.convert.command import HELP, Command, user_errors
+from gqa_toolkit.command import HELP, Command, user_errors
 
 # family -> (preset, span-corruption sentinels in the tokenizer)
 FAMILIES = {"llama": ("tiny-llama", 0), "t5": ("tiny-t5", 100)}
@@ -27,8 +27,8 @@ def build_tiny_mha(out: str | Path, vocab_size: int = 2048, tokenizer_files: int
     the preset's sizes (bench/ builds deeper ones)."""
     import torch
 
-    from gqa_toolkit.convert import corpus
-    from gqa_toolkit.convert.families.presets import PRESETS
+    from gqa_toolkit import corpus
+    from gqa_toolkit.families.presets import PRESETS
 
     from .tokenizer import train_tokenizer
 

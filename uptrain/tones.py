@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from gqa_toolkit.convert.command import HELP, Command, user_errors
+from gqa_toolkit.command import HELP, Command, user_errors
 
 WORDS = {"red": 340.0, "green": 680.0, "blue": 1010.0, "gold": 1420.0, "gray": 2020.0, "pink": 2830.0,
          "teal": 4020.0, "navy": 5660.0}  # word -> pitch in Hz

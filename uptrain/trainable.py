@@ -12,8 +12,8 @@ from .recipe import TrainSection
 
 
 def _spec(model_type: str, which: str):
-    from gqa_toolkit.convert.errors import ConversionError
-    from gqa_toolkit.convert.families.spec import spec_for
+    from gqa_toolkit.errors import ConversionError
+    from gqa_toolkit.families.spec import spec_for
 
     try:
         return spec_for(model_type)
@@ -24,7 +24,7 @@ def _spec(model_type: str, which: str):
 def _patterns(model_type: str, which: str) -> list[re.Pattern[str]]:
     """Regexes for the parameters that train: the attention modules, or the converted K/V tensors (and their
     norms), from the family's spec."""
-    from gqa_toolkit.convert.families.spec import key_pattern
+    from gqa_toolkit.families.spec import key_pattern
 
     spec = _spec(model_type, which)
     if which == "attention":
@@ -39,7 +39,7 @@ def resolve_trainable(model_type: str, which: str) -> str:
     """`which`, with `auto` made concrete: speech models train attention, text models all."""
     if which != "auto":
         return which
-    from gqa_toolkit.convert.families.spec import audio_input
+    from gqa_toolkit.families.spec import audio_input
 
     return "attention" if audio_input(model_type) is not None else "all"
 

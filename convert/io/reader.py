@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from ..errors import ConversionError
-from .dtypes import SAFETENSORS_DTYPES
-from .model_dir import hub_cache_repo
+from gqa_toolkit.dtypes import SAFETENSORS_DTYPES
+from gqa_toolkit.model_dir import hub_cache_repo
 
 WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 MAX_HEADER_BYTES = 100 * 1024 * 1024

@@ -20,7 +20,7 @@ from typing import Callable, Iterable
 import torch
 
 from ..errors import ConversionError
-from .dtypes import SAFETENSORS_DTYPES
+from gqa_toolkit.dtypes import SAFETENSORS_DTYPES
 from .tensors import ByteSpan, OutputTensor
 
 DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}

@@ -24,7 +24,7 @@ from gqa_toolkit.audio import TRANSCRIPT_SUFFIXES, Clip, ClipColumns, audio_file
 from gqa_toolkit.errors import ToolkitError
 
 from ..errors import ConversionError, first_line
-from ..families.loading import from_pretrained
+from gqa_toolkit.families.loading import from_pretrained
 
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 # a missing column in a calibration transcripts file: convert has no setting that names the columns

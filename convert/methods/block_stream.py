@@ -27,8 +27,8 @@ import torch
 from torch import nn
 
 from ..errors import ConversionError
-from ..families.loading import from_pretrained, loading_bars
-from ..families.spec import AttentionBlock, key_pattern, lm_auto_class_name
+from gqa_toolkit.families.loading import from_pretrained, loading_bars
+from gqa_toolkit.families.spec import AttentionBlock, key_pattern, lm_auto_class_name
 from ..io.reader import CheckpointReader
 from .layer_types import InputMoments
 from .refinement import AttentionCalls

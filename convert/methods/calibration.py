@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
-from .. import corpus
+from gqa_toolkit import corpus
 from ..errors import ConversionError, first_line
-from ..families.loading import from_pretrained
+from gqa_toolkit.families.loading import from_pretrained
 
 BUILTIN = corpus.NAME
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ..families.rope import KeyMap
+from gqa_toolkit.families.rope import KeyMap
 from .layer_types import HeadBlock, LayerContext, LayerResult
 from .registry import register_layer_method
 

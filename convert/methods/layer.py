@@ -1,7 +1,7 @@
 """The layer-level API: convert one attention layer's q, k, v, o weights, from any attention implementation.
 
     from gqa_toolkit.convert.methods.layer import AttentionWeights, convert_layer
-    from gqa_toolkit.convert.families.rope import RopeLayout
+    from gqa_toolkit.families.rope import RopeLayout
     new = convert_layer(AttentionWeights(q=Wq, k=Wk, v=Wv, o=Wo), heads=32, kv_heads=32, groups=8,
                         method="aligned", rope=RopeLayout(head_dim=128, rotary_dims=128))
 
@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from ..errors import ConversionError
-from ..families.rope import KeyMap, RopeLayout
+from gqa_toolkit.families.rope import KeyMap, RopeLayout
 from .grouping import similarity_permutation
 from .layer_types import HeadBlock, InputMoments, LayerContext, LayerResult
 from .layer_attention import LayerAttention

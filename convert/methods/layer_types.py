@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from ..families.rope import KeyMap, RopeLayout
+    from gqa_toolkit.families.rope import KeyMap, RopeLayout
 
 RIDGE = 1e-6  # relative ridge on the input second moment: keeps its Cholesky factor invertible
 

@@ -13,9 +13,9 @@ from typing import Callable, Mapping
 
 import torch
 
-from ..families.fused import Heads, fused_layout
-from ..families.geometry import Geometry
-from ..families.rope import RopeLayout
+from gqa_toolkit.families.fused import Heads, fused_layout
+from gqa_toolkit.families.geometry import Geometry
+from gqa_toolkit.families.rope import RopeLayout
 from ..plan.planner import AttentionUnit, KVTensors
 from .layer import AttentionWeights, convert_layer
 from .layer_types import InputMoments

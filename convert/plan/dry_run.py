@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 from ..errors import ConversionError
-from ..families.spec import key_pattern
-from ..io.disk import check_free_space, format_bytes, free_bytes
+from gqa_toolkit.families.spec import key_pattern
+from gqa_toolkit.disk import check_free_space, format_bytes, free_bytes
 from ..io.writer import planned_bytes, split_into_shards
 from ..methods.block_stream import SEQUENTIAL_NEEDS_NAMES, calibration_footprint
 

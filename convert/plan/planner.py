@@ -16,9 +16,9 @@ from typing import Iterable, Mapping
 import torch
 
 from ..errors import ConversionError
-from ..families.fused import fused_layout
-from ..families.geometry import Geometry
-from ..families.spec import ArchitectureSpec, AttentionBlock, KVTensor, NativeTarget, key_pattern
+from gqa_toolkit.families.fused import fused_layout
+from gqa_toolkit.families.geometry import Geometry
+from gqa_toolkit.families.spec import ArchitectureSpec, AttentionBlock, KVTensor, NativeTarget, key_pattern
 from ..io.tensors import OutputTensor, SourceTensor
 
 ROLES = ("q", "k", "v", "o")
@@ -186,7 +186,7 @@ def check_layer_support(spec: ArchitectureSpec, model_type: str, names: list[str
                         grouping: str = "contiguous") -> None:
     """The layer methods and similarity grouping run on this family and checkpoint; a ConversionError naming the
     fix otherwise."""
-    from ..families.spec import all_specs
+    from gqa_toolkit.families.spec import all_specs
 
     supported = sorted({t for s in all_specs().values() for b in s.blocks for t in b.model_types})
     if grouping == "similarity" and any(b.position_bias_per_head for b in spec.blocks):

@@ -42,7 +42,7 @@ class GQAGPT2Attention(GroupedAttention, GPT2Attention):
 
 class GQAGPT2LMHeadModel(GroupedModel, GPT2LMHeadModel):
     config_class = GQAGPT2Config
-    gqa_layers, gqa_attribute, gqa_attention = "transformer.h", "attn", GQAGPT2Attention
+    gqa_swaps, gqa_attention = (("transformer.h", "attn", ()),), GQAGPT2Attention
 
 
 # save_pretrained copies this file (and the core it imports) next to the weights and writes auto_map, so saved

@@ -14,10 +14,10 @@ from typing import NoReturn
 
 import click
 
-from gqa_toolkit.interrupts import interrupted_status, sigterm_interrupts
+from .interrupts import interrupted_status, sigterm_interrupts
 
 from .errors import Interrupted, ToolkitError, first_line
-from .io import disk
+from . import disk
 
 HELP = {"help_option_names": ["-h", "--help"]}
 

@@ -16,7 +16,7 @@ from torch import nn
 from transformers import T5Config
 from transformers.models.t5.modeling_t5 import T5Attention, T5ForConditionalGeneration
 
-from .gqa_attention import GroupedAttention
+from .gqa_attention import GroupedAttention, GroupedModel
 
 
 class GQAT5Config(T5Config):
@@ -58,23 +58,16 @@ class GQAT5Attention(GroupedAttention, T5Attention):
         return bias
 
 
-def _grouped(attn: T5Attention, num_key_value_heads: int | None) -> GQAT5Attention:
-    return GQAT5Attention(attn.config, has_relative_attention_bias=attn.has_relative_attention_bias,
-                          layer_idx=attn.layer_idx, is_causal=attn.is_causal, num_key_value_heads=num_key_value_heads)
+class GQAT5ForConditionalGeneration(GroupedModel, T5ForConditionalGeneration):
+    config_class, gqa_attention = GQAT5Config, GQAT5Attention
+    gqa_swaps = (("encoder.block", "layer.0.SelfAttention", ("encoder_num_key_value_heads",)),
+                 ("decoder.block", "layer.0.SelfAttention", ("num_key_value_heads",)),
+                 ("decoder.block", "layer.1.EncDecAttention", ("cross_num_key_value_heads", "num_key_value_heads")))
 
-
-class GQAT5ForConditionalGeneration(T5ForConditionalGeneration):
-    config_class = GQAT5Config
-
-    def __init__(self, config: GQAT5Config):
-        super().__init__(config)
-        for block in self.encoder.block:
-            block.layer[0].SelfAttention = _grouped(block.layer[0].SelfAttention, config.encoder_num_key_value_heads)
-        cross_kv_heads = getattr(config, "cross_num_key_value_heads", None) or config.num_key_value_heads
-        for block in self.decoder.block:
-            block.layer[0].SelfAttention = _grouped(block.layer[0].SelfAttention, config.num_key_value_heads)
-            block.layer[1].EncDecAttention = _grouped(block.layer[1].EncDecAttention, cross_kv_heads)
-        self.post_init()
+    def grouped(self, attn: T5Attention, num_key_value_heads, layer_idx) -> GQAT5Attention:
+        return GQAT5Attention(attn.config, has_relative_attention_bias=attn.has_relative_attention_bias,
+                              layer_idx=attn.layer_idx, is_causal=attn.is_causal,
+                              num_key_value_heads=num_key_value_heads)
 
 
 # save_pretrained copies this file (and the core it imports) next to the weights and writes auto_map, so saved

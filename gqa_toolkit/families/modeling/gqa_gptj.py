@@ -56,7 +56,7 @@ class GQAGPTJAttention(GroupedAttention, GPTJAttention):
 
 class GQAGPTJForCausalLM(GroupedModel, GPTJForCausalLM):
     config_class = GQAGPTJConfig
-    gqa_layers, gqa_attribute, gqa_attention = "transformer.h", "attn", GQAGPTJAttention
+    gqa_swaps, gqa_attention = (("transformer.h", "attn", ()),), GQAGPTJAttention
 
 
 # save_pretrained copies this file (and the core it imports) next to the weights and writes auto_map, so saved

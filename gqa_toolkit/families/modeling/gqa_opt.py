@@ -37,7 +37,7 @@ class GQAOPTAttention(GroupedAttention, OPTAttention):
 
 class GQAOPTForCausalLM(GroupedModel, OPTForCausalLM):
     config_class = GQAOPTConfig
-    gqa_layers, gqa_attribute, gqa_attention = "model.decoder.layers", "self_attn", GQAOPTAttention
+    gqa_swaps, gqa_attention = (("model.decoder.layers", "self_attn", ()),), GQAOPTAttention
 
 
 # save_pretrained copies this file (and the core it imports) next to the weights and writes auto_map, so saved

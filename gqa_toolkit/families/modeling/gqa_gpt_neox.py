@@ -47,7 +47,7 @@ class GQAGPTNeoXForCausalLM(GroupedModel, GPTNeoXForCausalLM):
     config_class = GQAGPTNeoXConfig
     # transformers skips its own checkpoint renames for code outside the library; GPT-NeoX checkpoints name the LM
     # head `embed_out` on disk, so the rename is registered for this class explicitly (below).
-    gqa_layers, gqa_attribute, gqa_attention = "gpt_neox.layers", "attention", GQAGPTNeoXAttention
+    gqa_swaps, gqa_attention = (("gpt_neox.layers", "attention", ()),), GQAGPTNeoXAttention
 
 
 register_checkpoint_conversion_mapping(GQAGPTNeoXForCausalLM.__name__,

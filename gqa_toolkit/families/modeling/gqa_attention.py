@@ -85,18 +85,27 @@ class StockForward:
 
 
 class GroupedModel:
-    """Put before a stock model class: builds it, then puts `gqa_attention` (a GroupedAttention class) in place of
-    the stock attention module `gqa_attribute` of each layer in `gqa_layers` (a dotted path from the model)."""
+    """Put before a stock model class: builds it, then puts a GroupedAttention in place of each stock attention
+    module that `gqa_swaps` names. Each swap is (a dotted path from the model to a list of layers, the dotted path
+    from a layer to its attention module, the config attributes holding that attention's KV-head count, the first
+    set one counting); `grouped` builds the replacement from the stock module."""
 
-    gqa_layers: str
-    gqa_attribute: str
+    gqa_swaps: tuple[tuple[str, str, tuple[str, ...]], ...]
     gqa_attention: type
 
     def __init__(self, config):
         super().__init__(config)
-        for i, layer in enumerate(operator.attrgetter(self.gqa_layers)(self)):
-            setattr(layer, self.gqa_attribute, self.gqa_attention(config, layer_idx=i))
+        for layers, attribute, kv_heads_attrs in self.gqa_swaps:
+            kv_heads = next((getattr(config, a) for a in kv_heads_attrs if getattr(config, a, None) is not None), None)
+            owner_path, _, name = attribute.rpartition(".")
+            for i, layer in enumerate(operator.attrgetter(layers)(self)):
+                owner = operator.attrgetter(owner_path)(layer) if owner_path else layer
+                setattr(owner, name, self.grouped(getattr(owner, name), kv_heads, i))
         self.post_init()
+
+    def grouped(self, stock: nn.Module, num_key_value_heads: int | None, layer_idx: int) -> nn.Module:
+        """The GroupedAttention replacing `stock` (decoder-only families: built from the config, which holds G)."""
+        return self.gqa_attention(self.config, layer_idx=layer_idx)
 
 
 class GroupedAttention(nn.Module):

@@ -45,7 +45,7 @@ class GQABloomAttention(GroupedAttention, BloomAttention):
 
 class GQABloomForCausalLM(GroupedModel, BloomForCausalLM):
     config_class = GQABloomConfig
-    gqa_layers, gqa_attribute, gqa_attention = "transformer.h", "self_attention", GQABloomAttention
+    gqa_swaps, gqa_attention = (("transformer.h", "self_attention", ()),), GQABloomAttention
 
 
 # save_pretrained copies this file (and the core it imports) next to the weights and writes auto_map, so saved

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import first_line
+from .errors import first_line
 
 NOT_PUSHED = [".*", "checkpoints/*", "trackers/*", "metrics.jsonl"]  # bookkeeping of a run, not the model
 

@@ -20,7 +20,7 @@ from typing import Iterable, Iterator
 
 from gqa_toolkit.interrupts import sigterm_interrupts
 
-from ..errors import ConversionError
+from .errors import ConversionError
 from .disk import partial_name
 from .lock import exclusive
 from .records import CONVERSION_KEY, UPTRAINING_KEY
@@ -67,7 +67,7 @@ SHARD = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors")  # the writer's name
 
 def _modeling_files() -> set[str]:
     """The toolkit's modeling files, which outputs of its own families carry."""
-    package = resources.files("gqa_toolkit.convert.families.modeling")
+    package = resources.files("gqa_toolkit.families.modeling")
     return {p.name for p in package.iterdir() if p.name.endswith(".py")}
 
 

@@ -19,7 +19,7 @@ from transformers.models.marian.modeling_marian import MarianAttention, MarianMT
 from transformers.models.mbart.modeling_mbart import MBartAttention, MBartForConditionalGeneration
 from transformers.models.whisper.modeling_whisper import WhisperAttention, WhisperForConditionalGeneration
 
-from .gqa_attention import GroupedAttention
+from .gqa_attention import GroupedAttention, GroupedModel
 
 
 class _EncoderKVHeads:
@@ -94,29 +94,23 @@ class GQAWhisperAttention(_Grouped, GroupedAttention, WhisperAttention):
     key_bias, scale_queries_first = False, True
 
 
-class _GroupedModel:
-    """Put before the stock model class: builds it, then gives every attention module its G K/V heads."""
+class _GroupedModel(GroupedModel):
+    """Every attention of the encoder-decoder with its own G: the encoder's, the decoder's and the cross-attention's
+    (the decoder's G unless the conversion gave it its own)."""
 
-    gqa_attention: type
     decoder_kv_heads_attr = "num_key_value_heads"
 
-    def __init__(self, config):
-        super().__init__(config)
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        decoder = (cls.decoder_kv_heads_attr,)
+        cls.gqa_swaps = (("model.encoder.layers", "self_attn", ("encoder_num_key_value_heads",)),
+                         ("model.decoder.layers", "self_attn", decoder),
+                         ("model.decoder.layers", "encoder_attn", ("cross_num_key_value_heads", *decoder)))
 
-        def grouped(attn, num_key_value_heads):
-            return self.gqa_attention(attn.embed_dim, attn.num_heads, dropout=attn.dropout,
-                                      is_decoder=attn.is_decoder, bias=attn.q_proj.bias is not None,
-                                      is_causal=attn.is_causal, config=config, layer_idx=attn.layer_idx,
-                                      num_key_value_heads=num_key_value_heads)
-
-        for layer in self.model.encoder.layers:
-            layer.self_attn = grouped(layer.self_attn, config.encoder_num_key_value_heads)
-        decoder_kv_heads = getattr(config, self.decoder_kv_heads_attr)
-        cross_kv_heads = getattr(config, "cross_num_key_value_heads", None) or decoder_kv_heads
-        for layer in self.model.decoder.layers:
-            layer.self_attn = grouped(layer.self_attn, decoder_kv_heads)
-            layer.encoder_attn = grouped(layer.encoder_attn, cross_kv_heads)
-        self.post_init()
+    def grouped(self, attn, num_key_value_heads, layer_idx):
+        return self.gqa_attention(attn.embed_dim, attn.num_heads, dropout=attn.dropout, is_decoder=attn.is_decoder,
+                                  bias=attn.q_proj.bias is not None, is_causal=attn.is_causal, config=self.config,
+                                  layer_idx=attn.layer_idx, num_key_value_heads=num_key_value_heads)
 
 
 class GQABartForConditionalGeneration(_GroupedModel, BartForConditionalGeneration):

@@ -25,7 +25,7 @@ from ..errors import ConversionError
 #   rows     leading dim is G*hd (projection weights [G*hd, d], biases [G*hd], olmo2's k_norm [G*hd])
 #   heads    leading dim is G (cohere's k_norm [G, hd])
 #   stacked  one tensor per head, the key holds {head} (stablelm's k_layernorm.norms.{head}.weight [hd])
-#   fused    q, k and v in one tensor; `layout` names the fused layout (see convert/families/fused.py)
+#   fused    q, k and v in one tensor; `layout` names the fused layout (see gqa_toolkit/families/fused.py)
 TensorLayout = Literal["rows", "heads", "stacked", "fused"]
 # What the `random` method draws for this tensor: the model's own initialiser for that kind of parameter.
 Init = Literal["normal", "zeros", "ones"]
@@ -85,7 +85,7 @@ class AudioInput(_Strict):
 class Modeling(_Strict):
     """GQA modeling code shipped by the toolkit for a family whose transformers modeling has none.
 
-    `file` (in convert/families/modeling/) is copied with the attention core it imports into every output directory, which
+    `file` (in gqa_toolkit/families/modeling/) is copied with the attention core it imports into every output directory, which
     gets `model_type`, `architectures` and `auto_map` in its config.json, so that `from_pretrained(out,
     trust_remote_code=True)` needs no toolkit.
     """
@@ -132,7 +132,7 @@ class NativeTarget(_Strict):
 
 class Rope(_Strict):
     """How the family rotates queries and keys by position, for the methods that rotate K heads (see
-    convert/families/rope.py). `rotate_half` pairs dimension i with i + rotary_dims/2 (HF llama); the first `rotary_dims`
+    gqa_toolkit/families/rope.py). `rotate_half` pairs dimension i with i + rotary_dims/2 (HF llama); the first `rotary_dims`
     = int(head_dim * factor) dimensions rotate, the factor read from the first of `factor_attrs` the config has
     (dotted: a key of a dict attribute), or the count itself from the first of `dims_attrs` (GPT-J's `rotary_dim`).
     `interleaved` pairs 2i with 2i + 1 (GPT-J). `none`: no rotary embedding, every key dimension is free."""
@@ -153,7 +153,7 @@ class AttentionBlock(_Strict):
     k: tuple[str, ...] = ()
     v: tuple[str, ...] = ()
     qkv: tuple[str, ...] = ()  # instead of q, k, v: one fused module, split and re-fused by `fused_layout`
-    fused_layout: str | None = None  # a layout of convert/families/fused.py
+    fused_layout: str | None = None  # a layout of gqa_toolkit/families/fused.py
     transposed: bool = False  # weights stored `[in, out]` (GPT-2's Conv1D), not nn.Linear's `[out, in]`
     o: tuple[str, ...]
     rope: Rope
@@ -182,7 +182,7 @@ ConfigValue = bool | int | float | str | None
 
 class ConfigSchema(_Strict):
     """How the family's config.json holds the attributes conversion reads, so that reading them needs no
-    transformers import: its config classes' attribute_map and defaults, as data (see convert/families/config.py).
+    transformers import: its config classes' attribute_map and defaults, as data (see gqa_toolkit/families/config.py).
     An attribute that config.json lacks and that has no default here is read through AutoConfig instead; a test
     compares every reading with AutoConfig's for every family the tests build."""
 
@@ -320,7 +320,7 @@ class AttentionEntry(_Strict):
     k: str | None = None
     v: str | None = None
     qkv: str | None = None  # instead of k and v (and q): one fused projection
-    fused_layout: str | None = None  # with qkv: its layout in convert/families/fused.py
+    fused_layout: str | None = None  # with qkv: its layout in gqa_toolkit/families/fused.py
     fused_output_layout: str | None = None  # with qkv: the layout written, where it differs (gpt_bigcode)
     transposed: bool = False  # weights stored `[in, out]` (GPT-2's Conv1D), not nn.Linear's `[out, in]`
     o: Names = ()

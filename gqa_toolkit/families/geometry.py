@@ -1,4 +1,16 @@
-"""Attention geometry read from a model config: layers, query heads, KV heads, head size, init scale."""
+"""Attention geometry read from a model config: layers, query heads, KV heads, head size, init scale.
+
+The toolkit's one definition of its words for heads, which every other module points to:
+
+    H  query heads.  G  key/value (KV) heads: the `--groups` of every command, `groups` in the code, the
+    `num_key_value_heads` of a config. Query head h reads KV head h // (H/G), so H/G query heads share each one
+    (contiguous groups, transformers' repeat_kv).
+
+        MHA  G = H   q0 q1 q2 q3 q4 q5 q6 q7      GQA  G = 2   q0 q1 q2 q3 | q4 q5 q6 q7      MQA  G = 1
+             kv0 kv1 kv2 kv3 kv4 kv5 kv6 kv7                  kv0         | kv1                all read kv0
+
+    A GQA source with G0 KV heads converts to any G dividing G0; the KV cache shrinks by G0/G.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..errors import ConversionError
-from ..io.model_dir import short_repr
+from ..model_dir import short_repr
 from .config import TransformersConfig
 from .spec import ArchitectureSpec, all_specs, spec_for
 

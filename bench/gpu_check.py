@@ -76,7 +76,7 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def stage_fit_precision(args) -> str:
     from gqa_toolkit.convert.methods.layer import AttentionWeights, InputMoments, RopeLayout, convert_layer
-    from gqa_toolkit.convert.methods.layer_types import HeadBlock, LayerContext
+    from gqa_toolkit.convert.methods.layer_types import PerHeadWeights, LayerContext
     from gqa_toolkit.convert.methods.registry import layer_methods
 
     d, heads, hd, groups, tokens = (64, 4, 16, 2, 512) if args.small else (4096, 32, 128, 8, 8192)
@@ -94,7 +94,7 @@ def stage_fit_precision(args) -> str:
     rows = [("CPU, float64 (gqa-convert)", time.perf_counter() - t0, 0.0, 0.0)]
     scores_ref, values_ref = layer_function(dataclasses.asdict(reference), heads, groups, xs)
 
-    block = HeadBlock.from_weights(w, heads, heads)
+    block = PerHeadWeights.from_weights(w, heads, heads)
     ctx = LayerContext.build(block, rope, moments, seed=0, init_std=0.02, names={})
     for dtype in (torch.float64, torch.float32):
         b, c = moved(block, args.device, dtype), moved(ctx, args.device, dtype)

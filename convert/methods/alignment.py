@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from gqa_toolkit.families.rope import KeyMap
-from .layer_types import HeadBlock, LayerContext, LayerResult
+from .layer_types import PerHeadWeights, LayerContext, LayerResult
 from .registry import register_layer_method
 
 ITERATIONS = 8  # generalised Procrustes: align to the group's mean, recompute the mean, repeat
@@ -43,33 +43,33 @@ def align_matrices(x: torch.Tensor) -> torch.Tensor:
     return maps
 
 
-def rotations(block: HeadBlock, groups: int, ctx: LayerContext) -> tuple[KeyMap, torch.Tensor]:
+def rotations(per_head: PerHeadWeights, groups: int, ctx: LayerContext) -> tuple[KeyMap, torch.Tensor]:
     """Per source KV head: the RoPE-commuting key rotation and the value rotation into its group's basis."""
     layout = ctx.layout
-    G0, hd, ck = block.k.shape
+    G0, hd, ck = per_head.k.shape
     r = G0 // groups
-    km = block.k @ ctx.metric_k  # (G0, hd, ck) in the error metric
+    km = per_head.k @ ctx.metric_k  # (G0, hd, ck) in the error metric
     z = layout.to_complex(km).reshape(groups, r, layout.pairs, ck)  # (G, r, P, ck)
     free = layout.free_rows(km).reshape(groups, r, layout.free, ck)  # (G, r, f, ck)
     key_map = KeyMap(align_pairs(z).reshape(G0, layout.pairs), align_matrices(free).reshape(G0, layout.free,
                                                                                               layout.free))
-    vm = (block.v @ ctx.metric_v).reshape(groups, r, hd, -1)  # (G, r, hd, cv)
+    vm = (per_head.v @ ctx.metric_v).reshape(groups, r, hd, -1)  # (G, r, hd, cv)
     return key_map, align_matrices(vm).reshape(G0, hd, hd)
 
 
-def rotated_heads(block: HeadBlock, groups: int, ctx: LayerContext) -> LayerResult:
+def rotated_heads(per_head: PerHeadWeights, groups: int, ctx: LayerContext) -> LayerResult:
     """Every head rotated into its group's basis, none merged yet: a LayerResult with G0 heads."""
-    key_map, value_map = rotations(block, groups, ctx)
-    k = key_map.apply_transposed(block.k, ctx.layout)  # (G0, hd, ck): M^T k_j, M orthogonal
-    v = value_map.transpose(1, 2) @ block.v  # (G0, hd, cv)
+    key_map, value_map = rotations(per_head, groups, ctx)
+    k = key_map.apply_transposed(per_head.k, ctx.layout)  # (G0, hd, ck): M^T k_j, M orthogonal
+    v = value_map.transpose(1, 2) @ per_head.v  # (G0, hd, cv)
     return LayerResult(k, key_map, v, value_map)
 
 
 @register_layer_method("aligned", pools=True)
-def aligned(block: HeadBlock, groups: int, ctx: LayerContext) -> LayerResult:
+def aligned(per_head: PerHeadWeights, groups: int, ctx: LayerContext) -> LayerResult:
     """Procrustes-align each group's heads (key rotations that commute with the positions), then average."""
-    heads = rotated_heads(block, groups, ctx)
-    G0 = block.k.shape[0]
+    heads = rotated_heads(per_head, groups, ctx)
+    G0 = per_head.k.shape[0]
     k = heads.k.reshape(groups, G0 // groups, *heads.k.shape[1:]).mean(1)  # (G, hd, ck)
     v = heads.v.reshape(groups, G0 // groups, *heads.v.shape[1:]).mean(1)  # (G, hd, cv)
     return LayerResult(k, heads.key_map, v, heads.value_map)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from gqa_toolkit.families.rope import KeyMap
-from .layer_types import HeadBlock, LayerContext, LayerResult
+from .layer_types import PerHeadWeights, LayerContext, LayerResult
 from .registry import register_layer_method
 
 RIDGE = 1e-6
@@ -60,11 +60,11 @@ def _fit_pairs(z: torch.Tensor, weight: torch.Tensor, groups: int) -> tuple[torc
 
 
 @register_layer_method("fit", pools=False, calibrated=True)
-def fit(block: HeadBlock, groups: int, ctx: LayerContext) -> LayerResult:
+def fit(per_head: PerHeadWeights, groups: int, ctx: LayerContext) -> LayerResult:
     """Least-squares shared K/V (weighed by calibration activations when given), with Q and O compensating."""
     layout = ctx.layout
     R = layout.rotary_dims
-    km = block.k @ ctx.metric_k  # (G0, hd, ck)
+    km = per_head.k @ ctx.metric_k  # (G0, hd, ck)
     energy = ctx.query_second.diagonal(dim1=1, dim2=2)  # (G0, hd)
     weight = layout.pair_sum(energy).clamp_min(1e-30).sqrt()  # (G0, P)
     alpha, shared_pairs = _fit_pairs(layout.to_complex(km), weight, groups)
@@ -74,6 +74,6 @@ def fit(block: HeadBlock, groups: int, ctx: LayerContext) -> LayerResult:
     k = layout.from_complex(shared_pairs, shared_free) @ torch.linalg.inv(ctx.metric_k)  # (G, hd, ck)
 
     so = _sqrtm(ctx.out_second)  # (G0, hd, hd)
-    value_w, shared_v = joint_fit(so @ (block.v @ ctx.metric_v), groups)
+    value_w, shared_v = joint_fit(so @ (per_head.v @ ctx.metric_v), groups)
     v = shared_v @ torch.linalg.inv(ctx.metric_v)  # (G, hd, cv)
     return LayerResult(k, KeyMap(alpha, free), v, torch.linalg.solve(so, value_w))

@@ -4,7 +4,7 @@
 Similarity is measured on the heads' weights, or on their K/V activations when calibration moments are given
 (||W_a - W_b||_C with C the input second moment). For layer methods that rotate heads before merging it is
 measured after the best rotation between the two heads. The grouping is then a permutation of KV heads (with
-their query heads and output columns, see HeadBlock.permuted), so it alone leaves the model's function unchanged.
+their query heads and output columns, see PerHeadWeights.permuted), so it alone leaves the model's function unchanged.
 """
 
 from __future__ import annotations
@@ -32,9 +32,9 @@ def _phase_distances(z: torch.Tensor) -> torch.Tensor:
     return (sq[:, None] + sq[None] - 2 * inner).clamp_min(0) / sq.mean().clamp_min(1e-30)
 
 
-def head_distances(block, ctx, aligned: bool) -> torch.Tensor:
+def head_distances(per_head, ctx, aligned: bool) -> torch.Tensor:
     """`(G0, G0)`: how much merging two KV heads would lose, keys and values counted alike."""
-    km, vm = block.k @ ctx.metric_k, block.v @ ctx.metric_v  # (G0, hd, c)
+    km, vm = per_head.k @ ctx.metric_k, per_head.v @ ctx.metric_v  # (G0, hd, c)
     if not aligned:
         return _plain_distances(km) + _plain_distances(vm)
     layout = ctx.layout
@@ -83,6 +83,6 @@ def balanced_groups(d: torch.Tensor, groups: int) -> list[list[int]]:
     return sorted(sorted(p) for p in parts)
 
 
-def similarity_permutation(block, groups: int, ctx, aligned: bool) -> list[int]:
+def similarity_permutation(per_head, groups: int, ctx, aligned: bool) -> list[int]:
     """The KV head order that puts each similarity group in contiguous positions."""
-    return [j for part in balanced_groups(head_distances(block, ctx, aligned), groups) for j in part]
+    return [j for part in balanced_groups(head_distances(per_head, ctx, aligned), groups) for j in part]

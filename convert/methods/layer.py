@@ -20,7 +20,7 @@ import torch
 from ..errors import ConversionError
 from gqa_toolkit.families.rope import KeyMap, RopeLayout
 from .grouping import similarity_permutation
-from .layer_types import HeadBlock, InputMoments, LayerContext, LayerResult
+from .layer_types import PerHeadWeights, InputMoments, LayerContext, LayerResult
 from .layer_attention import LayerAttention
 from .per_head import pool_heads, preserve_norms
 from .refinement import AttentionCalls, RefineSettings, refine
@@ -57,11 +57,11 @@ def _check(w: AttentionWeights, heads: int, kv_heads: int, groups: int, rope: Ro
     return hd
 
 
-def _per_head_method(name: str, block: HeadBlock, groups: int, ctx: LayerContext) -> LayerResult:
+def _per_head_method(name: str, per_head: PerHeadWeights, groups: int, ctx: LayerContext) -> LayerResult:
     """A registered per-head method (mean, first, random) on weight and bias separately, as the per-tensor path
     does; its maps are the identity."""
     def pool(part: str, heads: torch.Tensor) -> torch.Tensor:
-        weight, bias = block.split_bias(heads, part)  # (G0, hd, d), (G0, hd) or None
+        weight, bias = per_head.split_bias(heads, part)  # (G0, hd, d), (G0, hd) or None
         out_w = pool_heads(weight, groups, name, MethodContext(ctx.names.get(f"{part}.weight", part), "normal",
                                                                ctx.init_std, ctx.seed))
         if bias is None:
@@ -70,21 +70,21 @@ def _per_head_method(name: str, block: HeadBlock, groups: int, ctx: LayerContext
                                                              ctx.init_std, ctx.seed))
         return torch.cat([out_w, out_b[..., None]], dim=-1)  # (G, hd, d + 1)
 
-    G0, hd = block.k.shape[0], block.k.shape[1]
-    eye = torch.eye(hd, dtype=block.v.dtype).expand(G0, -1, -1)
-    return LayerResult(pool("k", block.k), KeyMap.identity(G0, ctx.layout), pool("v", block.v), eye)
+    G0, hd = per_head.k.shape[0], per_head.k.shape[1]
+    eye = torch.eye(hd, dtype=per_head.v.dtype).expand(G0, -1, -1)
+    return LayerResult(pool("k", per_head.k), KeyMap.identity(G0, ctx.layout), pool("v", per_head.v), eye)
 
 
 def _moments(calibration: torch.Tensor | InputMoments | None) -> InputMoments | None:
     return InputMoments.from_inputs(calibration) if isinstance(calibration, torch.Tensor) else calibration
 
 
-def _checked_block(weights: AttentionWeights, heads: int, kv_heads: int, groups: int, rope: RopeLayout | None):
+def _checked_per_head(weights: AttentionWeights, heads: int, kv_heads: int, groups: int, rope: RopeLayout | None):
     """The layer's heads after its shapes are checked, and the RoPE layout (None: every dim rotates)."""
     hd = weights.q.shape[0] // heads
     rope = rope or RopeLayout(hd, hd)
     _check(weights, heads, kv_heads, groups, rope)
-    return HeadBlock.from_weights(weights, heads, kv_heads), rope
+    return PerHeadWeights.from_weights(weights, heads, kv_heads), rope
 
 
 def _weights(tensors: dict[str, torch.Tensor | None], dtype: torch.dtype) -> AttentionWeights:
@@ -110,20 +110,20 @@ def convert_layer(weights: AttentionWeights, *, heads: int, kv_heads: int, group
     if refine_steps and not (isinstance(calibration, torch.Tensor) and calibration.dim() == 3):
         raise ConversionError("convert_layer: refine_steps trains on the attention inputs as sequences; give "
                               "calibration as a (batch, tokens, d) tensor")
-    block, rope = _checked_block(weights, heads, kv_heads, groups, rope)
+    per_head, rope = _checked_per_head(weights, heads, kv_heads, groups, rope)
     inputs = dict(moments=_moments(calibration), key_moments=_moments(key_calibration))
-    ctx = LayerContext.build(block, rope, **inputs, seed=seed, init_std=init_std, names=names or {})
+    ctx = LayerContext.build(per_head, rope, **inputs, seed=seed, init_std=init_std, names=names or {})
     if grouping == "similarity" and groups < kv_heads:
-        block = block.permuted(similarity_permutation(block, groups, ctx, aligned=method in layer_methods()))
-        ctx = LayerContext.build(block, rope, **inputs, seed=seed, init_std=init_std, names=names or {})
+        per_head = per_head.permuted(similarity_permutation(per_head, groups, ctx, aligned=method in layer_methods()))
+        ctx = LayerContext.build(per_head, rope, **inputs, seed=seed, init_std=init_std, names=names or {})
     if method in layer_methods():
-        result = layer_methods()[method](block, groups, ctx)
+        result = layer_methods()[method](per_head, groups, ctx)
     else:
-        result = _per_head_method(method, block, groups, ctx)
+        result = _per_head_method(method, per_head, groups, ctx)
     if preserve_norm:
-        result = replace(result, k=preserve_norms(block.k, result.k, groups, ctx.metric_k),
-                         v=preserve_norms(block.v, result.v, groups, ctx.metric_v))
-    converted = block.assembled(result, rope)
+        result = replace(result, k=preserve_norms(per_head.k, result.k, groups, ctx.metric_k),
+                         v=preserve_norms(per_head.v, result.v, groups, ctx.metric_v))
+    converted = per_head.assembled(result, rope)
     if refine_steps:
         converted = _refined(weights, converted, heads, kv_heads, groups, rope, calibration, key_calibration,
                              RefineSettings(refine_steps, refine_lr), causal, rope_theta)
@@ -161,10 +161,10 @@ def align_layer(weights: AttentionWeights, *, heads: int, kv_heads: int, groups:
     unchanged; `convert_layer(method="aligned")` then averages the aligned heads."""
     from .alignment import rotated_heads
 
-    block, rope = _checked_block(weights, heads, kv_heads, groups, rope)
-    ctx = LayerContext.build(block, rope, _moments(calibration), key_moments=_moments(key_calibration), seed=0,
+    per_head, rope = _checked_per_head(weights, heads, kv_heads, groups, rope)
+    ctx = LayerContext.build(per_head, rope, _moments(calibration), key_moments=_moments(key_calibration), seed=0,
                              init_std=0.02, names={})
-    return _weights(block.assembled(rotated_heads(block, groups, ctx), rope), weights.q.dtype)
+    return _weights(per_head.assembled(rotated_heads(per_head, groups, ctx), rope), weights.q.dtype)
 
 
 def permute_layer(weights: AttentionWeights, *, heads: int, kv_heads: int, order: list[int]) -> AttentionWeights:
@@ -173,8 +173,8 @@ def permute_layer(weights: AttentionWeights, *, heads: int, kv_heads: int, order
     if sorted(order) != list(range(kv_heads)):
         raise ConversionError(f"order {order} is not a permutation of the {kv_heads} KV heads")
     hd = weights.q.shape[0] // heads
-    block = HeadBlock.from_weights(weights, heads, kv_heads).permuted(list(order))
-    identity = LayerResult(block.k, KeyMap.identity(kv_heads, RopeLayout(hd, hd)), block.v,
+    per_head = PerHeadWeights.from_weights(weights, heads, kv_heads).permuted(list(order))
+    identity = LayerResult(per_head.k, KeyMap.identity(kv_heads, RopeLayout(hd, hd)), per_head.v,
                            torch.eye(hd, dtype=torch.float64).expand(kv_heads, -1, -1))
-    out = block.assembled(identity, RopeLayout(hd, hd))
+    out = per_head.assembled(identity, RopeLayout(hd, hd))
     return AttentionWeights(**{k: (v.to(weights.q.dtype) if v is not None else None) for k, v in out.items()})

@@ -57,7 +57,8 @@ class LayerResult:
 
 
 @dataclass(frozen=True)
-class HeadBlock:
+class PerHeadWeights:
+    """One attention's Q, K, V and O weights split per head (a bias as an extra input column)."""
     q: torch.Tensor  # (H, hd, cq)
     k: torch.Tensor  # (G0, hd, ck)
     v: torch.Tensor  # (G0, hd, cv)
@@ -65,14 +66,14 @@ class HeadBlock:
     bias: frozenset[str]  # which of q, k, v carry a bias column
 
     @staticmethod
-    def from_weights(w, heads: int, kv_heads: int) -> "HeadBlock":
+    def from_weights(w, heads: int, kv_heads: int) -> "PerHeadWeights":
         def heads_of(weight, bias, n):
             t = weight.double() if bias is None else torch.cat([weight.double(), bias.double()[:, None]], dim=1)
             return t.reshape(n, -1, t.shape[1])  # (n, hd, d [+ 1])
 
         hd = w.q.shape[0] // heads
         bias = frozenset(p for p in "qkv" if getattr(w, f"{p}_bias") is not None)
-        return HeadBlock(q=heads_of(w.q, w.q_bias, heads), k=heads_of(w.k, w.k_bias, kv_heads),
+        return PerHeadWeights(q=heads_of(w.q, w.q_bias, heads), k=heads_of(w.k, w.k_bias, kv_heads),
                          v=heads_of(w.v, w.v_bias, kv_heads),
                          o=w.o.double().reshape(w.o.shape[0], heads, hd), bias=bias)  # (d_out, H, hd)
 
@@ -86,12 +87,12 @@ class HeadBlock:
     def split_bias(self, t: torch.Tensor, part: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         return (t[..., :-1], t[..., -1]) if part in self.bias else (t, None)
 
-    def permuted(self, order: list[int]) -> "HeadBlock":
+    def permuted(self, order: list[int]) -> "PerHeadWeights":
         """KV head `order[p]` moves to position p, with its query heads and their output columns."""
         G0, n = self.k.shape[0], self.per_kv
         q = self.q.reshape(G0, n, *self.q.shape[1:])[order].flatten(0, 1)  # (H, hd, cq)
         o = self.o.reshape(self.o.shape[0], G0, n, -1)[:, order].flatten(1, 2)  # (d_out, H, hd)
-        return HeadBlock(q=q, k=self.k[order], v=self.v[order], o=o, bias=self.bias)
+        return PerHeadWeights(q=q, k=self.k[order], v=self.v[order], o=o, bias=self.bias)
 
     def assembled(self, result: LayerResult, rope: RopeLayout) -> dict[str, torch.Tensor | None]:
         """Weights in nn.Linear layout: shared K/V, queries through M^T, output columns through N."""
@@ -119,7 +120,7 @@ class LayerContext:
     names: dict = field(default_factory=dict)  # "k.weight" -> on-disk name, for per-tensor seeds
 
     @staticmethod
-    def build(block: HeadBlock, layout: RopeLayout, moments: InputMoments | None, *, seed: int, init_std: float,
+    def build(per_head: PerHeadWeights, layout: RopeLayout, moments: InputMoments | None, *, seed: int, init_std: float,
               names: dict, key_moments: InputMoments | None = None) -> "LayerContext":
         """`key_moments`: the moments of K's and V's input where it is not Q's (cross-attention reads the
         encoder's states); None: they read what Q reads."""
@@ -128,10 +129,10 @@ class LayerContext:
             return torch.eye(width, dtype=torch.float64) if of is None else of.metric(width)
 
         keys = key_moments if key_moments is not None else moments
-        mq, mk, mv = metric(block.q, moments), metric(block.k, keys), metric(block.v, keys)
-        G0, n, hd = block.k.shape[0], block.per_kv, block.k.shape[1]
-        ql = (block.q @ mq).reshape(G0, n, hd, -1)  # (G0, n, hd, cq)
+        mq, mk, mv = metric(per_head.q, moments), metric(per_head.k, keys), metric(per_head.v, keys)
+        G0, n, hd = per_head.k.shape[0], per_head.per_kv, per_head.k.shape[1]
+        ql = (per_head.q @ mq).reshape(G0, n, hd, -1)  # (G0, n, hd, cq)
         query_second = torch.einsum("gnic,gnjc->gij", ql, ql) / ql.shape[-1]  # (G0, hd, hd)
-        o = block.o.reshape(block.o.shape[0], G0, n, hd)  # (d_out, G0, n, hd)
+        o = per_head.o.reshape(per_head.o.shape[0], G0, n, hd)  # (d_out, G0, n, hd)
         out_second = torch.einsum("dgni,dgnj->gij", o, o)  # (G0, hd, hd)
         return LayerContext(layout, mq, mk, mv, query_second, out_second, seed, init_std, names)

@@ -54,8 +54,8 @@ def register_method(name: str) -> Callable[[Method], Method]:
 
 @dataclass(frozen=True)
 class LayerMethod:
-    """A method that converts one layer's whole attention block (K, V and the compensating Q, O changes); see
-    methods/layer.py. `fn(block, groups, ctx) -> LayerResult`. `pools`: it averages heads (so norm preservation
+    """A method that converts one layer's whole attention (K, V and the compensating Q, O changes); see
+    methods/layer.py. `fn(per_head, groups, ctx) -> LayerResult`. `pools`: it averages heads (so norm preservation
     applies); `calibrated`: the converter feeds it calibration activations by default."""
 
     fn: Callable
@@ -63,8 +63,8 @@ class LayerMethod:
     calibrated: bool
     doc: str
 
-    def __call__(self, block, groups: int, ctx):
-        return self.fn(block, groups, ctx)
+    def __call__(self, per_head, groups: int, ctx):
+        return self.fn(per_head, groups, ctx)
 
 
 LAYER_METHODS: dict[str, LayerMethod] = {}

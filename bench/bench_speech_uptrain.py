@@ -20,6 +20,7 @@ import argparse
 import csv
 import json
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -79,7 +80,7 @@ FIRST_MERGE = "Ġ t"  # GPT-2's and whisper's first BPE merge (" t"), which the 
 def repaired_source(whisper: Path, out: Path) -> Path:
     """`whisper` itself, or, when its tokenizer.json lacks the merge " t" (the rebuilt whisper-base's does, so " the"
     is tokenized as " " + "the" and teacher-forced transcripts are off the model's own tokenization), a copy of it
-    in `out` with the merge put back first: the weights and other files linked, the tokenizer rewritten."""
+    in `out` with the merge put back first (the other files copied: gqa-convert refuses links out of a source)."""
     tokenizer = json.loads((whisper / "tokenizer.json").read_text())
     merges = tokenizer["model"]["merges"]
     if not merges or FIRST_MERGE in merges or FIRST_MERGE.split() in merges:
@@ -87,7 +88,7 @@ def repaired_source(whisper: Path, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     for entry in whisper.iterdir():
         if entry.name != "tokenizer.json" and not (out / entry.name).exists():
-            (out / entry.name).symlink_to(entry.resolve())
+            shutil.copy2(entry, out / entry.name)
     tokenizer["model"]["merges"] = [FIRST_MERGE if isinstance(merges[0], str) else FIRST_MERGE.split(), *merges]
     (out / "tokenizer.json").write_text(json.dumps(tokenizer, ensure_ascii=False))
     return out

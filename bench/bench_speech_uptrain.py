@@ -9,9 +9,9 @@ converts WHISPER_DIR (by default `fit` calibrated on the first --calibration-cli
 measures WER (against the original's greedy transcripts and against the text) and decoder KL, uptrains with
 distillation from the original for at most --minutes of wall time, and measures again. The step budget comes from
 two measured short runs (2 and 6 steps) and the encoder's measured time per clip: the frozen encoder's states are
-cached after the first epoch, so a later step costs only the decoders' forward and backward. It prints every figure and the time each phase
-took, and keeps them in WORK/results.json, so a rerun skips the phases already done (--skip-uptrain stops after
-the "before" figures).
+cached after the first epoch, so a later step costs only the decoders' forward and backward. It prints every
+figure and the time each phase took, and keeps them in WORK/results.json, so a rerun skips the phases already done
+(--skip-uptrain stops after the "before" figures; a probe entry copied there under a new label reuses a probe).
 """
 
 from __future__ import annotations

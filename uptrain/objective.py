@@ -45,14 +45,16 @@ def distill_loss(student: torch.Tensor, teacher: torch.Tensor, targets: torch.Te
 
 
 def objective(model, batch: dict[str, torch.Tensor], teacher=None, weight: float = 0.0,
-              temperature: float = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The loss to minimise on one micro-batch, and its parts for logging (detached)."""
+              temperature: float = 1.0,
+              teacher_batch: dict | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The loss to minimise on one micro-batch, and its parts for logging (detached). `teacher_batch`: the same
+    examples as the teacher takes them (default `batch`; the encoder's states may stand in for its inputs)."""
     logits, targets = predictions(model, batch)
     ce = ce_loss(logits, targets)
     if teacher is None or weight == 0.0:
         return ce, {"ce": ce.detach()}
     with torch.no_grad():
-        teacher_logits, _ = predictions(teacher, batch)
+        teacher_logits, _ = predictions(teacher, batch if teacher_batch is None else teacher_batch)
     kd = distill_loss(logits, teacher_logits, targets, temperature)
     return (1.0 - weight) * ce + weight * kd, {"ce": ce.detach(), "kd": kd.detach()}
 

@@ -23,7 +23,7 @@ from .trainable import resolve_trainable
 _MODEL_FILES = ("*.safetensors", "model.safetensors.index.json")
 
 
-def uptraining_record(recipe: Recipe, state: dict, task: str, model_type: str) -> dict:
+def uptraining_record(recipe: Recipe, state: dict, task: str, config) -> dict:
     t = recipe.train
     return {
         "steps": state["step"],
@@ -34,7 +34,7 @@ def uptraining_record(recipe: Recipe, state: dict, task: str, model_type: str) -
         "heldout_loss": state.get("heldout_loss"),
         "objective": task if recipe.objective.distill_weight == 0 else f"{task}+distill",
         "distill_weight": recipe.objective.distill_weight,
-        "trainable": resolve_trainable(model_type, recipe.model.trainable),
+        "trainable": resolve_trainable(config, recipe.model.trainable),
         "data": recipe.data.source,
         "block_size": recipe.data.block_size,
         "batch_size": t.batch_size,
@@ -65,7 +65,7 @@ def save_output(accelerator, model, tokenizer, recipe: Recipe, state: dict, stud
         source = student.settings
         dtype = DTYPES.get(source.get("dtype") or source.get("torch_dtype") or "float32", torch.float32)
         unwrapped = accelerator.unwrap_model(model)
-        record = uptraining_record(recipe, state, task, unwrapped.config.model_type)
+        record = uptraining_record(recipe, state, task, unwrapped.config)
         config = unwrapped.config
         config.dtype = dtype
         if CONVERSION_KEY in source:

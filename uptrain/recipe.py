@@ -24,8 +24,10 @@ class _Section(BaseModel):
 class ModelOptions(_Section):
     """How the model trains, whichever model it is (the ablation gives these for every cell)."""
 
-    trainable: Literal["auto", "all", "attention", "kv"] = Field(
-        "auto", description="auto: attention for speech models (whisper), all for the rest")
+    trainable: Literal["auto", "all", "attention", "converted", "kv"] = Field(
+        "auto", description="converted: the attention modules of the kinds gqa-convert changed (from the record "
+        "in config.json); auto: converted for speech models (whisper; attention without a record), all for the "
+        "rest")
     gradient_checkpointing: bool = False
     trust_remote_code: bool = Field(False, description="run the Python files of the model folders (never needed "
                                     "for the toolkit's own families, which load through its registered classes)")
@@ -72,6 +74,8 @@ class TrainOptions(_Section):
     max_grad_norm: float | None = Field(1.0, gt=0)
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     seed: int = Field(0, ge=0, lt=2**32, description="numpy's seeds run from 0 to 2**32 - 1")
+    encoder_cache_mib: int = Field(2048, ge=0, description="encoder-decoders whose encoder does not train: MiB of "
+                                   "encoder states kept per process across steps (0: recomputed every step)")
 
 
 class TrainSection(TrainOptions):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 from functools import lru_cache
 from importlib import resources
 from typing import Annotated, ClassVar, Literal, Mapping
@@ -285,10 +286,12 @@ class ArchitectureSpec(_FamilyFacts):
     def kv_heads_attr_of(self, kind: str) -> str | None:
         return self.attention[kind].kv_heads_attr or self.kv_heads_attr
 
-    def attention_patterns(self) -> list[re.Pattern[str]]:
-        """Regexes matching the parameters of every attention module the spec names, whatever the model prefix."""
+    def attention_patterns(self, kinds: Iterable[str] | None = None) -> list[re.Pattern[str]]:
+        """Regexes matching the parameters of every attention module the spec names (or those of `kinds`),
+        whatever the model prefix."""
+        chosen = self.attention if kinds is None else {k: self.attention[k] for k in kinds}
         return [re.compile(key_pattern(kind.module).pattern.removesuffix("$") + r"\.")
-                for kind in self.attention.values()]
+                for kind in chosen.values()]
 
 
 # One module name, or several of which the first present is used (llama's o_proj, phi's dense).

@@ -10,9 +10,9 @@ query heads, which computes what a GQA encoder computes (`--check-cli` checks th
 output and modeling, `--attention all -g 8 --kind-groups encoder=4`, on two clips).
 
 Calibration: the attention inputs (each layer's self_attn_layer_norm output) of clips 00-19 over the whole 30 s
-window, from the source's encoder (source mode) or from the already converted layers before it (sequential mode);
-refinement trains on them (batches of 8 clips, the last batch held out to pick the best checkpoint). Scored on the
-held-out clips 20-39: cosine between the original's and the converted encoder's last_hidden_state per position
+window (or, in the `-speech` cells, only the positions that hold the clip's audio), from the source's encoder
+(source mode) or from the already converted layers before it (sequential mode); refinement trains on them
+(batches of 8 clips, the last batch held out to pick the best checkpoint). Scored on the held-out clips 20-39: cosine between the original's and the converted encoder's last_hidden_state per position
 (averaged), and of the mean-pooled embedding per clip (averaged over clips), each over the positions that hold
 the clip's audio (50 positions per second of it) and over the whole 1500-position window.
 
@@ -151,8 +151,11 @@ def mha_parameters(w: AttentionWeights, heads: int) -> dict[str, torch.Tensor]:
             PREFIX + "out_proj.weight": w.o}
 
 
-def convert_encoder(src: SourceEncoder, groups: int, method: str, calibrated: bool | str = False, sequential: bool = False,
-                    refine_steps: int = 0, refine_lr: float = 0.01) -> list[AttentionWeights]:
+def convert_encoder(src: SourceEncoder, groups: int, method: str, calibrated: bool | str = False,
+                    sequential: bool = False, refine_steps: int = 0, refine_lr: float = 0.01) -> list[AttentionWeights]:
+    """Each encoder layer's attention converted by `convert_layer`; `calibrated`: True for the attention inputs of
+    the calibration clips over the whole window, "speech" for their speech positions only; `sequential`: those
+    inputs come from the converted layers before (else from the source's)."""
     heads = src.config.encoder_attention_heads
     hd = src.config.d_model // heads
     layers = src.encoder.layers

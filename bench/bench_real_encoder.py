@@ -12,9 +12,10 @@ output and modeling, `--attention all -g 8 --kind-groups encoder=4`, on two clip
 Calibration: the attention inputs (each layer's self_attn_layer_norm output) of clips 00-19 over the whole 30 s
 window (or, in the `-speech` cells, only the positions that hold the clip's audio), from the source's encoder
 (source mode) or from the already converted layers before it (sequential mode); refinement trains on them
-(batches of 8 clips, the last batch held out to pick the best checkpoint). Scored on the held-out clips 20-39: cosine between the original's and the converted encoder's last_hidden_state per position
-(averaged), and of the mean-pooled embedding per clip (averaged over clips), each over the positions that hold
-the clip's audio (50 positions per second of it) and over the whole 1500-position window.
+(batches of 8 clips, the last batch held out to pick the best checkpoint). Scored on the held-out clips 20-39:
+cosine between the original's and the converted encoder's last_hidden_state per position (averaged), and of the
+mean-pooled embedding per clip (averaged over clips), each over the positions that hold the clip's audio (50
+positions per second of it) and over the whole 1500-position window.
 
 The source's layer inputs and outputs are cached in --work (one encoder forward over 40 clips); each finished cell is
 appended to --work/results.jsonl so a rerun measures only new cells; the table goes to docs/real-encoder.csv.

@@ -20,6 +20,7 @@ import hashlib
 import importlib.util
 import json
 import struct
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -166,10 +167,22 @@ def generation_config(ct2_config: dict) -> GenerationConfig:
         forced_decoder_ids=[[1, None], [2, 50359]], max_initial_timestamp_index=50)
 
 
+FIRST_MERGE = ["\u0120", "t"]  # GPT-2's first BPE merge ("Ġ t"), which the package's tokenizer.json lacks
+
+
 def tokenizer(data: Path) -> WhisperTokenizerFast:
-    """tokenizer.json as shipped, plus the timestamp tokens that vocabulary.txt lists after <|notimestamps|>."""
-    tok = WhisperTokenizerFast(tokenizer_file=str(data / "tokenizer.json"), unk_token="<|endoftext|>",
-                               bos_token="<|endoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    """tokenizer.json as shipped with GPT-2's first merge put back (without it " the" is split into " " and "the",
+    ids 220 3322 instead of 264), plus the timestamp tokens that vocabulary.txt lists after <|notimestamps|>."""
+    spec = json.loads((data / "tokenizer.json").read_text(encoding="utf-8"))
+    merges = spec["model"]["merges"]
+    if FIRST_MERGE not in merges and " ".join(FIRST_MERGE) not in merges:
+        merges.insert(0, FIRST_MERGE if merges and isinstance(merges[0], list) else " ".join(FIRST_MERGE))
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
+        tok = WhisperTokenizerFast(tokenizer_file=str(Path(tmp) / "tokenizer.json"), unk_token="<|endoftext|>",
+                                   bos_token="<|endoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    if tok(" the", add_special_tokens=False)["input_ids"] != [264]:
+        raise SystemExit(f"' the' tokenizes to {tok(' the', add_special_tokens=False)['input_ids']}, not [264]")
     vocabulary = (data / "vocabulary.txt").read_text(encoding="utf-8").split("\n")
     have = len(tok)
     tok.add_tokens(vocabulary[have:51865], special_tokens=False)

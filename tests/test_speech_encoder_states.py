@@ -10,7 +10,9 @@ import torch
 from gqa_toolkit.convert import convert_checkpoint
 from gqa_toolkit.uptrain.encoder_states import EncoderStates
 from gqa_toolkit.uptrain.errors import UptrainError
-from gqa_toolkit.uptrain.model import load_model, load_teacher
+from conftest import toolkit_dir
+from conftest import toolkit_model as load_model
+from gqa_toolkit.uptrain.model import load_teacher
 from gqa_toolkit.uptrain.objective import objective
 from gqa_toolkit.uptrain.tasks import IGNORE, shift_right
 from gqa_toolkit.uptrain.tiny import build_tiny_whisper
@@ -64,7 +66,7 @@ def _step(model, batch, teacher, teacher_batch=None) -> tuple[torch.Tensor, dict
 
 
 def test_shared_and_cached_encoder_states_give_the_plain_steps_loss_and_gradients(whisper):
-    teacher = load_teacher(whisper["source"], load_model(whisper["g2"]).config, torch.float32)
+    teacher = load_teacher(toolkit_dir(whisper["source"]), load_model(whisper["g2"]).config, torch.float32)
     plain_model, shared_model = load_model(whisper["g2"]).train(), load_model(whisper["g2"]).train()
     for model in (plain_model, shared_model):
         select_trainable(model, "auto")
@@ -90,7 +92,7 @@ def test_no_sharing_when_the_encoder_trains_and_no_teacher_sharing_when_its_enco
     assert EncoderStates.for_run(model, None, 64) is None
 
     select_trainable(model, "converted")
-    teacher = load_teacher(whisper["source"], model.config, torch.float32)
+    teacher = load_teacher(toolkit_dir(whisper["source"]), model.config, torch.float32)
     with torch.no_grad():
         teacher.model.encoder.conv1.weight.add_(0.01)
     states = EncoderStates.for_run(model, teacher, budget_mib=0)

@@ -301,9 +301,6 @@ class BlockStream:
         # `converted`), so later layers are calibrated on what the converted model computes
         self.sequential = sequential
         self.record_calls = record_calls  # refinement: each attention module's arguments, to run it again
-        # sequential refinement's targets: the source's attention outputs on the source's own activations, from a
-        # second stream that runs every block with the source's weights beside the converted one
-        self.source_stream = sequential and record_calls
         source = _Source(model_dir, blocks, device, dtype)
         model, weights = source.model, source.weights
         self.model, self.stacks, self.weights, self.outside = model, source.stacks, weights, source.outside
@@ -331,8 +328,7 @@ class BlockStream:
                 layers[i] = _StandIn(self._replay, name, i)
         self.done = dict.fromkeys(self.stacks, 0)  # per stack: how many of its blocks have run
         self.outputs: dict[str, list] = {}  # per stack, per batch: what its last block run returned
-        self.source_outputs: dict[str, list] = {}  # the same, in the source's stream (sequential refinement)
-        self.pending = self._reach(self.outputs)
+        self.pending = self._reach()
 
     def _text_inputs(self, tokens: torch.Tensor, batch_size: int) -> list[dict]:
         """Token ids `(sequences, length)` as the model's arguments, `batch_size` sequences a batch."""
@@ -355,13 +351,12 @@ class BlockStream:
 
     def _replay(self, stack: str, index: int, call: tuple):
         if index < self.done[stack]:
-            return self.replayed[stack][self.batch]
+            return self.outputs[stack][self.batch]
         raise _Reached(stack, index, call)
 
-    def _reach(self, outputs: dict[str, list]) -> tuple[str, int, list]:
-        """Every batch's forward up to the first block not yet run, the blocks already run answering with
-        `outputs` (the converted stream's or the source's): its stack, its index and its arguments."""
-        calls, self.replayed = [], outputs
+    def _reach(self) -> tuple[str, int, list]:
+        """Every batch's forward up to the first block not yet run: its stack, its index and its arguments."""
+        calls = []
         for self.batch, inputs in enumerate(self.inputs):
             try:
                 self.model(**inputs)
@@ -395,14 +390,12 @@ class BlockStream:
     def _step(self, bar) -> Iterator[BlockStep]:
         """Run the first block not yet run on every batch, yield its attention inputs' moments (and in sequential
         mode take back its converted projections), keep its outputs for the next step and free it."""
-        stack, index, calls = self.pending if self.pending is not None else self._reach(self.outputs)
+        stack, index, calls = self.pending if self.pending is not None else self._reach()
         self.pending = None
         layer = self.originals[stack][index]
         names, prefix = [[n] for n, _ in layer.named_parameters()], f"{stack}.{index}."
         _materialise(layer, names, self.weights, self.device, self.dtype, prefix)
         inside = [i for i in self.recorded if i.stack == stack]
-        if self.source_stream:
-            source_outputs, targets = self._run_source(layer, stack, inside)
         modules = {(i.attention, role, index): layer.get_submodule(name)
                    for i in inside for role, name in i.modules().items()}
         moments: dict[Key, InputMoments] = {}
@@ -414,8 +407,7 @@ class BlockStream:
             for i in inside:
                 module = layer.get_submodule(i.attention_module)
                 on_disk = {n: self.weights.find(f"{prefix}{i.attention_module}.{n}") for n, _ in module.named_parameters()}
-                attention[i.attention] = AttentionCalls(module, {n: d for n, d in on_disk.items() if d}, [],
-                                                        targets.get(i.attention, []) if self.source_stream else [])
+                attention[i.attention] = AttentionCalls(module, {n: d for n, d in on_disk.items() if d}, [])
                 hooks.append(module.register_forward_pre_hook(
                     lambda m, args, kwargs, recorded=attention[i.attention].calls: recorded.append((args, kwargs)),
                     with_kwargs=True))
@@ -430,32 +422,10 @@ class BlockStream:
             self._load_converted(layer, prefix, step.converted)
             outputs = [_run(layer, call) for call in calls]
         self.outputs[stack] = outputs
-        if self.source_stream:
-            self.source_outputs[stack] = source_outputs
         self.done[stack] += 1
         step.moments, step.converted, step.attention = {}, {}, {}  # the consumer may hold it while the next runs
-        # the previous block's outputs go before the next step's forwards
-        del calls, outputs, moments, attention
-        if self.source_stream:
-            del source_outputs, targets
+        del calls, outputs, moments, attention  # the previous block's outputs go before the next step's forwards
         _free(layer, names)
-
-    def _run_source(self, layer: nn.Module, stack: str, inside: list[AttentionInputs]) -> tuple[list, dict]:
-        """The block, with the source's weights, on the source's stream: its outputs per batch, and the outputs
-        of its attention modules (attention kind -> one per batch)."""
-        where = self._reach(self.source_outputs)
-        if where[:2] != (stack, layer_index := self.done[stack]):
-            raise RuntimeError(f"the source's stream reached block {where[1]} of {where[0]} where the converted "
-                               f"one is at block {layer_index} of {stack}")
-        targets: dict[str, list[torch.Tensor]] = {i.attention: [] for i in inside}
-        hooks = [layer.get_submodule(i.attention_module).register_forward_hook(
-            lambda m, args, output, kept=targets[i.attention]: kept.append(
-                (output[0] if isinstance(output, tuple) else output).detach())) for i in inside]
-        try:
-            return [_run(layer, call) for call in where[2]], targets
-        finally:
-            for hook in hooks:
-                hook.remove()
 
     def _load_converted(self, layer: nn.Module, prefix: str, tensors: dict[str, torch.Tensor]) -> None:
         """Put a converted layer's projections, shaped as the source's (K/V repeated to its heads), into the

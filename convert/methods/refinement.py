@@ -12,7 +12,7 @@ What is trained: the new K/V projections (G heads) and the compensating Q and O 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -29,9 +29,6 @@ class AttentionCalls:
     module: nn.Module
     names: dict[str, str]  # the module's parameter name -> on-disk name
     calls: list[Call]
-    # what the unit should output for each call; empty: the module's own output with the source's weights on the
-    # same call (sequential mode hands the source's output on the source's activations instead)
-    targets: list[torch.Tensor] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -60,8 +57,7 @@ def refine(converted: dict[str, torch.Tensor], attention: AttentionCalls, settin
     module, calls = attention.module, attention.calls
     fixed = {name: p.detach() for name, p in module.named_parameters()}
     with torch.no_grad():
-        targets = [t.float() for t in attention.targets] or \
-            [_first(module(*args, **kwargs)).float() for args, kwargs in calls]
+        targets = [_first(module(*args, **kwargs)).float() for args, kwargs in calls]
     train = list(range(max(len(calls) - 1, 1)))
     held_out = [len(calls) - 1]
     trained = {name: t.detach().float().clone().requires_grad_(True) for name, t in converted.items()}

@@ -68,7 +68,8 @@ def _calibration_stream(model_dir: Path, config: ConfigReader, raw_config: dict,
         bar = (lambda n: tqdm(total=n, unit="block", desc=f"calibration on {options.device}")) if progress else None
         stream = BlockStream(model_dir, spec.blocks, inputs, kinds=list(geometries), device=options.device,
                              progress=bar, sequential=options.calibration_mode == "sequential",
-                             record_calls=options.refine_steps > 0)
+                             record_calls=options.refine_steps > 0,
+                             batch_size=options.refine_batch if options.refine_steps else 8)
     record = {"grouping": options.grouping,
               "calibration": "token ids" if isinstance(calibration, torch.Tensor) else str(calibration),
               "calibration_sequences": int(sequences), "calibration_tokens": int(tokens)}
@@ -80,6 +81,8 @@ def _calibration_stream(model_dir: Path, config: ConfigReader, raw_config: dict,
         record["calibration_mode"] = options.calibration_mode
     if options.refine_steps:
         record["refine_steps"], record["refine_lr"] = options.refine_steps, options.refine_lr
+        if not audio:
+            record["refine_batch"] = options.refine_batch
     return stream, record
 
 

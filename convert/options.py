@@ -42,6 +42,9 @@ class ConversionOptions:
     calibration_mode: str = "source"
     refine_steps: int = 0  # after the method, train each unit against the source's attention output (0: off)
     refine_lr: float = 0.01  # Adam's step, relative to each tensor's RMS
+    # text calibration sequences per refinement step (the stream's batch; its last batch is held out): smaller
+    # batches make each step cheaper, and more steps at the same cost fit closer (docs/real-checkpoints.md)
+    refine_batch: int = 8
     device: str | torch.device = "auto"  # where calibration runs: auto (the GPU when there is one), cpu, cuda[:N]
     attention: str | None = None  # which attention kinds (the family's scopes); None: the family's default
     seed: int = 0
@@ -59,6 +62,8 @@ class ConversionOptions:
                                   f"{', '.join(CALIBRATION_MODES)}")
         if isinstance(self.refine_steps, bool) or not isinstance(self.refine_steps, int) or self.refine_steps < 0:
             raise ConversionError(f"--refine-steps {self.refine_steps!r} must be a whole number, at least 0 (0: off)")
+        if self.refine_batch < 1:
+            raise ConversionError(f"--refine-batch {self.refine_batch} must be at least 1 calibration sequence")
         if not isinstance(self.refine_lr, (int, float)) or not 0 < self.refine_lr < float("inf"):
             raise ConversionError(f"--refine-lr {self.refine_lr!r} must be a positive number (default 0.01)")
         calibration = self.calibration
@@ -154,7 +159,7 @@ def parse_kind_groups(given: dict[str, int] | str | None) -> dict[str, int]:
 
 # The fields that must hold exactly these types (bool is not an int here: groups=True is a mistake, not 1 KV head)
 _TYPED = {"groups": int, "calibration_samples": int, "calibration_length": int, "seed": int, "method": str,
-          "grouping": str, "calibration_mode": str, "preserve_norm": bool, "force": bool, "native": bool}
+          "grouping": str, "calibration_mode": str, "refine_batch": int, "preserve_norm": bool, "force": bool, "native": bool}
 _OPTIONAL = {"attention": str, "revision": str}
 
 

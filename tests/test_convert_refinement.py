@@ -119,3 +119,25 @@ def test_convert_layer_refines_against_the_attention_output(causal, rotary):
         refined = convert_layer(w, heads=heads, kv_heads=heads, groups=2, method=method, rope=rope,
                                 calibration=calibration, refine_steps=150, causal=causal)
         assert error(refined, 2) < error(plain, 2) if method == "mean" else error(refined, 2) <= error(plain, 2)
+
+
+def test_refine_batch_sets_the_sequences_of_each_step(llama_dir, tmp_path, monkeypatch):
+    from gqa_toolkit.convert import run
+
+    batches, real = [], run.refine_unit
+
+    def recording(converted, attention, settings, to_source):
+        batches.append([len(next(t for t in (*args, *kwargs.values()) if torch.is_tensor(t) and t.dim() == 3))
+                        for args, kwargs in attention.calls])
+        return real(converted, attention, settings, to_source)
+
+    monkeypatch.setattr(run, "refine_unit", recording)
+    calibration = torch.randint(3, 128, (10, 16), generator=torch.Generator().manual_seed(2))
+    result = convert(llama_dir, tmp_path / "out", method="fit", groups=1, calibration=calibration, refine_steps=2,
+                     refine_batch=4, progress=False)
+    assert batches and all(b == [4, 4, 2] for b in batches), batches
+    assert read_config(result.output)["gqa_conversion"]["refine_batch"] == 4
+    with pytest.raises(ConversionError, match="--refine-batch 0 must be at least 1"):
+        convert(llama_dir, tmp_path / "bad", method="fit", groups=1, calibration=calibration, refine_steps=2,
+                refine_batch=0, progress=False)
+    assert not (tmp_path / "bad").exists()

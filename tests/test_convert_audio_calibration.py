@@ -55,6 +55,33 @@ def _kl(source, converted, batches) -> float:
     return total / count
 
 
+def test_clips_are_batched_by_transcript_length(speech, tmp_path):
+    """Each batch holds alike transcript lengths (little padding), each clip once with its own features."""
+    rows = list(csv.DictReader((speech["calibration"] / "transcripts.csv").open()))[:8]
+    for i, row in enumerate(rows):  # long and short transcripts alternate
+        row["text"] = " ".join([row["text"]] * (6 if i % 2 else 1))
+    (tmp_path / "clips").mkdir()
+    for row in rows:
+        shutil.copy(speech["calibration"] / row["audio"], tmp_path / "clips" / row["audio"])
+    with (tmp_path / "clips" / "transcripts.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, ["audio", "text"])
+        writer.writeheader()
+        writer.writerows(rows)
+    batches, clips, tokens = audio_calibration(speech["whisper"], tmp_path / "clips", 8, AUTO, batch_size=4)
+    real = [int(b["decoder_attention_mask"].sum()) if "decoder_attention_mask" in b else b["decoder_input_ids"].numel()
+            for b in batches]
+    widths = sorted(b["decoder_input_ids"].shape[1] for b in batches)
+    assert clips == 8 and sum(real) == tokens
+    assert widths[0] < widths[1]  # the short transcripts share one batch, the long ones the other
+    assert sum(b["decoder_input_ids"].numel() for b in batches) < 1.3 * tokens
+    unbatched, _, _ = audio_calibration(speech["whisper"], tmp_path / "clips", 8, AUTO, batch_size=1)
+    by_features = {b["input_features"][0].sum().item(): b["decoder_input_ids"][0] for b in unbatched}
+    for batch in batches:
+        for features, ids in zip(batch["input_features"], batch["decoder_input_ids"]):
+            expected = by_features[features.sum().item()]
+            assert torch.equal(ids[: len(expected)], expected)
+
+
 @pytest.mark.slow
 def test_audio_calibration_fits_closer_to_the_source_on_held_out_clips(speech, tmp_path):
     src = speech["whisper"]

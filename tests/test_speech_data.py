@@ -159,3 +159,25 @@ def test_a_dataset_with_an_audio_column_reads_through_soundfile(tiny_whisper, tm
                                           task, data).with_format("numpy")[:]
     np.testing.assert_array_equal(made[".parquet"]["input_features"], made[""]["input_features"])
     np.testing.assert_array_equal(made[".parquet"]["labels"], made[""]["labels"])
+
+
+def test_a_transcript_longer_than_the_target_is_cut_without_eos():
+    from gqa_toolkit.uptrain.speech import SpeechTranscripts
+    from gqa_toolkit.uptrain.tasks import IGNORE
+
+    rows = SpeechTranscripts(row_length=8, target_length=6, prompt=(1, 2), eos_id=9, pad_id=0, decoder_start_id=3,
+                             feature_extractor=None)
+    assert rows.labels([5, 6]) == [1, 2, 5, 6, 9, IGNORE]
+    assert rows.labels([5, 6, 7]) == [1, 2, 5, 6, 7, 9]
+    assert rows.labels([5, 6, 7, 8, 4]) == [1, 2, 5, 6, 7, 8]  # cut in mid-speech: no eos to learn there
+
+
+def test_transcripts_are_tokenized_after_a_space_as_the_decoder_writes_them(tiny_whisper):
+    from transformers import AutoTokenizer
+
+    from gqa_toolkit.audio import transcript_ids
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_whisper)
+    written = tokenizer(" gray teal", add_special_tokens=False)["input_ids"]
+    assert transcript_ids(tokenizer, ["gray teal", " gray teal "]) == [written, written]
+    assert written != tokenizer("gray teal", add_special_tokens=False)["input_ids"]

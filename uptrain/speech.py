@@ -14,7 +14,7 @@ import datasets
 import numpy as np
 import torch
 
-from gqa_toolkit.audio import log_mel_features
+from gqa_toolkit.audio import log_mel_features, transcript_ids
 from gqa_toolkit.errors import first_line
 from gqa_toolkit.families.spec import audio_input
 
@@ -77,7 +77,9 @@ class SpeechTranscripts:
         return f"speech|{self.target_length}|{self.prompt}|{extractor}"
 
     def labels(self, ids: list[int]) -> list[int]:
-        ids = [*self.prompt, *ids][: self.target_length - 1] + [self.eos_id]
+        """The prompt, the transcript and eos, padded with IGNORE; a transcript too long is cut without eos, so that
+        no row teaches the decoder to stop in mid-speech."""
+        ids = [*self.prompt, *ids, self.eos_id][: self.target_length]
         return ids + [IGNORE] * (self.target_length - len(ids))
 
     def features(self, clips: list[Clip]) -> np.ndarray:
@@ -92,7 +94,7 @@ class SpeechTranscripts:
 
         def flush():
             columns["input_features"].extend(self.features(batch))
-            ids = tokenizer([c.text for c in batch], add_special_tokens=False)["input_ids"]
+            ids = transcript_ids(tokenizer, [c.text for c in batch])
             columns["labels"].extend(self.labels(i) for i in ids)
             batch.clear()
 

@@ -9,18 +9,20 @@ Transcripts come from a csv or jsonl file beside the audio (the format gqa-uptra
 loaded once and decodes each clip greedily (acceptable at whisper's sizes, under 2 B parameters; the block stream
 that then calibrates runs block by block as for text).
 
-Transcripts of different lengths are padded at the end of the batch, with `decoder_attention_mask` zero there; the
-decoder is causal, so no real position reads the padding, though the padded positions' own inputs add to the
-decoder's moments.
+Clips are batched by transcript length, and shorter transcripts are padded at the end of the batch, with
+`decoder_attention_mask` zero there; the decoder is causal, so no real position reads the padding, though the padded
+positions' own inputs add to the decoder's moments (hence batches of alike lengths).
 """
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import torch
 
-from gqa_toolkit.audio import TRANSCRIPT_SUFFIXES, Clip, ClipColumns, audio_files, local_clips, log_mel_features
+from gqa_toolkit.audio import (TRANSCRIPT_SUFFIXES, Clip, ClipColumns, audio_files, local_clips, log_mel_features,
+                               transcript_ids)
 from gqa_toolkit.errors import ToolkitError
 
 from ..errors import ConversionError, first_line
@@ -122,15 +124,20 @@ def audio_calibration(model_dir: Path, source: str | Path, samples: int, auto_cl
     prefix = _prefix(tokenizer, config.decoder_start_token_id)
     if transcribed:
         clips = _transcribe(model_dir, clips, features, prefix, auto_class, tokenizer, device, limit - len(prefix))
-    ids = [(prefix + tokenizer(c.text, add_special_tokens=False)["input_ids"])[:limit] for c in clips]
+    ids = [(prefix + i)[:limit] for i in transcript_ids(tokenizer, [c.text for c in clips])]
     pad = config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
+    # clips of alike transcript lengths share a batch: padding would otherwise be most of the decoder's positions,
+    # and padded positions weigh in the fit's moments and refinement's error as much as real ones
+    order = sorted(range(len(clips)), key=lambda i: len(ids[i]))
     batches = []
     for first in range(0, len(clips), batch_size):
-        rows = ids[first:first + batch_size]
+        chosen = order[first:first + batch_size]
+        rows = [ids[i] for i in chosen]
         width = max(map(len, rows))
         decoder = torch.tensor([r + [pad] * (width - len(r)) for r in rows])  # (B, T)
-        batch = {"input_features": features[first:first + batch_size], "decoder_input_ids": decoder}
+        batch = {"input_features": features[chosen], "decoder_input_ids": decoder}
         if any(len(r) < width for r in rows):
             batch["decoder_attention_mask"] = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
         batches.append(batch)
+    random.Random(0).shuffle(batches)  # refinement holds out the last batch: not always the longest transcripts
     return batches, len(clips), sum(map(len, ids))

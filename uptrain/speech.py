@@ -74,7 +74,8 @@ class SpeechTranscripts:
     @property
     def format_key(self) -> str:
         extractor = self.feature_extractor.to_json_string()
-        return f"speech|{self.target_length}|{self.prompt}|{extractor}"
+        # v2: transcripts after a space, a cut transcript without eos (rows cached by v1 are rebuilt)
+        return f"speech-v2|{self.target_length}|{self.prompt}|{extractor}"
 
     def labels(self, ids: list[int]) -> list[int]:
         """The prompt, the transcript and eos, padded with IGNORE; a transcript too long is cut without eos, so that

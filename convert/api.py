@@ -26,7 +26,7 @@ from .io.reader import CheckpointReader
 from .io.tensors import ByteSpan, SourceTensor
 from .io.writer import CheckpointWriter, planned_bytes
 from .methods.block_stream import BlockStream
-from .methods.audio_calibration import audio_calibration, has_transcripts, holds_audio
+from .methods.audio_calibration import audio_calibration, check_calibration_language, has_transcripts, holds_audio
 from .methods.calibration import BUILTIN, calibration_tokens
 from .methods.refinement import RefineSettings
 from .methods.unit import UnitConversion
@@ -55,12 +55,16 @@ def _calibration_stream(model_dir: Path, config: ConfigReader, raw_config: dict,
     calibration = options.calibration
     if options.calibrated:
         _check_calibration(spec, raw_config["model_type"], options, config)
+        if spec.audio is not None:
+            check_calibration_language(model_dir, options.calibration_language)
     stream, sequences, tokens, audio = None, 0, 0, options.calibrated and spec.audio is not None
+    audio_inputs = None
     if options.calibrated and calibrate:
         if audio:
-            inputs, sequences, tokens = audio_calibration(
+            audio_inputs = audio_calibration(
                 model_dir, calibration, options.calibration_samples, lm_auto_class_name(raw_config["model_type"], True),
-                device=options.device)
+                device=options.device, language=options.calibration_language)
+            inputs, sequences, tokens = audio_inputs.batches, audio_inputs.clips, audio_inputs.tokens
         else:
             inputs = calibration if isinstance(calibration, torch.Tensor) else calibration_tokens(
                 model_dir, calibration, options.calibration_samples, options.calibration_length)
@@ -77,6 +81,8 @@ def _calibration_stream(model_dir: Path, config: ConfigReader, raw_config: dict,
         record["calibration_data"] = "audio"
         record["calibration_transcripts"] = "given" if has_transcripts(Path(calibration).expanduser()) \
             else "the source's greedy decoding"
+        if audio_inputs is not None and audio_inputs.languages:  # clips per language token of the prompts
+            record["calibration_languages"] = audio_inputs.languages
     if stream is not None:
         record["calibration_mode"] = options.calibration_mode
     if options.refine_steps:
@@ -99,6 +105,9 @@ def _check_calibration(spec, model_type: str, options: ConversionOptions, config
     if holds_audio(given):
         raise ConversionError(f"{given} holds audio, and {model_type} calibrates on text; pass --calibration "
                               f"{BUILTIN}, a text file or folder, or none")
+    if options.calibration_language is not None:
+        raise ConversionError(f"--calibration-language names the language of calibration audio, and {model_type} "
+                              "calibrates on text; drop --calibration-language")
     limit = config.get(spec.context_attr) if spec.context_attr else None
     length, setting = (given.shape[1], "the calibration token ids' length") if isinstance(given, torch.Tensor) \
         else (options.calibration_length, "--calibration-length")

@@ -38,6 +38,9 @@ from .methods.registry import GROUPINGS, all_method_names
 @click.option("--calibration-mode", default="source", type=click.Choice(["source", "sequential"]),
               help="Calibrate each layer on the source's activations, or on the outputs of the already converted "
                    "layers before it (sequential).")
+@click.option("--calibration-language", default=None,
+              help="Audio calibration of a multilingual whisper: the clips' language (e.g. en), whose token opens "
+                   "the decoder's prompt. [default: detected per clip by the source]")
 @click.option("--refine-steps", type=int, default=0,
               help="After the method, train each converted attention unit's K/V and Q/O for this many steps so that "
                    "its output matches the source's on the calibration activations (0: off).")
@@ -78,7 +81,7 @@ from .methods.registry import GROUPINGS, all_method_names
              out_of_memory="nothing was written; lower --calibration-samples or --calibration-length, or use "
                            "--device cuda (gqa-convert --dry-run estimates the peak)")
 def main(model_dir, groups, kind_groups, method, grouping, preserve_norm, calibration, calibration_samples, calibration_length,
-         calibration_mode, refine_steps, refine_lr, refine_batch, device, output, attention, seed, dtype, max_shard_size, no_native, revision, force, push_to,
+         calibration_mode, calibration_language, refine_steps, refine_lr, refine_batch, device, output, attention, seed, dtype, max_shard_size, no_native, revision, force, push_to,
          private,
          quiet, as_json, dry_run, refresh_modeling):
     """Convert the Hugging Face checkpoint MODEL_DIR (a local directory, or a hub id when online) to
@@ -105,7 +108,8 @@ def main(model_dir, groups, kind_groups, method, grouping, preserve_norm, calibr
                                 preserve_norm=preserve_norm,
                                 calibration=calibration, calibration_samples=calibration_samples,
                                 calibration_length=calibration_length, device=device,
-                                calibration_mode=calibration_mode, refine_steps=refine_steps, refine_lr=refine_lr,
+                                calibration_mode=calibration_mode, calibration_language=calibration_language,
+                                refine_steps=refine_steps, refine_lr=refine_lr,
                                 refine_batch=refine_batch,
                                 revision=revision, native=not no_native)
     if push_to is not None:

@@ -40,6 +40,9 @@ class ConversionOptions:
     calibration_samples: int = 256
     calibration_length: int = 128
     calibration_mode: str = "source"
+    # audio calibration of a multilingual whisper: the language token of its decoder prompt ("en"); None: the source
+    # detects each clip's language, as whisper's generate() does
+    calibration_language: str | None = None
     refine_steps: int = 0  # after the method, train each unit against the source's attention output (0: off)
     refine_lr: float = 0.01  # Adam's step, relative to each tensor's RMS
     # text calibration sequences per refinement step (the stream's batch; its last batch is held out): smaller
@@ -82,6 +85,10 @@ class ConversionOptions:
         if self.refine_steps and not self.calibrated:
             raise ConversionError(f"--refine-steps trains on calibration activations, and --calibration is none; "
                                   f"give calibration text (--calibration {BUILTIN}) or drop --refine-steps")
+        if self.calibration_language is not None and not self.calibrated:
+            raise ConversionError("--calibration-language names the language of calibration audio, and --calibration "
+                                  "is none here; give a folder of clips (--calibration CLIPS) or drop "
+                                  "--calibration-language")
         if self.calibration_mode == "sequential" and not self.calibrated:
             raise ConversionError(f"--calibration-mode sequential says which activations calibrate the layers, and "
                                   f"--method {self.method} here calibrates on none; give calibration text "
@@ -160,7 +167,7 @@ def parse_kind_groups(given: dict[str, int] | str | None) -> dict[str, int]:
 # The fields that must hold exactly these types (bool is not an int here: groups=True is a mistake, not 1 KV head)
 _TYPED = {"groups": int, "calibration_samples": int, "calibration_length": int, "seed": int, "method": str,
           "grouping": str, "calibration_mode": str, "refine_batch": int, "preserve_norm": bool, "force": bool, "native": bool}
-_OPTIONAL = {"attention": str, "revision": str}
+_OPTIONAL = {"attention": str, "revision": str, "calibration_language": str}
 
 
 def check_types(options: ConversionOptions) -> None:

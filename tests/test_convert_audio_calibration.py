@@ -67,14 +67,15 @@ def test_clips_are_batched_by_transcript_length(speech, tmp_path):
         writer = csv.DictWriter(f, ["audio", "text"])
         writer.writeheader()
         writer.writerows(rows)
-    batches, clips, tokens = audio_calibration(speech["whisper"], tmp_path / "clips", 8, AUTO, batch_size=4)
+    batches, clips, tokens, languages = audio_calibration(speech["whisper"], tmp_path / "clips", 8, AUTO,
+                                                     batch_size=4)
     real = [int(b["decoder_attention_mask"].sum()) if "decoder_attention_mask" in b else b["decoder_input_ids"].numel()
             for b in batches]
     widths = sorted(b["decoder_input_ids"].shape[1] for b in batches)
-    assert clips == 8 and sum(real) == tokens
+    assert clips == 8 and sum(real) == tokens and languages == {}  # an English-only model: no language token
     assert widths[0] < widths[1]  # the short transcripts share one batch, the long ones the other
     assert sum(b["decoder_input_ids"].numel() for b in batches) < 1.3 * tokens
-    unbatched, _, _ = audio_calibration(speech["whisper"], tmp_path / "clips", 8, AUTO, batch_size=1)
+    unbatched, *_ = audio_calibration(speech["whisper"], tmp_path / "clips", 8, AUTO, batch_size=1)
     by_features = {b["input_features"][0].sum().item(): b["decoder_input_ids"][0] for b in unbatched}
     for batch in batches:
         for features, ids in zip(batch["input_features"], batch["decoder_input_ids"]):
@@ -93,7 +94,7 @@ def test_audio_calibration_fits_closer_to_the_source_on_held_out_clips(speech, t
     record = json.loads((tmp_path / "fit-audio" / "config.json").read_text())["gqa_conversion"]
     assert record["calibration_data"] == "audio" and record["calibration_sequences"] == 24
     assert record["calibration_transcripts"] == "given" and record["calibration_tokens"] > 24
-    held_out, _, _ = audio_calibration(src, speech["held_out"], 64, AUTO)
+    held_out, *_ = audio_calibration(src, speech["held_out"], 64, AUTO)
     source = load_model(src).eval()
     calibrated = _kl(source, load_model(tmp_path / "fit-audio").eval(), held_out)
     uncalibrated = _kl(source, load_model(weights).eval(), held_out)
@@ -104,7 +105,7 @@ def test_the_stream_reads_cross_attention_keys_of_the_whole_model(speech):
     """The moments of cross-attention's key inputs (the encoder's last states) and of the decoder's queries, from
     the stream run block by block, equal hooks on the stock whisper run whole on the same features."""
     src = speech["whisper"]
-    batches, clips, tokens = audio_calibration(src, speech["calibration"], 12, AUTO, batch_size=5)
+    batches, clips, tokens, _ = audio_calibration(src, speech["calibration"], 12, AUTO, batch_size=5)
     assert clips == 12 and len(batches) == 3 and "decoder_attention_mask" in batches[0]
     ours = {key: m for step in blockwise.BlockStream(src, spec_for("whisper").blocks, batches)
             for key, m in step.moments.items()}
@@ -175,3 +176,69 @@ def test_the_dry_run_counts_clips_over_the_encoder_window(speech, tmp_path):
     assert result.exit_code == 0, result.output
     assert f"calibration: up to 24 clips of {speech['calibration']} (audio: 16 encoder positions each" in result.output
     assert not (tmp_path / "out").exists()
+
+
+# a multilingual whisper's prompt tokens, given to the tiny whisper (its tokenizer has no whisper specials; the ids
+# only have to be the ones the prompt and the detection use)
+LANGUAGES = {"<|en|>": 10, "<|de|>": 11}
+TRANSCRIBE, NO_TIMESTAMPS = 12, 13
+
+
+@pytest.fixture(scope="module")
+def multilingual(speech, tmp_path_factory):
+    """The tiny whisper with a multilingual generation config: languages, the transcribe task, no timestamps."""
+    folder = tmp_path_factory.mktemp("multilingual") / "whisper"
+    shutil.copytree(speech["whisper"], folder)
+    generation = transformers.GenerationConfig.from_pretrained(folder)
+    generation.lang_to_id, generation.task_to_id = LANGUAGES, {"transcribe": TRANSCRIBE, "translate": 14}
+    generation.no_timestamps_token_id, generation.is_multilingual = NO_TIMESTAMPS, True
+    generation._from_model_config = False  # else transformers reads back only what the model config holds
+    generation.save_pretrained(folder)
+    return folder
+
+
+def test_a_multilingual_whisper_calibrates_on_the_language_the_source_detects_per_clip(speech, multilingual):
+    """Without --calibration-language each clip's prompt holds the language the stock model rates likeliest after
+    its start token (as whisper's generate() detects it), then transcribe and no-timestamps."""
+    batches, clips, _, languages = audio_calibration(multilingual, speech["calibration"], 12, AUTO, batch_size=4)
+    model = transformers.WhisperForConditionalGeneration.from_pretrained(multilingual).eval()
+    start = model.config.decoder_start_token_id
+    ids = torch.tensor(list(LANGUAGES.values()))
+    seen = []
+    with torch.no_grad():
+        for batch in batches:
+            first = model(input_features=batch["input_features"],
+                          decoder_input_ids=torch.full((len(batch["input_features"]), 1), start)).logits[:, -1]
+            expected = ids[first[:, ids].argmax(-1)]  # (B,)
+            prompts = batch["decoder_input_ids"][:, :4]  # (B, 4)
+            assert torch.equal(prompts[:, 1], expected)
+            assert (prompts[:, 0] == start).all() and (prompts[:, 2] == TRANSCRIBE).all()
+            assert (prompts[:, 3] == NO_TIMESTAMPS).all()
+            seen += expected.tolist()
+    names = {i: token for token, i in LANGUAGES.items()}
+    assert clips == 12 and languages == {names[i]: seen.count(i) for i in set(seen)}
+
+
+def test_a_given_calibration_language_opens_every_prompt_and_is_recorded(speech, multilingual, tmp_path):
+    out = convert_checkpoint(multilingual, tmp_path / "out", groups=2, method="fit", calibration=speech["held_out"],
+                             calibration_language="de", progress=False)
+    record = json.loads((out / "config.json").read_text())["gqa_conversion"]
+    assert record["calibration_languages"] == {"<|de|>": 8}
+    batches, *_ = audio_calibration(multilingual, speech["held_out"], 8, AUTO, language="de")
+    assert all((b["decoder_input_ids"][:, 1] == LANGUAGES["<|de|>"]).all() for b in batches)
+
+
+@pytest.mark.parametrize("model, calibration, language, named", [
+    ("multilingual", "held_out", "xx", "give a code such as de, en"),
+    ("whisper", "held_out", "en", "names no languages"),
+    ("whisper", "none", "en", "--calibration is none"),
+    ("llama", "python-stdlib", "en", "calibrates on text"),
+])
+def test_a_calibration_language_that_cannot_apply_is_refused_in_one_line(speech, multilingual, llama_dir, tmp_path,
+                                                                         model, calibration, language, named):
+    source = {"multilingual": multilingual, "whisper": speech["whisper"], "llama": llama_dir}[model]
+    result = CliRunner().invoke(convert_main, [str(source), "-o", str(tmp_path / "out"), "--groups", "1", "--method",
+                                               "fit", "--calibration", str(speech.get(calibration, calibration)),
+                                               "--calibration-language", language, "-q"])
+    assert result.exit_code != 0 and named in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "out").exists()

@@ -1,13 +1,14 @@
 """Calibration audio for a speech model (whisper): a folder of wav/flac clips becomes, per batch, the model's forward
 arguments `input_features` (the feature extractor's log-mel, from the model folder's preprocessor_config.json or
-processor_config.json) and `decoder_input_ids` (the decoder's start and prompt tokens, then the transcript's, as the
-speech uptraining builds its targets), so that cross-attention K/V are fitted on the real encoder states and decoder
-self-attention on the transcripts.
+processor_config.json) and `decoder_input_ids` (the prompt as whisper's generate() writes it: start, language, task
+and no-timestamps tokens; then the transcript's, as the speech uptraining builds its targets), so that
+cross-attention K/V are fitted on the real encoder states and decoder self-attention on the transcripts.
 
 Transcripts come from a csv or jsonl file beside the audio (the format gqa-uptrain's speech data reads: columns
-`audio` or `file_name`, and `text`). A folder without one is transcribed by the source itself: the whole model is
-loaded once and decodes each clip greedily (acceptable at whisper's sizes, under 2 B parameters; the block stream
-that then calibrates runs block by block as for text).
+`audio` or `file_name`, and `text`). A folder without one is transcribed by the source itself, and a multilingual
+whisper's language is detected per clip by the source unless --calibration-language names it: for either, the whole
+model is loaded once and runs each clip (acceptable at whisper's sizes, under 2 B parameters; the block stream that
+then calibrates runs block by block as for text).
 
 Clips are batched by transcript length, and shorter transcripts are padded at the end of the batch, with
 `decoder_attention_mask` zero there; the decoder is causal, so no real position reads the padding, though the padded
@@ -17,7 +18,9 @@ positions' own inputs add to the decoder's moments (hence batches of alike lengt
 from __future__ import annotations
 
 import random
+from collections import Counter
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -62,47 +65,105 @@ def load_feature_extractor(model_dir: Path):
         raise ConversionError(f"{model_dir} has no usable audio feature extractor ({first_line(e)}); {fix}") from None
 
 
-def _prefix(tokenizer, start_id: int) -> list[int]:
-    """The decoder's first tokens: its start token, then whisper's <|transcribe|><|notimestamps|> when the
-    tokenizer has them (no language token: the model's own detection is what it saw in training)."""
-    if not hasattr(tokenizer, "set_prefix_tokens"):
+def _generation_config(model_dir: Path):
+    """The model's generation config (whisper's prompt tokens and languages), or None without one."""
+    from transformers import GenerationConfig
+
+    try:
+        return from_pretrained(GenerationConfig, model_dir)
+    except (OSError, ValueError):
+        return None
+
+
+def _language_ids(generation) -> dict[str, int]:
+    """A multilingual whisper's language tokens ("<|en|>" -> id); empty for an English-only model."""
+    return dict(getattr(generation, "lang_to_id", None) or {})
+
+
+def _language_id(generation, language: str | None, model_dir: Path) -> int | None:
+    """The token of --calibration-language, None when the source is to detect each clip's."""
+    languages = _language_ids(generation)
+    if language is None:
+        return None
+    if not languages:
+        raise ConversionError(f"--calibration-language {language} picks a multilingual whisper's language token, and "
+                              f"{model_dir} names no languages in its generation_config.json; drop "
+                              "--calibration-language")
+    token = language if language.startswith("<|") else f"<|{language.lower()}|>"
+    if token not in languages:
+        codes = ", ".join(t.strip("<|>") for t in list(languages)[:8])
+        raise ConversionError(f"--calibration-language {language} is not one of {model_dir}'s {len(languages)} "
+                              f"languages; give a code such as {codes}")
+    return languages[token]
+
+
+def check_calibration_language(model_dir: Path, language: str | None) -> None:
+    """Refuse, before any work, a --calibration-language the model does not have."""
+    _language_id(_generation_config(model_dir), language, model_dir)
+
+
+def _prompt(generation, start_id: int, language_id: int | None) -> list[int]:
+    """The decoder's first tokens as whisper's generate() writes them: the start token, the language (multilingual
+    models), <|transcribe|>, <|notimestamps|>."""
+    if generation is None:
         return [start_id]
-    tokenizer.set_prefix_tokens(language=None, task="transcribe", predict_timestamps=False)
-    prefix = list(tokenizer.prefix_tokens)
-    return prefix if prefix and prefix[0] == start_id else [start_id, *prefix]
+    tasks = getattr(generation, "task_to_id", None) or {}
+    return [start_id, *([language_id] if language_id is not None else []),
+            *([tasks["transcribe"]] if "transcribe" in tasks else []),
+            *([generation.no_timestamps_token_id] if getattr(generation, "no_timestamps_token_id", None) is not None
+              else [])]
 
 
-def _transcribe(model_dir: Path, clips: list[Clip], features: torch.Tensor, prefix: list[int], auto_class: str,
-                tokenizer, device, max_tokens: int) -> list[Clip]:
-    """The clips with the source's own greedy transcripts after `prefix` (the whole source loaded once; each batch
-    encoded once, the decoder run again on the tokens so far: transcripts are short)."""
+def _source_prompts(model_dir: Path, clips: list[Clip], features: torch.Tensor, auto_class: str, tokenizer, device,
+                    generation, start_id: int, language_id: int | None, transcribe: bool, max_tokens: int
+                    ) -> tuple[list[list[int]], list[Clip]]:
+    """Each clip's decoder prompt and the clips, from the whole source loaded once, for what needs the source: a
+    multilingual model's language, detected per clip when not given (as generate() does), and the greedy transcripts
+    of clips that have none. Each batch is encoded once and the decoder run again on the tokens so far (transcripts
+    are short)."""
     import transformers
     from transformers.modeling_outputs import BaseModelOutput
 
+    detect = language_id is None and bool(_language_ids(generation))
+    if not (detect or transcribe):
+        return [_prompt(generation, start_id, language_id)] * len(clips), clips
     model = from_pretrained(getattr(transformers, auto_class), model_dir, dtype=torch.float32).to(device).eval()
-    eos, texts = model.config.eos_token_id, []
+    eos, prompts, texts = model.config.eos_token_id, [], []
     with torch.no_grad():
         for first in range(0, len(clips), TRANSCRIBE_BATCH):
             batch = features[first:first + TRANSCRIBE_BATCH].to(device)  # (B, mel bins, frames)
             encoded = BaseModelOutput(last_hidden_state=model.get_encoder()(batch).last_hidden_state)
-            ids = torch.tensor([prefix] * len(batch), device=device)  # (B, P)
+            languages = model.detect_language(encoder_outputs=encoded).tolist() if detect \
+                else [language_id] * len(batch)
+            rows = [_prompt(generation, start_id, lang) for lang in languages]
+            prompts += rows
+            if not transcribe:
+                continue
+            ids = torch.tensor(rows, device=device)  # (B, P): every prompt has the same tokens but the language
             done = torch.zeros(len(batch), dtype=torch.bool, device=device)
-            for _ in range(max_tokens):
+            for _ in range(max_tokens - ids.shape[1]):
                 logits = model(encoder_outputs=encoded, decoder_input_ids=ids, use_cache=False).logits[:, -1]
                 token = logits.argmax(-1).masked_fill(done, eos)  # (B,)
                 ids, done = torch.cat([ids, token[:, None]], dim=1), done | (token == eos)
                 if bool(done.all()):
                     break
-            for row in ids[:, len(prefix):].tolist():
+            for row in ids[:, len(rows[0]):].tolist():
                 texts.append(tokenizer.decode(row[: row.index(eos)] if eos in row else row, skip_special_tokens=True))
     del model
-    return [Clip(c.audio, t.strip(), c.name) for c, t in zip(clips, texts)]
+    return prompts, [Clip(c.audio, t.strip(), c.name) for c, t in zip(clips, texts)] if transcribe else clips
+
+
+class AudioCalibration(NamedTuple):
+    batches: list[dict[str, torch.Tensor]]  # each batch's forward arguments
+    clips: int
+    tokens: int  # the decoder's, prompts included
+    languages: dict[str, int]  # the prompts' language tokens ("<|en|>") and their clip counts; empty without
 
 
 def audio_calibration(model_dir: Path, source: str | Path, samples: int, auto_class: str, batch_size: int = 8,
-                      device="cpu") -> tuple[list[dict[str, torch.Tensor]], int, int]:
-    """The forward arguments of each calibration batch, the clip count and the decoder token count, from at most
-    `samples` clips of `source`."""
+                      device="cpu", language: str | None = None) -> AudioCalibration:
+    """The calibration batches of at most `samples` clips of `source`; `language` is a multilingual whisper's
+    (--calibration-language), detected per clip by the source when None."""
     from transformers import AutoConfig, AutoTokenizer
 
     path = Path(source).expanduser()
@@ -121,10 +182,11 @@ def audio_calibration(model_dir: Path, source: str | Path, samples: int, auto_cl
     except ToolkitError as e:
         raise ConversionError(str(e)) from None
     limit = config.max_target_positions
-    prefix = _prefix(tokenizer, config.decoder_start_token_id)
-    if transcribed:
-        clips = _transcribe(model_dir, clips, features, prefix, auto_class, tokenizer, device, limit - len(prefix))
-    ids = [(prefix + i)[:limit] for i in transcript_ids(tokenizer, [c.text for c in clips])]
+    generation = _generation_config(model_dir)
+    prompts, clips = _source_prompts(model_dir, clips, features, auto_class, tokenizer, device, generation,
+                                     config.decoder_start_token_id, _language_id(generation, language, model_dir),
+                                     transcribed, limit)
+    ids = [(p + i)[:limit] for p, i in zip(prompts, transcript_ids(tokenizer, [c.text for c in clips]))]
     pad = config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
     # clips of alike transcript lengths share a batch: padding would otherwise be most of the decoder's positions,
     # and padded positions weigh in the fit's moments and refinement's error as much as real ones
@@ -140,4 +202,6 @@ def audio_calibration(model_dir: Path, source: str | Path, samples: int, auto_cl
             batch["decoder_attention_mask"] = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
         batches.append(batch)
     random.Random(0).shuffle(batches)  # refinement holds out the last batch: not always the longest transcripts
-    return batches, len(clips), sum(map(len, ids))
+    names = {i: token for token, i in _language_ids(generation).items()}
+    return AudioCalibration(batches, len(clips), sum(map(len, ids)),
+                            dict(Counter(names[p[1]] for p in prompts if len(p) > 1 and p[1] in names)))

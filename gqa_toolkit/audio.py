@@ -112,6 +112,20 @@ def transcript_ids(tokenizer, texts: list[str]) -> list[list[int]]:
     return tokenizer([" " + text.strip() for text in texts], add_special_tokens=False)["input_ids"]
 
 
+def language_tokens(model_dir: str | Path) -> dict[str, int]:
+    """A multilingual whisper's language tokens ("<|en|>" -> id), from its generation config; empty for an
+    English-only model or a folder without one."""
+    from transformers import GenerationConfig
+
+    from .families.loading import from_pretrained
+
+    try:
+        generation = from_pretrained(GenerationConfig, model_dir)
+    except (OSError, ValueError):
+        return {}
+    return dict(getattr(generation, "lang_to_id", None) or {})
+
+
 def log_mel_features(clips, extractor, what: str = "audio", fix: str = "cut it into shorter clips") -> np.ndarray:
     """The feature extractor's log-mel features `(clips, mel bins, frames)` of clips decoded at its rate, a clip
     longer than its window refused in one line naming the file (`what` names the clip's role, `fix` the remedy)."""

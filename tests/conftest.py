@@ -85,6 +85,29 @@ def llama_dir(family_dirs) -> Path:
     return family_dirs["llama"]
 
 
+# a multilingual whisper's prompt tokens, given to the tiny whisper (its tokenizer has no whisper specials; the ids
+# only have to be the ones the prompt and the language detection use)
+WHISPER_LANGUAGES = {"<|en|>": 10, "<|de|>": 11}
+WHISPER_TRANSCRIBE, WHISPER_NO_TIMESTAMPS = 12, 13
+
+
+def make_multilingual(whisper_dir: Path, out: Path) -> Path:
+    """A copy of a tiny whisper with a multilingual generation config: languages, the transcribe task, no
+    timestamps."""
+    import shutil
+
+    from transformers import GenerationConfig
+
+    shutil.copytree(whisper_dir, out)
+    generation = GenerationConfig.from_pretrained(out)
+    generation.lang_to_id = WHISPER_LANGUAGES
+    generation.task_to_id = {"transcribe": WHISPER_TRANSCRIBE, "translate": 14}
+    generation.no_timestamps_token_id, generation.is_multilingual = WHISPER_NO_TIMESTAMPS, True
+    generation._from_model_config = False  # else transformers reads back only what the model config holds
+    generation.save_pretrained(out)
+    return out
+
+
 def read_config(model_dir: Path) -> dict:
     return json.loads((model_dir / "config.json").read_text())
 

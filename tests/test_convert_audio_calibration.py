@@ -17,6 +17,7 @@ from gqa_toolkit.convert.cli import main as convert_main
 from gqa_toolkit.families.spec import spec_for
 from gqa_toolkit.convert.methods import block_stream as blockwise
 from gqa_toolkit.convert.methods.audio_calibration import audio_calibration
+from conftest import WHISPER_LANGUAGES, WHISPER_NO_TIMESTAMPS, WHISPER_TRANSCRIBE, make_multilingual
 from conftest import toolkit_model as load_model
 from gqa_toolkit.uptrain.tiny import build_tiny_whisper
 from gqa_toolkit.uptrain.tones import write_tone_corpus
@@ -178,23 +179,12 @@ def test_the_dry_run_counts_clips_over_the_encoder_window(speech, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-# a multilingual whisper's prompt tokens, given to the tiny whisper (its tokenizer has no whisper specials; the ids
-# only have to be the ones the prompt and the detection use)
-LANGUAGES = {"<|en|>": 10, "<|de|>": 11}
-TRANSCRIBE, NO_TIMESTAMPS = 12, 13
+LANGUAGES, TRANSCRIBE, NO_TIMESTAMPS = WHISPER_LANGUAGES, WHISPER_TRANSCRIBE, WHISPER_NO_TIMESTAMPS
 
 
 @pytest.fixture(scope="module")
 def multilingual(speech, tmp_path_factory):
-    """The tiny whisper with a multilingual generation config: languages, the transcribe task, no timestamps."""
-    folder = tmp_path_factory.mktemp("multilingual") / "whisper"
-    shutil.copytree(speech["whisper"], folder)
-    generation = transformers.GenerationConfig.from_pretrained(folder)
-    generation.lang_to_id, generation.task_to_id = LANGUAGES, {"transcribe": TRANSCRIBE, "translate": 14}
-    generation.no_timestamps_token_id, generation.is_multilingual = NO_TIMESTAMPS, True
-    generation._from_model_config = False  # else transformers reads back only what the model config holds
-    generation.save_pretrained(folder)
-    return folder
+    return make_multilingual(speech["whisper"], tmp_path_factory.mktemp("multilingual") / "whisper")
 
 
 def test_a_multilingual_whisper_calibrates_on_the_language_the_source_detects_per_clip(speech, multilingual):

@@ -14,6 +14,7 @@ from gqa_toolkit.uptrain import UptrainError, train, validate_recipe
 from gqa_toolkit.uptrain.audio import read_audio, resample
 from gqa_toolkit.uptrain.tiny import build_tiny_whisper
 from gqa_toolkit.uptrain.tones import sentence_audio, write_tone_corpus
+from conftest import make_multilingual
 
 
 @pytest.mark.parametrize("rate, new_rate, hz", [(22_050, 16_000, 440.0), (8_000, 16_000, 1_000.0),
@@ -73,6 +74,18 @@ def _refusal(tiny_whisper, tmp_path, source) -> str:
     assert "\n" not in message
     assert not any((tmp_path / "run").glob("model*"))  # no model written
     return message
+
+
+def test_a_multilingual_whisper_without_its_language_is_refused(tiny_whisper, tmp_path):
+    """Its prompt opens with a language token: without one every transcript token would sit a position early."""
+    model = make_multilingual(tiny_whisper, tmp_path / "multilingual")
+    folder = _write_clips(tmp_path / "clips", [("a.wav", "red blue")])
+    recipe = validate_recipe({"model": {"path": str(model)}, "data": {"source": str(folder),
+                                                                      "cache_dir": str(tmp_path / "cache")},
+                              "train": {"max_steps": 1}, "output": {"dir": str(tmp_path / "run"), "progress": False}})
+    with pytest.raises(UptrainError, match="multilingual whisper.*data.language.*e.g. en"):
+        train(recipe)
+    assert not any((tmp_path / "run").glob("model*"))
 
 
 def test_unreadable_audio_is_refused_naming_the_file(tiny_whisper, tmp_path):

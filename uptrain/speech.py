@@ -14,7 +14,7 @@ import datasets
 import numpy as np
 import torch
 
-from gqa_toolkit.audio import log_mel_features, transcript_ids
+from gqa_toolkit.audio import language_tokens, log_mel_features, transcript_ids
 from gqa_toolkit.errors import first_line
 from gqa_toolkit.families.spec import audio_input
 
@@ -132,5 +132,10 @@ def speech_task(config, tokenizer, target_length: int, language: str | None) -> 
     target_length = min(target_length, getattr(config, audio.decoder_positions_attr))  # the decoder's positions
     pad_id = config.pad_token_id if config.pad_token_id is not None else tokenizer.eos_token_id
     start_id = config.decoder_start_token_id
+    if language is None and language_tokens(config.name_or_path):
+        # whisper writes the language token after its start token; a prompt without it puts every transcript token
+        # one position early, which cost a converted whisper-base most of its words (docs/speech-uptrain.md)
+        raise UptrainError(f"{config.name_or_path} is a multilingual whisper: its decoder prompt opens with the clips' "
+                           "language; name it (gqa-uptrain: data.language, gqa-eval: --language), e.g. en")
     return SpeechTranscripts(positions, target_length, decoder_prompt(tokenizer, start_id, language),
                              tokenizer.eos_token_id, pad_id, start_id, fe)

@@ -24,8 +24,8 @@ from typing import NamedTuple
 
 import torch
 
-from gqa_toolkit.audio import (TRANSCRIPT_SUFFIXES, Clip, ClipColumns, audio_files, local_clips, log_mel_features,
-                               transcript_ids)
+from gqa_toolkit.audio import (TRANSCRIPT_SUFFIXES, Clip, ClipColumns, audio_files, language_tokens, local_clips,
+                               log_mel_features, transcript_ids)
 from gqa_toolkit.errors import ToolkitError
 
 from ..errors import ConversionError, first_line
@@ -66,7 +66,7 @@ def load_feature_extractor(model_dir: Path):
 
 
 def _generation_config(model_dir: Path):
-    """The model's generation config (whisper's prompt tokens and languages), or None without one."""
+    """The model's generation config (whisper's prompt tokens), or None without one."""
     from transformers import GenerationConfig
 
     try:
@@ -75,14 +75,9 @@ def _generation_config(model_dir: Path):
         return None
 
 
-def _language_ids(generation) -> dict[str, int]:
-    """A multilingual whisper's language tokens ("<|en|>" -> id); empty for an English-only model."""
-    return dict(getattr(generation, "lang_to_id", None) or {})
-
-
-def _language_id(generation, language: str | None, model_dir: Path) -> int | None:
+def _language_id(language: str | None, model_dir: Path) -> int | None:
     """The token of --calibration-language, None when the source is to detect each clip's."""
-    languages = _language_ids(generation)
+    languages = language_tokens(model_dir)
     if language is None:
         return None
     if not languages:
@@ -99,7 +94,7 @@ def _language_id(generation, language: str | None, model_dir: Path) -> int | Non
 
 def check_calibration_language(model_dir: Path, language: str | None) -> None:
     """Refuse, before any work, a --calibration-language the model does not have."""
-    _language_id(_generation_config(model_dir), language, model_dir)
+    _language_id(language, model_dir)
 
 
 def _prompt(generation, start_id: int, language_id: int | None) -> list[int]:
@@ -124,7 +119,7 @@ def _source_prompts(model_dir: Path, clips: list[Clip], features: torch.Tensor, 
     import transformers
     from transformers.modeling_outputs import BaseModelOutput
 
-    detect = language_id is None and bool(_language_ids(generation))
+    detect = language_id is None and bool(language_tokens(model_dir))
     if not (detect or transcribe):
         return [_prompt(generation, start_id, language_id)] * len(clips), clips
     model = from_pretrained(getattr(transformers, auto_class), model_dir, dtype=torch.float32).to(device).eval()
@@ -184,7 +179,7 @@ def audio_calibration(model_dir: Path, source: str | Path, samples: int, auto_cl
     limit = config.max_target_positions
     generation = _generation_config(model_dir)
     prompts, clips = _source_prompts(model_dir, clips, features, auto_class, tokenizer, device, generation,
-                                     config.decoder_start_token_id, _language_id(generation, language, model_dir),
+                                     config.decoder_start_token_id, _language_id(language, model_dir),
                                      transcribed, limit)
     ids = [(p + i)[:limit] for p, i in zip(prompts, transcript_ids(tokenizer, [c.text for c in clips]))]
     pad = config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
@@ -202,6 +197,6 @@ def audio_calibration(model_dir: Path, source: str | Path, samples: int, auto_cl
             batch["decoder_attention_mask"] = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
         batches.append(batch)
     random.Random(0).shuffle(batches)  # refinement holds out the last batch: not always the longest transcripts
-    names = {i: token for token, i in _language_ids(generation).items()}
+    names = {i: token for token, i in language_tokens(model_dir).items()}
     return AudioCalibration(batches, len(clips), sum(map(len, ids)),
                             dict(Counter(names[p[1]] for p in prompts if len(p) > 1 and p[1] in names)))

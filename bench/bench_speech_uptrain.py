@@ -13,6 +13,9 @@ two measured short runs (2 and 6 steps): their difference, four steps with the e
 above (the frozen encoder's states are cached after the first epoch). It prints every
 figure and the time each phase took, and keeps them in WORK/results.json, so a rerun skips the phases already done
 (--skip-uptrain stops after the "before" figures; a probe entry copied there under a new label reuses a probe).
+The probe's bound is loose, about 2x once the encoder's states are cached (a whisper-base step of 8 clips: 7.9 s
+with the encoder, 3.9 s without), so --steps N replaces it with a count known to fit, e.g. from an earlier run's
+uptrain_seconds; every run's wall time is recorded beside its figures.
 """
 
 from __future__ import annotations
@@ -182,6 +185,9 @@ def measure(model: Path, original: tuple | None, data: Path, clips: int) -> dict
 
 
 def uptrain(args, model: Path, data: Path, out: Path, steps: int, cache: Path) -> float:
+    """Seconds a fresh run of `steps` steps took: a run folder left by an interrupted benchmark is removed first, or
+    gqa-uptrain would resume it (a finished probe would then time nothing)."""
+    shutil.rmtree(out, ignore_errors=True)
     started = time.perf_counter()
     gqa("gqa-uptrain", "recipes/whisper-uptrain.yaml", f"model.path={model}", f"data.source={data}",
         f"data.cache_dir={cache}", f"data.target_length={args.target_length}", f"objective.teacher={args.whisper}",
@@ -218,6 +224,7 @@ def main() -> None:
     parser.add_argument("--sentences-per-clip", type=int, default=4, help="each training clip says 1 to N")
     parser.add_argument("--warmup-fraction", type=float, default=0.1)
     parser.add_argument("--eval-clips", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=None, help="uptraining steps, instead of the probe's budget")
     parser.add_argument("--skip-uptrain", action="store_true", help="stop after the figures before uptraining")
     parser.add_argument("--work", type=Path, default=Path("runs/bench-speech-uptrain"))
     args = parser.parse_args()
@@ -282,7 +289,7 @@ def main() -> None:
         return {"two_steps_s": round(short, 1), "six_steps_s": round(longer, 1), "step_s": round(per_step, 2),
                 "fixed_s": round(fixed, 1), "steps": max(1, int(spare / per_step))}
 
-    steps = phase(f"{label} probe", probe)["steps"]
+    steps = args.steps or phase(f"{label} probe", probe)["steps"]
 
     def train_and_measure() -> dict:
         seconds = uptrain(args, converted, train_csv.parent, work / label.replace(" ", "_"), steps, work / "cache")

@@ -112,18 +112,51 @@ def transcript_ids(tokenizer, texts: list[str]) -> list[list[int]]:
     return tokenizer([" " + text.strip() for text in texts], add_special_tokens=False)["input_ids"]
 
 
-def language_tokens(model_dir: str | Path) -> dict[str, int]:
-    """A multilingual whisper's language tokens ("<|en|>" -> id), from its generation config; empty for an
-    English-only model or a folder without one."""
+def generation_config(model_dir: str | Path):
+    """The model's generation config (whisper's prompt tokens), or None without one."""
     from transformers import GenerationConfig
 
     from .families.loading import from_pretrained
 
     try:
-        generation = from_pretrained(GenerationConfig, model_dir)
+        return from_pretrained(GenerationConfig, model_dir)
     except (OSError, ValueError):
-        return {}
-    return dict(getattr(generation, "lang_to_id", None) or {})
+        return None
+
+
+def language_tokens(model_dir: str | Path) -> dict[str, int]:
+    """A multilingual whisper's language tokens ("<|en|>" -> id), from its generation config; empty for an
+    English-only model or a folder without one."""
+    return dict(getattr(generation_config(model_dir), "lang_to_id", None) or {})
+
+
+def language_id(model_dir: str | Path, language: str | None, option: str) -> int | None:
+    """The token of `language` ("en" or "<|en|>"; None: none given), refused in one line naming `option` (the
+    setting that gave it) when the model has no such language."""
+    if language is None:
+        return None
+    languages = language_tokens(model_dir)
+    if not languages:
+        raise ToolkitError(f"{option} {language} picks a multilingual whisper's language token, and {model_dir} "
+                           f"names no languages in its generation_config.json; drop {option}")
+    token = language if language.startswith("<|") else f"<|{language.lower()}|>"
+    if token not in languages:
+        codes = ", ".join(t.strip("<|>") for t in list(languages)[:8])
+        raise ToolkitError(f"{option} {language} is not one of {model_dir}'s {len(languages)} languages; give a "
+                           f"code such as {codes}")
+    return languages[token]
+
+
+def decoder_prompt(generation, language: int | None) -> list[int]:
+    """The decoder's tokens after its start token, as whisper's generate() writes them: the language token `language`
+    (multilingual models), <|transcribe|> and <|notimestamps|> where the generation config has them; none without
+    a generation config."""
+    if generation is None:
+        return []
+    tasks = getattr(generation, "task_to_id", None) or {}
+    no_timestamps = getattr(generation, "no_timestamps_token_id", None)
+    return [*([language] if language is not None else []), *([tasks["transcribe"]] if "transcribe" in tasks else []),
+            *([no_timestamps] if no_timestamps is not None else [])]
 
 
 def log_mel_features(clips, extractor, what: str = "audio", fix: str = "cut it into shorter clips") -> np.ndarray:

@@ -14,7 +14,7 @@ from gqa_toolkit.uptrain import UptrainError, train, validate_recipe
 from gqa_toolkit.uptrain.audio import read_audio, resample
 from gqa_toolkit.uptrain.tiny import build_tiny_whisper
 from gqa_toolkit.uptrain.tones import sentence_audio, write_tone_corpus
-from conftest import make_multilingual
+from conftest import WHISPER_LANGUAGES, WHISPER_NO_TIMESTAMPS, WHISPER_TRANSCRIBE, make_multilingual
 
 
 @pytest.mark.parametrize("rate, new_rate, hz", [(22_050, 16_000, 440.0), (8_000, 16_000, 1_000.0),
@@ -86,6 +86,28 @@ def test_a_multilingual_whisper_without_its_language_is_refused(tiny_whisper, tm
     with pytest.raises(UptrainError, match="multilingual whisper.*data.language.*e.g. en"):
         train(recipe)
     assert not any((tmp_path / "run").glob("model*"))
+
+
+def test_the_decoder_prompt_is_the_one_generate_writes_from_the_generation_config(tiny_whisper, tmp_path):
+    """The language given, then transcribe and no-timestamps, as the generation config names them (what whisper's
+    generate() writes and audio calibration writes); an English-only model without them has no prompt; a language
+    the model lacks is refused naming the setting."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from gqa_toolkit.uptrain.speech import speech_task
+
+    multilingual = make_multilingual(tiny_whisper, tmp_path / "multilingual")
+    config, tokenizer = AutoConfig.from_pretrained(multilingual), AutoTokenizer.from_pretrained(multilingual)
+    task = speech_task(config, tokenizer, 32, "de")
+    assert task.prompt == (WHISPER_LANGUAGES["<|de|>"], WHISPER_TRANSCRIBE, WHISPER_NO_TIMESTAMPS)
+    assert task.labels([5, 6])[:6] == [*task.prompt, 5, 6, config.eos_token_id]
+    with pytest.raises(UptrainError, match=r"data.language fr is not one of .* 2 languages; give a code such as "
+                                           r"(en, de|de, en)$"):
+        speech_task(config, tokenizer, 32, "fr")
+    english = AutoConfig.from_pretrained(tiny_whisper)
+    assert speech_task(english, AutoTokenizer.from_pretrained(tiny_whisper), 32, None).prompt == ()
+    with pytest.raises(UptrainError, match="names no languages .*; drop data.language"):
+        speech_task(english, AutoTokenizer.from_pretrained(tiny_whisper), 32, "en")
 
 
 def test_unreadable_audio_is_refused_naming_the_file(tiny_whisper, tmp_path):

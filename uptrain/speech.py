@@ -1,8 +1,9 @@
 """Speech as an uptraining task: (audio, transcript) pairs become rows of log-mel features (the feature extractor's,
 computed once and cached like text blocks) and transcript tokens; the decoder predicts the transcript.
 
-A row's labels are the decoder's prompt after its start token (whisper's language, task and no-timestamps tokens,
-when its tokenizer has them), the transcript's tokens and eos, padded with IGNORE to `target_length`.
+A row's labels are the decoder's prompt after its start token (as whisper's generate() writes it: the language, task
+and no-timestamps tokens that the generation config has), the transcript's tokens and eos, padded with IGNORE to
+`target_length`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import datasets
 import numpy as np
 import torch
 
-from gqa_toolkit.audio import language_tokens, log_mel_features, transcript_ids
+from gqa_toolkit.audio import (decoder_prompt, generation_config, language_id, language_tokens,
+                               log_mel_features, transcript_ids)
 from gqa_toolkit.errors import first_line
 from gqa_toolkit.families.spec import audio_input
 
@@ -40,22 +42,6 @@ def load_feature_extractor(model_dir: Path):
     except (ValueError, OSError, TypeError) as e:
         raise UptrainError(f"{model_dir} has no usable audio feature extractor ({first_line(e)}); copy the source "
                            f"model's {' or '.join(PROCESSOR_FILES)} into it") from None
-
-
-def decoder_prompt(tokenizer, start_id: int, language: str | None) -> tuple[int, ...]:
-    """The tokens the decoder is given after its start token: whisper's <|lang|><|transcribe|><|notimestamps|>
-    when the tokenizer has them (its prefix tokens begin with the start token), else none."""
-    if not hasattr(tokenizer, "set_prefix_tokens"):
-        if language is not None:
-            raise UptrainError(f"data.language {language!r} needs a whisper tokenizer (with language tokens); "
-                               "remove data.language")
-        return ()
-    try:
-        tokenizer.set_prefix_tokens(language=language, task="transcribe", predict_timestamps=False)
-    except ValueError as e:
-        raise UptrainError(f"data.language: {first_line(e)}") from None
-    prefix = list(tokenizer.prefix_tokens)
-    return tuple(prefix[1:] if prefix and prefix[0] == start_id else prefix)
 
 
 @dataclass(frozen=True)
@@ -137,5 +123,8 @@ def speech_task(config, tokenizer, target_length: int, language: str | None) -> 
         # one position early, which cost a converted whisper-base most of its words (docs/speech-uptrain.md)
         raise UptrainError(f"{config.name_or_path} is a multilingual whisper: its decoder prompt opens with the clips' "
                            "language; name it (gqa-uptrain: data.language, gqa-eval: --language), e.g. en")
-    return SpeechTranscripts(positions, target_length, decoder_prompt(tokenizer, start_id, language),
+    with uptrain_errors():
+        prompt = decoder_prompt(generation_config(config.name_or_path),
+                                language_id(config.name_or_path, language, "data.language"))
+    return SpeechTranscripts(positions, target_length, tuple(prompt),
                              tokenizer.eos_token_id, pad_id, start_id, fe)

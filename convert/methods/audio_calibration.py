@@ -24,8 +24,9 @@ from typing import NamedTuple
 
 import torch
 
-from gqa_toolkit.audio import (TRANSCRIPT_SUFFIXES, Clip, ClipColumns, audio_files, language_tokens, local_clips,
-                               log_mel_features, transcript_ids)
+from gqa_toolkit.audio import (TRANSCRIPT_SUFFIXES, Clip, ClipColumns, audio_files, decoder_prompt,
+                               generation_config, language_id, language_tokens, local_clips, log_mel_features,
+                               transcript_ids)
 from gqa_toolkit.errors import ToolkitError
 
 from ..errors import ConversionError, first_line
@@ -65,31 +66,12 @@ def load_feature_extractor(model_dir: Path):
         raise ConversionError(f"{model_dir} has no usable audio feature extractor ({first_line(e)}); {fix}") from None
 
 
-def _generation_config(model_dir: Path):
-    """The model's generation config (whisper's prompt tokens), or None without one."""
-    from transformers import GenerationConfig
-
-    try:
-        return from_pretrained(GenerationConfig, model_dir)
-    except (OSError, ValueError):
-        return None
-
-
 def _language_id(language: str | None, model_dir: Path) -> int | None:
     """The token of --calibration-language, None when the source is to detect each clip's."""
-    languages = language_tokens(model_dir)
-    if language is None:
-        return None
-    if not languages:
-        raise ConversionError(f"--calibration-language {language} picks a multilingual whisper's language token, and "
-                              f"{model_dir} names no languages in its generation_config.json; drop "
-                              "--calibration-language")
-    token = language if language.startswith("<|") else f"<|{language.lower()}|>"
-    if token not in languages:
-        codes = ", ".join(t.strip("<|>") for t in list(languages)[:8])
-        raise ConversionError(f"--calibration-language {language} is not one of {model_dir}'s {len(languages)} "
-                              f"languages; give a code such as {codes}")
-    return languages[token]
+    try:
+        return language_id(model_dir, language, "--calibration-language")
+    except ToolkitError as e:
+        raise ConversionError(str(e)) from None
 
 
 def check_calibration_language(model_dir: Path, language: str | None) -> None:
@@ -97,16 +79,8 @@ def check_calibration_language(model_dir: Path, language: str | None) -> None:
     _language_id(language, model_dir)
 
 
-def _prompt(generation, start_id: int, language_id: int | None) -> list[int]:
-    """The decoder's first tokens as whisper's generate() writes them: the start token, the language (multilingual
-    models), <|transcribe|>, <|notimestamps|>."""
-    if generation is None:
-        return [start_id]
-    tasks = getattr(generation, "task_to_id", None) or {}
-    return [start_id, *([language_id] if language_id is not None else []),
-            *([tasks["transcribe"]] if "transcribe" in tasks else []),
-            *([generation.no_timestamps_token_id] if getattr(generation, "no_timestamps_token_id", None) is not None
-              else [])]
+def _prompt(generation, start_id: int, language: int | None) -> list[int]:
+    return [start_id, *decoder_prompt(generation, language)]
 
 
 def _source_prompts(model_dir: Path, clips: list[Clip], features: torch.Tensor, auto_class: str, tokenizer, device,
@@ -177,7 +151,7 @@ def audio_calibration(model_dir: Path, source: str | Path, samples: int, auto_cl
     except ToolkitError as e:
         raise ConversionError(str(e)) from None
     limit = config.max_target_positions
-    generation = _generation_config(model_dir)
+    generation = generation_config(model_dir)
     prompts, clips = _source_prompts(model_dir, clips, features, auto_class, tokenizer, device, generation,
                                      config.decoder_start_token_id, _language_id(language, model_dir),
                                      transcribed, limit)

@@ -124,18 +124,18 @@ def generation_config(model_dir: str | Path):
         return None
 
 
-def language_tokens(model_dir: str | Path) -> dict[str, int]:
-    """A multilingual whisper's language tokens ("<|en|>" -> id), from its generation config; empty for an
-    English-only model or a folder without one."""
-    return dict(getattr(generation_config(model_dir), "lang_to_id", None) or {})
+def language_tokens(generation) -> dict[str, int]:
+    """A multilingual whisper's language tokens ("<|en|>" -> id) in its generation config; empty for an English-only
+    model or none (None)."""
+    return dict(getattr(generation, "lang_to_id", None) or {})
 
 
-def language_id(model_dir: str | Path, language: str | None, option: str) -> int | None:
-    """The token of `language` ("en" or "<|en|>"; None: none given), refused in one line naming `option` (the
-    setting that gave it) when the model has no such language."""
+def language_id(generation, language: str | None, option: str, model_dir: str | Path) -> int | None:
+    """The token of `language` ("en" or "<|en|>"; None: none given) in `model_dir`'s generation config, refused in
+    one line naming `option` (the setting that gave it) when the model has no such language."""
     if language is None:
         return None
-    languages = language_tokens(model_dir)
+    languages = language_tokens(generation)
     if not languages:
         raise ToolkitError(f"{option} {language} picks a multilingual whisper's language token, and {model_dir} "
                            f"names no languages in its generation_config.json; drop {option}")

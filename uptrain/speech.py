@@ -118,13 +118,13 @@ def speech_task(config, tokenizer, target_length: int, language: str | None) -> 
     target_length = min(target_length, getattr(config, audio.decoder_positions_attr))  # the decoder's positions
     pad_id = config.pad_token_id if config.pad_token_id is not None else tokenizer.eos_token_id
     start_id = config.decoder_start_token_id
-    if language is None and language_tokens(config.name_or_path):
+    generation = generation_config(config.name_or_path)
+    if language is None and language_tokens(generation):
         # whisper writes the language token after its start token; a prompt without it puts every transcript token
         # one position early, which cost a converted whisper-base most of its words (docs/speech-uptrain.md)
         raise UptrainError(f"{config.name_or_path} is a multilingual whisper: its decoder prompt opens with the clips' "
                            "language; name it (gqa-uptrain: data.language, gqa-eval: --language), e.g. en")
     with uptrain_errors():
-        prompt = decoder_prompt(generation_config(config.name_or_path),
-                                language_id(config.name_or_path, language, "data.language"))
+        prompt = decoder_prompt(generation, language_id(generation, language, "data.language", config.name_or_path))
     return SpeechTranscripts(positions, target_length, tuple(prompt),
                              tokenizer.eos_token_id, pad_id, start_id, fe)

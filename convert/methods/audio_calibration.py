@@ -66,17 +66,17 @@ def load_feature_extractor(model_dir: Path):
         raise ConversionError(f"{model_dir} has no usable audio feature extractor ({first_line(e)}); {fix}") from None
 
 
-def _language_id(language: str | None, model_dir: Path) -> int | None:
+def _language_id(generation, language: str | None, model_dir: Path) -> int | None:
     """The token of --calibration-language, None when the source is to detect each clip's."""
     try:
-        return language_id(model_dir, language, "--calibration-language")
+        return language_id(generation, language, "--calibration-language", model_dir)
     except ToolkitError as e:
         raise ConversionError(str(e)) from None
 
 
 def check_calibration_language(model_dir: Path, language: str | None) -> None:
     """Refuse, before any work, a --calibration-language the model does not have."""
-    _language_id(language, model_dir)
+    _language_id(generation_config(model_dir), language, model_dir)
 
 
 def _prompt(generation, start_id: int, language: int | None) -> list[int]:
@@ -84,7 +84,7 @@ def _prompt(generation, start_id: int, language: int | None) -> list[int]:
 
 
 def _source_prompts(model_dir: Path, clips: list[Clip], features: torch.Tensor, auto_class: str, tokenizer, device,
-                    generation, start_id: int, language_id: int | None, transcribe: bool, max_tokens: int
+                    generation, start_id: int, language: int | None, transcribe: bool, max_tokens: int
                     ) -> tuple[list[list[int]], list[Clip]]:
     """Each clip's decoder prompt and the clips, from the whole source loaded once, for what needs the source: a
     multilingual model's language, detected per clip when not given (as generate() does), and the greedy transcripts
@@ -93,9 +93,9 @@ def _source_prompts(model_dir: Path, clips: list[Clip], features: torch.Tensor, 
     import transformers
     from transformers.modeling_outputs import BaseModelOutput
 
-    detect = language_id is None and bool(language_tokens(model_dir))
+    detect = language is None and bool(language_tokens(generation))
     if not (detect or transcribe):
-        return [_prompt(generation, start_id, language_id)] * len(clips), clips
+        return [_prompt(generation, start_id, language)] * len(clips), clips
     model = from_pretrained(getattr(transformers, auto_class), model_dir, dtype=torch.float32).to(device).eval()
     eos, prompts, texts = model.config.eos_token_id, [], []
     with torch.no_grad():
@@ -103,7 +103,7 @@ def _source_prompts(model_dir: Path, clips: list[Clip], features: torch.Tensor, 
             batch = features[first:first + TRANSCRIBE_BATCH].to(device)  # (B, mel bins, frames)
             encoded = BaseModelOutput(last_hidden_state=model.get_encoder()(batch).last_hidden_state)
             languages = model.detect_language(encoder_outputs=encoded).tolist() if detect \
-                else [language_id] * len(batch)
+                else [language] * len(batch)
             rows = [_prompt(generation, start_id, lang) for lang in languages]
             prompts += rows
             if not transcribe:
@@ -153,7 +153,7 @@ def audio_calibration(model_dir: Path, source: str | Path, samples: int, auto_cl
     limit = config.max_target_positions
     generation = generation_config(model_dir)
     prompts, clips = _source_prompts(model_dir, clips, features, auto_class, tokenizer, device, generation,
-                                     config.decoder_start_token_id, _language_id(language, model_dir),
+                                     config.decoder_start_token_id, _language_id(generation, language, model_dir),
                                      transcribed, limit)
     ids = [(p + i)[:limit] for p, i in zip(prompts, transcript_ids(tokenizer, [c.text for c in clips]))]
     pad = config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
@@ -171,6 +171,6 @@ def audio_calibration(model_dir: Path, source: str | Path, samples: int, auto_cl
             batch["decoder_attention_mask"] = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
         batches.append(batch)
     random.Random(0).shuffle(batches)  # refinement holds out the last batch: not always the longest transcripts
-    names = {i: token for token, i in language_tokens(model_dir).items()}
+    names = {i: token for token, i in language_tokens(generation).items()}
     return AudioCalibration(batches, len(clips), sum(map(len, ids)),
                             dict(Counter(names[p[1]] for p in prompts if len(p) > 1 and p[1] in names)))

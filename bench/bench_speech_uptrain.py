@@ -194,7 +194,7 @@ def uptrain(args, model: Path, data: Path, out: Path, steps: int, cache: Path) -
         f"objective.distill_weight={args.distill_weight}", f"model.trainable={args.trainable}",
         f"train.max_steps={steps}", f"train.batch_size={args.batch_size}",
         f"train.micro_batch_size={args.batch_size}", f"train.lr={args.lr}", f"train.warmup_fraction={args.warmup_fraction}",
-        "train.precision=fp32", "data.eval_blocks=0", f"output.dir={out}", "output.save_every=100000",
+        f"train.precision={args.precision}", "data.eval_blocks=0", f"output.dir={out}", "output.save_every=100000",
         "output.progress=false", "output.trackers=[]")
     return time.perf_counter() - started
 
@@ -223,6 +223,7 @@ def main() -> None:
                         help="what the training clips say")
     parser.add_argument("--sentences-per-clip", type=int, default=4, help="each training clip says 1 to N")
     parser.add_argument("--warmup-fraction", type=float, default=0.1)
+    parser.add_argument("--precision", choices=("fp32", "bf16", "auto"), default="fp32", help="gqa-uptrain's")
     parser.add_argument("--eval-clips", type=int, default=40)
     parser.add_argument("--steps", type=int, default=None, help="uptraining steps, instead of the probe's budget")
     parser.add_argument("--skip-uptrain", action="store_true", help="stop after the figures before uptraining")
@@ -275,7 +276,8 @@ def main() -> None:
         return
 
     label = (f"{name} lr{args.lr:g} b{args.batch_size} {args.trainable} kd{args.distill_weight:g}"
-             + (f" warmup{args.warmup_fraction:g}" if args.warmup_fraction else ""))
+             + (f" warmup{args.warmup_fraction:g}" if args.warmup_fraction else "")
+             + (f" {args.precision}" if args.precision != "fp32" else ""))
 
     def probe() -> dict:
         # two short runs (2 and 6 steps, every clip new): their difference is 4 steps with the encoder running, an

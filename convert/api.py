@@ -87,6 +87,7 @@ def _calibration_stream(model_dir: Path, config: ConfigReader, raw_config: dict,
         record["calibration_mode"] = options.calibration_mode
     if options.refine_steps:
         record["refine_steps"], record["refine_lr"] = options.refine_steps, options.refine_lr
+        record["refine_precision"] = options.refine_precision
         if not audio:
             record["refine_batch"] = options.refine_batch
     return stream, record
@@ -242,7 +243,8 @@ def _prepare(src, dst, options: ConversionOptions, progress: bool, calibrate: bo
     cached = [f for f in record["kinds"].values() if "kv_cache_bytes_per_token_before" in f]
     record["kv_cache_bytes_per_token_source"] = sum(f["kv_cache_bytes_per_token_before"] for f in cached)
     record["kv_cache_bytes_per_token"] = sum(f["kv_cache_bytes_per_token_after"] for f in cached)
-    refine = RefineSettings(options.refine_steps, options.refine_lr) if options.refine_steps else None
+    refine = (RefineSettings(options.refine_steps, options.refine_lr, options.refine_precision == "bf16")
+              if options.refine_steps else None)
     return Prepared(model_dir, out, raw_config, spec, plan, how, stream, refine, reader.read, shard_bytes, record,
                     sources, options)
 

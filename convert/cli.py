@@ -47,6 +47,9 @@ from .methods.registry import GROUPINGS, all_method_names
 @click.option("--refine-lr", type=float, default=0.01, help="Refinement's Adam step, relative to each tensor's RMS.")
 @click.option("--refine-batch", type=int, default=8,
               help="Text calibration sequences per refinement step (the last batch is held out).")
+@click.option("--refine-precision", default="auto", type=click.Choice(["auto", "bf16", "fp32"]),
+              help="Refinement's training steps under bf16 autocast (the attention core and the error that picks "
+                   "the result stay float32) or in fp32; auto: bf16 where the device multiplies bf16 in hardware.")
 @click.option("--device", default="auto", help="Where calibration runs the source, one block at a time: auto (the GPU "
                                                "when there is one), cpu, cuda or cuda:N.")
 @click.option("--output", "-o", default=None,
@@ -81,7 +84,7 @@ from .methods.registry import GROUPINGS, all_method_names
              out_of_memory="nothing was written; lower --calibration-samples or --calibration-length, or use "
                            "--device cuda (gqa-convert --dry-run estimates the peak)")
 def main(model_dir, groups, kind_groups, method, grouping, preserve_norm, calibration, calibration_samples, calibration_length,
-         calibration_mode, calibration_language, refine_steps, refine_lr, refine_batch, device, output, attention, seed, dtype, max_shard_size, no_native, revision, force, push_to,
+         calibration_mode, calibration_language, refine_steps, refine_lr, refine_batch, refine_precision, device, output, attention, seed, dtype, max_shard_size, no_native, revision, force, push_to,
          private,
          quiet, as_json, dry_run, refresh_modeling):
     """Convert the Hugging Face checkpoint MODEL_DIR (a local directory, or a hub id when online) to
@@ -110,7 +113,7 @@ def main(model_dir, groups, kind_groups, method, grouping, preserve_norm, calibr
                                 calibration_length=calibration_length, device=device,
                                 calibration_mode=calibration_mode, calibration_language=calibration_language,
                                 refine_steps=refine_steps, refine_lr=refine_lr,
-                                refine_batch=refine_batch,
+                                refine_batch=refine_batch, refine_precision=refine_precision,
                                 revision=revision, native=not no_native)
     if push_to is not None:
         from gqa_toolkit.hub import check_repo_id

@@ -16,6 +16,7 @@ import torch
 from .errors import ConversionError
 from gqa_toolkit.dtypes import DTYPES
 from gqa_toolkit.corpus import NAME as BUILTIN
+from .methods.refinement import resolve_precision
 from .methods.registry import LayerMethod, check_method, layer_methods
 
 SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -48,6 +49,9 @@ class ConversionOptions:
     # text calibration sequences per refinement step (the stream's batch; its last batch is held out): smaller
     # batches make each step cheaper, and more steps at the same cost fit closer (docs/real-checkpoints.md)
     refine_batch: int = 8
+    # the training steps' arithmetic: bf16 autocast (projections in bf16, the attention core and the error that picks
+    # the result in float32), fp32, or auto: bf16 where --device multiplies bf16 in hardware (computes_bf16)
+    refine_precision: str = "auto"
     device: str | torch.device = "auto"  # where calibration runs: auto (the GPU when there is one), cpu, cuda[:N]
     attention: str | None = None  # which attention kinds (the family's scopes); None: the family's default
     seed: int = 0
@@ -76,6 +80,7 @@ class ConversionOptions:
         normalised = dict(kind_groups=parse_kind_groups(self.kind_groups), dtype=parse_dtype(self.dtype),
                           device=parse_device(self.device), calibration=calibration,
                           max_shard_size=parse_size(self.max_shard_size) if self.max_shard_size is not None else None)
+        normalised["refine_precision"] = resolve_precision(self.refine_precision, normalised["device"])
         for name, value in normalised.items():
             object.__setattr__(self, name, value)
         if self.calibrated and not self.per_layer:
@@ -166,7 +171,7 @@ def parse_kind_groups(given: dict[str, int] | str | None) -> dict[str, int]:
 
 # The fields that must hold exactly these types (bool is not an int here: groups=True is a mistake, not 1 KV head)
 _TYPED = {"groups": int, "calibration_samples": int, "calibration_length": int, "seed": int, "method": str,
-          "grouping": str, "calibration_mode": str, "refine_batch": int, "preserve_norm": bool, "force": bool, "native": bool}
+          "grouping": str, "calibration_mode": str, "refine_batch": int, "refine_precision": str, "preserve_norm": bool, "force": bool, "native": bool}
 _OPTIONAL = {"attention": str, "revision": str, "calibration_language": str}
 
 

@@ -158,9 +158,10 @@ def _method_description(record: dict[str, Any]) -> str:
     if record.get("preserve_norm"):
         what += "; each pooled head was scaled to its group's mean head norm"
     if errors := record.get("refinement_error_mean"):
-        what += (f"; then each attention unit's K/V, Q and O were refined for {record['refine_steps']} steps against "
-                 f"the source's attention output on the calibration activations (relative error {errors[0]:.3g} -> "
-                 f"{errors[1]:.3g}, the mean over units)")
+        precision = " (bf16 autocast)" if record.get("refine_precision") == "bf16" else ""
+        what += (f"; then each attention unit's K/V, Q and O were refined for {record['refine_steps']} steps"
+                 f"{precision} against the source's attention output on the calibration activations (relative "
+                 f"error {errors[0]:.3g} -> {errors[1]:.3g}, the mean over units)")
     if "kind_groups" in record:
         shares = ", ".join(f"`h // {H // g}` in the {kind} attention" for kind, g in record["kind_groups"].items())
         return f"{what}. Query head `h` uses KV head {shares}."

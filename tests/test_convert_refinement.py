@@ -28,8 +28,9 @@ def _inputs(model_type, ids, src):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model_type", ["llama", "gpt2", "t5"])
-def test_refinement_lowers_each_units_error_and_the_models_kl(model_type, tmp_path):
+@pytest.mark.parametrize("model_type, precision", [("llama", "fp32"), ("llama", "bf16"), ("gpt2", "bf16"),
+                                                   ("t5", "bf16")])
+def test_refinement_lowers_each_units_error_and_the_models_kl(model_type, precision, tmp_path):
     model, auto = _stock(model_type)
     model.save_pretrained(tmp_path / "src")
     g = torch.Generator().manual_seed(3)
@@ -41,7 +42,8 @@ def test_refinement_lowers_each_units_error_and_the_models_kl(model_type, tmp_pa
     def kl(steps):
         # from mean-pooling, far from the best: `fit` on a random model starts too close for a clear margin
         result = convert(tmp_path / "src", tmp_path / f"r{steps}", method="mean", groups=1,
-                         calibration=calibration if steps else None, refine_steps=steps, progress=False)
+                         calibration=calibration if steps else None, refine_steps=steps, refine_precision=precision,
+                         progress=False)
         with torch.no_grad():
             q = auto.from_pretrained(result.output).eval()(**held_out).logits.log_softmax(-1)
         return (p.exp() * (p - q)).sum(-1).mean().item(), result
@@ -52,6 +54,7 @@ def test_refinement_lowers_each_units_error_and_the_models_kl(model_type, tmp_pa
     assert units and all(after < before for before, after in units.values()), units
     record = read_config(result.output)["gqa_conversion"]
     assert record["refine_steps"] == 60 and record["refinement_error"] == units
+    assert record["refine_precision"] == precision
     assert refined < plain, (refined, plain)
 
 
@@ -87,8 +90,8 @@ def test_the_layer_apis_attention_equals_stock_llama_attention():
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("causal, rotary", [(True, 16), (False, 0)])
-def test_convert_layer_refines_against_the_attention_output(causal, rotary):
+@pytest.mark.parametrize("causal, rotary, precision", [(True, 16, "fp32"), (False, 0, "fp32"), (True, 16, "bf16")])
+def test_convert_layer_refines_against_the_attention_output(causal, rotary, precision):
     """The layer API for people with their own attention code (encoders included): refinement lowers the error of
     the attention output on held-out inputs from mean-pooling, and never raises it (fit's start, close to the best
     here, is kept when training does not beat it on the calibration batch it holds out)."""
@@ -117,7 +120,7 @@ def test_convert_layer_refines_against_the_attention_output(causal, rotary):
         plain = convert_layer(w, heads=heads, kv_heads=heads, groups=2, method=method, rope=rope,
                               calibration=calibration)
         refined = convert_layer(w, heads=heads, kv_heads=heads, groups=2, method=method, rope=rope,
-                                calibration=calibration, refine_steps=150, causal=causal)
+                                calibration=calibration, refine_steps=150, causal=causal, refine_precision=precision)
         assert error(refined, 2) < error(plain, 2) if method == "mean" else error(refined, 2) <= error(plain, 2)
 
 
@@ -141,3 +144,44 @@ def test_refine_batch_sets_the_sequences_of_each_step(llama_dir, tmp_path, monke
         convert(llama_dir, tmp_path / "bad", method="fit", groups=1, calibration=calibration, refine_steps=2,
                 refine_batch=0, progress=False)
     assert not (tmp_path / "bad").exists()
+
+
+def test_auto_precision_is_bf16_where_the_device_multiplies_bf16_and_is_recorded(llama_dir, tmp_path):
+    from gqa_toolkit.dtypes import computes_bf16
+
+    calibration = torch.randint(3, 128, (6, 16), generator=torch.Generator().manual_seed(4))
+    result = convert(llama_dir, tmp_path / "out", method="fit", groups=1, calibration=calibration, refine_steps=2,
+                     refine_batch=3, device="cpu", progress=False)
+    expected = "bf16" if computes_bf16(torch.device("cpu")) else "fp32"
+    assert read_config(result.output)["gqa_conversion"]["refine_precision"] == expected
+    for bad in ("float16", "BF16"):
+        with pytest.raises(ConversionError, match=f"unknown refine precision '{bad}'; choose one of: auto, bf16"):
+            convert(llama_dir, tmp_path / "bad", method="fit", groups=1, calibration=calibration, refine_steps=2,
+                    refine_precision=bad, progress=False)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_bf16_refinement_runs_the_stock_attention_core_in_float32_and_puts_its_implementation_back():
+    """Under bf16 a stock module's projections run in bf16 and its SDPA in float32, with the masks and causality
+    transformers decides: the output is the float32 module's within bf16 rounding of the projections, where
+    SDPA in bf16 (what autocast alone gives) is further off; the block's config says sdpa again after."""
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    from gqa_toolkit.convert.methods.refinement import _attention_core_in_float32
+
+    model = build_tiny_model("llama", family_config(next(f for f in FAMILIES if f.model_type == "llama")))
+    model.config._attn_implementation = "sdpa"
+    attention = model.model.layers[0].self_attn
+    x = torch.randn(2, 12, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    call = dict(position_embeddings=LlamaRotaryEmbedding(model.config)(x, torch.arange(12)[None].expand(2, -1)),
+                attention_mask=None)  # causal by SDPA's is_causal, as transformers passes it for a full batch
+    with torch.no_grad():
+        expected = attention(x, **call)[0]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            plain = attention(x, **call)[0].float()
+        with _attention_core_in_float32(attention, True), torch.autocast("cpu", dtype=torch.bfloat16):
+            assert attention.config._attn_implementation != "sdpa"
+            ours = attention(x, **call)[0].float()
+    assert attention.config._attn_implementation == "sdpa"
+    error = (ours - expected).pow(2).sum() / expected.pow(2).sum()
+    assert error < 1e-3 and error < (plain - expected).pow(2).sum() / expected.pow(2).sum(), error

@@ -23,7 +23,7 @@ from .grouping import similarity_permutation
 from .layer_types import PerHeadWeights, InputMoments, LayerContext, LayerResult
 from .layer_attention import LayerAttention
 from .per_head import pool_heads, preserve_norms
-from .refinement import AttentionCalls, RefineSettings, refine
+from .refinement import AttentionCalls, RefineSettings, refine, resolve_precision
 from .registry import MethodContext, check_method, layer_methods
 
 __all__ = ["AttentionWeights", "InputMoments", "RopeLayout", "convert_layer"]
@@ -96,7 +96,8 @@ def convert_layer(weights: AttentionWeights, *, heads: int, kv_heads: int, group
                   calibration: torch.Tensor | InputMoments | None = None,
                   key_calibration: torch.Tensor | InputMoments | None = None, seed: int = 0, init_std: float = 0.02,
                   names: dict[str, str] | None = None, refine_steps: int = 0, refine_lr: float = 0.01,
-                  causal: bool = True, rope_theta: float = 10000.0) -> AttentionWeights:
+                  refine_precision: str = "auto", causal: bool = True,
+                  rope_theta: float = 10000.0) -> AttentionWeights:
     """One layer's attention converted from `kv_heads` to `groups` KV heads; returns weights in the input's dtype.
 
     rope: which key dimensions rotate (None: every dim, `RopeLayout(hd, hd)`; `RopeLayout(hd, 0)` for no RoPE).
@@ -105,8 +106,12 @@ def convert_layer(weights: AttentionWeights, *, heads: int, kv_heads: int, group
     key_calibration: K's and V's inputs where they are not Q's (cross-attention: the encoder's states).
     refine_steps: then train K/V, Q and O so that standard attention's output (causal or not, RoPE at `rope_theta`
     on `rope`'s rotary dims) matches the source's on `calibration` given as sequences `(B, T, d)` (and
-    `key_calibration` `(B, S, d_k)`), `refine_lr` Adam's step relative to each tensor's RMS."""
+    `key_calibration` `(B, S, d_k)`), `refine_lr` Adam's step relative to each tensor's RMS, `refine_precision`
+    its steps' arithmetic (bf16 autocast, fp32, or auto: bf16 where the calibration's device multiplies bf16 in
+    hardware)."""
     check_method(method, grouping, preserve_norm)
+    device = calibration.device if isinstance(calibration, torch.Tensor) else torch.device("cpu")
+    bf16 = resolve_precision(refine_precision, device) == "bf16"
     if refine_steps and not (isinstance(calibration, torch.Tensor) and calibration.dim() == 3):
         raise ConversionError("convert_layer: refine_steps trains on the attention inputs as sequences; give "
                               "calibration as a (batch, tokens, d) tensor")
@@ -126,7 +131,7 @@ def convert_layer(weights: AttentionWeights, *, heads: int, kv_heads: int, group
     converted = per_head.assembled(result, rope)
     if refine_steps:
         converted = _refined(weights, converted, heads, kv_heads, groups, rope, calibration, key_calibration,
-                             RefineSettings(refine_steps, refine_lr), causal, rope_theta)
+                             RefineSettings(refine_steps, refine_lr, bf16), causal, rope_theta)
     return _weights(converted, weights.q.dtype)
 
 

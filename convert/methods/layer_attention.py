@@ -58,5 +58,7 @@ class LayerAttention(nn.Module):
             q, k = self._rotate(q), self._rotate(k)
         share = self.heads // self.kv_heads
         k, v = k.repeat_interleave(share, 1), v.repeat_interleave(share, 1)  # (B, H, S, hd)
-        out = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=self.causal and keys is None)
+        with torch.autocast(x.device.type, enabled=False):  # float32 under bf16 refinement, as for stock modules
+            out = nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(),
+                                                             is_causal=self.causal and keys is None)
         return self.o(out.transpose(1, 2).reshape(B, T, self.heads * hd))  # (B, T, d_out)

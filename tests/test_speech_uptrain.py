@@ -77,6 +77,18 @@ def test_uptraining_recovers_kl_and_wer_of_a_converted_whisper(speech, tmp_path)
 
 
 @pytest.mark.slow
+def test_bf16_uptraining_distills_from_the_whisper_source(speech, tmp_path):
+    """Mixed precision on the CPU: the source loads in bf16 and is handed float32 features; distillation runs and
+    brings the KL down."""
+    before_kl = _eval("fidelity", speech["g2"], speech["data"])["kl"]
+    out = train(validate_recipe(_recipe(speech["g2"], speech["data"], speech["cache"], tmp_path / "up",
+                                        objective={"distill_weight": 0.5},
+                                        train={"max_steps": 15, "precision": "bf16"})))
+    after_kl = _eval("fidelity", out, speech["data"], "--source", str(speech["source"]))["kl"]
+    assert after_kl < before_kl / 2, (before_kl, after_kl)
+
+
+@pytest.mark.slow
 def test_perplexity_of_the_transcripts(speech):
     result = _eval("perplexity", speech["source"], speech["data"])
     assert result["loss"] < 1.0 and result["tokens"] > 16  # every clip's words and eos

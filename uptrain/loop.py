@@ -175,8 +175,9 @@ def train(recipe: Recipe, *, stop_after: int | None = None) -> Path | None:
                 batch, teacher_batch = encoder_states.inputs(batch) if encoder_states else (batch, batch)
                 # gradients are all-reduced once per optimizer step, on the last micro-step
                 with accelerator.no_sync(model) if m < len(micro) - 1 else contextlib.nullcontext():
-                    loss, parts = objective(model, batch, teacher, obj.distill_weight, obj.temperature,
-                                            teacher_batch)
+                    with accelerator.autocast():  # the teacher too: a bf16 teacher is handed float32 features
+                        loss, parts = objective(model, batch, teacher, obj.distill_weight, obj.temperature,
+                                                teacher_batch)
                     accelerator.backward(loss / len(micro))
                 sums += torch.stack([loss.detach(), parts["ce"], parts.get("kd", torch.zeros_like(parts["ce"]))])
             # every parameter goes in (frozen ones have no grad): under FSDP, accelerate clips only a whole model's list

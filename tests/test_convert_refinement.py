@@ -161,6 +161,23 @@ def test_auto_precision_is_bf16_where_the_device_multiplies_bf16_and_is_recorded
     assert not (tmp_path / "bad").exists()
 
 
+def test_the_cli_takes_the_refine_precision(uptrain_models, tmp_path):
+    from click.testing import CliRunner
+
+    from gqa_toolkit.convert.cli import main as convert_cli
+
+    source = uptrain_models["mha"]  # a tiny llama with a tokenizer: the CLI calibrates on python-stdlib text
+    result = CliRunner().invoke(convert_cli, [str(source), "-g", "1", "-m", "fit", "--refine-steps", "2",
+                                              "--calibration-samples", "6", "--calibration-length", "16",
+                                              "--refine-precision", "fp32", "-q", "-o", str(tmp_path / "o")])
+    assert result.exit_code == 0, result.output
+    assert read_config(tmp_path / "o")["gqa_conversion"]["refine_precision"] == "fp32"
+    result = CliRunner().invoke(convert_cli, [str(source), "-g", "1", "--refine-precision", "fp16",
+                                              "-o", str(tmp_path / "p")])
+    assert result.exit_code == 2 and "'fp16' is not one of 'auto', 'bf16', 'fp32'" in result.output
+    assert not (tmp_path / "p").exists()
+
+
 def test_bf16_refinement_runs_the_stock_attention_core_in_float32_and_puts_its_implementation_back():
     """Under bf16 a stock module's projections run in bf16 and its SDPA in float32, with the masks and causality
     transformers decides: the output is the float32 module's within bf16 rounding of the projections, where

@@ -12,8 +12,7 @@ import click
 from gqa_toolkit.command import HELP, Command, print_warnings, user_errors
 from .errors import ConversionError
 from gqa_toolkit.corpus import NAME as BUILTIN
-from .methods.refinement import PRECISIONS
-from .methods.registry import GROUPINGS, all_method_names
+from .methods.registry import GROUPINGS, REFINE_PRECISIONS, all_method_names
 
 
 @click.command(cls=Command, context_settings={**HELP, "show_default": True})
@@ -48,7 +47,7 @@ from .methods.registry import GROUPINGS, all_method_names
 @click.option("--refine-lr", type=float, default=0.01, help="Refinement's Adam step, relative to each tensor's RMS.")
 @click.option("--refine-batch", type=int, default=8,
               help="Text calibration sequences per refinement step (the last batch is held out).")
-@click.option("--refine-precision", default="auto", type=click.Choice(PRECISIONS),
+@click.option("--refine-precision", default="auto", type=click.Choice(REFINE_PRECISIONS),
               help="Refinement's training steps under bf16 autocast (the attention core and the error that picks "
                    "the result stay float32) or in fp32; auto: bf16 where the device multiplies bf16 in hardware.")
 @click.option("--device", default="auto", help="Where calibration runs the source, one block at a time: auto (the GPU "

@@ -29,6 +29,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from gqa_toolkit.dtypes import computes_bf16
 
 from ..errors import ConversionError
+from .registry import REFINE_PRECISIONS
 
 Call = tuple[tuple, dict]  # the positional and keyword arguments the model handed the attention module, one batch
 
@@ -56,13 +57,10 @@ class Refined:
     error_after: float
 
 
-PRECISIONS = ("auto", "bf16", "fp32")
-
-
 def resolve_precision(precision: str, device: torch.device) -> str:
     """Refinement's precision made definite for `device` (auto: bf16 where it multiplies bf16 in hardware)."""
-    if precision not in PRECISIONS:
-        raise ConversionError(f"unknown refine precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
+    if precision not in REFINE_PRECISIONS:
+        raise ConversionError(f"unknown refine precision {precision!r}; choose one of: {', '.join(REFINE_PRECISIONS)}")
     if precision != "auto":
         return precision
     return "bf16" if computes_bf16(device) else "fp32"

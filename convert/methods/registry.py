@@ -111,6 +111,7 @@ def method_choices() -> str:
 
 
 GROUPINGS = ("contiguous", "similarity")  # repeat_kv order, or the most alike heads together (methods/grouping.py)
+REFINE_PRECISIONS = ("auto", "bf16", "fp32")  # refinement's arithmetic (refinement.resolve_precision)
 
 
 def check_method(method: str, grouping: str = "contiguous", preserve_norm: bool = False) -> None:
